@@ -1,0 +1,417 @@
+//! The detection engine: per-job state, the rules, and the advice policy.
+//!
+//! Pure and synchronous: [`Engine::observe`] takes one rank's summary and
+//! appends findings and advice to an [`Output`]. No clock (time comes from the
+//! records, or from the caller through [`Engine::tick`]), no I/O, no async
+//! runtime; the same input always yields the same output.
+//!
+//! Ordering: each rank's steps must strictly increase. A duplicate or earlier
+//! step is refused with an error and changes no state, so a redelivered or
+//! replayed summary is harmless (at-least-once transports dedupe for free).
+//!
+//! Several ranks of one job: per-rank rules run on each rank's own statistics;
+//! a finding about a signal every rank shares (an all-reduced gradient spike, a
+//! NaN loss) is reported once per step, attributed to the first rank showing it.
+
+mod hit;
+mod policy;
+mod rules;
+pub mod stats;
+mod worker;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::config::{ConfigError, RuleBook, Rules};
+use crate::model::{Advice, Finding, JobId, RuleId, Summary};
+use hit::{Emitter, Hit};
+use rules::{Obs, ranks};
+use worker::WorkerState;
+
+/// Largest accepted rank (exclusive): state is indexed by rank.
+pub const MAX_RANKS: u32 = 1 << 16;
+/// Largest accepted number of layers per job.
+pub const MAX_LAYERS: usize = 1 << 16;
+
+/// Why a summary was refused. Refusing changes no state.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EngineError {
+    #[error("job id must not be empty")]
+    EmptyJob,
+    #[error("rank {worker} is out of range (must be below {max})", max = MAX_RANKS)]
+    RankOutOfRange { worker: u32 },
+    #[error("step {step} of rank {worker} was already accepted")]
+    DuplicateStep { worker: u32, step: u64 },
+    #[error("step {step} of rank {worker} goes backwards (last accepted step is {last})")]
+    StepBackwards { worker: u32, step: u64, last: u64 },
+    #[error("rank {worker} sent {got} layer values but the job has {expected} layers")]
+    LayerCount { worker: u32, expected: usize, got: usize },
+    #[error("job declares {got} layers, more than the limit of {max}", max = MAX_LAYERS)]
+    TooManyLayers { got: usize },
+    #[error("job {job} was declared with {expected} layer names; got a different list of {got}")]
+    LayerNames { job: String, expected: usize, got: usize },
+    #[error("{0}")]
+    Config(String),
+}
+
+impl From<ConfigError> for EngineError {
+    fn from(e: ConfigError) -> Self {
+        EngineError::Config(e.to_string())
+    }
+}
+
+impl EngineError {
+    /// A short stable label for metrics (`reason` of rejected summaries).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            EngineError::EmptyJob => "empty_job",
+            EngineError::RankOutOfRange { .. } => "rank_out_of_range",
+            EngineError::DuplicateStep { .. } => "duplicate_step",
+            EngineError::StepBackwards { .. } => "step_backwards",
+            EngineError::LayerCount { .. } => "layer_count",
+            EngineError::TooManyLayers { .. } => "too_many_layers",
+            EngineError::LayerNames { .. } => "layer_names",
+            EngineError::Config(_) => "config",
+        }
+    }
+}
+
+/// What one call produced. Reuse it across calls to avoid allocations.
+#[derive(Debug, Default, Clone)]
+pub struct Output {
+    pub findings: Vec<Finding>,
+    pub advice: Vec<Advice>,
+}
+
+impl Output {
+    pub fn clear(&mut self) {
+        self.findings.clear();
+        self.advice.clear();
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.findings.is_empty() && self.advice.is_empty()
+    }
+}
+
+/// How a job declares itself (a worker's Hello).
+#[derive(Debug, Clone, Default)]
+pub struct JobSpec<'a> {
+    pub layer_names: &'a [String],
+    pub world_size: Option<u32>,
+    pub profile: Option<&'a str>,
+}
+
+/// A read-only view of one job's state.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobStatus {
+    pub job: JobId,
+    pub ranks: usize,
+    pub world_size: Option<u32>,
+    pub max_step: Option<u64>,
+    pub layers: usize,
+    /// Problems still open (not yet followed by a run of healthy steps).
+    pub open_episodes: usize,
+    /// Bytes of detection state the job holds.
+    pub state_bytes: usize,
+}
+
+/// Detection state for every job.
+#[derive(Debug)]
+pub struct Engine {
+    book: RuleBook,
+    jobs: HashMap<JobId, JobState>,
+    next_advice_id: u64,
+}
+
+impl Default for Engine {
+    fn default() -> Self {
+        Self::new(RuleBook::builtin())
+    }
+}
+
+impl Engine {
+    pub fn new(book: RuleBook) -> Self {
+        Self {
+            book,
+            jobs: HashMap::new(),
+            next_advice_id: 0,
+        }
+    }
+
+    /// Declares a job (or a new rank's view of it): layer names, world size and
+    /// rule profile. Layer names are fixed by the first declaration that has them.
+    pub fn declare(&mut self, job: &str, spec: &JobSpec) -> Result<(), EngineError> {
+        if spec.layer_names.len() > MAX_LAYERS {
+            return Err(EngineError::TooManyLayers {
+                got: spec.layer_names.len(),
+            });
+        }
+        let state = job_entry(&mut self.jobs, &self.book, job, spec.profile)?;
+        if !spec.layer_names.is_empty() {
+            if state.layer_names.is_empty() {
+                state.layer_names = spec.layer_names.iter().map(|n| Arc::from(n.as_str())).collect();
+            } else if state.layer_names.len() != spec.layer_names.len()
+                || state.layer_names.iter().zip(spec.layer_names).any(|(a, b)| **a != **b)
+            {
+                return Err(EngineError::LayerNames {
+                    job: job.to_owned(),
+                    expected: state.layer_names.len(),
+                    got: spec.layer_names.len(),
+                });
+            }
+        }
+        if let Some(w) = spec.world_size.filter(|&w| w > 0) {
+            state.world_size = Some(w.min(MAX_RANKS));
+        }
+        Ok(())
+    }
+
+    /// Runs every rule on one rank's summary and appends what they found and the
+    /// advice decided to `out`. An undeclared job is created with default rules.
+    pub fn observe(&mut self, job: &str, summary: &Summary, out: &mut Output) -> Result<(), EngineError> {
+        let state = job_entry(&mut self.jobs, &self.book, job, None)?;
+        state.observe(summary, &mut self.next_advice_id, out)
+    }
+
+    /// Judges silence against the caller's clock (seconds since the epoch): a
+    /// rank that sent nothing for the stall timeout while its peers kept going.
+    pub fn tick(&mut self, now: f64, out: &mut Output) {
+        let mut ids: Vec<JobId> = self.jobs.keys().cloned().collect();
+        ids.sort_unstable();
+        for id in ids {
+            if let Some(job) = self.jobs.get_mut(&id) {
+                job.tick(now, &mut self.next_advice_id, out);
+            }
+        }
+    }
+
+    /// The effective rules of a job (the defaults when it is unknown).
+    pub fn rules(&self, job: &str) -> &Rules {
+        self.jobs.get(job).map_or(self.book.defaults(), |j| &j.rules)
+    }
+
+    pub fn rule_book(&self) -> &RuleBook {
+        &self.book
+    }
+
+    pub fn status(&self, job: &str) -> Option<JobStatus> {
+        self.jobs.get(job).map(JobState::status)
+    }
+
+    pub fn job_ids(&self) -> impl Iterator<Item = &JobId> {
+        self.jobs.keys()
+    }
+
+    /// Forgets a job and all its state; true when it existed.
+    pub fn remove_job(&mut self, job: &str) -> bool {
+        self.jobs.remove(job).is_some()
+    }
+}
+
+/// The job's state, created with its effective rules on first sight.
+fn job_entry<'a>(
+    jobs: &'a mut HashMap<JobId, JobState>,
+    book: &RuleBook,
+    job: &str,
+    profile: Option<&str>,
+) -> Result<&'a mut JobState, EngineError> {
+    if job.is_empty() {
+        return Err(EngineError::EmptyJob);
+    }
+    if !jobs.contains_key(job) {
+        let rules = book.for_job(job, profile.filter(|p| !p.is_empty()))?;
+        let id: JobId = Arc::from(job);
+        jobs.insert(id.clone(), JobState::new(id, rules));
+    }
+    Ok(jobs.get_mut(job).expect("inserted above"))
+}
+
+/// Everything the engine knows about one job.
+#[derive(Debug)]
+struct JobState {
+    id: JobId,
+    rules: Rules,
+    layer_names: Vec<Arc<str>>,
+    world_size: Option<u32>,
+    workers: Vec<Option<WorkerState>>,
+    peers: Vec<Option<ranks::Peer>>,
+    ranks_seen: usize,
+    ranks: ranks::State,
+    policy: policy::Policy,
+    /// Scratch space for one observation's hits.
+    hits: Vec<Hit>,
+    /// Findings already reported at a recent step, so ranks sharing a signal
+    /// report it once.
+    reported: Vec<(u64, RuleId, Option<Arc<str>>)>,
+}
+
+impl JobState {
+    fn new(id: JobId, rules: Rules) -> Self {
+        Self {
+            id,
+            rules,
+            layer_names: Vec::new(),
+            world_size: None,
+            workers: Vec::new(),
+            peers: Vec::new(),
+            ranks_seen: 0,
+            ranks: ranks::State::default(),
+            policy: policy::Policy::default(),
+            hits: Vec::new(),
+            reported: Vec::new(),
+        }
+    }
+
+    fn status(&self) -> JobStatus {
+        let workers: usize = self.workers.iter().flatten().map(WorkerState::bytes).sum();
+        JobStatus {
+            job: self.id.clone(),
+            ranks: self.ranks_seen,
+            world_size: self.world_size,
+            max_step: self.ranks.max_step,
+            layers: self.layer_names.len(),
+            open_episodes: self.policy.open_episodes(),
+            state_bytes: std::mem::size_of::<Self>()
+                + workers
+                + self.peers.capacity() * std::mem::size_of::<Option<ranks::Peer>>()
+                + self.ranks.heap_bytes(),
+        }
+    }
+
+    fn validate(&self, s: &Summary) -> Result<(), EngineError> {
+        let worker = s.worker;
+        if worker >= MAX_RANKS {
+            return Err(EngineError::RankOutOfRange { worker });
+        }
+        if !s.layers.is_empty() && !self.layer_names.is_empty() && s.layers.len() != self.layer_names.len() {
+            return Err(EngineError::LayerCount {
+                worker,
+                expected: self.layer_names.len(),
+                got: s.layers.len(),
+            });
+        }
+        if s.layers.len() > MAX_LAYERS {
+            return Err(EngineError::TooManyLayers { got: s.layers.len() });
+        }
+        let last = self
+            .peers
+            .get(worker as usize)
+            .and_then(|p| p.as_ref())
+            .and_then(|p| p.last_step);
+        match last {
+            Some(last) if s.step == last => Err(EngineError::DuplicateStep { worker, step: s.step }),
+            Some(last) if s.step < last => Err(EngineError::StepBackwards {
+                worker,
+                step: s.step,
+                last,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    fn observe(&mut self, s: &Summary, next_id: &mut u64, out: &mut Output) -> Result<(), EngineError> {
+        self.validate(s)?;
+        if self.layer_names.is_empty() && !s.layers.is_empty() {
+            self.layer_names = (0..s.layers.len()).map(|i| Arc::from(format!("layer{i}"))).collect();
+        }
+        let rank = s.worker as usize;
+        if self.workers.len() <= rank {
+            self.workers.resize_with(rank + 1, || None);
+            self.peers.resize_with(rank + 1, || None);
+        }
+        if self.workers[rank].is_none() {
+            self.workers[rank] = Some(WorkerState::new(&self.rules));
+            self.peers[rank] = Some(ranks::Peer::default());
+            self.ranks_seen += 1;
+        }
+        let peer = self.peers[rank].as_mut().expect("created above");
+        peer.last_step = Some(s.step);
+        peer.last_time = s.time.filter(|t| t.is_finite()).or(peer.last_time);
+
+        let rules = &self.rules;
+        self.hits.clear();
+        let mut em = Emitter {
+            job: &self.id,
+            worker: Some(s.worker),
+            step: s.step,
+            time: s.time,
+            layer_names: &self.layer_names,
+            hits: &mut self.hits,
+        };
+        let obs = Obs::new(s);
+        self.workers[rank]
+            .as_mut()
+            .expect("created above")
+            .observe(&obs, rules, &mut em);
+
+        if self.ranks_seen > 1 {
+            let reported = &mut self.reported;
+            em.hits.retain(|h| {
+                let key = (h.finding.step, h.finding.rule, h.finding.layer.clone());
+                if reported.contains(&key) {
+                    false
+                } else {
+                    reported.push(key);
+                    true
+                }
+            });
+        }
+
+        let advanced = self.ranks.max_step.is_none_or(|m| s.step > m);
+        if advanced {
+            self.ranks.max_step = Some(s.step);
+            let keep_from = s.step.saturating_sub(2 * rules.straggler.lag_steps + 2);
+            self.reported.retain(|r| r.0 >= keep_from);
+        }
+        em.worker = None;
+        let expected = (self.world_size.unwrap_or(0) as usize).max(self.ranks_seen);
+        ranks::record_norm(
+            &mut self.ranks,
+            &mut self.peers,
+            s.worker,
+            s.step,
+            obs.global_norm,
+            expected,
+            rules,
+            &mut em,
+        );
+        if advanced && self.ranks_seen > 1 {
+            ranks::scan_stragglers(&self.ranks, &mut self.peers, rules, &mut em);
+        }
+        if let Some(now) = s.time
+            && self.ranks_seen > 1
+        {
+            ranks::scan_stalled(&mut self.ranks, &mut self.peers, now, rules, &mut em);
+        }
+        self.finish(s.step, next_id, out);
+        Ok(())
+    }
+
+    fn tick(&mut self, now: f64, next_id: &mut u64, out: &mut Output) {
+        let Some(step) = self.ranks.max_step else { return };
+        self.hits.clear();
+        let mut em = Emitter {
+            job: &self.id,
+            worker: None,
+            step,
+            time: Some(now),
+            layer_names: &self.layer_names,
+            hits: &mut self.hits,
+        };
+        ranks::scan_stalled(&mut self.ranks, &mut self.peers, now, &self.rules, &mut em);
+        self.finish(step, next_id, out);
+    }
+
+    /// Policy, episode bookkeeping, and moving the findings out.
+    fn finish(&mut self, step: u64, next_id: &mut u64, out: &mut Output) {
+        if !self.hits.is_empty() {
+            self.policy
+                .decide(&self.hits, step, &self.rules, next_id, &mut out.advice);
+        }
+        if let Some(max) = self.ranks.max_step {
+            self.policy.close_healthy(max, self.rules.policy.healthy_steps);
+        }
+        out.findings.extend(self.hits.drain(..).map(|h| h.finding));
+    }
+}

@@ -1,0 +1,207 @@
+//! Policy: turns the hits of one step into advice.
+//!
+//! - One episode per problem: per (job, family), and per rank for the rank
+//!   family. Related rules firing together yield one advice.
+//! - A cooldown: within `cooldown_steps` of the last advice of an episode,
+//!   nothing is repeated; only a stronger remedy gets through.
+//! - Escalation: when the problem is still there after the cooldown (the advice
+//!   had time to act), the next rung of clip → scale LR → rollback → halt.
+//!   Strong (warning or critical) evidence escalates on any recurrence; weak
+//!   evidence (a lone gradient spike) only when it fired on at least half the
+//!   steps since the advice, so isolated spikes stay at clip advice.
+//! - An episode ends after `healthy_steps` steps without a hit of its family.
+
+use crate::config::Rules;
+use crate::engine::hit::{Hit, Proposal};
+use crate::model::{Action, Advice, Family, RuleId, Severity};
+
+#[derive(Debug, Clone)]
+struct Episode {
+    family: Family,
+    subject: Option<u32>,
+    opened_at: u64,
+    last_hit: u64,
+    /// Highest rung advised so far, and the step of the latest advice.
+    rung: Option<u8>,
+    last_advice: u64,
+    hits_since_advice: u64,
+}
+
+/// A job's open episodes.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Policy {
+    episodes: Vec<Episode>,
+}
+
+const SCALE_LR: u8 = 2;
+const ROLLBACK: u8 = 3;
+const HALT: u8 = 4;
+
+fn next_rung(rung: u8) -> u8 {
+    match rung {
+        0 | 1 => SCALE_LR,
+        2 => ROLLBACK,
+        _ => HALT,
+    }
+}
+
+fn key(hit: &Hit) -> (Family, Option<u32>) {
+    let family = hit.finding.rule.family();
+    let subject = if family == Family::Rank {
+        hit.finding.worker
+    } else {
+        None
+    };
+    (family, subject)
+}
+
+fn strength(hit: &Hit) -> (i16, Severity) {
+    (hit.proposal.map_or(-1, |p| i16::from(p.rung())), hit.finding.severity)
+}
+
+impl Policy {
+    /// Number of open episodes (a job with none is healthy).
+    pub fn open_episodes(&self) -> usize {
+        self.episodes.len()
+    }
+
+    pub fn decide(&mut self, hits: &[Hit], step: u64, rules: &Rules, next_id: &mut u64, out: &mut Vec<Advice>) {
+        // Group by episode key, in first-seen order, keeping the strongest hit.
+        let mut groups: Vec<((Family, Option<u32>), usize, Vec<usize>)> = Vec::new();
+        for (i, hit) in hits.iter().enumerate() {
+            let k = key(hit);
+            match groups.iter_mut().find(|g| g.0 == k) {
+                Some(g) => {
+                    if strength(hit) > strength(&hits[g.1]) {
+                        g.1 = i;
+                    }
+                    g.2.push(i);
+                }
+                None => groups.push((k, i, vec![i])),
+            }
+        }
+        for ((family, subject), best, members) in groups {
+            let ep = match self
+                .episodes
+                .iter()
+                .position(|e| e.family == family && e.subject == subject)
+            {
+                Some(i) => &mut self.episodes[i],
+                None => {
+                    self.episodes.push(Episode {
+                        family,
+                        subject,
+                        opened_at: step,
+                        last_hit: step,
+                        rung: None,
+                        last_advice: step,
+                        hits_since_advice: 0,
+                    });
+                    self.episodes.last_mut().expect("just pushed")
+                }
+            };
+            ep.hits_since_advice += 1;
+            ep.last_hit = step;
+            let hit = &hits[best];
+            let Some(proposal) = hit.proposal else { continue };
+            let Some((rung, escalated)) = choose(ep, hit, proposal, family, step, rules) else {
+                continue;
+            };
+            let action = match (escalated, rung) {
+                (false, _) => concrete(proposal, ep, rules),
+                (true, SCALE_LR) => Action::ScaleLr {
+                    factor: rules.policy.lr_factor,
+                },
+                (true, ROLLBACK) => Action::Rollback {
+                    to_step: ep.opened_at.saturating_sub(rules.policy.rollback_steps),
+                },
+                (true, _) => Action::Halt,
+            };
+            let rung_severity = match rung {
+                0 | 1 => Severity::Info,
+                SCALE_LR => Severity::Warning,
+                _ => Severity::Critical,
+            };
+            let reason = if escalated {
+                format!(
+                    "{}; the problem persists {} steps after advice at step {}, escalating",
+                    hit.finding.message,
+                    step - ep.last_advice,
+                    ep.last_advice
+                )
+            } else {
+                hit.finding.message.clone()
+            };
+            let mut rule_ids: Vec<RuleId> = members.iter().map(|&i| hits[i].finding.rule).collect();
+            rule_ids.sort_unstable();
+            rule_ids.dedup();
+            let mut evidence: Vec<(String, f64)> = members
+                .iter()
+                .map(|&i| (format!("{}.value", hits[i].finding.rule), hits[i].finding.value))
+                .collect();
+            evidence.push((format!("{}.threshold", hit.finding.rule), hit.finding.threshold));
+
+            ep.rung = Some(ep.rung.map_or(rung, |r| r.max(rung)));
+            ep.last_advice = step;
+            ep.hits_since_advice = 0;
+            *next_id += 1;
+            out.push(Advice {
+                id: *next_id,
+                job: hit.finding.job.clone(),
+                target: None,
+                step,
+                apply_from: if action == Action::SkipStep { step } else { step + 1 },
+                action,
+                severity: hit.finding.severity.max(rung_severity),
+                rules: rule_ids,
+                reason,
+                evidence,
+            });
+        }
+    }
+
+    /// Ends episodes with no hit for `healthy_steps` steps before `step`.
+    pub fn close_healthy(&mut self, step: u64, healthy_steps: u64) {
+        self.episodes
+            .retain(|e| step < e.last_hit.saturating_add(healthy_steps));
+    }
+}
+
+/// The rung to advise now and whether it is an escalation, or `None` to stay
+/// quiet (cooldown).
+fn choose(ep: &Episode, hit: &Hit, proposal: Proposal, family: Family, step: u64, rules: &Rules) -> Option<(u8, bool)> {
+    let rung = proposal.rung();
+    let Some(top) = ep.rung else {
+        return Some((rung, false));
+    };
+    let since = step.saturating_sub(ep.last_advice);
+    if rung > top {
+        return Some((rung, false));
+    }
+    if since < rules.policy.cooldown_steps {
+        return None;
+    }
+    let persistent = ep.hits_since_advice * 2 >= since;
+    if family != Family::Rank && (hit.confirmed || persistent) {
+        Some((next_rung(top), true))
+    } else {
+        Some((rung, false))
+    }
+}
+
+fn concrete(p: Proposal, ep: &Episode, rules: &Rules) -> Action {
+    match p {
+        Proposal::Clip { max_norm } => Action::ClipGradients { max_norm },
+        Proposal::SkipStep => Action::SkipStep,
+        Proposal::ScaleLossScale => Action::ScaleLossScale {
+            factor: rules.policy.loss_scale_factor,
+        },
+        Proposal::ScaleLr => Action::ScaleLr {
+            factor: rules.policy.lr_factor,
+        },
+        Proposal::Rollback => Action::Rollback {
+            to_step: ep.opened_at.saturating_sub(rules.policy.rollback_steps),
+        },
+        Proposal::Inspect { rank } => Action::InspectWorker { rank },
+    }
+}

@@ -1,0 +1,139 @@
+//! Per-layer rules: layer ceiling and floor (dead layers), vanishing across
+//! depth (first/last layer ratio), and the update ratio ‖Δw‖/‖w‖.
+
+use super::Obs;
+use crate::config::Rules;
+use crate::engine::hit::{Emitter, Latch, Proposal};
+use crate::model::{RuleId, Severity};
+
+/// One layer's state: a few counters and latches, well under 1 KiB.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct LayerState {
+    floor_run: u32,
+    floor: Latch,
+    ceiling: Latch,
+    update_high: Latch,
+    update_low: Latch,
+}
+
+#[derive(Debug, Clone, Default)]
+pub(crate) struct State {
+    layers: Vec<LayerState>,
+    depth: Latch,
+}
+
+impl State {
+    pub fn heap_bytes(&self) -> usize {
+        self.layers.capacity() * std::mem::size_of::<LayerState>()
+    }
+}
+
+pub(crate) fn check(state: &mut State, obs: &Obs, rules: &Rules, em: &mut Emitter) {
+    let layers = &obs.s.layers;
+    if layers.is_empty() {
+        return;
+    }
+    if state.layers.len() != layers.len() {
+        state.layers.resize(layers.len(), LayerState::default());
+    }
+    let step = obs.s.step;
+    let remind = rules.policy.cooldown_steps;
+    let (ceiling, floor, update) = (&rules.norm_ceiling, &rules.norm_floor, &rules.update_ratio);
+    let layer_max = ceiling.layer_max.filter(|_| ceiling.enabled);
+
+    for (i, (l, st)) in layers.iter().zip(state.layers.iter_mut()).enumerate() {
+        let l2 = f64::from(l.l2);
+        if !l2.is_finite() || l.nonfinite > 0 {
+            continue; // the non-finite rule reports it
+        }
+        if let Some(max) = layer_max
+            && st.ceiling.update(l2 > max, step, remind)
+        {
+            // Clipping the whole gradient by max/l2 brings this layer under its limit.
+            let max_norm = obs.global_norm.filter(|g| g.is_finite()).map_or(max, |g| g * max / l2);
+            let name = em.layer_name(i);
+            em.hit(
+                RuleId::NormCeiling,
+                Severity::Info,
+                l2,
+                max,
+                format!("layer {name} gradient norm {l2:.4} is above the configured maximum {max}"),
+            )
+            .on_layer(name)
+            .propose(Proposal::Clip { max_norm });
+        }
+        if floor.enabled {
+            st.floor_run = if l2 < floor.layer_min {
+                st.floor_run.saturating_add(1)
+            } else {
+                0
+            };
+            if st.floor.update(st.floor_run >= floor.patience, step, remind) {
+                let name = em.layer_name(i);
+                em.hit(
+                    RuleId::NormFloor,
+                    Severity::Warning,
+                    l2,
+                    floor.layer_min,
+                    format!(
+                        "dead layer {name}: gradient norm {l2:.3e} below {:e} for {} steps",
+                        floor.layer_min, st.floor_run
+                    ),
+                )
+                .on_layer(name);
+            }
+        }
+        if update.enabled
+            && let (Some(p), Some(u)) = (l.param_norm, l.update_norm)
+            && p.is_finite()
+            && u.is_finite()
+            && p > 0.0
+        {
+            let ratio = f64::from(u) / f64::from(p);
+            if st.update_high.update(ratio > update.max, step, remind) {
+                let name = em.layer_name(i);
+                em.hit(
+                    RuleId::UpdateRatio,
+                    Severity::Warning,
+                    ratio,
+                    update.max,
+                    format!("layer {name} update is {ratio:.3e}× its weights (above {})", update.max),
+                )
+                .on_layer(name)
+                .propose(Proposal::ScaleLr);
+            }
+            if st.update_low.update(ratio < update.min, step, remind) {
+                let name = em.layer_name(i);
+                em.hit(
+                    RuleId::UpdateRatio,
+                    Severity::Info,
+                    ratio,
+                    update.min,
+                    format!(
+                        "layer {name} barely moves: update is {ratio:.3e}× its weights (below {:e})",
+                        update.min
+                    ),
+                )
+                .on_layer(name);
+            }
+        }
+    }
+
+    let v = &rules.vanishing;
+    if v.enabled && layers.len() >= 2 {
+        let (first, last) = (f64::from(layers[0].l2), f64::from(layers[layers.len() - 1].l2));
+        let ratio = first / last;
+        let active = first.is_finite() && last.is_finite() && last > 0.0 && ratio < v.depth_ratio;
+        if state.depth.update(active, step, remind) {
+            let (a, b) = (em.layer_name(0), em.layer_name(layers.len() - 1));
+            em.hit(
+                RuleId::Vanishing,
+                Severity::Warning,
+                ratio,
+                v.depth_ratio,
+                format!("gradients vanish with depth: first layer {a} norm is {ratio:.2e}× the last layer {b}"),
+            )
+            .on_layer(a);
+        }
+    }
+}

@@ -1,0 +1,199 @@
+//! Cross-rank rules: a rank whose norm disagrees with its peers at the same step
+//! (rank outlier), a rank that lags the leader (straggler), and a rank that went
+//! silent while its peers did not (stalled).
+//!
+//! They judge by the records' own steps and times, never a wall clock; the
+//! service calls [`scan_stalled`] with its clock through `Engine::tick`.
+
+use std::collections::BTreeMap;
+
+use crate::config::Rules;
+use crate::engine::hit::{Emitter, Latch, Proposal};
+use crate::engine::stats::median;
+use crate::model::{RuleId, Severity};
+
+/// What the cross-rank rules track about one rank.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Peer {
+    pub last_step: Option<u64>,
+    pub last_time: Option<f64>,
+    outlier: Latch,
+    straggler: Latch,
+    stalled: Latch,
+}
+
+#[derive(Debug, Clone, Default)]
+pub(crate) struct State {
+    /// Global norms per step until every rank has reported it (NaN: non-finite).
+    pending: BTreeMap<u64, Vec<(u32, f64)>>,
+    pub max_step: Option<u64>,
+    last_stall_scan: Option<f64>,
+}
+
+impl State {
+    pub fn heap_bytes(&self) -> usize {
+        self.pending.values().map(|v| v.capacity() * 16 + 48).sum()
+    }
+}
+
+/// Buffers one rank's norm for `step` and judges every step that is complete
+/// (all `expected` ranks reported) or too old to wait for (a straggler's).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn record_norm(
+    state: &mut State,
+    peers: &mut [Option<Peer>],
+    rank: u32,
+    step: u64,
+    norm: Option<f64>,
+    expected: usize,
+    rules: &Rules,
+    em: &mut Emitter,
+) {
+    let cfg = &rules.rank_outlier;
+    let Some(norm) = norm else {
+        return;
+    };
+    if !cfg.enabled || expected < cfg.min_ranks as usize {
+        return;
+    }
+    let entry = state.pending.entry(step).or_default();
+    entry.push((rank, if norm.is_finite() { norm } else { f64::NAN }));
+    if entry.len() >= expected {
+        let entries = state.pending.remove(&step).unwrap_or_default();
+        judge(step, &entries, peers, rules, em);
+    }
+    let horizon = state.max_step.unwrap_or(step).saturating_sub(rules.straggler.lag_steps);
+    while let Some(entry) = state.pending.first_entry() {
+        if *entry.key() >= horizon {
+            break;
+        }
+        let (old_step, entries) = entry.remove_entry();
+        judge(old_step, &entries, peers, rules, em);
+    }
+}
+
+fn judge(step: u64, entries: &[(u32, f64)], peers: &mut [Option<Peer>], rules: &Rules, em: &mut Emitter) {
+    let cfg = &rules.rank_outlier;
+    let remind = rules.policy.cooldown_steps;
+    let mut finite: Vec<f64> = entries.iter().map(|e| e.1).filter(|x| x.is_finite()).collect();
+    let bad: Vec<u32> = entries.iter().filter(|e| !e.1.is_finite()).map(|e| e.0).collect();
+    let min = cfg.min_ranks as usize;
+
+    if bad.len() == 1 && finite.len() + 1 >= min {
+        let rank = bad[0];
+        if let Some(p) = peers.get_mut(rank as usize).and_then(Option::as_mut)
+            && p.outlier.update(true, step, remind)
+        {
+            let h = em.hit(
+                RuleId::RankOutlier,
+                Severity::Warning,
+                f64::NAN,
+                cfg.k,
+                format!(
+                    "rank {rank} is the only one of {} ranks with non-finite gradients at step {step}: bad shard or silent data corruption",
+                    entries.len()
+                ),
+            );
+            h.about(rank).propose(Proposal::Inspect { rank });
+            h.finding.step = step;
+        }
+    }
+    if finite.len() < min {
+        return;
+    }
+    let Some(med) = median(&mut finite) else {
+        return;
+    };
+    let mut dev: Vec<f64> = finite.iter().map(|x| (x - med).abs()).collect();
+    let mad = median(&mut dev).unwrap_or(0.0);
+    let spread = (1.4826 * mad)
+        .max(cfg.min_rel_spread * med.abs())
+        .max(f64::MIN_POSITIVE);
+    for &(rank, x) in entries.iter().filter(|e| e.1.is_finite()) {
+        let score = (x - med).abs() / spread;
+        let Some(p) = peers.get_mut(rank as usize).and_then(Option::as_mut) else {
+            continue;
+        };
+        if p.outlier.update(score > cfg.k, step, remind) {
+            let h = em.hit(
+                RuleId::RankOutlier,
+                Severity::Warning,
+                score,
+                cfg.k,
+                format!(
+                    "rank {rank} gradient norm {x:.4} is {score:.1} spreads from the median {med:.4} of {} ranks at step {step}",
+                    entries.len()
+                ),
+            );
+            h.about(rank).propose(Proposal::Inspect { rank });
+            h.finding.step = step;
+        }
+    }
+}
+
+/// Called when the job's leading step advances: flags ranks `lag_steps` behind.
+pub(crate) fn scan_stragglers(state: &State, peers: &mut [Option<Peer>], rules: &Rules, em: &mut Emitter) {
+    let cfg = &rules.straggler;
+    let Some(max) = state.max_step.filter(|_| cfg.enabled) else {
+        return;
+    };
+    for (rank, p) in peers.iter_mut().enumerate() {
+        let Some(p) = p.as_mut() else { continue };
+        let Some(last) = p.last_step else { continue };
+        let lag = max.saturating_sub(last);
+        if p.straggler
+            .update_worse(lag >= cfg.lag_steps, max, rules.policy.cooldown_steps, lag as f64)
+        {
+            let rank = rank as u32;
+            em.hit(
+                RuleId::Straggler,
+                Severity::Warning,
+                lag as f64,
+                cfg.lag_steps as f64,
+                format!("rank {rank} is {lag} steps behind the leading rank (step {max})"),
+            )
+            .about(rank)
+            .propose(Proposal::Inspect { rank });
+        }
+    }
+}
+
+/// Flags ranks silent for `timeout_secs` at time `now` while a peer is not.
+/// Throttled to one scan per second of record time.
+pub(crate) fn scan_stalled(state: &mut State, peers: &mut [Option<Peer>], now: f64, rules: &Rules, em: &mut Emitter) {
+    let cfg = &rules.stalled;
+    if !cfg.enabled || !now.is_finite() || state.last_stall_scan.is_some_and(|t| now < t + 1.0) {
+        return;
+    }
+    state.last_stall_scan = Some(now);
+    let newest = peers
+        .iter()
+        .flatten()
+        .filter_map(|p| p.last_time)
+        .fold(f64::NEG_INFINITY, f64::max);
+    let anyone_alive = now - newest < cfg.timeout_secs;
+    let step = state.max_step.unwrap_or(0);
+    for (rank, p) in peers.iter_mut().enumerate() {
+        let Some(p) = p.as_mut() else { continue };
+        let Some(last) = p.last_time else { continue };
+        let silent = now - last;
+        let active = anyone_alive && silent >= cfg.timeout_secs;
+        if p.stalled
+            .update_worse(active, step, rules.policy.cooldown_steps, silent)
+        {
+            let rank = rank as u32;
+            em.hit(
+                RuleId::Stalled,
+                Severity::Warning,
+                silent,
+                cfg.timeout_secs,
+                format!(
+                    "rank {rank} sent nothing for {silent:.0} s (last step {}) while its peers kept going",
+                    p.last_step.unwrap_or(0)
+                ),
+            )
+            .about(rank)
+            .propose(Proposal::Inspect { rank });
+        }
+    }
+}

@@ -1,0 +1,40 @@
+//! One rank's detection state and the per-rank rules, run in a fixed order.
+
+use crate::config::Rules;
+use crate::engine::hit::Emitter;
+use crate::engine::rules::{Obs, grad, layers, loss, loss_scale, nonfinite};
+
+#[derive(Debug, Clone)]
+pub(crate) struct WorkerState {
+    nonfinite: nonfinite::State,
+    grad: grad::State,
+    loss: loss::State,
+    layers: layers::State,
+    loss_scale: loss_scale::State,
+}
+
+impl WorkerState {
+    pub fn new(rules: &Rules) -> Self {
+        Self {
+            nonfinite: nonfinite::State::default(),
+            grad: grad::State::new(rules),
+            loss: loss::State::new(rules),
+            layers: layers::State::default(),
+            loss_scale: loss_scale::State::default(),
+        }
+    }
+
+    pub fn observe(&mut self, obs: &Obs, rules: &Rules, em: &mut Emitter) {
+        let s = obs.s;
+        nonfinite::check(&mut self.nonfinite, obs, &rules.nonfinite, em);
+        grad::check(&mut self.grad, obs, rules, self.loss.falling(), em);
+        loss::check(&mut self.loss, s.step, s.loss, self.grad.last_spike, rules, em);
+        layers::check(&mut self.layers, obs, rules, em);
+        loss_scale::check(&mut self.loss_scale, s.step, s.loss_scale, rules, em);
+    }
+
+    /// Bytes this rank's state holds, inline and on the heap.
+    pub fn bytes(&self) -> usize {
+        std::mem::size_of::<Self>() + self.grad.heap_bytes() + self.loss.heap_bytes() + self.layers.heap_bytes()
+    }
+}

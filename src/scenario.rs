@@ -1,0 +1,1 @@
+//! Synthetic training traces with injected faults (filled in below).

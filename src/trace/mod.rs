@@ -1,0 +1,1 @@
+//! Readers for recorded training logs.
