@@ -134,6 +134,9 @@ pub struct GradGrowth {
     pub factor: f64,
     /// Minimum fit quality (R²) so noise is not read as a trend.
     pub min_r2: f64,
+    /// The loss counts as falling (growth is then benign, info only) when its
+    /// smoothed value dropped by at least this fraction over the window.
+    pub loss_fall: f64,
 }
 
 impl Default for GradGrowth {
@@ -143,6 +146,7 @@ impl Default for GradGrowth {
             window: 50,
             factor: 4.0,
             min_r2: 0.6,
+            loss_fall: 0.005,
         }
     }
 }
@@ -179,6 +183,10 @@ pub struct LossSpike {
     pub alpha: f64,
     pub warmup: u32,
     pub z: f64,
+    /// A spike must also be this far above the moving mean, relative to it:
+    /// batch-to-batch loss noise is heavy-tailed, and a bump of a few percent
+    /// can clear a z-score on a quiet stretch without being a spike.
+    pub min_rise: f64,
     pub ratio_to_min: f64,
     /// Steps a loss spike stays "recent" when judging a gradient spike with it.
     pub link_steps: u64,
@@ -191,6 +199,7 @@ impl Default for LossSpike {
             alpha: 0.97,
             warmup: 25,
             z: 6.0,
+            min_rise: 0.2,
             ratio_to_min: 10.0,
             link_steps: 3,
         }

@@ -415,3 +415,6 @@ impl JobState {
         out.findings.extend(self.hits.drain(..).map(|h| h.finding));
     }
 }
+
+#[cfg(test)]
+mod tests;

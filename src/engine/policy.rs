@@ -45,7 +45,13 @@ fn next_rung(rung: u8) -> u8 {
     }
 }
 
-fn key(hit: &Hit) -> (Family, Option<u32>) {
+/// An episode's identity: the family, and the rank for the rank family.
+type EpisodeKey = (Family, Option<u32>);
+
+/// Hits of one step that share an episode: the key, the strongest hit, all hits.
+type Group = (EpisodeKey, usize, Vec<usize>);
+
+fn key(hit: &Hit) -> EpisodeKey {
     let family = hit.finding.rule.family();
     let subject = if family == Family::Rank {
         hit.finding.worker
@@ -67,7 +73,7 @@ impl Policy {
 
     pub fn decide(&mut self, hits: &[Hit], step: u64, rules: &Rules, next_id: &mut u64, out: &mut Vec<Advice>) {
         // Group by episode key, in first-seen order, keeping the strongest hit.
-        let mut groups: Vec<((Family, Option<u32>), usize, Vec<usize>)> = Vec::new();
+        let mut groups: Vec<Group> = Vec::new();
         for (i, hit) in hits.iter().enumerate() {
             let k = key(hit);
             match groups.iter_mut().find(|g| g.0 == k) {

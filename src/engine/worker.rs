@@ -27,7 +27,13 @@ impl WorkerState {
     pub fn observe(&mut self, obs: &Obs, rules: &Rules, em: &mut Emitter) {
         let s = obs.s;
         nonfinite::check(&mut self.nonfinite, obs, &rules.nonfinite, em);
-        grad::check(&mut self.grad, obs, rules, self.loss.falling(), em);
+        grad::check(
+            &mut self.grad,
+            obs,
+            rules,
+            self.loss.falling(rules.grad_growth.loss_fall),
+            em,
+        );
         loss::check(&mut self.loss, s.step, s.loss, self.grad.last_spike, rules, em);
         layers::check(&mut self.layers, obs, rules, em);
         loss_scale::check(&mut self.loss_scale, s.step, s.loss_scale, rules, em);

@@ -123,7 +123,8 @@ pub(crate) fn check(state: &mut State, obs: &Obs, rules: &Rules, em: &mut Emitte
     if v.enabled && layers.len() >= 2 {
         let (first, last) = (f64::from(layers[0].l2), f64::from(layers[layers.len() - 1].l2));
         let ratio = first / last;
-        let active = first.is_finite() && last.is_finite() && last > 0.0 && ratio < v.depth_ratio;
+        // A first layer at exactly zero is a dead layer (the floor rule), not a trend.
+        let active = first > 0.0 && last.is_finite() && last > 0.0 && ratio < v.depth_ratio;
         if state.depth.update(active, step, remind) {
             let (a, b) = (em.layer_name(0), em.layer_name(layers.len() - 1));
             em.hit(

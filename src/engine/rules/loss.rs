@@ -35,12 +35,12 @@ impl State {
         }
     }
 
-    /// Whether the smoothed loss is lower now than a trend window ago; `None`
-    /// until the window has filled (or when no loss is reported).
-    pub fn falling(&self) -> Option<bool> {
+    /// Whether the smoothed loss fell by at least `by` (relative) over the
+    /// trend window; `None` until the window has filled (or with no loss).
+    pub fn falling(&self, by: f64) -> Option<bool> {
         let now = self.smooth?;
         let then = self.history.oldest().filter(|_| self.history.is_full())?;
-        Some(now < then)
+        Some(now < then - by * then.abs())
     }
 
     pub fn heap_bytes(&self) -> usize {
@@ -69,9 +69,11 @@ pub(crate) fn check(
         let min = state.recent_min.min().map(|(_, m)| m).filter(|m| *m > 0.0);
         let ratio = min.map(|m| loss / m);
         let by_ratio = ratio.is_some_and(|r| r >= cfg.ratio_to_min);
-        if z >= cfg.z || by_ratio {
+        let mean = state.ema.mean();
+        let by_z = z >= cfg.z && loss - mean >= cfg.min_rise * mean.abs();
+        if by_z || by_ratio {
             let linked = last_grad_spike.is_some_and(|g| g + cfg.link_steps >= step);
-            let (value, threshold, why) = if z >= cfg.z {
+            let (value, threshold, why) = if by_z {
                 (
                     z,
                     cfg.z,

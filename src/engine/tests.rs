@@ -1,0 +1,711 @@
+//! Rule-by-rule and policy tests of the engine, on small hand-built runs.
+
+use super::*;
+use crate::config::RuleBook;
+use crate::model::{Action, LayerStats, RuleId, Severity, Summary};
+
+/// Deterministic multiplicative noise in [1 - amp, 1 + amp].
+fn noise(i: u64, amp: f64) -> f64 {
+    let x = i.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407) >> 33;
+    1.0 + amp * ((x % 2001) as f64 / 1000.0 - 1.0)
+}
+
+fn summary(worker: u32, step: u64, norm: f64, loss: f64) -> Summary {
+    Summary {
+        worker,
+        step,
+        time: Some(1_700_000_000.0 + step as f64),
+        loss: Some(loss),
+        lr: Some(1e-3),
+        grad_norm: Some(norm),
+        ..Summary::default()
+    }
+}
+
+/// A quiet, healthy single-rank run: norm ~1 ± 5%, loss falling slowly.
+fn healthy(step: u64) -> Summary {
+    summary(0, step, noise(step, 0.05), 3.0 - step as f64 * 1e-4)
+}
+
+struct Run {
+    engine: Engine,
+    out: Output,
+}
+
+impl Run {
+    fn new() -> Self {
+        Self::with_rules("")
+    }
+
+    fn with_rules(toml: &str) -> Self {
+        Self {
+            engine: Engine::new(RuleBook::parse_str(toml, "test").unwrap()),
+            out: Output::default(),
+        }
+    }
+
+    fn feed(&mut self, s: Summary) -> &mut Self {
+        self.engine.observe("job", &s, &mut self.out).unwrap();
+        self
+    }
+
+    fn feed_all(&mut self, it: impl IntoIterator<Item = Summary>) -> &mut Self {
+        for s in it {
+            self.feed(s);
+        }
+        self
+    }
+
+    fn take(&mut self) -> Output {
+        std::mem::take(&mut self.out)
+    }
+}
+
+fn rules(out: &Output) -> Vec<RuleId> {
+    out.findings.iter().map(|f| f.rule).collect()
+}
+
+fn actions(out: &Output) -> Vec<&'static str> {
+    out.advice.iter().map(|a| a.action.name()).collect()
+}
+
+fn worst(out: &Output) -> Option<Severity> {
+    out.findings.iter().map(|f| f.severity).max()
+}
+
+#[test]
+fn healthy_run_is_quiet() {
+    let mut run = Run::new();
+    run.feed_all((0..2000).map(healthy));
+    let out = run.take();
+    assert!(out.findings.is_empty(), "{:#?}", out.findings);
+    assert!(out.advice.is_empty());
+}
+
+#[test]
+fn nan_loss_is_critical_and_skips_the_step() {
+    let mut run = Run::new();
+    run.feed_all((0..50).map(healthy)).take();
+    let mut s = healthy(50);
+    s.loss = Some(f64::NAN);
+    let out = run.feed(s).take();
+    assert_eq!(rules(&out), [RuleId::Nonfinite]);
+    assert_eq!(worst(&out), Some(Severity::Critical));
+    let a = &out.advice[0];
+    assert_eq!((a.action, a.target, a.apply_from), (Action::SkipStep, None, 50));
+}
+
+#[test]
+fn repeated_nan_proposes_rollback_before_the_episode() {
+    let mut run = Run::new();
+    run.feed_all((0..300).map(healthy)).take();
+    for step in [300, 302, 304] {
+        let mut s = healthy(step);
+        s.grad_norm = Some(f64::INFINITY);
+        run.feed(s);
+        run.feed(healthy(step + 1));
+    }
+    let out = run.take();
+    assert_eq!(actions(&out), ["skip_step", "rollback"]);
+    assert_eq!(out.advice[1].action, Action::Rollback { to_step: 200 });
+    assert_eq!(out.advice[1].severity, Severity::Critical);
+}
+
+#[test]
+fn amp_overflow_is_info_and_lowers_the_loss_scale() {
+    let mut run = Run::new();
+    let layers = vec![
+        LayerStats {
+            l2: 1.0,
+            ..Default::default()
+        };
+        2
+    ];
+    let mut s = healthy(0);
+    s.loss_scale = Some(65536.0);
+    s.grad_norm = None;
+    s.layers = layers.clone();
+    s.layers[1].nonfinite = 3;
+    let out = run.feed(s).take();
+    assert_eq!(rules(&out), [RuleId::Nonfinite]);
+    assert_eq!(worst(&out), Some(Severity::Info));
+    assert_eq!(out.advice[0].action, Action::ScaleLossScale { factor: 0.5 });
+    assert_eq!(
+        out.findings[0].layer, None,
+        "info findings under AMP are about the step"
+    );
+}
+
+#[test]
+fn non_finite_values_never_enter_the_statistics() {
+    let mut run = Run::new();
+    run.feed_all((0..100).map(healthy));
+    for step in 100..110 {
+        let mut s = healthy(step);
+        s.grad_norm = Some(if step % 2 == 0 { f64::NAN } else { f64::INFINITY });
+        s.loss = Some(f64::NEG_INFINITY);
+        run.feed(s);
+    }
+    run.take();
+    // After the burst, healthy steps stay quiet and a real spike is still seen
+    // against the pre-burst baseline.
+    run.feed_all((110..200).map(healthy));
+    assert!(run.take().findings.is_empty());
+    let out = run.feed(summary(0, 200, 3.0, 2.98)).take();
+    assert_eq!(rules(&out), [RuleId::GradSpike]);
+    assert!(out.findings[0].value > 20.0, "z = {}", out.findings[0].value);
+}
+
+#[test]
+fn ceiling_is_off_until_configured() {
+    let mut run = Run::new();
+    run.feed_all((0..30).map(|s| summary(0, s, 1e6, 3.0)));
+    assert!(!rules(&run.take()).contains(&RuleId::NormCeiling));
+
+    let mut run = Run::with_rules("[norm_ceiling]\nenabled = true\nglobal_max = 5.0\nlayer_max = 1.0\n");
+    let mut s = summary(0, 0, 6.0, 3.0);
+    s.layers = vec![
+        LayerStats {
+            l2: 2.0,
+            ..Default::default()
+        },
+        LayerStats {
+            l2: 0.5,
+            ..Default::default()
+        },
+    ];
+    let out = run.feed(s).take();
+    let f: Vec<_> = out.findings.iter().filter(|f| f.rule == RuleId::NormCeiling).collect();
+    assert_eq!(f.len(), 2);
+    assert_eq!(f[1].layer.as_deref(), Some("layer0"));
+    // Clip to the layer limit: the global norm scaled by max/l2.
+    assert_eq!(actions(&out), ["clip_gradients"]);
+    assert!(
+        matches!(out.advice[0].action, Action::ClipGradients { max_norm } if (max_norm - 3.0).abs() < 1e-9 || (max_norm - 5.0).abs() < 1e-9)
+    );
+}
+
+#[test]
+fn dead_layer_is_reported_once_after_patience() {
+    let mut run = Run::new();
+    run.engine
+        .declare(
+            "job",
+            &JobSpec {
+                layer_names: &["embed".into(), "head".into()],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let mut first = None;
+    for step in 0..40 {
+        let mut s = healthy(step);
+        let dead = if step >= 10 { 0.0 } else { 0.5 };
+        s.layers = vec![
+            LayerStats {
+                l2: dead,
+                ..Default::default()
+            },
+            LayerStats {
+                l2: 0.8,
+                ..Default::default()
+            },
+        ];
+        run.feed(s);
+        if first.is_none() && run.out.findings.iter().any(|f| f.rule == RuleId::NormFloor) {
+            first = Some(step);
+        }
+    }
+    let out = run.take();
+    let floors: Vec<_> = out.findings.iter().filter(|f| f.rule == RuleId::NormFloor).collect();
+    assert_eq!(first, Some(14), "patience 5: steps 10..=14");
+    assert_eq!(
+        floors.len(),
+        2,
+        "reported on entry and once as a reminder after 20 steps"
+    );
+    assert_eq!(floors[0].layer.as_deref(), Some("embed"));
+    assert_eq!(floors[0].severity, Severity::Warning);
+}
+
+#[test]
+fn spike_waits_for_warmup_and_feeds_the_clipped_value() {
+    let mut run = Run::new();
+    run.feed_all((0..24).map(healthy));
+    run.feed(summary(0, 24, 50.0, 3.0));
+    assert!(run.take().findings.is_empty(), "still warming up");
+
+    let mut run = Run::new();
+    run.feed_all((0..100).map(healthy));
+    let out = run.feed(summary(0, 100, 50.0, 2.99)).take();
+    assert_eq!(rules(&out), [RuleId::GradSpike]);
+    let Action::ClipGradients { max_norm } = out.advice[0].action else {
+        panic!("{:?}", out.advice)
+    };
+    assert!(max_norm > 1.0 && max_norm < 1.3, "clip at μ + 2.5σ, got {max_norm}");
+    assert_eq!(out.findings[0].severity, Severity::Info);
+    // The clipped value, not 50, went into the EMA: the next healthy step is quiet.
+    run.feed_all((101..150).map(healthy));
+    assert!(run.take().findings.is_empty());
+}
+
+#[test]
+fn lone_spike_stays_at_clip_and_is_not_paged() {
+    let mut run = Run::new();
+    run.feed_all((0..300).map(healthy));
+    run.feed(summary(0, 300, 20.0, 2.97));
+    run.feed_all((301..600).map(healthy));
+    let out = run.take();
+    assert_eq!(actions(&out), ["clip_gradients"]);
+    assert_eq!(worst(&out), Some(Severity::Info));
+}
+
+#[test]
+fn sustained_explosion_escalates_clip_lr_rollback_halt() {
+    let mut run = Run::new();
+    run.feed_all((0..200).map(healthy));
+    // The norm jumps 100× and stays; the loss does not improve.
+    run.feed_all((200..280).map(|s| summary(0, s, 100.0 * noise(s, 0.05), 2.98)));
+    let out = run.take();
+    let names = actions(&out);
+    assert_eq!(
+        &names[..4],
+        ["clip_gradients", "scale_lr", "rollback", "halt"],
+        "{:#?}",
+        out.advice
+    );
+    assert_eq!(out.advice[0].step, 200);
+    assert_eq!(out.advice[2].action, Action::Rollback { to_step: 100 });
+    assert_eq!(out.advice[3].severity, Severity::Critical);
+    assert!(out.advice[2].reason.contains("escalating"), "{}", out.advice[2].reason);
+    // Nothing repeats within the cooldown unless it climbs the ladder.
+    for pair in out.advice.windows(2) {
+        let climbed = names_rank(&pair[1].action) > names_rank(&pair[0].action);
+        assert!(climbed || pair[1].step >= pair[0].step + 20, "{pair:#?}");
+    }
+}
+
+fn names_rank(a: &Action) -> u8 {
+    match a {
+        Action::ClipGradients { .. } | Action::InspectWorker { .. } => 0,
+        Action::SkipStep | Action::ScaleLossScale { .. } => 1,
+        Action::ScaleLr { .. } => 2,
+        Action::Rollback { .. } => 3,
+        Action::Halt => 4,
+    }
+}
+
+#[test]
+fn persistent_spikes_alone_escalate_once_the_cooldown_has_passed() {
+    let mut run = Run::with_rules(
+        "[grad_growth]
+enabled = false
+",
+    );
+    run.feed_all((0..200).map(healthy));
+    run.feed_all((200..280).map(|s| summary(0, s, 100.0 * noise(s, 0.05), 2.98)));
+    let out = run.take();
+    let steps: Vec<(u64, &str)> = out.advice.iter().map(|a| (a.step, a.action.name())).collect();
+    assert_eq!(
+        steps,
+        [
+            (200, "clip_gradients"),
+            (220, "scale_lr"),
+            (240, "rollback"),
+            (260, "halt")
+        ]
+    );
+}
+
+#[test]
+fn episode_ends_after_healthy_steps_and_restarts_at_clip() {
+    let mut run = Run::new();
+    run.feed_all((0..200).map(healthy));
+    run.feed_all((200..230).map(|s| summary(0, s, 100.0, 2.98)));
+    assert_eq!(actions(&run.take()), ["clip_gradients", "scale_lr"]);
+    // Long enough for the spike statistics to settle back and 50 quiet steps.
+    run.feed_all((230..1500).map(healthy));
+    run.take();
+    assert_eq!(run.engine.status("job").unwrap().open_episodes, 0);
+    let out = run.feed(summary(0, 1500, 100.0, 2.85)).take();
+    assert_eq!(actions(&out), ["clip_gradients"]);
+}
+
+#[test]
+fn growth_with_falling_loss_is_info_but_with_rising_loss_cuts_lr() {
+    let growth = |rising: bool| {
+        let mut run = Run::new();
+        run.feed_all((0..100).map(healthy));
+        run.take();
+        run.feed_all((100..200).map(|s| {
+            let t = (s - 100) as f64;
+            let loss = if rising { 2.99 + 0.002 * t } else { 2.99 - 0.002 * t };
+            summary(0, s, 1.05f64.powf(t) * noise(s, 0.02), loss)
+        }));
+        run.take()
+    };
+    let benign = growth(false);
+    let g: Vec<_> = benign
+        .findings
+        .iter()
+        .filter(|f| f.rule == RuleId::GradGrowth)
+        .collect();
+    assert!(!g.is_empty());
+    assert!(g.iter().all(|f| f.severity == Severity::Info), "{g:#?}");
+    assert!(!actions(&benign).contains(&"scale_lr") || actions(&benign).contains(&"clip_gradients"));
+
+    let bad = growth(true);
+    let g = bad
+        .findings
+        .iter()
+        .find(|f| f.rule == RuleId::GradGrowth)
+        .expect("growth seen");
+    assert_eq!(g.severity, Severity::Warning);
+    assert!(g.step < 160, "seen within 60 steps of the start, at {}", g.step);
+    assert!(actions(&bad).contains(&"scale_lr"));
+}
+
+#[test]
+fn vanishing_trend_and_depth_ratio() {
+    let mut run = Run::new();
+    run.feed_all((0..100).map(healthy));
+    run.feed_all((100..200).map(|s| summary(0, s, 0.9f64.powf((s - 100) as f64), 3.0)));
+    let out = run.take();
+    let v = out
+        .findings
+        .iter()
+        .find(|f| f.rule == RuleId::Vanishing)
+        .expect("vanishing seen");
+    assert_eq!(v.severity, Severity::Warning, "{v:?}");
+    assert!(v.step < 170, "{}", v.step);
+
+    let mut run = Run::new();
+    let mut s = healthy(0);
+    s.layers = vec![
+        LayerStats {
+            l2: 1e-6,
+            ..Default::default()
+        },
+        LayerStats {
+            l2: 1.0,
+            ..Default::default()
+        },
+    ];
+    let out = run.feed(s).take();
+    assert_eq!(rules(&out), [RuleId::Vanishing]);
+    assert!(out.findings[0].message.contains("depth"));
+}
+
+#[test]
+fn loss_spike_alone_skips_and_with_a_grad_spike_rolls_back() {
+    let mut run = Run::new();
+    run.feed_all((0..300).map(healthy));
+    let out = run.feed(summary(0, 300, 1.0, 9.0)).take();
+    assert_eq!(rules(&out), [RuleId::LossSpike]);
+    assert_eq!(actions(&out), ["skip_step"]);
+    assert_eq!(worst(&out), Some(Severity::Warning));
+
+    let mut run = Run::new();
+    run.feed_all((0..300).map(healthy));
+    run.feed(summary(0, 300, 30.0, 2.97));
+    let out = run.feed(summary(0, 301, 1.0, 9.0)).take();
+    let spike = out.findings.iter().find(|f| f.rule == RuleId::LossSpike).unwrap();
+    assert_eq!(spike.severity, Severity::Critical);
+    assert_eq!(out.advice.last().unwrap().action, Action::Rollback { to_step: 201 });
+}
+
+#[test]
+fn small_loss_bumps_are_not_spikes() {
+    // Heavy-tailed batch noise: +8% on a quiet stretch clears z 6 but not min_rise.
+    let mut run = Run::new();
+    run.feed_all((0..300).map(|s| summary(0, s, noise(s, 0.05), 3.0 * noise(s + 7, 0.005))));
+    let out = run.feed(summary(0, 300, 1.0, 3.25)).take();
+    assert!(out.findings.is_empty(), "{:?}", out.findings);
+}
+
+#[test]
+fn divergence_is_critical_and_cuts_lr_once_while_it_plateaus() {
+    let mut run = Run::new();
+    run.feed_all((0..300).map(healthy));
+    run.feed_all((300..500).map(|s| summary(0, s, noise(s, 0.05), 2.97 * (1.0 + 0.005 * (s - 300) as f64))));
+    let out = run.take();
+    let d = out
+        .findings
+        .iter()
+        .find(|f| f.rule == RuleId::LossDivergence)
+        .expect("divergence seen");
+    assert_eq!(d.severity, Severity::Critical);
+    assert!(actions(&out).contains(&"scale_lr"));
+    // The loss stops rising at its new level: no further escalation.
+    run.feed_all((500..800).map(|s| summary(0, s, noise(s, 0.05), 4.0 * noise(s + 3, 0.002))));
+    let out = run.take();
+    assert!(
+        !actions(&out).iter().any(|a| *a == "rollback" || *a == "halt"),
+        "{:?}",
+        actions(&out)
+    );
+}
+
+#[test]
+fn update_ratio_band() {
+    let mut run = Run::new();
+    let mut s = healthy(0);
+    s.layers = vec![
+        LayerStats {
+            l2: 1.0,
+            param_norm: Some(1.0),
+            update_norm: Some(20.0),
+            ..Default::default()
+        },
+        LayerStats {
+            l2: 1.0,
+            param_norm: Some(1.0),
+            update_norm: Some(1e-10),
+            ..Default::default()
+        },
+    ];
+    let out = run.feed(s).take();
+    let sev: Vec<_> = out
+        .findings
+        .iter()
+        .map(|f| (f.rule, f.severity, f.layer.as_deref()))
+        .collect();
+    assert_eq!(
+        sev,
+        [
+            (RuleId::UpdateRatio, Severity::Warning, Some("layer0")),
+            (RuleId::UpdateRatio, Severity::Info, Some("layer1"))
+        ]
+    );
+    assert_eq!(actions(&out), ["scale_lr"]);
+}
+
+#[test]
+fn loss_scale_backing_off_to_the_floor() {
+    let mut run = Run::new();
+    let mut fired = None;
+    for step in 0..20u64 {
+        let mut s = healthy(step);
+        s.loss_scale = Some(65536.0 / 2f64.powi(step as i32));
+        run.feed(s);
+        if fired.is_none() && run.out.findings.iter().any(|f| f.rule == RuleId::LossScaleFloor) {
+            fired = Some(step);
+        }
+    }
+    assert_eq!(fired, Some(8), "eight back-offs within the window");
+    assert!(actions(&run.take()).contains(&"scale_lr"));
+}
+
+fn ranks(n: u32, steps: std::ops::Range<u64>, f: impl Fn(u32, u64) -> Option<Summary>) -> Vec<Summary> {
+    steps
+        .flat_map(|s| (0..n).filter_map(|r| f(r, s)).collect::<Vec<_>>())
+        .collect()
+}
+
+#[test]
+fn rank_outlier_names_the_rank() {
+    let mut run = Run::new();
+    let run_of = |bad: Option<u32>| {
+        ranks(8, 0..60, move |r, s| {
+            let x = if bad == Some(r) && s >= 40 { 10.0 } else { 1.0 };
+            Some(summary(r, s, x * noise(s * 8 + u64::from(r), 0.03), 3.0))
+        })
+    };
+    run.feed_all(run_of(None));
+    assert!(run.take().findings.is_empty());
+    let mut run = Run::new();
+    run.feed_all(run_of(Some(5)));
+    let out = run.take();
+    let f = out
+        .findings
+        .iter()
+        .find(|f| f.rule == RuleId::RankOutlier)
+        .expect("outlier seen");
+    assert_eq!((f.worker, f.step), (Some(5), 40));
+    assert!(out.advice.iter().any(|a| a.action == Action::InspectWorker { rank: 5 }));
+}
+
+#[test]
+fn only_one_rank_non_finite_is_an_outlier() {
+    let mut run = Run::new();
+    run.feed_all(ranks(4, 0..30, |r, s| {
+        let norm = if r == 2 && s == 20 { f64::NAN } else { 1.0 };
+        Some(summary(r, s, norm, 3.0))
+    }));
+    let out = run.take();
+    let f = out
+        .findings
+        .iter()
+        .find(|f| f.rule == RuleId::RankOutlier)
+        .expect("outlier seen");
+    assert_eq!((f.worker, f.step), (Some(2), 20));
+}
+
+#[test]
+fn too_few_ranks_for_an_outlier() {
+    let mut run = Run::new();
+    run.feed_all(ranks(3, 0..30, |r, s| {
+        Some(summary(r, s, if r == 0 { 50.0 } else { 1.0 }, 3.0))
+    }));
+    assert!(!rules(&run.take()).contains(&RuleId::RankOutlier));
+}
+
+#[test]
+fn straggler_and_stalled_rank() {
+    let mut run = Run::new();
+    // Rank 3 stops after step 10; the others go on, one step per 20 s.
+    run.feed_all(ranks(4, 0..40, |r, s| {
+        (r != 3 || s <= 10).then(|| {
+            let mut x = summary(r, s, 1.0, 3.0);
+            x.time = Some(1_700_000_000.0 + 20.0 * s as f64);
+            x
+        })
+    }));
+    let out = run.take();
+    let lag = out
+        .findings
+        .iter()
+        .find(|f| f.rule == RuleId::Straggler)
+        .expect("straggler");
+    assert_eq!((lag.worker, lag.step), (Some(3), 20));
+    let stall = out
+        .findings
+        .iter()
+        .find(|f| f.rule == RuleId::Stalled)
+        .expect("stalled");
+    assert_eq!(stall.worker, Some(3));
+    assert!(stall.value >= 300.0);
+    assert!(out.advice.iter().all(|a| a.action == Action::InspectWorker { rank: 3 }));
+}
+
+#[test]
+fn tick_judges_silence_with_the_callers_clock() {
+    let mut run = Run::new();
+    run.feed(summary(0, 0, 1.0, 3.0)).feed(summary(1, 0, 1.0, 3.0));
+    let mut late = summary(1, 1, 1.0, 3.0);
+    late.time = Some(1_700_000_200.0);
+    run.feed(late);
+    run.take();
+    let mut out = Output::default();
+    run.engine.tick(1_700_000_299.0, &mut out);
+    assert!(out.findings.is_empty());
+    run.engine.tick(1_700_000_301.0, &mut out);
+    assert_eq!(rules(&out), [RuleId::Stalled]);
+    assert_eq!(out.findings[0].worker, Some(0));
+}
+
+#[test]
+fn shared_signals_are_reported_once_per_step() {
+    let mut run = Run::new();
+    run.feed_all(ranks(4, 0..5, |r, s| {
+        Some(summary(r, s, 1.0, if s == 3 { f64::NAN } else { 3.0 }))
+    }));
+    let out = run.take();
+    assert_eq!(rules(&out), [RuleId::Nonfinite]);
+    assert_eq!(out.findings[0].worker, Some(0));
+    assert_eq!(actions(&out), ["skip_step"]);
+}
+
+#[test]
+fn bad_steps_are_refused_without_changing_state() {
+    let mut engine = Engine::default();
+    let mut out = Output::default();
+    engine.observe("j", &healthy(5), &mut out).unwrap();
+    assert_eq!(
+        engine.observe("j", &healthy(5), &mut out),
+        Err(EngineError::DuplicateStep { worker: 0, step: 5 })
+    );
+    assert_eq!(
+        engine.observe("j", &healthy(4), &mut out),
+        Err(EngineError::StepBackwards {
+            worker: 0,
+            step: 4,
+            last: 5
+        })
+    );
+    assert_eq!(engine.observe("", &healthy(6), &mut out), Err(EngineError::EmptyJob));
+    let mut far = healthy(6);
+    far.worker = MAX_RANKS;
+    assert_eq!(
+        engine.observe("j", &far, &mut out),
+        Err(EngineError::RankOutOfRange { worker: MAX_RANKS })
+    );
+    engine.observe("j", &healthy(6), &mut out).unwrap();
+    assert_eq!(engine.status("j").unwrap().max_step, Some(6));
+    assert_eq!(engine.status("j").unwrap().ranks, 1, "the refused rank left no state");
+}
+
+#[test]
+fn layer_count_must_match_the_declaration() {
+    let mut engine = Engine::default();
+    let names = ["a".to_string(), "b".to_string()];
+    let spec = JobSpec {
+        layer_names: &names,
+        ..Default::default()
+    };
+    engine.declare("j", &spec).unwrap();
+    let mut s = healthy(0);
+    s.layers = vec![LayerStats::default(); 3];
+    let mut out = Output::default();
+    let err = engine.observe("j", &s, &mut out).unwrap_err();
+    assert_eq!(err.to_string(), "rank 0 sent 3 layer values but the job has 2 layers");
+    let other = ["a".to_string(), "c".to_string()];
+    assert!(matches!(
+        engine.declare(
+            "j",
+            &JobSpec {
+                layer_names: &other,
+                ..Default::default()
+            }
+        ),
+        Err(EngineError::LayerNames { .. })
+    ));
+}
+
+#[test]
+fn per_job_override_turns_a_rule_off() {
+    let mut run = Run::with_rules("[jobs.job.grad_spike]\nenabled = false\n");
+    run.feed_all((0..100).map(healthy));
+    run.feed(summary(0, 100, 50.0, 2.99));
+    assert!(run.take().findings.is_empty());
+    assert!(!run.engine.rules("job").grad_spike.enabled);
+    assert!(run.engine.rules("other").grad_spike.enabled);
+}
+
+#[test]
+fn same_input_same_output() {
+    let input: Vec<Summary> = ranks(4, 0..400, |r, s| {
+        let x = if s > 300 { 1.04f64.powf((s - 300) as f64) } else { 1.0 };
+        Some(summary(
+            r,
+            s,
+            x * noise(s * 4 + u64::from(r), 0.1),
+            3.0 + (s as f64 / 100.0).sin(),
+        ))
+    });
+    let mut a = Run::new();
+    let mut b = Run::new();
+    let (oa, ob) = (a.feed_all(input.clone()).take(), b.feed_all(input).take());
+    assert!(!oa.advice.is_empty());
+    assert_eq!(oa.findings, ob.findings);
+    assert_eq!(oa.advice, ob.advice);
+}
+
+#[test]
+fn state_per_layer_series_is_small() {
+    let mut engine = Engine::default();
+    let mut out = Output::default();
+    for step in 0..100 {
+        let mut s = healthy(step);
+        s.layers = vec![
+            LayerStats {
+                l2: 0.1,
+                ..Default::default()
+            };
+            100
+        ];
+        engine.observe("j", &s, &mut out).unwrap();
+    }
+    let bytes = engine.status("j").unwrap().state_bytes;
+    assert!(bytes / 100 <= 1024, "{bytes} bytes for 100 layers");
+}
