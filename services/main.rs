@@ -1,1 +1,21 @@
-fn main() {}
+//! The `gradguard` command: parse, dispatch, map failures to exit codes
+//! (see [`cli`]). Each subcommand lives in its own module.
+
+mod cli;
+mod replay;
+mod report;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    let result = match &cli.command {
+        cli::Command::Replay(args) => replay::run(args),
+    };
+    result.unwrap_or_else(|failure| {
+        cli::warn(&format!("gradguard: {}", cli::describe(&failure.error)));
+        failure.exit_code()
+    })
+}

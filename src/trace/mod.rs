@@ -1,1 +1,572 @@
-//! Readers for recorded training logs.
+//! Readers for recorded training logs, used by `gradguard replay`.
+//!
+//! Three formats, each in its own module:
+//!
+//! - [`jsonl`]: the project's own trace schema, one JSON object per line;
+//! - [`hf`]: a Hugging Face `trainer_state.json` (its `log_history`);
+//! - [`llmc`]: an llm.c text log (`s:STEP trl:LOSS lr:LR norm:NORM`).
+//!
+//! [`Reader::open`] picks the format (given, or detected from the file name and
+//! its first line) and yields one [`Entry`] per input record: a [`Record`] for
+//! the engine, or a [`Skipped`] line with a reason. Lines that carry no training
+//! step (blank lines, comments, evaluation lines) are passed over silently and
+//! yield nothing. Only failures of the input as a whole (cannot open, read error,
+//! a `trainer_state.json` that is not JSON) are [`TraceError`]s.
+//!
+//! Guarantees common to every format:
+//! - line numbers are 1-based; `\n` and `\r\n` line endings are both accepted, and
+//!   a UTF-8 byte-order mark at the start is ignored;
+//! - a line that is not UTF-8, or longer than [`MAX_LINE`], is skipped, never fatal;
+//! - values are passed through as read, non-finite ones included (reporting them
+//!   is the engine's job); no input makes a reader panic.
+
+pub mod hf;
+pub mod jsonl;
+pub mod llmc;
+
+use std::borrow::Cow;
+use std::fmt;
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, Cursor, Read};
+use std::path::Path;
+use std::str::FromStr;
+
+use crate::model::Summary;
+
+/// The longest line a line-based reader accepts; a longer one is skipped, so a
+/// file without newlines cannot make the reader buffer it whole.
+pub const MAX_LINE: usize = 16 << 20;
+
+/// How much of the input auto-detection may look at.
+const DETECT_LIMIT: usize = 64 << 10;
+
+/// A supported log format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Format {
+    Jsonl,
+    Hf,
+    Llmc,
+}
+
+impl Format {
+    pub const ALL: [Format; 3] = [Format::Jsonl, Format::Hf, Format::Llmc];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Format::Jsonl => "jsonl",
+            Format::Hf => "hf",
+            Format::Llmc => "llmc",
+        }
+    }
+
+    /// Guesses the format from the file name and the first bytes of the input
+    /// (ideally at least its first non-blank line). `None` when nothing fits.
+    ///
+    /// A file named `trainer_state.json`, a first line that is a lone `{` (a
+    /// pretty-printed JSON document) or that mentions `"log_history"` is hf; any
+    /// other line starting with `{` is jsonl; `s:123 ...` is llmc. Blank lines and
+    /// `#` comments are passed over; with no content at all, the extension
+    /// decides (`.jsonl`/`.ndjson`: jsonl, `.json`: hf, `.log`: llmc).
+    pub fn detect(path: &Path, head: &[u8]) -> Option<Format> {
+        if path.file_name().is_some_and(|n| n == "trainer_state.json") {
+            return Some(Format::Hf);
+        }
+        let head = head.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(head);
+        let first = head
+            .split(|&b| b == b'\n')
+            .map(|l| l.trim_ascii())
+            .find(|l| !l.is_empty() && !l.starts_with(b"#"));
+        let Some(first) = first else {
+            let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+            return match ext {
+                "jsonl" | "ndjson" => Some(Format::Jsonl),
+                "json" => Some(Format::Hf),
+                "log" => Some(Format::Llmc),
+                _ => None,
+            };
+        };
+        if first == b"{" || contains(first, b"\"log_history\"") {
+            Some(Format::Hf)
+        } else if first.starts_with(b"{") {
+            Some(Format::Jsonl)
+        } else if llmc::looks_like(first) {
+            Some(Format::Llmc)
+        } else {
+            None
+        }
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+impl fmt::Display for Format {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Format {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Format::ALL
+            .into_iter()
+            .find(|f| f.as_str() == s)
+            .ok_or_else(|| format!("unknown trace format {s:?} (expected jsonl, hf or llmc)"))
+    }
+}
+
+/// One training step of one worker, ready for the engine.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    pub job: String,
+    /// The layer names, in the order of `summary.layers`, when the record has
+    /// per-layer values (jsonl only).
+    pub layer_names: Option<Vec<String>>,
+    pub summary: Summary,
+    /// Where the record came from: the 1-based line (for hf: the position in
+    /// `log_history`, see [`hf`]).
+    pub line: usize,
+}
+
+/// An input line that was not usable, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skipped {
+    pub line: usize,
+    pub reason: String,
+}
+
+/// What a reader yields per record-bearing line.
+pub type Entry = Result<Record, Skipped>;
+
+/// Failures of an input as a whole; a single bad line is a [`Skipped`] instead.
+#[derive(Debug, thiserror::Error)]
+pub enum TraceError {
+    #[error("cannot open {path}: {source}")]
+    Open { path: String, source: io::Error },
+    #[error("cannot read {path}: {source}")]
+    Read { path: String, source: io::Error },
+    #[error("cannot tell the format of {path} (use --format jsonl, hf or llmc)")]
+    Undetected { path: String },
+    #[error("{path} is not a valid {format} trace: {message}")]
+    Invalid {
+        path: String,
+        format: Format,
+        message: String,
+    },
+}
+
+/// Yields the entries of one input, in input order.
+pub struct Reader {
+    path: String,
+    format: Format,
+    inner: Inner,
+}
+
+enum Inner {
+    Lines {
+        input: Box<dyn BufRead>,
+        line: usize,
+        buf: Vec<u8>,
+        job: String,
+        parse: fn(&str, usize, &str) -> Option<Entry>,
+    },
+    Entries(std::vec::IntoIter<Entry>),
+    /// After a read error: nothing more.
+    Done,
+}
+
+impl Reader {
+    /// Opens a trace file, or standard input for `-`, with the given format or
+    /// the detected one. Records without a job of their own get the file stem
+    /// (hf: the run directory, see [`hf`]), or `stdin`.
+    pub fn open(path: &Path, format: Option<Format>) -> Result<Reader, TraceError> {
+        let name = path.display().to_string();
+        let input: Box<dyn BufRead> = if path == Path::new("-") {
+            Box::new(io::stdin().lock())
+        } else {
+            let file = File::open(path).map_err(|source| TraceError::Open {
+                path: name.clone(),
+                source,
+            })?;
+            Box::new(BufReader::with_capacity(64 << 10, file))
+        };
+        let (format, input) = match format {
+            Some(f) => (f, input),
+            None => {
+                let (head, rest) = read_head(input).map_err(|source| TraceError::Read {
+                    path: name.clone(),
+                    source,
+                })?;
+                let format = Format::detect(path, &head).ok_or(TraceError::Undetected { path: name.clone() })?;
+                let input: Box<dyn BufRead> = Box::new(Cursor::new(head).chain(rest));
+                (format, input)
+            }
+        };
+        Self::from_input(input, format, &name, &default_job(path, format))
+    }
+
+    /// Reads `input` in `format`; `name` names it in errors, `job` is the job of
+    /// records that do not name their own.
+    pub fn from_input(
+        mut input: impl BufRead + 'static,
+        format: Format,
+        name: &str,
+        job: &str,
+    ) -> Result<Reader, TraceError> {
+        let parse = match format {
+            Format::Jsonl => jsonl::parse_line,
+            Format::Llmc => llmc::parse_line,
+            Format::Hf => {
+                let mut text = String::new();
+                input.read_to_string(&mut text).map_err(|source| TraceError::Read {
+                    path: name.to_owned(),
+                    source,
+                })?;
+                let entries = hf::parse_document(&text, job).map_err(|message| TraceError::Invalid {
+                    path: name.to_owned(),
+                    format,
+                    message,
+                })?;
+                return Ok(Reader {
+                    path: name.to_owned(),
+                    format,
+                    inner: Inner::Entries(entries.into_iter()),
+                });
+            }
+        };
+        let inner = Inner::Lines {
+            input: Box::new(input),
+            line: 0,
+            buf: Vec::new(),
+            job: job.to_owned(),
+            parse,
+        };
+        Ok(Reader {
+            path: name.to_owned(),
+            format,
+            inner,
+        })
+    }
+
+    pub fn format(&self) -> Format {
+        self.format
+    }
+
+    /// The input's name as given to `open` (`-` for standard input).
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+}
+
+impl Iterator for Reader {
+    type Item = Result<Entry, TraceError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let Inner::Lines {
+            input,
+            line,
+            buf,
+            job,
+            parse,
+        } = &mut self.inner
+        else {
+            return match &mut self.inner {
+                Inner::Entries(entries) => entries.next().map(Ok),
+                _ => None,
+            };
+        };
+        loop {
+            let read = match read_line(input.as_mut(), buf) {
+                Ok(r) => r,
+                Err(source) => {
+                    self.inner = Inner::Done;
+                    let path = self.path.clone();
+                    return Some(Err(TraceError::Read { path, source }));
+                }
+            };
+            *line += 1;
+            let text = match read {
+                Line::Eof => return None,
+                Line::TooLong => Err(format!("line is longer than {} MiB", MAX_LINE >> 20)),
+                Line::Ok => std::str::from_utf8(buf).map_err(|_| "line is not valid UTF-8".to_owned()),
+            };
+            let entry = match text {
+                Ok(t) => parse(
+                    t.strip_prefix('\u{feff}').filter(|_| *line == 1).unwrap_or(t),
+                    *line,
+                    job,
+                ),
+                Err(reason) => Some(Err(Skipped { line: *line, reason })),
+            };
+            if let Some(e) = entry {
+                return Some(Ok(e));
+            }
+        }
+    }
+}
+
+enum Line {
+    Ok,
+    TooLong,
+    Eof,
+}
+
+/// Reads one line into `buf` without its `\n` or `\r\n`. A line over
+/// [`MAX_LINE`] is consumed to its end but not kept.
+fn read_line(input: &mut dyn BufRead, buf: &mut Vec<u8>) -> io::Result<Line> {
+    buf.clear();
+    let n = input.take(MAX_LINE as u64 + 1).read_until(b'\n', buf)?;
+    if n == 0 {
+        return Ok(Line::Eof);
+    }
+    if buf.last() == Some(&b'\n') {
+        buf.pop();
+        if buf.last() == Some(&b'\r') {
+            buf.pop();
+        }
+        return Ok(Line::Ok);
+    }
+    if buf.len() <= MAX_LINE {
+        return Ok(Line::Ok); // the last line, without a newline
+    }
+    // Discard the rest of the over-long line, chunk by chunk.
+    loop {
+        let chunk = input.fill_buf()?;
+        if chunk.is_empty() {
+            break;
+        }
+        match chunk.iter().position(|&b| b == b'\n') {
+            Some(i) => {
+                input.consume(i + 1);
+                break;
+            }
+            None => {
+                let len = chunk.len();
+                input.consume(len);
+            }
+        }
+    }
+    buf.clear();
+    Ok(Line::TooLong)
+}
+
+/// Reads lines up to and including the first one with content (or up to
+/// [`DETECT_LIMIT`] bytes), for detection; returns them and the rest of the
+/// input. Reading no further keeps a piped stream flowing.
+fn read_head(mut input: Box<dyn BufRead>) -> io::Result<(Vec<u8>, Box<dyn BufRead>)> {
+    let mut head = Vec::new();
+    loop {
+        let start = head.len();
+        let room = (DETECT_LIMIT - start) as u64;
+        let n = (&mut input).take(room).read_until(b'\n', &mut head)?;
+        let line = head[start..].trim_ascii();
+        let line = line.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(line);
+        if n == 0 || head.len() >= DETECT_LIMIT || (!line.is_empty() && !line.starts_with(b"#")) {
+            return Ok((head, input));
+        }
+    }
+}
+
+/// The job of records that do not name one: `stdin`, or the file stem (hf: the
+/// run directory).
+pub fn default_job(path: &Path, format: Format) -> String {
+    if path == Path::new("-") {
+        return "stdin".to_owned();
+    }
+    if format == Format::Hf
+        && let Some(dir) = hf::run_dir(path)
+    {
+        return dir;
+    }
+    path.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "trace".to_owned())
+}
+
+/// Python's `json.dumps` writes non-finite floats as the bare tokens `NaN`,
+/// `Infinity` and `-Infinity`, which are not JSON. Quotes them (outside
+/// strings) so a JSON parser accepts the text; [`number`] reads them back.
+pub(crate) fn quote_nonfinite(text: &str) -> Cow<'_, str> {
+    if !text.contains("NaN") && !text.contains("Infinity") {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    let (mut in_string, mut escaped) = (false, false);
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        if in_string {
+            match c {
+                _ if escaped => escaped = false,
+                '\\' => escaped = true,
+                '"' => in_string = false,
+                _ => {}
+            }
+        } else if c == '"' {
+            in_string = true;
+        } else if let Some(token) = ["NaN", "Infinity", "-Infinity"]
+            .into_iter()
+            .find(|t| rest.starts_with(t))
+        {
+            out.push('"');
+            out.push_str(token);
+            out.push('"');
+            rest = &rest[token.len()..];
+            continue;
+        }
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    Cow::Owned(out)
+}
+
+/// A JSON value as a float: a number, or one of the strings `"NaN"`,
+/// `"Infinity"`, `"-Infinity"` (also `"nan"`, `"inf"`, `"-inf"`).
+pub(crate) fn number(v: &serde_json::Value) -> Option<f64> {
+    match v {
+        serde_json::Value::Number(n) => n.as_f64(),
+        serde_json::Value::String(s) => match s.as_str() {
+            "NaN" | "nan" => Some(f64::NAN),
+            "Infinity" | "inf" => Some(f64::INFINITY),
+            "-Infinity" | "-inf" => Some(f64::NEG_INFINITY),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// A JSON value as it appears in an error message, shortened.
+pub(crate) fn show(v: &serde_json::Value) -> String {
+    let mut s = v.to_string();
+    if s.len() > 40 {
+        let cut = (0..=37).rev().find(|&i| s.is_char_boundary(i)).unwrap_or(0);
+        s.truncate(cut);
+        s.push_str("...");
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn detect(name: &str, head: &str) -> Option<Format> {
+        Format::detect(Path::new(name), head.as_bytes())
+    }
+
+    #[test]
+    fn parses_format_names() {
+        assert_eq!("jsonl".parse::<Format>(), Ok(Format::Jsonl));
+        assert_eq!("hf".parse::<Format>(), Ok(Format::Hf));
+        assert_eq!("llmc".parse::<Format>(), Ok(Format::Llmc));
+        assert!("csv".parse::<Format>().unwrap_err().contains("\"csv\""));
+    }
+
+    #[test]
+    fn detects_formats_from_content_and_name() {
+        assert_eq!(detect("x/trainer_state.json", ""), Some(Format::Hf));
+        assert_eq!(detect("a.json", "{\n  \"best_metric\": null,\n"), Some(Format::Hf));
+        assert_eq!(detect("a.txt", "{\"log_history\": []}"), Some(Format::Hf));
+        assert_eq!(detect("a.txt", "\n# comment\n{\"step\": 1}\n"), Some(Format::Jsonl));
+        assert_eq!(detect("a.txt", "\u{feff}{\"step\": 1}\r\n"), Some(Format::Jsonl));
+        assert_eq!(
+            detect("main.log", "s:0 tel:11.0\ns:0 trl:11.0 lr:0.1 norm:1\n"),
+            Some(Format::Llmc)
+        );
+        assert_eq!(detect("a.txt", "s:12 trl:3.5\r\n"), Some(Format::Llmc));
+    }
+
+    #[test]
+    fn unknown_content_is_not_detected() {
+        assert_eq!(detect("a.txt", "step,loss\n1,2.0\n"), None);
+        assert_eq!(detect("a.log", "hello world\n"), None);
+        assert_eq!(detect("a.txt", "s:x trl:1\n"), None);
+        assert_eq!(detect("a.txt", ""), None);
+        assert_eq!(detect("a.jsonl", "\n\n"), Some(Format::Jsonl));
+    }
+
+    #[test]
+    fn quotes_bare_nonfinite_tokens_outside_strings() {
+        assert_eq!(
+            quote_nonfinite(r#"{"a": NaN, "b": [Infinity,-Infinity], "c": "NaN Infinity \" NaN"}"#),
+            r#"{"a": "NaN", "b": ["Infinity","-Infinity"], "c": "NaN Infinity \" NaN"}"#
+        );
+        assert!(matches!(quote_nonfinite(r#"{"a": 1}"#), Cow::Borrowed(_)));
+        assert_eq!(quote_nonfinite("{\"é\": NaN}"), "{\"é\": \"NaN\"}");
+    }
+
+    #[test]
+    fn reads_lines_with_crlf_and_overlong_lines() {
+        let mut text = b"a\r\nb\n".to_vec();
+        text.extend(std::iter::repeat_n(b'x', MAX_LINE + 10));
+        text.extend(b"\nc");
+        let mut input = Cursor::new(text);
+        let mut buf = Vec::new();
+        let mut got = Vec::new();
+        loop {
+            match read_line(&mut input, &mut buf).unwrap() {
+                Line::Eof => break,
+                Line::TooLong => got.push("<long>".to_owned()),
+                Line::Ok => got.push(String::from_utf8(buf.clone()).unwrap()),
+            }
+        }
+        assert_eq!(got, ["a", "b", "<long>", "c"]);
+    }
+
+    #[test]
+    fn detection_keeps_the_whole_input() {
+        let text = "\n# c\n{\"step\": 1}\n{\"step\": 2}\n";
+        let (head, mut rest) = read_head(Box::new(Cursor::new(text.as_bytes().to_vec()))).unwrap();
+        assert_eq!(head, b"\n# c\n{\"step\": 1}\n");
+        let mut tail = String::new();
+        rest.read_to_string(&mut tail).unwrap();
+        assert_eq!(tail, "{\"step\": 2}\n");
+    }
+
+    #[test]
+    fn reader_yields_entries_and_skips() {
+        let text = b"{\"step\": 1, \"loss\": NaN}\n\xff\n{\"step\": -3}\n";
+        let entries: Vec<Entry> = Reader::from_input(Cursor::new(text.to_vec()), Format::Jsonl, "t", "job")
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(entries.len(), 3);
+        let rec = entries[0].as_ref().unwrap();
+        assert_eq!((rec.job.as_str(), rec.line, rec.summary.step), ("job", 1, 1));
+        assert!(rec.summary.loss.unwrap().is_nan());
+        assert_eq!(entries[1].as_ref().unwrap_err().reason, "line is not valid UTF-8");
+        assert_eq!(entries[2].as_ref().unwrap_err().line, 3);
+    }
+
+    #[test]
+    fn default_jobs() {
+        assert_eq!(default_job(Path::new("-"), Format::Jsonl), "stdin");
+        assert_eq!(default_job(Path::new("runs/a.b.jsonl"), Format::Jsonl), "a.b");
+        assert_eq!(
+            default_job(Path::new("runs/bert/trainer_state.json"), Format::Hf),
+            "bert"
+        );
+        assert_eq!(
+            default_job(Path::new("runs/bert/checkpoint-500/trainer_state.json"), Format::Hf),
+            "bert"
+        );
+        assert_eq!(
+            default_job(Path::new("trainer_state.json"), Format::Hf),
+            "trainer_state"
+        );
+    }
+
+    proptest::proptest! {
+        /// No line, however odd, makes a parser panic.
+        #[test]
+        fn parsers_never_panic(text in "[ -~\\t\r\u{e9}\u{feff}]{0,80}", prefix in "(s:[0-9]{1,3} |\\{\"step\": )?") {
+            let line = format!("{prefix}{text}");
+            let _ = jsonl::parse_line(&line, 1, "j");
+            let _ = llmc::parse_line(&line, 1, "j");
+            let _ = hf::parse_document(&line, "j");
+            let _ = Format::detect(Path::new("x"), line.as_bytes());
+        }
+    }
+}

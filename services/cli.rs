@@ -1,0 +1,121 @@
+//! Command-line arguments, and how failures map to exit codes.
+//!
+//! Exit codes: 0 success; 1 the input was bad (a trace file that could not be
+//! read, or `--strict` with skipped lines); 2 the command was wrong (usage, the
+//! rules file, an input file that does not exist). Clap's own usage errors also
+//! exit 2.
+
+use std::io::{self, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use gradguard::trace::Format;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "gradguard",
+    version,
+    about = "Gradient anomaly detection and remediation advice"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Replay recorded training logs through the detector and report what it finds.
+    Replay(ReplayArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ReplayArgs {
+    /// Trace files, replayed in order through one engine; `-` reads standard input.
+    #[arg(required = true, value_name = "FILE")]
+    pub files: Vec<PathBuf>,
+
+    /// Log format of every FILE; `auto` detects it per file.
+    #[arg(long, value_enum, default_value_t = FormatArg::Auto)]
+    pub format: FormatArg,
+
+    /// Rules file (TOML); the built-in defaults when absent.
+    #[arg(long, value_name = "FILE")]
+    pub rules: Option<PathBuf>,
+
+    /// Write one JSON object per line (anomalies, advice, then a summary).
+    #[arg(long)]
+    pub json: bool,
+
+    /// Exit with status 1 when any line was skipped.
+    #[arg(long)]
+    pub strict: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FormatArg {
+    Auto,
+    Jsonl,
+    Hf,
+    Llmc,
+}
+
+impl FormatArg {
+    /// The forced format, or `None` to detect it.
+    pub fn format(self) -> Option<Format> {
+        match self {
+            FormatArg::Auto => None,
+            FormatArg::Jsonl => Some(Format::Jsonl),
+            FormatArg::Hf => Some(Format::Hf),
+            FormatArg::Llmc => Some(Format::Llmc),
+        }
+    }
+}
+
+/// A command that could not do its job: the message for stderr and the status.
+#[derive(Debug)]
+pub struct Failure {
+    pub error: anyhow::Error,
+    pub code: u8,
+}
+
+impl Failure {
+    /// The command itself is wrong (exit 2).
+    pub fn usage(error: impl Into<anyhow::Error>) -> Self {
+        Self {
+            error: error.into(),
+            code: 2,
+        }
+    }
+
+    /// The input is bad (exit 1).
+    pub fn input(error: impl Into<anyhow::Error>) -> Self {
+        Self {
+            error: error.into(),
+            code: 1,
+        }
+    }
+
+    pub fn exit_code(&self) -> ExitCode {
+        ExitCode::from(self.code)
+    }
+}
+
+/// The message for stderr: the error and its causes, leaving out a cause that
+/// an error already quotes in its own message.
+pub fn describe(error: &anyhow::Error) -> String {
+    let mut message = error.to_string();
+    for cause in error.chain().skip(1) {
+        let cause = cause.to_string();
+        if !message.contains(&cause) {
+            message.push_str(": ");
+            message.push_str(&cause);
+        }
+    }
+    message
+}
+
+/// A line on stderr; a closed stderr is no reason to panic.
+pub fn warn(message: &str) {
+    let _ = writeln!(io::stderr().lock(), "{message}");
+}

@@ -1,0 +1,164 @@
+//! `gradguard replay`: feeds recorded logs through one engine, in file order.
+//!
+//! Malformed lines and records the engine refuses (a duplicate or backwards
+//! step, a wrong layer count) are reported on stderr as `FILE:LINE: REASON`,
+//! counted as skipped, and passed over. A file that cannot be read at all is
+//! reported, counted as failed (exit 1), and the other files still replay.
+
+use std::collections::HashMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::anyhow;
+use gradguard::config::RuleBook;
+use gradguard::engine::{Engine, EngineError, JobSpec, Output};
+use gradguard::trace::{Format, Reader, Record, TraceError};
+
+use crate::cli::{Failure, ReplayArgs, warn};
+use crate::report::{JsonSink, Sink, Stats, TableSink};
+
+pub fn run(args: &ReplayArgs) -> Result<ExitCode, Failure> {
+    let book = match &args.rules {
+        Some(path) => RuleBook::load(path).map_err(Failure::usage)?,
+        None => RuleBook::builtin(),
+    };
+    check_inputs(&args.files).map_err(Failure::usage)?;
+
+    let stdout = io::BufWriter::new(io::stdout().lock());
+    let mut sink: Box<dyn Sink> = if args.json {
+        Box::new(JsonSink::new(stdout))
+    } else {
+        Box::new(TableSink::new(stdout))
+    };
+    let mut replay = Replay::new(Engine::new(book));
+    let written = replay_all(&mut replay, &args.files, args.format.format(), sink.as_mut())
+        .and_then(|()| sink.finish(&replay.stats));
+    match written {
+        Ok(()) => {}
+        // The reader of our output went away (`| head`): nothing left to do.
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Ok(ExitCode::SUCCESS),
+        Err(e) => return Err(Failure::input(anyhow!("cannot write the report: {e}"))),
+    }
+
+    let stats = &replay.stats;
+    if stats.failed_files > 0 {
+        return Ok(ExitCode::from(1));
+    }
+    if args.strict && stats.skipped > 0 {
+        warn(&format!("gradguard: --strict: {} line(s) skipped", stats.skipped));
+        return Ok(ExitCode::from(1));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Fails fast on inputs that cannot be opened, before anything is replayed.
+fn check_inputs(files: &[PathBuf]) -> anyhow::Result<()> {
+    let stdin = Path::new("-");
+    if files.iter().filter(|f| *f == stdin).count() > 1 {
+        return Err(anyhow!("standard input (-) can be replayed only once"));
+    }
+    for file in files.iter().filter(|f| *f != stdin) {
+        let meta = std::fs::metadata(file).map_err(|e| anyhow!("cannot read {}: {e}", file.display()))?;
+        if meta.is_dir() {
+            return Err(anyhow!("cannot read {}: is a directory", file.display()));
+        }
+    }
+    Ok(())
+}
+
+fn replay_all(replay: &mut Replay, files: &[PathBuf], format: Option<Format>, sink: &mut dyn Sink) -> io::Result<()> {
+    for path in files {
+        replay.stats.files += 1;
+        if let Err(e) = replay.file(path, format, sink) {
+            match e {
+                FileError::Trace(e) => {
+                    warn(&format!("gradguard: {e}"));
+                    replay.stats.failed_files += 1;
+                }
+                FileError::Output(e) => return Err(e),
+            }
+        }
+    }
+    Ok(())
+}
+
+enum FileError {
+    Trace(TraceError),
+    Output(io::Error),
+}
+
+struct Replay {
+    engine: Engine,
+    /// The layer names each job was declared with, so a record repeating them
+    /// does not declare again.
+    declared: HashMap<String, Vec<String>>,
+    out: Output,
+    stats: Stats,
+}
+
+impl Replay {
+    fn new(engine: Engine) -> Self {
+        Self {
+            engine,
+            declared: HashMap::new(),
+            out: Output::default(),
+            stats: Stats::new(),
+        }
+    }
+
+    fn file(&mut self, path: &Path, format: Option<Format>, sink: &mut dyn Sink) -> Result<(), FileError> {
+        let reader = Reader::open(path, format).map_err(FileError::Trace)?;
+        let name = reader.path().to_owned();
+        for entry in reader {
+            match entry.map_err(FileError::Trace)? {
+                Ok(record) => self.record(&name, &record, sink).map_err(FileError::Output)?,
+                Err(skipped) => self.skip(&name, skipped.line, &skipped.reason),
+            }
+        }
+        Ok(())
+    }
+
+    fn record(&mut self, name: &str, record: &Record, sink: &mut dyn Sink) -> io::Result<()> {
+        self.out.clear();
+        match self.feed(record) {
+            Ok(()) => {
+                self.stats.records += 1;
+                self.stats.job(&record.job).records += 1;
+            }
+            Err(e) => {
+                self.stats.job(&record.job).skipped += 1;
+                self.skip(name, record.line, &format!("refused by the engine: {e}"));
+                return Ok(());
+            }
+        }
+        for f in &self.out.findings {
+            self.stats.count_finding(f);
+            sink.anomaly(f)?;
+        }
+        for a in &self.out.advice {
+            self.stats.count_advice(a);
+            sink.advice(a)?;
+        }
+        Ok(())
+    }
+
+    fn feed(&mut self, record: &Record) -> Result<(), EngineError> {
+        if let Some(names) = &record.layer_names
+            && self.declared.get(&record.job) != Some(names)
+        {
+            let spec = JobSpec {
+                layer_names: names,
+                ..JobSpec::default()
+            };
+            self.engine.declare(&record.job, &spec)?;
+            self.declared.insert(record.job.clone(), names.clone());
+        }
+        self.engine.observe(&record.job, &record.summary, &mut self.out)
+    }
+
+    fn skip(&mut self, name: &str, line: usize, reason: &str) {
+        self.stats.skipped += 1;
+        warn(&format!("{name}:{line}: {reason}"));
+    }
+}

@@ -1,0 +1,445 @@
+//! How `replay` shows what the engine found: JSON lines or an aligned table,
+//! then a summary.
+//!
+//! JSON lines (`--json`), one object per line, in the order the engine produced
+//! them (a step's anomalies, then the advice they led to):
+//!
+//! - `{"kind":"anomaly","job","worker","step","time","rule","severity","layer",
+//!   "value","threshold","message"}`: `worker` is the rank or null when the
+//!   finding is about the job as a whole; `time` and `layer` may be null.
+//! - `{"kind":"advice","id","job","worker","step","apply_from","rule","rules",
+//!   "severity","action",PARAM,"reason","evidence"}`: `worker` is the target rank
+//!   or null for every rank; `rule` is the first of `rules`; PARAM is exactly the
+//!   action's parameter (`max_norm` for clip_gradients, `factor` for scale_lr and
+//!   scale_loss_scale, `to_step` for rollback, `rank` for inspect_worker, none
+//!   for skip_step and halt); `evidence` maps names to numbers.
+//! - a last `{"kind":"summary","files","failed_files","records","skipped",
+//!   "anomalies":{SEVERITY:n},"advice":{ACTION:n},"jobs":{JOB:{"records",
+//!   "skipped","anomalies","advice"}}}`; every severity and action is present.
+//!
+//! A non-finite number is written as the string `"NaN"`, `"Infinity"` or
+//! `"-Infinity"` (the spellings the jsonl reader accepts), never as null, so it
+//! stays distinguishable from an absent value.
+
+use std::collections::BTreeMap;
+use std::io::{self, Write};
+
+use gradguard::model::{Action, Advice, Finding, RuleId, Severity};
+use serde::Serialize;
+use serde::ser::{SerializeMap, Serializer};
+
+/// Counts for the summary.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub files: usize,
+    pub failed_files: usize,
+    /// Records the engine accepted.
+    pub records: u64,
+    /// Malformed lines plus records the engine refused.
+    pub skipped: u64,
+    pub anomalies: BTreeMap<Severity, u64>,
+    pub advice: BTreeMap<&'static str, u64>,
+    pub jobs: BTreeMap<String, JobStats>,
+}
+
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct JobStats {
+    pub records: u64,
+    /// Records of this job the engine refused (malformed lines belong to no job).
+    pub skipped: u64,
+    pub anomalies: u64,
+    pub advice: u64,
+}
+
+const ACTIONS: [&str; 7] = [
+    "clip_gradients",
+    "scale_lr",
+    "skip_step",
+    "scale_loss_scale",
+    "rollback",
+    "inspect_worker",
+    "halt",
+];
+
+impl Stats {
+    pub fn new() -> Self {
+        Self {
+            anomalies: [Severity::Info, Severity::Warning, Severity::Critical]
+                .into_iter()
+                .map(|s| (s, 0))
+                .collect(),
+            advice: ACTIONS.into_iter().map(|a| (a, 0)).collect(),
+            ..Self::default()
+        }
+    }
+
+    pub fn job(&mut self, job: &str) -> &mut JobStats {
+        if !self.jobs.contains_key(job) {
+            self.jobs.insert(job.to_owned(), JobStats::default());
+        }
+        self.jobs.get_mut(job).expect("inserted above")
+    }
+
+    pub fn count_finding(&mut self, f: &Finding) {
+        *self.anomalies.entry(f.severity).or_default() += 1;
+        self.job(&f.job).anomalies += 1;
+    }
+
+    pub fn count_advice(&mut self, a: &Advice) {
+        *self.advice.entry(a.action.name()).or_default() += 1;
+        self.job(&a.job).advice += 1;
+    }
+}
+
+/// Where findings, advice and the summary go.
+pub trait Sink {
+    fn anomaly(&mut self, f: &Finding) -> io::Result<()>;
+    fn advice(&mut self, a: &Advice) -> io::Result<()>;
+    fn finish(&mut self, stats: &Stats) -> io::Result<()>;
+}
+
+/// A float for JSON: non-finite values as strings.
+struct Num(f64);
+
+impl Serialize for Num {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            x if x.is_finite() => s.serialize_f64(x),
+            x if x.is_nan() => s.serialize_str("NaN"),
+            x if x > 0.0 => s.serialize_str("Infinity"),
+            _ => s.serialize_str("-Infinity"),
+        }
+    }
+}
+
+/// Evidence pairs as a JSON object, in the engine's order.
+struct Evidence<'a>(&'a [(String, f64)]);
+
+impl Serialize for Evidence<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(Some(self.0.len()))?;
+        for (name, value) in self.0 {
+            map.serialize_entry(name, &Num(*value))?;
+        }
+        map.end()
+    }
+}
+
+#[derive(Serialize)]
+struct AnomalyLine<'a> {
+    kind: &'static str,
+    job: &'a str,
+    worker: Option<u32>,
+    step: u64,
+    time: Option<Num>,
+    rule: RuleId,
+    severity: Severity,
+    layer: Option<&'a str>,
+    value: Num,
+    threshold: Num,
+    message: &'a str,
+}
+
+#[derive(Serialize)]
+struct AdviceLine<'a> {
+    kind: &'static str,
+    id: u64,
+    job: &'a str,
+    worker: Option<u32>,
+    step: u64,
+    apply_from: u64,
+    rule: Option<RuleId>,
+    rules: &'a [RuleId],
+    severity: Severity,
+    action: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_norm: Option<Num>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    factor: Option<Num>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    to_step: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rank: Option<u32>,
+    reason: &'a str,
+    evidence: Evidence<'a>,
+}
+
+#[derive(Serialize)]
+struct SummaryLine<'a> {
+    kind: &'static str,
+    files: usize,
+    failed_files: usize,
+    records: u64,
+    skipped: u64,
+    anomalies: &'a BTreeMap<Severity, u64>,
+    advice: &'a BTreeMap<&'static str, u64>,
+    jobs: &'a BTreeMap<String, JobStats>,
+}
+
+/// Writes each event as it comes, one JSON object per line.
+pub struct JsonSink<W: Write> {
+    out: W,
+}
+
+impl<W: Write> JsonSink<W> {
+    pub fn new(out: W) -> Self {
+        Self { out }
+    }
+
+    fn line(&mut self, value: &impl Serialize) -> io::Result<()> {
+        serde_json::to_writer(&mut self.out, value)?;
+        self.out.write_all(b"\n")
+    }
+}
+
+impl<W: Write> Sink for JsonSink<W> {
+    fn anomaly(&mut self, f: &Finding) -> io::Result<()> {
+        self.line(&AnomalyLine {
+            kind: "anomaly",
+            job: &f.job,
+            worker: f.worker,
+            step: f.step,
+            time: f.time.map(Num),
+            rule: f.rule,
+            severity: f.severity,
+            layer: f.layer.as_deref(),
+            value: Num(f.value),
+            threshold: Num(f.threshold),
+            message: &f.message,
+        })
+    }
+
+    fn advice(&mut self, a: &Advice) -> io::Result<()> {
+        let (mut max_norm, mut factor, mut to_step, mut rank) = (None, None, None, None);
+        match a.action {
+            Action::ClipGradients { max_norm: m } => max_norm = Some(Num(m)),
+            Action::ScaleLr { factor: f } | Action::ScaleLossScale { factor: f } => factor = Some(Num(f)),
+            Action::Rollback { to_step: s } => to_step = Some(s),
+            Action::InspectWorker { rank: r } => rank = Some(r),
+            Action::SkipStep | Action::Halt => {}
+        }
+        self.line(&AdviceLine {
+            kind: "advice",
+            id: a.id,
+            job: &a.job,
+            worker: a.target,
+            step: a.step,
+            apply_from: a.apply_from,
+            rule: a.rules.first().copied(),
+            rules: &a.rules,
+            severity: a.severity,
+            action: a.action.name(),
+            max_norm,
+            factor,
+            to_step,
+            rank,
+            reason: &a.reason,
+            evidence: Evidence(&a.evidence),
+        })
+    }
+
+    fn finish(&mut self, stats: &Stats) -> io::Result<()> {
+        self.line(&SummaryLine {
+            kind: "summary",
+            files: stats.files,
+            failed_files: stats.failed_files,
+            records: stats.records,
+            skipped: stats.skipped,
+            anomalies: &stats.anomalies,
+            advice: &stats.advice,
+            jobs: &stats.jobs,
+        })?;
+        self.out.flush()
+    }
+}
+
+/// Collects rows and prints them as one aligned table at the end, so column
+/// widths fit the content.
+pub struct TableSink<W: Write> {
+    out: W,
+    rows: Vec<[String; 6]>,
+}
+
+impl<W: Write> TableSink<W> {
+    pub fn new(out: W) -> Self {
+        Self { out, rows: Vec::new() }
+    }
+}
+
+fn or_dash<T: ToString>(v: Option<T>) -> String {
+    v.map_or_else(|| "-".to_owned(), |v| v.to_string())
+}
+
+impl<W: Write> Sink for TableSink<W> {
+    fn anomaly(&mut self, f: &Finding) -> io::Result<()> {
+        self.rows.push([
+            f.job.to_string(),
+            f.step.to_string(),
+            or_dash(f.worker),
+            f.severity.to_string(),
+            f.rule.to_string(),
+            f.message.clone(),
+        ]);
+        Ok(())
+    }
+
+    fn advice(&mut self, a: &Advice) -> io::Result<()> {
+        self.rows.push([
+            a.job.to_string(),
+            a.step.to_string(),
+            a.target.map_or_else(|| "all".to_owned(), |t| t.to_string()),
+            a.severity.to_string(),
+            format!("=> {}", a.action),
+            a.reason.clone(),
+        ]);
+        Ok(())
+    }
+
+    fn finish(&mut self, stats: &Stats) -> io::Result<()> {
+        let out = &mut self.out;
+        if self.rows.is_empty() {
+            writeln!(out, "No anomalies.")?;
+        } else {
+            // The job column only earns its width when there is more than one job.
+            let skip_job = stats.jobs.len() <= 1;
+            let header = ["JOB", "STEP", "WORKER", "SEVERITY", "RULE / ADVICE", "DETAIL"].map(String::from);
+            let rows: Vec<&[String]> = std::iter::once(&header)
+                .chain(&self.rows)
+                .map(|r| if skip_job { &r[1..] } else { &r[..] })
+                .collect();
+            let right = [false, true, true, false, false, false]; // step and worker are numbers
+            write_table(out, &rows, if skip_job { &right[1..] } else { &right })?;
+        }
+        writeln!(out)?;
+        write_summary(out, stats)?;
+        out.flush()
+    }
+}
+
+/// Writes rows with padded columns, right-aligned where `right` says so; a
+/// left-aligned last column is not padded.
+fn write_table(out: &mut impl Write, rows: &[&[String]], right: &[bool]) -> io::Result<()> {
+    let cols = rows.first().map_or(0, |r| r.len());
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    for row in rows {
+        let mut line = String::new();
+        for (c, cell) in row.iter().enumerate() {
+            let w = widths[c];
+            if c > 0 {
+                line.push_str("  ");
+            }
+            if right[c] {
+                line.push_str(&format!("{cell:>w$}"));
+            } else {
+                line.push_str(&format!("{cell:<w$}"));
+            }
+        }
+        writeln!(out, "{}", line.trim_end())?;
+    }
+    Ok(())
+}
+
+fn write_summary(out: &mut impl Write, stats: &Stats) -> io::Result<()> {
+    let plural = |n: u64, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
+    writeln!(
+        out,
+        "Replayed {} from {}; {} skipped.",
+        plural(stats.records, "record", "records"),
+        plural(stats.files as u64, "file", "files"),
+        plural(stats.skipped, "line", "lines"),
+    )?;
+    if stats.failed_files > 0 {
+        writeln!(
+            out,
+            "{} could not be read.",
+            plural(stats.failed_files as u64, "file", "files")
+        )?;
+    }
+    let counts = |items: Vec<(String, u64)>| {
+        let total: u64 = items.iter().map(|i| i.1).sum();
+        let parts: Vec<String> = items
+            .into_iter()
+            .filter(|i| i.1 > 0)
+            .map(|(k, n)| format!("{k} {n}"))
+            .collect();
+        if parts.is_empty() {
+            "0".to_owned()
+        } else {
+            format!("{total} ({})", parts.join(", "))
+        }
+    };
+    let by_severity = stats.anomalies.iter().rev().map(|(s, n)| (s.to_string(), *n)).collect();
+    let by_action = stats.advice.iter().map(|(a, n)| (a.to_string(), *n)).collect();
+    writeln!(out, "Anomalies: {}", counts(by_severity))?;
+    writeln!(out, "Advice:    {}", counts(by_action))?;
+    if stats.jobs.is_empty() {
+        return Ok(());
+    }
+    writeln!(out)?;
+    let header = ["JOB", "RECORDS", "SKIPPED", "ANOMALIES", "ADVICE"].map(String::from);
+    let rows: Vec<[String; 5]> = stats
+        .jobs
+        .iter()
+        .map(|(job, j)| {
+            [
+                job.clone(),
+                j.records.to_string(),
+                j.skipped.to_string(),
+                j.anomalies.to_string(),
+                j.advice.to_string(),
+            ]
+        })
+        .collect();
+    let rows: Vec<&[String]> = std::iter::once(&header).chain(&rows).map(|r| &r[..]).collect();
+    write_table(out, &rows, &[false, true, true, true, true])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nonfinite_numbers_are_strings() {
+        let json = |x: f64| serde_json::to_string(&Num(x)).unwrap();
+        assert_eq!(json(1.5), "1.5");
+        assert_eq!(json(f64::NAN), "\"NaN\"");
+        assert_eq!(json(f64::INFINITY), "\"Infinity\"");
+        assert_eq!(json(f64::NEG_INFINITY), "\"-Infinity\"");
+        let evidence = [("a".to_owned(), 2.0), ("b".to_owned(), f64::NAN)];
+        assert_eq!(
+            serde_json::to_string(&Evidence(&evidence)).unwrap(),
+            r#"{"a":2.0,"b":"NaN"}"#
+        );
+    }
+
+    #[test]
+    fn tables_are_aligned() {
+        let rows = [
+            ["JOB", "N", "NOTE"].map(String::from),
+            ["a-long-job", "7", "x"].map(String::from),
+            ["b", "12345", "yz"].map(String::from),
+        ];
+        let rows: Vec<&[String]> = rows.iter().map(|r| &r[..]).collect();
+        let mut out = Vec::new();
+        write_table(&mut out, &rows, &[false, true, false]).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "JOB             N  NOTE\na-long-job      7  x\nb           12345  yz\n"
+        );
+    }
+
+    #[test]
+    fn summary_counts_only_what_happened() {
+        let mut stats = Stats::new();
+        stats.files = 1;
+        stats.records = 1;
+        let mut out = Vec::new();
+        write_summary(&mut out, &stats).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "Replayed 1 record from 1 file; 0 lines skipped.\nAnomalies: 0\nAdvice:    0\n"
+        );
+    }
+}

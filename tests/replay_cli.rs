@@ -1,0 +1,300 @@
+//! `gradguard replay` end to end: the real binary on files in a temp directory.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_gradguard");
+const LLMC_LOG: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/traces/gpt2-124m-llmc.log");
+
+fn replay(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .arg("replay")
+        .args(args)
+        .output()
+        .expect("run gradguard")
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8(out.stderr.clone()).unwrap()
+}
+
+/// Every stdout line as JSON; panics on a line that is not.
+fn json_lines(out: &Output) -> Vec<Value> {
+    stdout(out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect()
+}
+
+fn kind<'a>(lines: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    lines.iter().filter(|l| l["kind"] == kind).collect()
+}
+
+fn summary(lines: &[Value]) -> &Value {
+    let last = lines.last().expect("some output");
+    assert_eq!(last["kind"], "summary");
+    last
+}
+
+#[test]
+fn bare_nan_gives_a_nonfinite_anomaly_and_skip_step_advice() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut text = String::new();
+    for step in 1..=10 {
+        text.push_str(&format!(
+            "{{\"job\": \"gpt\", \"step\": {step}, \"loss\": 2.5, \"grad_norm\": 1.0}}\n"
+        ));
+    }
+    text.push_str("{\"job\": \"gpt\", \"step\": 11, \"loss\": NaN, \"grad_norm\": Infinity}\n");
+    let path = write(dir.path(), "run.jsonl", &text);
+    let out = replay(&["--json", path.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let lines = json_lines(&out);
+
+    let anomalies = kind(&lines, "anomaly");
+    let nonfinite = anomalies
+        .iter()
+        .find(|a| a["rule"] == "nonfinite")
+        .expect("nonfinite anomaly");
+    assert_eq!(nonfinite["job"], "gpt");
+    assert_eq!(nonfinite["step"], 11);
+    assert_eq!(nonfinite["worker"], 0);
+    assert_eq!(nonfinite["severity"], "critical");
+    assert!(nonfinite["time"].is_null() && nonfinite["layer"].is_null());
+    for key in ["value", "threshold", "message"] {
+        assert!(!nonfinite[key].is_null(), "{key}");
+    }
+
+    let advice = kind(&lines, "advice");
+    let skip = advice
+        .iter()
+        .find(|a| a["action"] == "skip_step")
+        .expect("skip_step advice");
+    assert_eq!(skip["rule"], "nonfinite");
+    assert_eq!(skip["rules"], serde_json::json!(["nonfinite"]));
+    assert_eq!(skip["step"], 11);
+    assert!(skip["worker"].is_null(), "job-wide advice has a null worker");
+    assert!(skip["id"].is_u64() && skip["apply_from"].is_u64() && skip["evidence"].is_object());
+    for param in ["max_norm", "factor", "to_step", "rank"] {
+        assert!(skip.get(param).is_none(), "skip_step has no {param}");
+    }
+
+    let s = summary(&lines);
+    assert_eq!(
+        (s["files"].as_u64(), s["records"].as_u64(), s["skipped"].as_u64()),
+        (Some(1), Some(11), Some(0))
+    );
+    assert_eq!(s["anomalies"]["critical"], 1);
+    assert_eq!(s["advice"]["skip_step"], 1);
+    assert_eq!(s["jobs"]["gpt"]["records"], 11);
+}
+
+#[test]
+fn malformed_lines_are_reported_counted_and_fail_strict() {
+    let dir = tempfile::tempdir().unwrap();
+    let text =
+        "# a comment\n{\"step\": 1, \"loss\": 2.0}\n{\"step\": -3}\n\n{\"step\": 2, \"los\": 1}\n{\"step\": 2}\n";
+    let path = write(dir.path(), "bad.jsonl", text);
+    let name = path.to_str().unwrap();
+
+    let out = replay(&["--json", name]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!(
+            "{name}:3: field \"step\": expected an unsigned integer, got -3"
+        )),
+        "{err}"
+    );
+    assert!(err.contains(&format!("{name}:5: unknown field \"los\"")), "{err}");
+    let s = summary(&json_lines(&out)).clone();
+    assert_eq!((s["records"].as_u64(), s["skipped"].as_u64()), (Some(2), Some(2)));
+
+    let strict = replay(&["--json", "--strict", name]);
+    assert_eq!(strict.status.code(), Some(1));
+    assert!(stderr(&strict).contains("--strict"), "{}", stderr(&strict));
+    assert_eq!(
+        summary(&json_lines(&strict))["skipped"],
+        2,
+        "the summary is still printed"
+    );
+}
+
+#[test]
+fn engine_refusals_are_skipped_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let layers = |n: usize| {
+        let l: Vec<String> = (0..n).map(|i| format!("{{\"name\": \"l{i}\", \"l2\": 0.5}}")).collect();
+        l.join(",")
+    };
+    let text = format!(
+        "{{\"step\": 1, \"worker\": 0, \"layers\": [{a}]}}\n{{\"step\": 1, \"worker\": 1, \"layers\": [{a}]}}\n\
+         {{\"step\": 1, \"worker\": 0}}\n{{\"step\": 2, \"worker\": 1, \"layers\": [{b}]}}\n",
+        a = layers(2),
+        b = layers(3)
+    );
+    let path = write(dir.path(), "ranks.jsonl", &text);
+    let out = replay(&["--json", path.to_str().unwrap()]);
+    assert!(out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains(":3: refused by the engine: step 1 of rank 0 was already accepted"),
+        "{err}"
+    );
+    assert!(err.contains(":4: refused by the engine: "), "{err}");
+    let lines = json_lines(&out);
+    let s = summary(&lines);
+    assert_eq!((s["records"].as_u64(), s["skipped"].as_u64()), (Some(2), Some(2)));
+    assert_eq!(s["jobs"]["ranks"]["skipped"], 2);
+}
+
+#[test]
+fn hf_trainer_state_is_replayed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut entries: Vec<String> = (1..=40)
+        .map(|i| {
+            format!(
+                "{{\"epoch\": {e}, \"grad_norm\": 1.5, \"learning_rate\": 5e-05, \"loss\": {l}, \"step\": {s}}}",
+                e = f64::from(i) / 40.0,
+                l = 3.0 - f64::from(i) * 0.01,
+                s = i * 10
+            )
+        })
+        .collect();
+    entries.insert(10, "{\"epoch\": 0.25, \"eval_loss\": 2.9, \"step\": 100}".to_owned());
+    entries.push("{\"epoch\": 1.0, \"step\": 400, \"train_loss\": 2.8, \"train_runtime\": 10.0}".to_owned());
+    let text = format!(
+        "{{\n  \"best_metric\": null,\n  \"global_step\": 400,\n  \"log_history\": [\n    {}\n  ]\n}}\n",
+        entries.join(",\n    ")
+    );
+    let path = write(dir.path(), "bert-run/checkpoint-400/trainer_state.json", &text);
+    let out = replay(&["--json", path.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stderr(&out), "");
+    let lines = json_lines(&out);
+    let s = summary(&lines);
+    assert_eq!((s["records"].as_u64(), s["skipped"].as_u64()), (Some(40), Some(0)));
+    assert_eq!(s["jobs"]["bert-run"]["records"], 40);
+}
+
+#[test]
+fn real_llmc_trace_replays_with_parseable_json() {
+    let out = replay(&["--json", LLMC_LOG]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stderr(&out), "");
+    let lines = json_lines(&out);
+    for line in &lines {
+        assert!(["anomaly", "advice", "summary"].contains(&line["kind"].as_str().unwrap()));
+    }
+    let s = summary(&lines);
+    assert_eq!((s["records"].as_u64(), s["skipped"].as_u64()), (Some(19_552), Some(0)));
+    assert_eq!(s["jobs"]["gpt2-124m-llmc"]["records"], 19_552);
+    for advice in kind(&lines, "advice") {
+        match advice["action"].as_str().unwrap() {
+            "clip_gradients" => assert!(advice["max_norm"].is_number(), "{advice}"),
+            "scale_lr" | "scale_loss_scale" => assert!(advice["factor"].is_number(), "{advice}"),
+            "rollback" => assert!(advice["to_step"].is_u64(), "{advice}"),
+            _ => {}
+        }
+    }
+}
+
+#[test]
+fn table_output_has_rows_and_a_summary() {
+    let out = replay(&[LLMC_LOG]);
+    assert!(out.status.success());
+    let text = stdout(&out);
+    assert!(
+        text.trim_start().starts_with("STEP  WORKER  SEVERITY"),
+        "{}",
+        &text[..200.min(text.len())]
+    );
+    assert!(text.contains("grad_spike"));
+    assert!(text.contains("=> clip_gradients max_norm="));
+    assert!(text.contains("Replayed 19552 records from 1 file; 0 lines skipped."));
+    assert!(text.contains("gpt2-124m-llmc    19552"), "{text}");
+}
+
+#[test]
+fn stdin_is_read_with_dash() {
+    let mut child = Command::new(BIN)
+        .args(["replay", "--json", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let text = "s:0 tel:11.0\ns:0 trl:11.0 lr:0.1 norm:2.0\ns:1 trl:nan lr:0.1 norm:2.0\n";
+    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let lines = json_lines(&out);
+    assert!(
+        kind(&lines, "anomaly")
+            .iter()
+            .any(|a| a["rule"] == "nonfinite" && a["job"] == "stdin")
+    );
+    assert_eq!(summary(&lines)["records"], 2);
+}
+
+#[test]
+fn unknown_rules_key_is_a_usage_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = write(dir.path(), "rules.toml", "[grad_spike]\nzscore = 3.0\n");
+    let trace = write(dir.path(), "t.jsonl", "{\"step\": 1}\n");
+    let out = replay(&["--rules", rules.to_str().unwrap(), trace.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(err.contains("zscore") && err.contains("rules.toml"), "{err}");
+    assert_eq!(stdout(&out), "");
+}
+
+#[test]
+fn missing_file_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nope.jsonl");
+    let out = replay(&[missing.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains(missing.to_str().unwrap()), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "", "nothing is replayed");
+}
+
+#[test]
+fn undetectable_file_fails_but_others_replay() {
+    let dir = tempfile::tempdir().unwrap();
+    let odd = write(dir.path(), "odd.txt", "step,loss\n1,2.0\n");
+    let good = write(dir.path(), "good.jsonl", "{\"step\": 1}\n");
+    let out = replay(&["--json", odd.to_str().unwrap(), good.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("cannot tell the format of"), "{}", stderr(&out));
+    let s = summary(&json_lines(&out)).clone();
+    assert_eq!(
+        (s["files"].as_u64(), s["failed_files"].as_u64(), s["records"].as_u64()),
+        (Some(2), Some(1), Some(1))
+    );
+
+    let forced = replay(&["--json", "--format", "llmc", odd.to_str().unwrap()]);
+    assert_eq!(forced.status.code(), Some(0));
+    assert_eq!(summary(&json_lines(&forced))["skipped"], 2);
+}
+
+#[test]
+fn bad_arguments_exit_2() {
+    assert_eq!(replay(&[]).status.code(), Some(2));
+    assert_eq!(replay(&["--format", "csv", "x"]).status.code(), Some(2));
+    assert_eq!(replay(&["-", "-"]).status.code(), Some(2));
+}
