@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use gradguard::model::Severity;
 use gradguard::trace::Format;
 
 #[derive(Debug, Parser)]
@@ -50,6 +51,11 @@ pub struct ReplayArgs {
     /// Exit with status 1 when any line was skipped.
     #[arg(long)]
     pub strict: bool,
+
+    /// Print only anomalies and advice of at least this severity (info, warning,
+    /// critical); the summary still counts everything.
+    #[arg(long, value_name = "SEVERITY", default_value = "info")]
+    pub min_severity: Severity,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

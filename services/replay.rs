@@ -17,6 +17,7 @@ use gradguard::trace::{Format, Reader, Record, TraceError};
 
 use crate::cli::{Failure, ReplayArgs, warn};
 use crate::report::{JsonSink, Sink, Stats, TableSink};
+use gradguard::model::Severity;
 
 pub fn run(args: &ReplayArgs) -> Result<ExitCode, Failure> {
     let book = match &args.rules {
@@ -32,6 +33,7 @@ pub fn run(args: &ReplayArgs) -> Result<ExitCode, Failure> {
         Box::new(TableSink::new(stdout))
     };
     let mut replay = Replay::new(Engine::new(book));
+    replay.min_severity = args.min_severity;
     let written = replay_all(&mut replay, &args.files, args.format.format(), sink.as_mut())
         .and_then(|()| sink.finish(&replay.stats));
     match written {
@@ -95,12 +97,15 @@ struct Replay {
     declared: HashMap<String, Vec<String>>,
     out: Output,
     stats: Stats,
+    /// Least severity printed; everything is counted.
+    min_severity: Severity,
 }
 
 impl Replay {
     fn new(engine: Engine) -> Self {
         Self {
             engine,
+            min_severity: Severity::Info,
             declared: HashMap::new(),
             out: Output::default(),
             stats: Stats::new(),
@@ -134,11 +139,15 @@ impl Replay {
         }
         for f in &self.out.findings {
             self.stats.count_finding(f);
-            sink.anomaly(f)?;
+            if f.severity >= self.min_severity {
+                sink.anomaly(f)?;
+            }
         }
         for a in &self.out.advice {
             self.stats.count_advice(a);
-            sink.advice(a)?;
+            if a.severity >= self.min_severity {
+                sink.advice(a)?;
+            }
         }
         Ok(())
     }

@@ -51,16 +51,6 @@ pub struct JobStats {
     pub advice: u64,
 }
 
-const ACTIONS: [&str; 7] = [
-    "clip_gradients",
-    "scale_lr",
-    "skip_step",
-    "scale_loss_scale",
-    "rollback",
-    "inspect_worker",
-    "halt",
-];
-
 impl Stats {
     pub fn new() -> Self {
         Self {
@@ -68,7 +58,7 @@ impl Stats {
                 .into_iter()
                 .map(|s| (s, 0))
                 .collect(),
-            advice: ACTIONS.into_iter().map(|a| (a, 0)).collect(),
+            advice: Action::NAMES.into_iter().map(|a| (a, 0)).collect(),
             ..Self::default()
         }
     }

@@ -219,6 +219,17 @@ pub enum Action {
 }
 
 impl Action {
+    /// Every action's name, in ladder order.
+    pub const NAMES: [&'static str; 7] = [
+        "clip_gradients",
+        "skip_step",
+        "scale_loss_scale",
+        "scale_lr",
+        "rollback",
+        "inspect_worker",
+        "halt",
+    ];
+
     pub fn name(&self) -> &'static str {
         match self {
             Action::ClipGradients { .. } => "clip_gradients",

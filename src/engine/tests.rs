@@ -709,3 +709,17 @@ fn state_per_layer_series_is_small() {
     let bytes = engine.status("j").unwrap().state_bytes;
     assert!(bytes / 100 <= 1024, "{bytes} bytes for 100 layers");
 }
+
+#[test]
+fn non_finite_max_abs_is_non_finite() {
+    let mut run = Run::new();
+    let mut s = healthy(0);
+    s.layers = vec![LayerStats {
+        l2: 1.0,
+        max_abs: f32::NAN,
+        ..Default::default()
+    }];
+    let out = run.feed(s).take();
+    assert_eq!(rules(&out), [RuleId::Nonfinite]);
+    assert_eq!(out.findings[0].layer.as_deref(), Some("layer0"));
+}

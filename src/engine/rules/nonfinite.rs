@@ -25,7 +25,11 @@ pub(crate) fn check(state: &mut State, obs: &Obs, cfg: &Nonfinite, em: &mut Emit
     let s = obs.s;
     let loss_bad = s.loss.is_some_and(|l| !l.is_finite());
     let norm_bad = s.grad_norm.is_some_and(|n| !n.is_finite());
-    let bad_layers = s.layers.iter().filter(|l| l.nonfinite > 0 || !l.l2.is_finite()).count();
+    let bad_layers = s
+        .layers
+        .iter()
+        .filter(|l| l.nonfinite > 0 || !l.l2.is_finite() || !l.max_abs.is_finite())
+        .count();
     if !(loss_bad || norm_bad || bad_layers > 0) {
         return;
     }
@@ -34,7 +38,10 @@ pub(crate) fn check(state: &mut State, obs: &Obs, cfg: &Nonfinite, em: &mut Emit
     }
     state.recent.push_back(s.step);
 
-    let first_bad = s.layers.iter().position(|l| l.nonfinite > 0 || !l.l2.is_finite());
+    let first_bad = s
+        .layers
+        .iter()
+        .position(|l| l.nonfinite > 0 || !l.l2.is_finite() || !l.max_abs.is_finite());
     let mut what = Vec::new();
     if loss_bad {
         what.push(format!("loss {}", s.loss.unwrap_or(f64::NAN)));
