@@ -28,6 +28,23 @@ pub struct Cli {
 pub enum Command {
     /// Replay recorded training logs through the detector and report what it finds.
     Replay(ReplayArgs),
+    /// Print the effective rules (defaults, or a job's with its overrides) as TOML.
+    Rules(RulesArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RulesArgs {
+    /// Rules file (TOML); the built-in defaults when absent.
+    #[arg(long, value_name = "FILE")]
+    pub rules: Option<PathBuf>,
+
+    /// Show this job's rules, with its `[jobs]` override applied.
+    #[arg(long)]
+    pub job: Option<String>,
+
+    /// Apply this `[profiles]` entry.
+    #[arg(long)]
+    pub profile: Option<String>,
 }
 
 #[derive(Debug, Args)]

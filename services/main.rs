@@ -4,6 +4,7 @@
 mod cli;
 mod replay;
 mod report;
+mod rules;
 
 use std::process::ExitCode;
 
@@ -13,6 +14,7 @@ fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     let result = match &cli.command {
         cli::Command::Replay(args) => replay::run(args),
+        cli::Command::Rules(args) => rules::run(args),
     };
     result.unwrap_or_else(|failure| {
         cli::warn(&format!("gradguard: {}", cli::describe(&failure.error)));
