@@ -12,7 +12,8 @@
 //! - [`scenario`]: a generator of synthetic training traces with injected faults,
 //!   used by the scenario test suite, the benchmarks and the worker simulator.
 //! - [`proto`]: the generated `gradguard.v1` protobuf and gRPC code. Only the edges
-//!   (services) convert between it and [`model`].
+//!   convert between it and [`model`], through [`wire`].
+//! - [`wire`]: the conversions between wire and domain types, with validation.
 
 pub mod config;
 pub mod engine;
@@ -20,3 +21,4 @@ pub mod model;
 pub mod proto;
 pub mod scenario;
 pub mod trace;
+pub mod wire;

@@ -1,0 +1,260 @@
+//! Conversions between the `gradguard.v1` wire types and the domain types, at
+//! the edge, so prost types never reach the engine or the store.
+//!
+//! Incoming summaries are validated here: every packed per-layer array must be
+//! empty or exactly as long as the job's layer names, and errors name the field
+//! and the value.
+
+use crate::model::{Action, Advice, Finding, LayerStats, Severity, Summary};
+use crate::proto;
+
+/// A wire message that cannot become a domain value.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum WireError {
+    #[error("field {field}: {got} values, but the Hello declared {expected} layers")]
+    LayerArray {
+        field: &'static str,
+        got: usize,
+        expected: usize,
+    },
+    #[error("field layer_l2 is empty but {field} has {got} values")]
+    LayerArrayWithoutL2 { field: &'static str, got: usize },
+}
+
+/// Builds a rank's domain summary from a wire summary, checking the per-layer
+/// arrays against the number of layers the rank declared.
+pub fn summary_from_proto(p: &proto::Summary, rank: u32, layers: usize) -> Result<Summary, WireError> {
+    let check = |field: &'static str, got: usize| -> Result<(), WireError> {
+        if got != 0 && got != layers {
+            return Err(WireError::LayerArray {
+                field,
+                got,
+                expected: layers,
+            });
+        }
+        if got != 0 && p.layer_l2.is_empty() {
+            return Err(WireError::LayerArrayWithoutL2 { field, got });
+        }
+        Ok(())
+    };
+    check("layer_l2", p.layer_l2.len())?;
+    check("layer_max_abs", p.layer_max_abs.len())?;
+    check("layer_nonfinite", p.layer_nonfinite.len())?;
+    check("layer_param_norm", p.layer_param_norm.len())?;
+    check("layer_update_norm", p.layer_update_norm.len())?;
+
+    let layers = (0..p.layer_l2.len())
+        .map(|i| LayerStats {
+            l2: p.layer_l2[i],
+            max_abs: p.layer_max_abs.get(i).copied().unwrap_or(0.0),
+            nonfinite: p.layer_nonfinite.get(i).copied().unwrap_or(0),
+            param_norm: p.layer_param_norm.get(i).copied(),
+            update_norm: p.layer_update_norm.get(i).copied(),
+        })
+        .collect();
+    Ok(Summary {
+        worker: rank,
+        step: p.step,
+        time: (p.time != 0.0).then_some(p.time),
+        loss: p.loss,
+        lr: p.lr,
+        loss_scale: p.loss_scale,
+        grad_norm: p.grad_norm,
+        layers,
+    })
+}
+
+/// The wire form of a domain summary (the worker side: simulator, clients).
+pub fn summary_to_proto(s: &Summary) -> proto::Summary {
+    let has = |f: fn(&LayerStats) -> Option<f32>| s.layers.iter().any(|l| f(l).is_some());
+    let column = |f: fn(&LayerStats) -> Option<f32>| -> Vec<f32> {
+        if has(f) {
+            s.layers.iter().map(|l| f(l).unwrap_or(0.0)).collect()
+        } else {
+            Vec::new()
+        }
+    };
+    proto::Summary {
+        step: s.step,
+        time: s.time.unwrap_or(0.0),
+        loss: s.loss,
+        lr: s.lr,
+        loss_scale: s.loss_scale,
+        grad_norm: s.grad_norm,
+        layer_l2: s.layers.iter().map(|l| l.l2).collect(),
+        layer_max_abs: s.layers.iter().map(|l| l.max_abs).collect(),
+        layer_nonfinite: s.layers.iter().map(|l| l.nonfinite).collect(),
+        layer_param_norm: column(|l| l.param_norm),
+        layer_update_norm: column(|l| l.update_norm),
+    }
+}
+
+pub fn severity_to_proto(s: Severity) -> proto::Severity {
+    match s {
+        Severity::Info => proto::Severity::Info,
+        Severity::Warning => proto::Severity::Warning,
+        Severity::Critical => proto::Severity::Critical,
+    }
+}
+
+pub fn action_to_proto(a: &Action) -> proto::advice::Action {
+    use proto::advice::Action as P;
+    match *a {
+        Action::ClipGradients { max_norm } => P::ClipGradients(proto::ClipGradients { max_norm }),
+        Action::ScaleLr { factor } => P::ScaleLr(proto::ScaleLr { factor }),
+        Action::SkipStep => P::SkipStep(proto::SkipStep {}),
+        Action::ScaleLossScale { factor } => P::ScaleLossScale(proto::ScaleLossScale { factor }),
+        Action::Rollback { to_step } => P::Rollback(proto::Rollback { to_step }),
+        Action::InspectWorker { rank } => P::InspectWorker(proto::InspectWorker { rank }),
+        Action::Halt => P::Halt(proto::Halt {}),
+    }
+}
+
+/// The domain action of a wire advice action.
+pub fn action_from_proto(a: &proto::advice::Action) -> Action {
+    use proto::advice::Action as P;
+    match a {
+        P::ClipGradients(c) => Action::ClipGradients { max_norm: c.max_norm },
+        P::ScaleLr(c) => Action::ScaleLr { factor: c.factor },
+        P::SkipStep(_) => Action::SkipStep,
+        P::ScaleLossScale(c) => Action::ScaleLossScale { factor: c.factor },
+        P::Rollback(c) => Action::Rollback { to_step: c.to_step },
+        P::InspectWorker(c) => Action::InspectWorker { rank: c.rank },
+        P::Halt(_) => Action::Halt,
+    }
+}
+
+pub fn advice_to_proto(a: &Advice) -> proto::Advice {
+    proto::Advice {
+        id: a.id,
+        job: a.job.to_string(),
+        target_rank: a.target,
+        decided_at_step: a.step,
+        apply_from_step: a.apply_from,
+        action: Some(action_to_proto(&a.action)),
+        severity: severity_to_proto(a.severity).into(),
+        rules: a.rules.iter().map(|r| r.as_str().to_owned()).collect(),
+        reason: a.reason.clone(),
+        evidence: a
+            .evidence
+            .iter()
+            .map(|(name, value)| proto::Evidence {
+                name: name.clone(),
+                value: *value,
+            })
+            .collect(),
+    }
+}
+
+pub fn finding_to_proto(f: &Finding) -> proto::Anomaly {
+    proto::Anomaly {
+        job: f.job.to_string(),
+        rank: f.worker,
+        step: f.step,
+        time: f.time.unwrap_or(0.0),
+        rule: f.rule.as_str().to_owned(),
+        severity: severity_to_proto(f.severity).into(),
+        layer: f.layer.as_deref().unwrap_or_default().to_owned(),
+        value: f.value,
+        threshold: f.threshold,
+        message: f.message.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::RuleId;
+    use std::sync::Arc;
+
+    fn layered(n: usize) -> Summary {
+        Summary {
+            worker: 3,
+            step: 7,
+            time: Some(1.5),
+            loss: Some(2.0),
+            grad_norm: Some(f64::NAN),
+            layers: (0..n)
+                .map(|i| LayerStats {
+                    l2: i as f32,
+                    max_abs: 1.0,
+                    nonfinite: u32::from(i == 1),
+                    param_norm: Some(2.0),
+                    update_norm: None,
+                })
+                .collect(),
+            ..Summary::default()
+        }
+    }
+
+    #[test]
+    fn summary_round_trips() {
+        let s = layered(3);
+        let back = summary_from_proto(&summary_to_proto(&s), 3, 3).unwrap();
+        assert_eq!(back.layers, s.layers);
+        assert_eq!((back.step, back.time, back.loss), (7, Some(1.5), Some(2.0)));
+        assert!(back.grad_norm.unwrap().is_nan());
+    }
+
+    #[test]
+    fn layer_arrays_must_match_the_hello() {
+        let mut p = summary_to_proto(&layered(3));
+        assert_eq!(
+            summary_from_proto(&p, 0, 4).unwrap_err().to_string(),
+            "field layer_l2: 3 values, but the Hello declared 4 layers"
+        );
+        p.layer_max_abs.pop();
+        assert_eq!(
+            summary_from_proto(&p, 0, 3).unwrap_err(),
+            WireError::LayerArray {
+                field: "layer_max_abs",
+                got: 2,
+                expected: 3
+            }
+        );
+        let global_only = proto::Summary {
+            step: 1,
+            grad_norm: Some(1.0),
+            ..Default::default()
+        };
+        assert!(summary_from_proto(&global_only, 0, 3).unwrap().layers.is_empty());
+    }
+
+    #[test]
+    fn advice_and_anomaly_carry_everything() {
+        let job: Arc<str> = Arc::from("j");
+        let a = Advice {
+            id: 9,
+            job: job.clone(),
+            target: None,
+            step: 10,
+            apply_from: 11,
+            action: Action::Rollback { to_step: 3 },
+            severity: Severity::Critical,
+            rules: vec![RuleId::LossSpike],
+            reason: "r".into(),
+            evidence: vec![("loss_spike.value".into(), 7.0)],
+        };
+        let p = advice_to_proto(&a);
+        assert_eq!(action_from_proto(p.action.as_ref().unwrap()), a.action);
+        assert_eq!(p.severity(), proto::Severity::Critical);
+        assert_eq!(p.rules, ["loss_spike"]);
+        let f = Finding {
+            job,
+            worker: Some(2),
+            step: 4,
+            time: None,
+            rule: RuleId::NormFloor,
+            severity: Severity::Warning,
+            layer: Some(Arc::from("embed")),
+            value: 0.0,
+            threshold: 1e-7,
+            message: "m".into(),
+        };
+        let p = finding_to_proto(&f);
+        assert_eq!(
+            (p.rank, p.rule.as_str(), p.layer.as_str()),
+            (Some(2), "norm_floor", "embed")
+        );
+    }
+}
