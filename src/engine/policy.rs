@@ -156,7 +156,11 @@ impl Policy {
                 job: hit.finding.job.clone(),
                 target: None,
                 step,
-                apply_from: if action == Action::SkipStep { step } else { step + 1 },
+                apply_from: if action == Action::SkipStep {
+                    step
+                } else {
+                    step.saturating_add(1)
+                },
                 action,
                 severity: hit.finding.severity.max(rung_severity),
                 rules: rule_ids,

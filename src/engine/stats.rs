@@ -162,7 +162,7 @@ impl SlidingMin {
             self.items.pop_back();
         }
         self.items.push_back((step, value));
-        while self.items.front().is_some_and(|&(s, _)| s + span < step) {
+        while self.items.front().is_some_and(|&(s, _)| s.saturating_add(span) < step) {
             self.items.pop_front();
         }
     }

@@ -72,7 +72,7 @@ pub(crate) fn check(
         let mean = state.ema.mean();
         let by_z = z >= cfg.z && loss - mean >= cfg.min_rise * mean.abs();
         if by_z || by_ratio {
-            let linked = last_grad_spike.is_some_and(|g| g + cfg.link_steps >= step);
+            let linked = last_grad_spike.is_some_and(|g| g.saturating_add(cfg.link_steps) >= step);
             let (value, threshold, why) = if by_z {
                 (
                     z,

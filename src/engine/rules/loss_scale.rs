@@ -26,7 +26,11 @@ pub(crate) fn check(state: &mut State, step: u64, scale: Option<f64>, rules: &Ru
         state.backoffs.push_back(step);
     }
     state.last = Some(scale);
-    while state.backoffs.front().is_some_and(|&s| s + cfg.window <= step) {
+    while state
+        .backoffs
+        .front()
+        .is_some_and(|&s| s.saturating_add(cfg.window) <= step)
+    {
         state.backoffs.pop_front();
     }
     let at_floor = scale <= cfg.min_scale;

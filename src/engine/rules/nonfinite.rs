@@ -33,7 +33,11 @@ pub(crate) fn check(state: &mut State, obs: &Obs, cfg: &Nonfinite, em: &mut Emit
     if !(loss_bad || norm_bad || bad_layers > 0) {
         return;
     }
-    while state.recent.front().is_some_and(|&st| st + cfg.window <= s.step) {
+    while state
+        .recent
+        .front()
+        .is_some_and(|&st| st.saturating_add(cfg.window) <= s.step)
+    {
         state.recent.pop_front();
     }
     state.recent.push_back(s.step);
