@@ -2,6 +2,7 @@
 //! (see [`cli`]). Each subcommand lives in its own module.
 
 mod cli;
+mod generate;
 mod replay;
 mod report;
 mod rules;
@@ -14,6 +15,7 @@ fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     let result = match &cli.command {
         cli::Command::Replay(args) => replay::run(args),
+        cli::Command::Generate(args) => generate::run(args),
         cli::Command::Rules(args) => rules::run(args),
     };
     result.unwrap_or_else(|failure| {

@@ -142,14 +142,23 @@ impl RuleId {
         }
     }
 
+    /// Rules that report one-step events (as opposed to conditions that last):
+    /// ranks sharing such a signal share it at the same step.
+    pub fn is_event(self) -> bool {
+        matches!(self, RuleId::Nonfinite | RuleId::GradSpike | RuleId::LossSpike)
+    }
+
     /// The problem family a rule belongs to: the policy keeps one episode per
     /// (job, family), so related rules escalate together instead of each paging.
     pub fn family(self) -> Family {
         match self {
             RuleId::Nonfinite => Family::Nonfinite,
-            RuleId::NormCeiling | RuleId::GradSpike | RuleId::GradGrowth => Family::Explosion,
+            RuleId::NormCeiling
+            | RuleId::GradSpike
+            | RuleId::GradGrowth
+            | RuleId::LossSpike
+            | RuleId::LossDivergence => Family::Instability,
             RuleId::NormFloor | RuleId::Vanishing => Family::Vanishing,
-            RuleId::LossSpike | RuleId::LossDivergence => Family::Loss,
             RuleId::UpdateRatio => Family::Update,
             RuleId::LossScaleFloor => Family::LossScale,
             RuleId::RankOutlier | RuleId::Straggler | RuleId::Stalled => Family::Rank,
@@ -178,9 +187,10 @@ impl std::str::FromStr for RuleId {
 #[serde(rename_all = "snake_case")]
 pub enum Family {
     Nonfinite,
-    Explosion,
+    /// Exploding gradients and the loss that follows them: one ladder, so a
+    /// gradient spike and the loss spike it causes do not escalate twice.
+    Instability,
     Vanishing,
-    Loss,
     Update,
     LossScale,
     Rank,

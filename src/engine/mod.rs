@@ -209,6 +209,31 @@ impl Engine {
     }
 }
 
+/// Drops the hits another rank already reported: an event (a spike, a NaN) at
+/// the same step, a lasting condition (a trend, a floor) within `window` steps.
+fn dedupe_shared(
+    reported: &mut Vec<(u64, RuleId, Option<Arc<str>>, u32)>,
+    hits: &mut Vec<Hit>,
+    worker: u32,
+    window: u64,
+) {
+    hits.retain(|h| {
+        let f = &h.finding;
+        let seen = reported.iter().any(|(step, rule, layer, by)| {
+            let near = if f.rule.is_event() {
+                *step == f.step
+            } else {
+                step + window > f.step
+            };
+            *rule == f.rule && *layer == f.layer && *by != worker && near
+        });
+        if !seen {
+            reported.push((f.step, f.rule, f.layer.clone(), worker));
+        }
+        !seen
+    });
+}
+
 /// The job's state, created with its effective rules on first sight.
 fn job_entry<'a>(
     jobs: &'a mut HashMap<JobId, JobState>,
@@ -241,9 +266,9 @@ struct JobState {
     policy: policy::Policy,
     /// Scratch space for one observation's hits.
     hits: Vec<Hit>,
-    /// Findings already reported at a recent step, so ranks sharing a signal
-    /// report it once.
-    reported: Vec<(u64, RuleId, Option<Arc<str>>)>,
+    /// Findings reported recently (step, rule, layer, rank), so ranks sharing
+    /// a signal report it once.
+    reported: Vec<(u64, RuleId, Option<Arc<str>>, u32)>,
 }
 
 impl JobState {
@@ -346,22 +371,15 @@ impl JobState {
             .observe(&obs, rules, &mut em);
 
         if self.ranks_seen > 1 {
-            let reported = &mut self.reported;
-            em.hits.retain(|h| {
-                let key = (h.finding.step, h.finding.rule, h.finding.layer.clone());
-                if reported.contains(&key) {
-                    false
-                } else {
-                    reported.push(key);
-                    true
-                }
-            });
+            dedupe_shared(&mut self.reported, em.hits, s.worker, rules.policy.cooldown_steps);
         }
 
         let advanced = self.ranks.max_step.is_none_or(|m| s.step > m);
         if advanced {
             self.ranks.max_step = Some(s.step);
-            let keep_from = s.step.saturating_sub(2 * rules.straggler.lag_steps + 2);
+            let keep_from = s
+                .step
+                .saturating_sub(rules.policy.cooldown_steps.max(2 * rules.straggler.lag_steps + 2));
             self.reported.retain(|r| r.0 >= keep_from);
         }
         em.worker = None;

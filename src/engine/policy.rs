@@ -127,7 +127,7 @@ impl Policy {
             ep.last_hit = step;
             let hit = &hits[best];
             let Some(proposal) = hit.proposal else { continue };
-            let local = matches!(family, Family::Explosion | Family::Loss)
+            let local = family == Family::Instability
                 && members
                     .iter()
                     .all(|&i| hits[i].finding.worker.is_some_and(|w| suspects.contains(&w)));
@@ -216,6 +216,9 @@ fn choose(
     let Some(top) = ep.rung else {
         return Some((rung, false));
     };
+    if top >= HALT {
+        return None; // halted: repeating it helps no one
+    }
     let since = step.saturating_sub(ep.last_advice);
     if rung > top {
         return Some((rung, false));
