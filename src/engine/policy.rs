@@ -10,6 +10,9 @@
 //!   evidence (a lone gradient spike) only when it fired on at least half the
 //!   steps since the advice, so isolated spikes stay at clip advice.
 //! - An episode ends after `healthy_steps` steps without a hit of its family.
+//! - A rank under suspicion (an open rank-outlier, straggler or stalled
+//!   episode) is its own problem: its gradient and loss hits get clip advice at
+//!   most and never escalate the job-wide ladder.
 
 use crate::config::Rules;
 use crate::engine::hit::{Hit, Proposal};
@@ -86,6 +89,20 @@ impl Policy {
                 None => groups.push((k, i, vec![i])),
             }
         }
+        // Ranks already suspected of being the problem (an open rank episode, or
+        // an outlier finding in this batch): their own gradient and loss signals
+        // are that rank's local trouble and must not climb the job-wide ladder.
+        let mut suspects: Vec<u32> = self
+            .episodes
+            .iter()
+            .filter(|e| e.family == Family::Rank)
+            .filter_map(|e| e.subject)
+            .collect();
+        suspects.extend(
+            hits.iter()
+                .filter(|h| h.finding.rule == RuleId::RankOutlier)
+                .filter_map(|h| h.finding.worker),
+        );
         for ((family, subject), best, members) in groups {
             let ep = match self
                 .episodes
@@ -110,7 +127,14 @@ impl Policy {
             ep.last_hit = step;
             let hit = &hits[best];
             let Some(proposal) = hit.proposal else { continue };
-            let Some((rung, escalated)) = choose(ep, hit, proposal, family, step, rules) else {
+            let local = matches!(family, Family::Explosion | Family::Loss)
+                && members
+                    .iter()
+                    .all(|&i| hits[i].finding.worker.is_some_and(|w| suspects.contains(&w)));
+            if local && proposal.rung() > 0 {
+                continue;
+            }
+            let Some((rung, escalated)) = choose(ep, hit, proposal, family, local, step, rules) else {
                 continue;
             };
             let action = match (escalated, rung) {
@@ -179,7 +203,15 @@ impl Policy {
 
 /// The rung to advise now and whether it is an escalation, or `None` to stay
 /// quiet (cooldown).
-fn choose(ep: &Episode, hit: &Hit, proposal: Proposal, family: Family, step: u64, rules: &Rules) -> Option<(u8, bool)> {
+fn choose(
+    ep: &Episode,
+    hit: &Hit,
+    proposal: Proposal,
+    family: Family,
+    local: bool,
+    step: u64,
+    rules: &Rules,
+) -> Option<(u8, bool)> {
     let rung = proposal.rung();
     let Some(top) = ep.rung else {
         return Some((rung, false));
@@ -192,7 +224,7 @@ fn choose(ep: &Episode, hit: &Hit, proposal: Proposal, family: Family, step: u64
         return None;
     }
     let persistent = ep.hits_since_advice * 2 >= since;
-    if family != Family::Rank && (hit.confirmed || persistent) {
+    if family != Family::Rank && !local && (hit.confirmed || persistent) {
         Some((next_rung(top), true))
     } else {
         Some((rung, false))
