@@ -3,9 +3,6 @@
 //! advice that makes sense, while healthy runs page no one. Property tests check
 //! determinism, that non-finite values never reach the running statistics, and
 //! that arbitrary input never panics.
-//!
-//! Tests marked `#[ignore]` state behaviour the engine does not have yet (see
-//! the reason on each); run them with `cargo test --test scenarios -- --ignored`.
 
 use std::fmt::Write as _;
 
