@@ -223,7 +223,7 @@ fn dedupe_shared(
             let near = if f.rule.is_event() {
                 *step == f.step
             } else {
-                step + window > f.step
+                step.saturating_add(window) > f.step
             };
             *rule == f.rule && *layer == f.layer && *by != worker && near
         });
