@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::config::RuleBook;
-use crate::model::{Action, LayerStats, RuleId, Severity, Summary};
+use crate::model::{Action, Finding, LayerStats, RuleId, Severity, Summary};
 
 /// Deterministic multiplicative noise in [1 - amp, 1 + amp].
 fn noise(i: u64, amp: f64) -> f64 {
@@ -67,6 +67,14 @@ fn rules(out: &Output) -> Vec<RuleId> {
 
 fn actions(out: &Output) -> Vec<&'static str> {
     out.advice.iter().map(|a| a.action.name()).collect()
+}
+
+/// The first finding of a rule; panics when the rule never fired.
+fn first(out: &Output, rule: RuleId) -> &Finding {
+    out.findings
+        .iter()
+        .find(|f| f.rule == rule)
+        .unwrap_or_else(|| panic!("{rule} never fired: {:#?}", out.findings))
 }
 
 fn worst(out: &Output) -> Option<Severity> {
@@ -355,11 +363,7 @@ fn growth_with_falling_loss_is_info_but_with_rising_loss_cuts_lr() {
     assert!(!actions(&benign).contains(&"scale_lr") || actions(&benign).contains(&"clip_gradients"));
 
     let bad = growth(true);
-    let g = bad
-        .findings
-        .iter()
-        .find(|f| f.rule == RuleId::GradGrowth)
-        .expect("growth seen");
+    let g = first(&bad, RuleId::GradGrowth);
     assert_eq!(g.severity, Severity::Warning);
     assert!(g.step < 160, "seen within 60 steps of the start, at {}", g.step);
     assert!(actions(&bad).contains(&"scale_lr"));
@@ -371,11 +375,7 @@ fn vanishing_trend_and_depth_ratio() {
     run.feed_all((0..100).map(healthy));
     run.feed_all((100..200).map(|s| summary(0, s, 0.9f64.powf((s - 100) as f64), 3.0)));
     let out = run.take();
-    let v = out
-        .findings
-        .iter()
-        .find(|f| f.rule == RuleId::Vanishing)
-        .expect("vanishing seen");
+    let v = first(&out, RuleId::Vanishing);
     assert_eq!(v.severity, Severity::Warning, "{v:?}");
     assert!(v.step < 170, "{}", v.step);
 
@@ -409,7 +409,7 @@ fn loss_spike_alone_skips_and_with_a_grad_spike_rolls_back() {
     run.feed_all((0..300).map(healthy));
     run.feed(summary(0, 300, 30.0, 2.97));
     let out = run.feed(summary(0, 301, 1.0, 9.0)).take();
-    let spike = out.findings.iter().find(|f| f.rule == RuleId::LossSpike).unwrap();
+    let spike = first(&out, RuleId::LossSpike);
     assert_eq!(spike.severity, Severity::Critical);
     // One instability episode opened with the gradient spike at 300: roll back
     // 100 steps before it, in the same advice stream as the spike's clip.
@@ -431,11 +431,7 @@ fn divergence_is_critical_and_cuts_lr_once_while_it_plateaus() {
     run.feed_all((0..300).map(healthy));
     run.feed_all((300..500).map(|s| summary(0, s, noise(s, 0.05), 2.97 * (1.0 + 0.005 * (s - 300) as f64))));
     let out = run.take();
-    let d = out
-        .findings
-        .iter()
-        .find(|f| f.rule == RuleId::LossDivergence)
-        .expect("divergence seen");
+    let d = first(&out, RuleId::LossDivergence);
     assert_eq!(d.severity, Severity::Critical);
     assert!(actions(&out).contains(&"scale_lr"));
     // The loss stops rising at its new level: no further escalation.
@@ -518,11 +514,7 @@ fn rank_outlier_names_the_rank() {
     let mut run = Run::new();
     run.feed_all(run_of(Some(5)));
     let out = run.take();
-    let f = out
-        .findings
-        .iter()
-        .find(|f| f.rule == RuleId::RankOutlier)
-        .expect("outlier seen");
+    let f = first(&out, RuleId::RankOutlier);
     assert_eq!((f.worker, f.step), (Some(5), 40));
     assert!(out.advice.iter().any(|a| a.action == Action::InspectWorker { rank: 5 }));
 }
@@ -535,11 +527,7 @@ fn only_one_rank_non_finite_is_an_outlier() {
         Some(summary(r, s, norm, 3.0))
     }));
     let out = run.take();
-    let f = out
-        .findings
-        .iter()
-        .find(|f| f.rule == RuleId::RankOutlier)
-        .expect("outlier seen");
+    let f = first(&out, RuleId::RankOutlier);
     assert_eq!((f.worker, f.step), (Some(2), 20));
 }
 
@@ -564,17 +552,9 @@ fn straggler_and_stalled_rank() {
         })
     }));
     let out = run.take();
-    let lag = out
-        .findings
-        .iter()
-        .find(|f| f.rule == RuleId::Straggler)
-        .expect("straggler");
+    let lag = first(&out, RuleId::Straggler);
     assert_eq!((lag.worker, lag.step), (Some(3), 20));
-    let stall = out
-        .findings
-        .iter()
-        .find(|f| f.rule == RuleId::Stalled)
-        .expect("stalled");
+    let stall = first(&out, RuleId::Stalled);
     assert_eq!(stall.worker, Some(3));
     assert!(stall.value >= 300.0);
     assert!(out.advice.iter().all(|a| a.action == Action::InspectWorker { rank: 3 }));
