@@ -7,7 +7,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     config.protoc_executable(protoc);
     let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()
-        .build_transport(false)
         .file_descriptor_set_path(out_dir.join("gradguard_descriptor.bin"))
         .compile_with_config(config, &["proto/gradguard/v1/gradguard.proto"], &["proto"])?;
     println!("cargo:rerun-if-changed=proto");

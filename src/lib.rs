@@ -14,7 +14,10 @@
 //! - [`proto`]: the generated `gradguard.v1` protobuf and gRPC code. Only the edges
 //!   convert between it and [`model`], through [`wire`].
 //! - [`wire`]: the conversions between wire and domain types, with validation.
+//! - [`client`]: the worker side of the gRPC ingest stream (simulator, load
+//!   generator, tests).
 
+pub mod client;
 pub mod config;
 pub mod engine;
 pub mod model;

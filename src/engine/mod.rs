@@ -23,7 +23,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::config::{ConfigError, RuleBook, Rules};
-use crate::model::{Advice, Finding, JobId, RuleId, Summary};
+use crate::model::{Advice, Finding, JobId, RuleId, Severity, Summary};
 use hit::{Emitter, Hit};
 use rules::{Obs, ranks};
 use worker::WorkerState;
@@ -197,6 +197,23 @@ impl Engine {
 
     pub fn status(&self, job: &str) -> Option<JobStatus> {
         self.jobs.get(job).map(JobState::status)
+    }
+
+    /// The highest step accepted from one rank of a job.
+    pub fn last_step(&self, job: &str, rank: u32) -> Option<u64> {
+        let job = self.jobs.get(job)?;
+        job.peers.get(rank as usize)?.as_ref()?.last_step
+    }
+
+    /// The worst severity among a job's open problems: `None` when it is
+    /// healthy (or unknown). A problem stays open until a run of healthy steps.
+    pub fn health(&self, job: &str) -> Option<Severity> {
+        self.jobs.get(job)?.policy.worst()
+    }
+
+    /// Number of jobs with state.
+    pub fn job_count(&self) -> usize {
+        self.jobs.len()
     }
 
     pub fn job_ids(&self) -> impl Iterator<Item = &JobId> {

@@ -28,6 +28,8 @@ struct Episode {
     rung: Option<u8>,
     last_advice: u64,
     hits_since_advice: u64,
+    /// Worst severity seen in the episode (its hits and its advice).
+    severity: Severity,
 }
 
 /// A job's open episodes.
@@ -72,6 +74,11 @@ impl Policy {
     /// Number of open episodes (a job with none is healthy).
     pub fn open_episodes(&self) -> usize {
         self.episodes.len()
+    }
+
+    /// Worst severity among the open episodes; `None` when the job is healthy.
+    pub fn worst(&self) -> Option<Severity> {
+        self.episodes.iter().map(|e| e.severity).max()
     }
 
     pub fn decide(&mut self, hits: &[Hit], step: u64, rules: &Rules, next_id: &mut u64, out: &mut Vec<Advice>) {
@@ -119,12 +126,17 @@ impl Policy {
                         rung: None,
                         last_advice: step,
                         hits_since_advice: 0,
+                        severity: Severity::Info,
                     });
                     self.episodes.last_mut().expect("just pushed")
                 }
             };
             ep.hits_since_advice += 1;
             ep.last_hit = step;
+            ep.severity = members
+                .iter()
+                .map(|&i| hits[i].finding.severity)
+                .fold(ep.severity, Severity::max);
             let hit = &hits[best];
             let Some(proposal) = hit.proposal else { continue };
             let local = family == Family::Instability
@@ -171,9 +183,11 @@ impl Policy {
                 .collect();
             evidence.push((format!("{}.threshold", hit.finding.rule), hit.finding.threshold));
 
+            let severity = hit.finding.severity.max(rung_severity);
             ep.rung = Some(ep.rung.map_or(rung, |r| r.max(rung)));
             ep.last_advice = step;
             ep.hits_since_advice = 0;
+            ep.severity = ep.severity.max(severity);
             *next_id += 1;
             out.push(Advice {
                 id: *next_id,
@@ -186,7 +200,7 @@ impl Policy {
                     step.saturating_add(1)
                 },
                 action,
-                severity: hit.finding.severity.max(rung_severity),
+                severity,
                 rules: rule_ids,
                 reason,
                 evidence,

@@ -331,10 +331,14 @@ fn episode_ends_after_healthy_steps_and_restarts_at_clip() {
     run.feed_all((0..200).map(healthy));
     run.feed_all((200..230).map(|s| summary(0, s, 100.0, 2.98)));
     assert_eq!(actions(&run.take()), ["clip_gradients", "scale_lr"]);
+    assert_eq!(run.engine.health("job"), Some(Severity::Warning));
+    assert_eq!(run.engine.last_step("job", 0), Some(229));
+    assert_eq!(run.engine.last_step("job", 1), None);
     // Long enough for the spike statistics to settle back and 50 quiet steps.
     run.feed_all((230..1500).map(healthy));
     run.take();
     assert_eq!(run.engine.status("job").unwrap().open_episodes, 0);
+    assert_eq!(run.engine.health("job"), None);
     let out = run.feed(summary(0, 1500, 100.0, 2.85)).take();
     assert_eq!(actions(&out), ["clip_gradients"]);
 }
