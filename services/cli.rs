@@ -27,6 +27,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the service: gRPC ingest with advice streamed back, Prometheus metrics.
+    Serve(crate::serve::ServeArgs),
     /// Replay recorded training logs through the detector and report what it finds.
     Replay(ReplayArgs),
     /// Write a synthetic training run with an injected fault as JSON lines.

@@ -110,6 +110,10 @@ pub struct GradSpike {
     pub z: f64,
     /// At or above this z-score the spike is severe (OLMo-core skips such steps).
     pub severe_z: f64,
+    /// Advise clipping only when the norm is at least this multiple of the
+    /// clip bound (μ + z·σ): below it, clipping changes little and the spike
+    /// stays an anomaly without advice.
+    pub min_clip_ratio: f64,
 }
 
 impl Default for GradSpike {
@@ -120,6 +124,7 @@ impl Default for GradSpike {
             warmup: 25,
             z: 2.5,
             severe_z: 6.0,
+            min_clip_ratio: 1.25,
         }
     }
 }
@@ -301,6 +306,10 @@ impl Default for RankOutlier {
 pub struct Straggler {
     pub enabled: bool,
     pub lag_steps: u64,
+    /// ... and its latest summary is at least this much older than the
+    /// leader's (when both carry a time): a few steps of transport jitter
+    /// between streams is not a straggler.
+    pub min_lag_secs: f64,
 }
 
 impl Default for Straggler {
@@ -308,6 +317,7 @@ impl Default for Straggler {
         Self {
             enabled: true,
             lag_steps: 10,
+            min_lag_secs: 1.0,
         }
     }
 }
@@ -391,6 +401,18 @@ impl Rules {
             "grad_spike.severe_z",
             self.grad_spike.severe_z,
             "must be at least grad_spike.z",
+        )?;
+        check(
+            self.straggler.min_lag_secs >= 0.0,
+            "straggler.min_lag_secs",
+            self.straggler.min_lag_secs,
+            "must not be negative",
+        )?;
+        check(
+            self.grad_spike.min_clip_ratio >= 1.0,
+            "grad_spike.min_clip_ratio",
+            self.grad_spike.min_clip_ratio,
+            "must be at least 1",
         )?;
         check(
             self.grad_growth.window >= 3,

@@ -258,6 +258,21 @@ fn spike_waits_for_warmup_and_feeds_the_clipped_value() {
 }
 
 #[test]
+fn mild_spike_is_an_anomaly_without_advice() {
+    let mut run = Run::new();
+    run.feed_all((0..100).map(healthy));
+    // Clearly above μ + 2.5σ (about 1.07), but clipping there would cut little.
+    let out = run.feed(summary(0, 100, 1.25, 2.99)).take();
+    assert_eq!(rules(&out), [RuleId::GradSpike]);
+    assert!(out.advice.is_empty(), "{:?}", out.advice);
+    // Twice the bound is worth clipping.
+    run.feed_all((101..200).map(healthy));
+    run.take();
+    let out = run.feed(summary(0, 200, 2.5, 2.98)).take();
+    assert_eq!(actions(&out), ["clip_gradients"]);
+}
+
+#[test]
 fn lone_spike_stays_at_clip_and_is_not_paged() {
     let mut run = Run::new();
     run.feed_all((0..300).map(healthy));
@@ -521,6 +536,37 @@ fn rank_outlier_names_the_rank() {
     let f = first(&out, RuleId::RankOutlier);
     assert_eq!((f.worker, f.step), (Some(5), 40));
     assert!(out.advice.iter().any(|a| a.action == Action::InspectWorker { rank: 5 }));
+}
+
+#[test]
+fn a_rank_arriving_far_ahead_of_its_peers_is_still_judged_against_them() {
+    // Streams are independent: the service may read rank 3's first 60 steps
+    // before anyone else's, all within the same second.
+    let at = |r: u32, s: u64, time: f64| Summary {
+        time: Some(time),
+        ..summary(
+            r,
+            s,
+            if r == 3 && s >= 30 {
+                10.0
+            } else {
+                noise(s * 4 + u64::from(r), 0.03)
+            },
+            3.0,
+        )
+    };
+    let mut run = Run::new();
+    let spec = JobSpec {
+        world_size: Some(4),
+        ..JobSpec::default()
+    };
+    run.engine.declare("job", &spec).unwrap();
+    run.feed_all((0..60).map(|s| at(3, s, 1_700_000_000.0)));
+    run.feed_all(ranks(3, 0..60, |r, s| Some(at(r, s, 1_700_000_000.5))));
+    let out = run.take();
+    let f = first(&out, RuleId::RankOutlier);
+    assert_eq!((f.worker, f.step), (Some(3), 30));
+    assert!(!rules(&out).contains(&RuleId::Straggler), "{:?}", rules(&out));
 }
 
 #[test]

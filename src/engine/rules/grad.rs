@@ -112,7 +112,7 @@ fn spike(state: &mut State, norm: f64, step: u64, rules: &Rules, em: &mut Emitte
     if z >= cfg.z {
         state.last_spike = Some(step);
         let severe = if z >= cfg.severe_z { "severe " } else { "" };
-        em.hit(
+        let hit = em.hit(
             RuleId::GradSpike,
             Severity::Info,
             z,
@@ -121,8 +121,10 @@ fn spike(state: &mut State, norm: f64, step: u64, rules: &Rules, em: &mut Emitte
                 "{severe}gradient spike: norm {norm:.4} is {z:.1}σ above its moving mean {:.4}",
                 state.ema.mean()
             ),
-        )
-        .propose(Proposal::Clip { max_norm: bound });
+        );
+        if norm >= cfg.min_clip_ratio * bound {
+            hit.propose(Proposal::Clip { max_norm: bound });
+        }
     }
     // ZClip: the statistics take in the clipped value, so a spike does not
     // inflate the baseline it is judged against.

@@ -25,19 +25,33 @@ pub(crate) struct Peer {
 #[derive(Debug, Clone, Default)]
 pub(crate) struct State {
     /// Global norms per step until every rank has reported it (NaN: non-finite).
-    pending: BTreeMap<u64, Vec<(u32, f64)>>,
+    pending: BTreeMap<u64, Pending>,
     pub max_step: Option<u64>,
     last_stall_scan: Option<f64>,
 }
 
+/// One step's norms so far, and the time of the first.
+#[derive(Debug, Clone, Default)]
+struct Pending {
+    since: Option<f64>,
+    norms: Vec<(u32, f64)>,
+}
+
+/// Steps buffered at most; beyond, the oldest is judged with what it has.
+const MAX_PENDING: usize = 4096;
+
 impl State {
     pub fn heap_bytes(&self) -> usize {
-        self.pending.values().map(|v| v.capacity() * 16 + 48).sum()
+        self.pending.values().map(|v| v.norms.capacity() * 16 + 64).sum()
     }
 }
 
 /// Buffers one rank's norm for `step` and judges every step that is complete
-/// (all `expected` ranks reported) or too old to wait for (a straggler's).
+/// (all `expected` ranks reported) or too old to wait for (a straggler's):
+/// `straggler.lag_steps` behind the leader and, when summaries carry times,
+/// first seen `straggler.min_lag_secs` ago. Ranks on separate streams arrive
+/// in no particular order, so one running ahead must not get steps judged
+/// before its peers could report them.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn record_norm(
     state: &mut State,
@@ -56,19 +70,27 @@ pub(crate) fn record_norm(
     if !cfg.enabled || expected < cfg.min_ranks as usize {
         return;
     }
+    let now = em.time.filter(|t| t.is_finite());
     let entry = state.pending.entry(step).or_default();
-    entry.push((rank, if norm.is_finite() { norm } else { f64::NAN }));
-    if entry.len() >= expected {
-        let entries = state.pending.remove(&step).unwrap_or_default();
-        judge(step, &entries, peers, rules, em);
+    entry.since = entry.since.or(now);
+    entry.norms.push((rank, if norm.is_finite() { norm } else { f64::NAN }));
+    if entry.norms.len() >= expected {
+        let entry = state.pending.remove(&step).unwrap_or_default();
+        judge(step, &entry.norms, peers, rules, em);
     }
     let horizon = state.max_step.unwrap_or(step).saturating_sub(rules.straggler.lag_steps);
-    while let Some(entry) = state.pending.first_entry() {
-        if *entry.key() >= horizon {
+    let patience = rules.straggler.min_lag_secs;
+    loop {
+        let overfull = state.pending.len() > MAX_PENDING;
+        let Some(entry) = state.pending.first_entry() else {
+            break;
+        };
+        let waited = now.zip(entry.get().since).map(|(now, since)| now - since);
+        if !overfull && (*entry.key() >= horizon || waited.is_some_and(|w| w < patience)) {
             break;
         }
-        let (old_step, entries) = entry.remove_entry();
-        judge(old_step, &entries, peers, rules, em);
+        let (old_step, entry) = entry.remove_entry();
+        judge(old_step, &entry.norms, peers, rules, em);
     }
 }
 
@@ -137,13 +159,22 @@ pub(crate) fn scan_stragglers(state: &State, peers: &mut [Option<Peer>], rules: 
     let Some(max) = state.max_step.filter(|_| cfg.enabled) else {
         return;
     };
+    let newest = peers
+        .iter()
+        .flatten()
+        .filter_map(|p| p.last_time)
+        .fold(f64::NEG_INFINITY, f64::max);
     for (rank, p) in peers.iter_mut().enumerate() {
         let Some(p) = p.as_mut() else { continue };
         let Some(last) = p.last_step else { continue };
         let lag = max.saturating_sub(last);
-        if p.straggler
-            .update_worse(lag >= cfg.lag_steps, max, rules.policy.cooldown_steps, lag as f64)
-        {
+        let long_enough = p.last_time.is_none_or(|t| newest - t >= cfg.min_lag_secs);
+        if p.straggler.update_worse(
+            lag >= cfg.lag_steps && long_enough,
+            max,
+            rules.policy.cooldown_steps,
+            lag as f64,
+        ) {
             let rank = rank as u32;
             em.hit(
                 RuleId::Straggler,

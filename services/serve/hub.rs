@@ -1,0 +1,448 @@
+//! The hub: one engine for every job, the worker streams attached to each job,
+//! and the routing of advice back to them.
+//!
+//! Every rank of a job has its own gRPC stream, but cross-rank rules need all
+//! ranks of the job in one place, so the engine sits behind one mutex. Holding
+//! it costs a few microseconds per summary (the engine does 50 M layer-stats/s
+//! on one core), far below what the transport costs, and it makes the order of
+//! a job's advice the same on every stream. Nothing under the lock awaits:
+//! advice is handed to each stream's bounded send queue with `try_send`, so a
+//! slow reader loses advice (counted in `gradguard_advice_dropped_total`)
+//! instead of stalling everyone else.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use gradguard::engine::{Engine, EngineError, JobSpec, MAX_LAYERS, MAX_RANKS, Output};
+use gradguard::model::{JobId, Severity, Summary};
+use gradguard::proto::{self, server_message};
+use gradguard::wire;
+use tokio::sync::mpsc;
+use tonic::Status;
+
+use super::metrics::{JobGauges, Metrics};
+
+/// Where a stream's server messages go.
+pub type Outbox = mpsc::Sender<Result<proto::ServerMessage, Status>>;
+
+/// Longest accepted job id, in bytes (it becomes a metrics label).
+pub const MAX_JOB_LEN: usize = 256;
+
+/// A worker's time is used when it is this close to the service's clock;
+/// otherwise (a skewed clock, or no time at all) the receive time is.
+const MAX_CLOCK_SKEW_SECS: f64 = 60.0;
+
+/// Limits on what the hub tracks.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Jobs tracked at once; a Hello for one more is refused.
+    pub max_jobs: usize,
+    /// A job with no summary, Hello or disconnect for this long is forgotten,
+    /// with its metrics series.
+    pub job_ttl: Duration,
+}
+
+/// A refused message: the status for the worker, the reason for metrics.
+#[derive(Debug)]
+pub struct Rejection {
+    pub reason: &'static str,
+    pub status: Status,
+}
+
+impl Rejection {
+    pub fn invalid(reason: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            reason,
+            status: Status::invalid_argument(message),
+        }
+    }
+
+    fn engine(e: &EngineError) -> Self {
+        let field = match e {
+            EngineError::EmptyJob => "job",
+            EngineError::RankOutOfRange { .. } => "rank",
+            EngineError::DuplicateStep { .. } | EngineError::StepBackwards { .. } => "step",
+            EngineError::LayerCount { .. } => "layer_l2",
+            EngineError::TooManyLayers { .. } | EngineError::LayerNames { .. } => "layer_names",
+            EngineError::Config(_) => "rule_profile",
+        };
+        Self::invalid(e.reason(), format!("field {field}: {e}"))
+    }
+}
+
+/// What a stream is, once its Hello was accepted.
+#[derive(Debug, Clone)]
+pub struct Attachment {
+    pub stream: u64,
+    pub job: JobId,
+    pub rank: u32,
+    layer_names: Arc<[String]>,
+    world_size: Option<u32>,
+    profile: Option<String>,
+}
+
+impl Attachment {
+    fn spec(&self) -> JobSpec<'_> {
+        JobSpec {
+            layer_names: &self.layer_names,
+            world_size: self.world_size,
+            profile: self.profile.as_deref(),
+        }
+    }
+}
+
+pub struct Hub {
+    core: Mutex<Core>,
+    pub metrics: Metrics,
+    limits: Limits,
+    next_stream: AtomicU64,
+}
+
+struct Core {
+    engine: Engine,
+    jobs: HashMap<JobId, Job>,
+    /// Scratch output, reused across calls.
+    out: Output,
+}
+
+struct Job {
+    /// The open stream of each rank.
+    streams: HashMap<u32, Stream>,
+    last_active: Instant,
+    gauges: JobGauges,
+}
+
+struct Stream {
+    id: u64,
+    outbox: Outbox,
+}
+
+impl Hub {
+    pub fn new(engine: Engine, metrics: Metrics, limits: Limits) -> Self {
+        Self {
+            core: Mutex::new(Core {
+                engine,
+                jobs: HashMap::new(),
+                out: Output::default(),
+            }),
+            metrics,
+            limits,
+            next_stream: AtomicU64::new(1),
+        }
+    }
+
+    pub fn next_stream_id(&self) -> u64 {
+        self.next_stream.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The engine and registry; a panic while holding the lock must not take
+    /// every later stream down with it, so a poisoned lock is taken as is.
+    fn core(&self) -> MutexGuard<'_, Core> {
+        self.core.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Accepts a Hello: declares the job to the engine, attaches the stream
+    /// (replacing an older stream of the same rank), and queues the Welcome.
+    pub fn hello(&self, stream: u64, outbox: &Outbox, hello: proto::Hello) -> Result<Attachment, Rejection> {
+        let at = validate_hello(stream, hello)?;
+        let mut core = self.core();
+        let core = &mut *core;
+        self.ensure_job(core, &at)?;
+        let job = core.jobs.get_mut(&at.job).expect("ensured above");
+        job.last_active = Instant::now();
+        let previous = job.streams.insert(
+            at.rank,
+            Stream {
+                id: stream,
+                outbox: outbox.clone(),
+            },
+        );
+        if let Some(old) = previous {
+            let _ = old.outbox.try_send(Err(Status::aborted(format!(
+                "replaced by a newer stream of job {:?} rank {}",
+                &*at.job, at.rank
+            ))));
+        }
+        let welcome = proto::Welcome {
+            server_version: env!("CARGO_PKG_VERSION").to_owned(),
+            last_step: core.engine.last_step(&at.job, at.rank),
+        };
+        // A fresh queue always has room; the Welcome goes first because any
+        // advice for this stream is queued under the same lock, later.
+        let _ = outbox.try_send(Ok(proto::ServerMessage {
+            body: Some(server_message::Body::Welcome(welcome)),
+        }));
+        self.metrics.active_streams.inc();
+        Ok(at)
+    }
+
+    /// Creates the job (engine state, registry entry, gauges) unless it is
+    /// tracked, and declares this rank's view of it.
+    fn ensure_job(&self, core: &mut Core, at: &Attachment) -> Result<(), Rejection> {
+        let known = core.jobs.contains_key(&at.job);
+        if !known && core.jobs.len() >= self.limits.max_jobs {
+            self.metrics.jobs_refused.inc();
+            return Err(Rejection {
+                reason: "too_many_jobs",
+                status: Status::resource_exhausted(format!(
+                    "field job: cannot track job {:?}: {} jobs are tracked, the limit (--max-jobs)",
+                    &*at.job, self.limits.max_jobs
+                )),
+            });
+        }
+        core.engine
+            .declare(&at.job, &at.spec())
+            .map_err(|e| Rejection::engine(&e))?;
+        if !known {
+            core.jobs.insert(
+                at.job.clone(),
+                Job {
+                    streams: HashMap::new(),
+                    last_active: Instant::now(),
+                    gauges: self.metrics.job_gauges(&at.job),
+                },
+            );
+            self.metrics.active_jobs.set(core.jobs.len() as i64);
+        }
+        Ok(())
+    }
+
+    /// Runs one summary through the engine and sends any advice to every
+    /// stream of the job.
+    pub fn summary(
+        &self,
+        at: &Attachment,
+        outbox: &Outbox,
+        p: &proto::Summary,
+        received: Instant,
+    ) -> Result<(), Rejection> {
+        let mut s = wire::summary_from_proto(p, at.rank, at.layer_names.len())
+            .map_err(|e| Rejection::invalid("layer_count", e.to_string()))?;
+        s.time = Some(effective_time(s.time));
+
+        let mut core = self.core();
+        let core = &mut *core;
+        self.reattach(core, at, outbox)?;
+        let mut out = std::mem::take(&mut core.out);
+        out.clear();
+        let result = core.engine.observe(&at.job, &s, &mut out);
+        if let Err(e) = result {
+            core.out = out;
+            return Err(Rejection::engine(&e));
+        }
+        self.metrics.summaries.inc();
+        self.metrics.layer_stats.inc_by(s.layers.len() as u64);
+        let job = core.jobs.get_mut(&at.job).expect("attached above");
+        job.last_active = received;
+        update_gauges(&job.gauges, &s, core.engine.health(&at.job));
+        self.publish(core, &out, received);
+        core.out = out;
+        Ok(())
+    }
+
+    /// Makes sure this stream is the one attached for its rank. A job that was
+    /// forgotten while idle is tracked again; a stream replaced by a newer one
+    /// of the same rank is told so.
+    fn reattach(&self, core: &mut Core, at: &Attachment, outbox: &Outbox) -> Result<(), Rejection> {
+        if let Some(job) = core.jobs.get(&at.job) {
+            match job.streams.get(&at.rank) {
+                Some(s) if s.id == at.stream => return Ok(()),
+                Some(_) => {
+                    return Err(Rejection {
+                        reason: "replaced",
+                        status: Status::aborted(format!(
+                            "replaced by a newer stream of job {:?} rank {}",
+                            &*at.job, at.rank
+                        )),
+                    });
+                }
+                None => {}
+            }
+        }
+        self.ensure_job(core, at)?;
+        let job = core.jobs.get_mut(&at.job).expect("ensured above");
+        job.streams.insert(
+            at.rank,
+            Stream {
+                id: at.stream,
+                outbox: outbox.clone(),
+            },
+        );
+        Ok(())
+    }
+
+    /// Metrics for the findings, and the advice to the job's streams.
+    fn publish(&self, core: &Core, out: &Output, received: Instant) {
+        for f in &out.findings {
+            self.metrics.anomaly(&f.job, f.rule, f.severity);
+        }
+        for a in &out.advice {
+            self.metrics.advice(&a.job, &a.action);
+            let Some(job) = core.jobs.get(&a.job) else { continue };
+            let message = proto::ServerMessage {
+                body: Some(server_message::Body::Advice(wire::advice_to_proto(a))),
+            };
+            let targets = job
+                .streams
+                .iter()
+                .filter(|(rank, _)| a.target.is_none_or(|t| t == **rank));
+            for (_, stream) in targets {
+                match stream.outbox.try_send(Ok(message.clone())) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(_)) => self.metrics.advice_dropped.inc(),
+                    // The stream is ending; it detaches itself.
+                    Err(mpsc::error::TrySendError::Closed(_)) => {}
+                }
+            }
+            self.metrics.advice_latency.observe(received.elapsed().as_secs_f64());
+        }
+    }
+
+    /// Records a worker's acknowledgement of advice.
+    pub fn ack(&self, at: &Attachment, ack: &proto::AdviceAck) {
+        self.metrics.ack(ack.applied);
+        tracing::debug!(
+            job = &*at.job,
+            rank = at.rank,
+            advice = ack.advice_id,
+            applied = ack.applied,
+            step = ack.applied_step,
+            "advice acknowledged"
+        );
+    }
+
+    /// A stream ended: it leaves its job (unless a newer stream replaced it).
+    pub fn detach(&self, at: &Attachment) {
+        let mut core = self.core();
+        if let Some(job) = core.jobs.get_mut(&at.job) {
+            if job.streams.get(&at.rank).is_some_and(|s| s.id == at.stream) {
+                job.streams.remove(&at.rank);
+            }
+            job.last_active = Instant::now();
+        }
+        self.metrics.active_streams.dec();
+    }
+
+    /// Periodic work against the service's clock: stalled ranks, and jobs
+    /// idle for longer than the TTL are forgotten with their metrics series.
+    pub fn tick(&self) {
+        let now = Instant::now();
+        let mut core = self.core();
+        let core = &mut *core;
+        let mut out = std::mem::take(&mut core.out);
+        out.clear();
+        core.engine.tick(unix_now(), &mut out);
+        self.publish(core, &out, now);
+        core.out = out;
+
+        let ttl = self.limits.job_ttl;
+        let expired: Vec<JobId> = core
+            .jobs
+            .iter()
+            .filter(|(_, j)| now.duration_since(j.last_active) >= ttl)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in expired {
+            core.jobs.remove(&id);
+            core.engine.remove_job(&id);
+            self.metrics.forget_job(&id);
+            tracing::info!(job = &*id, "forgot idle job");
+        }
+        self.metrics.active_jobs.set(core.jobs.len() as i64);
+    }
+}
+
+/// Checks a Hello field by field.
+fn validate_hello(stream: u64, h: proto::Hello) -> Result<Attachment, Rejection> {
+    let bad = |m: String| Rejection::invalid("invalid_hello", m);
+    if h.job.is_empty() {
+        return Err(Rejection::invalid("empty_job", "field job: must not be empty"));
+    }
+    if h.job.len() > MAX_JOB_LEN {
+        return Err(bad(format!(
+            "field job: {} bytes, longer than the limit of {MAX_JOB_LEN}",
+            h.job.len()
+        )));
+    }
+    if h.world_size > MAX_RANKS {
+        return Err(bad(format!(
+            "field world_size: {} is above the limit of {MAX_RANKS}",
+            h.world_size
+        )));
+    }
+    if h.world_size > 0 && h.rank >= h.world_size {
+        return Err(Rejection::invalid(
+            "rank_out_of_range",
+            format!("field rank: {} is not below world_size {}", h.rank, h.world_size),
+        ));
+    }
+    if h.rank >= MAX_RANKS {
+        return Err(Rejection::invalid(
+            "rank_out_of_range",
+            format!("field rank: {} is above the limit of {MAX_RANKS}", h.rank),
+        ));
+    }
+    if h.layer_names.len() > MAX_LAYERS {
+        return Err(Rejection::invalid(
+            "too_many_layers",
+            format!(
+                "field layer_names: {} names, more than the limit of {MAX_LAYERS}",
+                h.layer_names.len()
+            ),
+        ));
+    }
+    Ok(Attachment {
+        stream,
+        job: Arc::from(h.job),
+        rank: h.rank,
+        layer_names: h.layer_names.into(),
+        world_size: (h.world_size > 0).then_some(h.world_size),
+        profile: (!h.rule_profile.is_empty()).then_some(h.rule_profile),
+    })
+}
+
+fn update_gauges(g: &JobGauges, s: &Summary, health: Option<Severity>) {
+    let norm = s.grad_norm.or_else(|| {
+        (!s.layers.is_empty()).then(|| {
+            s.layers
+                .iter()
+                .map(|l| f64::from(l.l2) * f64::from(l.l2))
+                .sum::<f64>()
+                .sqrt()
+        })
+    });
+    if let Some(n) = norm {
+        g.grad_norm.set(n);
+    }
+    if let Some(l) = s.loss {
+        g.loss.set(l);
+    }
+    if let Some(lr) = s.lr {
+        g.lr.set(lr);
+    }
+    g.health.set(match health {
+        None => 0.0,
+        Some(Severity::Info) => 1.0,
+        Some(Severity::Warning) => 2.0,
+        Some(Severity::Critical) => 3.0,
+    });
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// The worker's time when it agrees with the service's clock, else the
+/// receive time: stalls are judged against the service's clock, so a worker
+/// with a skewed or missing clock must not look silent.
+fn effective_time(worker: Option<f64>) -> f64 {
+    let now = unix_now();
+    match worker {
+        Some(t) if t.is_finite() && (t - now).abs() <= MAX_CLOCK_SKEW_SECS => t,
+        _ => now,
+    }
+}

@@ -1,0 +1,146 @@
+//! `gradguard.v1.Ingest`: one task per worker stream.
+//!
+//! The task reads the worker's messages in order and hands each to the hub
+//! right away, so advice is on its way before the next message is read. A
+//! refused message ends that stream with its status (`InvalidArgument` naming
+//! the field and value); other streams never notice. However the stream ends,
+//! dropping the session detaches it from its job.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use gradguard::proto::{self, ingest_server::Ingest, worker_message};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Code, Request, Response, Status, Streaming};
+
+use super::hub::{Attachment, Hub, Outbox, Rejection};
+
+pub struct IngestService {
+    hub: Arc<Hub>,
+    /// Server messages queued per stream before advice is dropped.
+    queue: usize,
+    max_message_bytes: usize,
+}
+
+impl IngestService {
+    pub fn new(hub: Arc<Hub>, queue: usize, max_message_bytes: usize) -> Self {
+        Self {
+            hub,
+            queue,
+            max_message_bytes,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Ingest for IngestService {
+    type StreamStream = ReceiverStream<Result<proto::ServerMessage, Status>>;
+
+    async fn stream(
+        &self,
+        request: Request<Streaming<proto::WorkerMessage>>,
+    ) -> Result<Response<Self::StreamStream>, Status> {
+        let (outbox, rx) = mpsc::channel(self.queue);
+        let session = Session {
+            id: self.hub.next_stream_id(),
+            hub: self.hub.clone(),
+            outbox,
+            attachment: None,
+            max_message_bytes: self.max_message_bytes,
+        };
+        tokio::spawn(session.run(request.into_inner()));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// One worker stream.
+struct Session {
+    id: u64,
+    hub: Arc<Hub>,
+    outbox: Outbox,
+    attachment: Option<Attachment>,
+    max_message_bytes: usize,
+}
+
+impl Session {
+    async fn run(mut self, mut inbound: Streaming<proto::WorkerMessage>) {
+        loop {
+            let message = match inbound.message().await {
+                Ok(Some(m)) => m,
+                Ok(None) => break, // the worker closed its half
+                Err(status) => {
+                    if status.code() == Code::OutOfRange {
+                        // tonic's decoder refused a frame over the size limit.
+                        let limit = self.max_message_bytes;
+                        self.refuse(Rejection::invalid(
+                            "message_too_large",
+                            format!(
+                                "message over the size limit of {limit} bytes (--max-message-bytes): {}",
+                                status.message()
+                            ),
+                        ))
+                        .await;
+                    }
+                    break; // otherwise the transport failed: the worker is gone
+                }
+            };
+            if let Err(rejection) = self.handle(message, Instant::now()) {
+                self.refuse(rejection).await;
+                break;
+            }
+        }
+    }
+
+    fn handle(&mut self, message: proto::WorkerMessage, received: Instant) -> Result<(), Rejection> {
+        use worker_message::Body;
+        match (message.body, &self.attachment) {
+            (Some(Body::Hello(hello)), None) => {
+                self.attachment = Some(self.hub.hello(self.id, &self.outbox, hello)?);
+                Ok(())
+            }
+            (Some(Body::Hello(_)), Some(at)) => Err(Rejection::invalid(
+                "hello_twice",
+                format!(
+                    "field hello: this stream already said hello as job {:?} rank {}",
+                    &*at.job, at.rank
+                ),
+            )),
+            (Some(Body::Summary(s)), Some(at)) => self.hub.summary(at, &self.outbox, &s, received),
+            (Some(Body::Ack(ack)), Some(at)) => {
+                self.hub.ack(at, &ack);
+                Ok(())
+            }
+            (Some(Body::Summary(s)), None) => Err(Rejection::invalid(
+                "no_hello",
+                format!(
+                    "field summary: step {} arrived before the Hello; open the stream with a Hello (job, rank, world_size, layer_names)",
+                    s.step
+                ),
+            )),
+            (Some(Body::Ack(_)), None) => Err(Rejection::invalid(
+                "no_hello",
+                "field ack: arrived before the Hello; open the stream with a Hello",
+            )),
+            (None, _) => Err(Rejection::invalid(
+                "empty_message",
+                "field body: the message carries no hello, summary or ack",
+            )),
+        }
+    }
+
+    /// Ends the stream with the rejection's status.
+    async fn refuse(&self, rejection: Rejection) {
+        self.hub.metrics.rejected(rejection.reason);
+        tracing::debug!(stream = self.id, reason = rejection.reason, status = %rejection.status.message(), "refused");
+        let _ = self.outbox.send(Err(rejection.status)).await;
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if let Some(at) = &self.attachment {
+            self.hub.detach(at);
+        }
+    }
+}

@@ -1,0 +1,276 @@
+//! Prometheus metrics of the service, and the HTTP endpoint that serves them.
+//!
+//! Names follow the conventions: `gradguard_` prefix, base units, `_total`
+//! counters. Labels are bounded: `job` (capped by `--max-jobs`, and removed
+//! with the job), `rule`, `severity`, `action`, `reason`; never a step or a rank.
+//! Alerts belong on the counters (`increase(gradguard_anomalies_total[5m]) > 0`):
+//! a one-step spike never shows in a gauge scraped every 15 s.
+
+use axum::Router;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use gradguard::model::{Action, RuleId, Severity};
+use prometheus::{
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    register_gauge_vec_with_registry, register_histogram_with_registry, register_int_counter_vec_with_registry,
+    register_int_counter_with_registry, register_int_gauge_with_registry,
+};
+
+/// Every metric the service exports.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub summaries: IntCounter,
+    pub layer_stats: IntCounter,
+    rejected: IntCounterVec,
+    anomalies: IntCounterVec,
+    advice: IntCounterVec,
+    pub advice_dropped: IntCounter,
+    acks: IntCounterVec,
+    pub advice_latency: Histogram,
+    pub active_jobs: IntGauge,
+    pub active_streams: IntGauge,
+    pub jobs_refused: IntCounter,
+    job_grad_norm: prometheus::GaugeVec,
+    job_loss: prometheus::GaugeVec,
+    job_lr: prometheus::GaugeVec,
+    job_health: prometheus::GaugeVec,
+}
+
+/// One job's gauges, looked up once when the job appears.
+#[derive(Clone)]
+pub struct JobGauges {
+    pub grad_norm: Gauge,
+    pub loss: Gauge,
+    pub lr: Gauge,
+    pub health: Gauge,
+}
+
+/// Buckets of the advice latency, in seconds: 50 µs to 1 s.
+const LATENCY_BUCKETS: [f64; 14] = [
+    50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 500e-3, 1.0,
+];
+
+impl Metrics {
+    pub fn new() -> Self {
+        let r = Registry::new();
+        #[cfg(target_os = "linux")]
+        r.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
+            .expect("process collector registers once");
+        // Registration only fails on duplicate or malformed names, fixed here.
+        let m = Self {
+            summaries: register_int_counter_with_registry!(
+                "gradguard_summaries_total",
+                "Summaries accepted from workers.",
+                r
+            )
+            .unwrap(),
+            layer_stats: register_int_counter_with_registry!(
+                "gradguard_layer_stats_total",
+                "Per-layer statistics accepted (one per layer of each summary).",
+                r
+            )
+            .unwrap(),
+            rejected: register_int_counter_vec_with_registry!(
+                "gradguard_summaries_rejected_total",
+                "Worker messages refused, by reason.",
+                &["reason"],
+                r
+            )
+            .unwrap(),
+            anomalies: register_int_counter_vec_with_registry!(
+                "gradguard_anomalies_total",
+                "Anomalies found, by job, rule and severity.",
+                &["job", "rule", "severity"],
+                r
+            )
+            .unwrap(),
+            advice: register_int_counter_vec_with_registry!(
+                "gradguard_advice_total",
+                "Advice decided, by job and action.",
+                &["job", "action"],
+                r
+            )
+            .unwrap(),
+            advice_dropped: register_int_counter_with_registry!(
+                "gradguard_advice_dropped_total",
+                "Advice not delivered to a stream because its send queue was full.",
+                r
+            )
+            .unwrap(),
+            acks: register_int_counter_vec_with_registry!(
+                "gradguard_advice_acks_total",
+                "Advice acknowledgements from workers, by whether they applied it.",
+                &["applied"],
+                r
+            )
+            .unwrap(),
+            advice_latency: register_histogram_with_registry!(
+                HistogramOpts::new(
+                    "gradguard_advice_latency_seconds",
+                    "Time from receiving a summary to queueing the advice it triggered on the worker streams."
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
+                r
+            )
+            .unwrap(),
+            active_jobs: register_int_gauge_with_registry!("gradguard_active_jobs", "Jobs tracked.", r).unwrap(),
+            active_streams: register_int_gauge_with_registry!(
+                "gradguard_active_streams",
+                "Worker streams open (after their Hello).",
+                r
+            )
+            .unwrap(),
+            jobs_refused: register_int_counter_with_registry!(
+                "gradguard_jobs_refused_total",
+                "New jobs refused because --max-jobs jobs were already tracked.",
+                r
+            )
+            .unwrap(),
+            job_grad_norm: register_gauge_vec_with_registry!(
+                Opts::new(
+                    "gradguard_job_grad_norm",
+                    "Latest global gradient L2 norm of a job (any rank); for dashboards, not alerts."
+                ),
+                &["job"],
+                r
+            )
+            .unwrap(),
+            job_loss: register_gauge_vec_with_registry!(
+                Opts::new("gradguard_job_loss", "Latest loss of a job (any rank)."),
+                &["job"],
+                r
+            )
+            .unwrap(),
+            job_lr: register_gauge_vec_with_registry!(
+                Opts::new(
+                    "gradguard_job_learning_rate",
+                    "Latest learning rate of a job (any rank)."
+                ),
+                &["job"],
+                r
+            )
+            .unwrap(),
+            job_health: register_gauge_vec_with_registry!(
+                Opts::new(
+                    "gradguard_job_health",
+                    "Worst open problem of a job: 0 healthy, 1 info, 2 warning, 3 critical."
+                ),
+                &["job"],
+                r
+            )
+            .unwrap(),
+            registry: r,
+        };
+        for reason in REJECT_REASONS {
+            m.rejected.with_label_values(&[reason]);
+        }
+        for applied in ["true", "false"] {
+            m.acks.with_label_values(&[applied]);
+        }
+        m
+    }
+
+    pub fn job_gauges(&self, job: &str) -> JobGauges {
+        JobGauges {
+            grad_norm: self.job_grad_norm.with_label_values(&[job]),
+            loss: self.job_loss.with_label_values(&[job]),
+            lr: self.job_lr.with_label_values(&[job]),
+            health: self.job_health.with_label_values(&[job]),
+        }
+    }
+
+    pub fn rejected(&self, reason: &str) {
+        self.rejected.with_label_values(&[reason]).inc();
+    }
+
+    pub fn anomaly(&self, job: &str, rule: RuleId, severity: Severity) {
+        self.anomalies
+            .with_label_values(&[job, rule.as_str(), severity.as_str()])
+            .inc();
+    }
+
+    pub fn advice(&self, job: &str, action: &Action) {
+        self.advice.with_label_values(&[job, action.name()]).inc();
+    }
+
+    pub fn ack(&self, applied: bool) {
+        self.acks
+            .with_label_values(&[if applied { "true" } else { "false" }])
+            .inc();
+    }
+
+    /// Removes every series labelled with this job.
+    pub fn forget_job(&self, job: &str) {
+        for v in [&self.job_grad_norm, &self.job_loss, &self.job_lr, &self.job_health] {
+            let _ = v.remove_label_values(&[job]);
+        }
+        for rule in RuleId::ALL {
+            for severity in [Severity::Info, Severity::Warning, Severity::Critical] {
+                let _ = self
+                    .anomalies
+                    .remove_label_values(&[job, rule.as_str(), severity.as_str()]);
+            }
+        }
+        for action in Action::NAMES {
+            let _ = self.advice.remove_label_values(&[job, action]);
+        }
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> Result<String, prometheus::Error> {
+        let mut buf = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut buf)?;
+        Ok(String::from_utf8(buf).expect("the text format is UTF-8"))
+    }
+}
+
+/// Every `reason` label of rejected messages, so each series exists from the start.
+pub const REJECT_REASONS: [&str; 14] = [
+    "empty_message",
+    "replaced",
+    "no_hello",
+    "hello_twice",
+    "invalid_hello",
+    "layer_count",
+    "layer_names",
+    "duplicate_step",
+    "step_backwards",
+    "empty_job",
+    "rank_out_of_range",
+    "too_many_layers",
+    "message_too_large",
+    "too_many_jobs",
+];
+
+/// `/metrics` (Prometheus text format) and `/healthz`.
+pub fn router(metrics: Metrics) -> Router {
+    Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let metrics = metrics.clone();
+                async move {
+                    match metrics.render() {
+                        Ok(text) => {
+                            (StatusCode::OK, [(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], text).into_response()
+                        }
+                        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+                    }
+                }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }))
+}
+
+/// Serves the router on an already bound listener until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: Metrics,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(metrics))
+        .with_graceful_shutdown(shutdown)
+        .await
+}

@@ -1,0 +1,219 @@
+//! `gradguard serve`: gRPC ingest with advice streamed back, gRPC health and
+//! reflection, and Prometheus metrics over HTTP.
+//!
+//! Startup order: parse flags and load the rules file (a bad value exits
+//! before any port is bound), bind both listeners, print one line
+//! `listening grpc=ADDR metrics=ADDR` on stdout (tests and scripts wait for
+//! it; with port 0 it tells the ports chosen), then serve until SIGINT or
+//! SIGTERM.
+
+mod hub;
+mod ingest;
+pub mod metrics;
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use gradguard::config::RuleBook;
+use gradguard::engine::Engine;
+use gradguard::proto::{self, ingest_server::IngestServer};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::cli::Failure;
+use hub::{Hub, Limits};
+use ingest::IngestService;
+use metrics::Metrics;
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Rules file (TOML, as for `replay --rules`); the built-in defaults when absent.
+    #[arg(long, value_name = "FILE", env = "GRADGUARD_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    /// Address for gRPC (ingest, health, reflection); port 0 picks a free port.
+    #[arg(
+        long,
+        value_name = "ADDR",
+        default_value = "0.0.0.0:50051",
+        env = "GRADGUARD_GRPC_ADDR"
+    )]
+    pub grpc_addr: SocketAddr,
+
+    /// Address for HTTP: `/metrics` (Prometheus) and `/healthz`.
+    #[arg(
+        long,
+        value_name = "ADDR",
+        default_value = "0.0.0.0:9464",
+        env = "GRADGUARD_METRICS_ADDR"
+    )]
+    pub metrics_addr: SocketAddr,
+
+    /// Jobs tracked at once; a Hello for one more is refused (RESOURCE_EXHAUSTED).
+    /// Bounds the `job` label of every metric.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=1_000_000), env = "GRADGUARD_MAX_JOBS")]
+    pub max_jobs: u64,
+
+    /// Forget a job (its detection state and metrics series) after this long
+    /// without a summary, Hello or disconnect, e.g. `15m`, `90s`.
+    #[arg(long, default_value = "15m", value_parser = humantime::parse_duration, env = "GRADGUARD_JOB_TTL")]
+    pub job_ttl: Duration,
+
+    /// Largest accepted worker message, in bytes.
+    #[arg(long, default_value_t = 4 << 20, value_parser = clap::value_parser!(u64).range(1024..=(256 << 20)), env = "GRADGUARD_MAX_MESSAGE_BYTES")]
+    pub max_message_bytes: u64,
+
+    /// Server messages queued per stream; advice for a worker that does not
+    /// read is dropped beyond this (counted in `gradguard_advice_dropped_total`).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=65536))]
+    pub stream_queue: u64,
+
+    /// Worker threads of the async runtime (default: one per CPU).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub threads: Option<u64>,
+}
+
+pub fn run(args: &ServeArgs) -> Result<(), Failure> {
+    let book = match &args.config {
+        Some(path) => RuleBook::load(path)
+            .with_context(|| format!("--config {}", path.display()))
+            .map_err(Failure::usage)?,
+        None => RuleBook::builtin(),
+    };
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = args.threads {
+        runtime.worker_threads(n as usize);
+    }
+    let runtime = runtime
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+        .map_err(Failure::input)?;
+    runtime.block_on(serve(args, book))
+}
+
+async fn serve(args: &ServeArgs, book: RuleBook) -> Result<(), Failure> {
+    init_tracing();
+    let grpc = TcpListener::bind(args.grpc_addr)
+        .await
+        .with_context(|| format!("cannot bind --grpc-addr {}", args.grpc_addr))
+        .map_err(Failure::input)?;
+    let http = TcpListener::bind(args.metrics_addr)
+        .await
+        .with_context(|| format!("cannot bind --metrics-addr {}", args.metrics_addr))
+        .map_err(Failure::input)?;
+    let grpc_addr = grpc.local_addr().map_err(|e| Failure::input(anyhow::Error::from(e)))?;
+    let http_addr = http.local_addr().map_err(|e| Failure::input(anyhow::Error::from(e)))?;
+
+    let metrics = Metrics::new();
+    let hub = Arc::new(Hub::new(
+        Engine::new(book),
+        metrics.clone(),
+        Limits {
+            max_jobs: args.max_jobs as usize,
+            job_ttl: args.job_ttl,
+        },
+    ));
+    let max_message = args.max_message_bytes as usize;
+    let ingest = IngestServer::new(IngestService::new(hub.clone(), args.stream_queue as usize, max_message))
+        .max_decoding_message_size(max_message);
+
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<IngestServer<IngestService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("cannot build the reflection service")
+        .map_err(Failure::input)?;
+
+    // Tests and scripts wait for this line: both ports are bound from here on.
+    {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "listening grpc={grpc_addr} metrics={http_addr}");
+        let _ = out.flush();
+    }
+    tracing::info!(%grpc_addr, %http_addr, version = env!("CARGO_PKG_VERSION"), "gradguard serving");
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+
+    let ticker = {
+        let hub = hub.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(1));
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                hub.tick();
+            }
+        })
+    };
+
+    let grpc_server = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(ingest)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), stopped());
+    let http_server = metrics::serve(http, metrics, stopped());
+    let grpc_task = tokio::spawn(grpc_server);
+    let http_task = tokio::spawn(http_server);
+
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(true);
+    ticker.abort();
+    // Open worker streams keep a graceful shutdown waiting; give them a moment.
+    let drain = async {
+        let _ = grpc_task.await;
+        let _ = http_task.await;
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}

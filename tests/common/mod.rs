@@ -1,0 +1,97 @@
+//! A real `gradguard serve` process for integration tests: started on port 0,
+//! ready once it prints its `listening` line, killed when dropped.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Server {
+    child: Child,
+    pub grpc: SocketAddr,
+    pub metrics: SocketAddr,
+}
+
+impl Server {
+    pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Starts the server with extra flags and waits for its `listening` line.
+    pub fn start_with(args: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_gradguard"))
+            .args(["serve", "--grpc-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0"])
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start gradguard serve");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read the listening line");
+        let field = |name: &str| -> SocketAddr {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(name))
+                .unwrap_or_else(|| panic!("no {name} in {line:?}"))
+                .parse()
+                .expect("an address")
+        };
+        let (grpc, metrics) = (field("grpc="), field("metrics="));
+        Self { child, grpc, metrics }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.grpc)
+    }
+
+    /// The `/metrics` text (blocking; call from `spawn_blocking` in async tests).
+    pub fn scrape(&self) -> String {
+        ureq::get(&format!("http://{}/metrics", self.metrics))
+            .call()
+            .expect("scrape /metrics")
+            .body_mut()
+            .read_to_string()
+            .expect("metrics text")
+    }
+
+    /// The value of one sample (`name{labels}` exactly as exposed), if present.
+    pub fn sample(&self, series: &str) -> Option<f64> {
+        sample(&self.scrape(), series)
+    }
+
+    /// Scrapes until `check` holds, failing after 10 s. For effects the server
+    /// applies asynchronously (a disconnect, an expiry): no fixed sleeps.
+    pub fn wait_for(&self, what: &str, check: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = self.scrape();
+            if check(&text) {
+                return text;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; metrics:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The value of one sample in Prometheus text, if present.
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+}

@@ -1,0 +1,474 @@
+//! `gradguard serve` end to end: the real server process on port 0, a real gRPC
+//! client over a socket, and a real scrape of `/metrics`.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Server, sample};
+use gradguard::client::{self, StreamReceiver, StreamSender, WorkerStream};
+use gradguard::model::Action;
+use gradguard::proto::{self, WorkerMessage, advice, ingest_client::IngestClient, worker_message};
+use gradguard::scenario::{Fault, FaultPlan, Scenario, ScenarioConfig};
+use gradguard::wire;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+use tonic::transport::Channel;
+
+const LAYERS: usize = 8;
+
+fn config(job: &str, fault: Fault, workers: u32) -> ScenarioConfig {
+    ScenarioConfig {
+        job: job.into(),
+        fault,
+        workers,
+        layers: LAYERS,
+        steps: 400,
+        fault_at: 250,
+        seed: 7,
+        ..ScenarioConfig::default()
+    }
+}
+
+fn hello(job: &str, rank: u32, world_size: u32, layers: usize) -> proto::Hello {
+    proto::Hello {
+        job: job.into(),
+        rank,
+        world_size,
+        layer_names: (0..layers).map(|i| format!("layer{i}")).collect(),
+        client_version: "test".into(),
+        rule_profile: String::new(),
+    }
+}
+
+/// One stream per rank of a scenario's job, opened and welcomed.
+async fn open_job(url: &str, cfg: &ScenarioConfig) -> (Scenario, Vec<StreamSender>, Vec<StreamReceiver>) {
+    let scenario = Scenario::new(cfg.clone());
+    let names = scenario.layer_names();
+    let (mut senders, mut receivers) = (Vec::new(), Vec::new());
+    for rank in 0..cfg.workers {
+        let mut c = client::connect(url).await.expect("connect");
+        let h = proto::Hello {
+            layer_names: names.clone(),
+            ..hello(&cfg.job, rank, cfg.workers, 0)
+        };
+        let stream = WorkerStream::open(&mut c, h).await.expect("open");
+        assert_eq!(stream.welcome.server_version, env!("CARGO_PKG_VERSION"));
+        assert_eq!(stream.welcome.last_step, None);
+        senders.push(stream.sender);
+        receivers.push(stream.receiver);
+    }
+    (scenario, senders, receivers)
+}
+
+/// Sends every step of the scenario, each rank on its own stream.
+async fn send_all(scenario: &mut Scenario, senders: &[StreamSender]) {
+    while let Some(step) = scenario.next_step() {
+        for s in &step {
+            senders[s.worker as usize]
+                .summary(wire::summary_to_proto(s))
+                .await
+                .expect("send");
+        }
+    }
+}
+
+/// Plays a whole scenario and returns what each rank received, in order, once
+/// every stream has ended, and the fault the scenario drew.
+async fn play(url: &str, cfg: ScenarioConfig) -> (Vec<Vec<proto::Advice>>, FaultPlan) {
+    let (mut scenario, senders, receivers) = open_job(url, &cfg).await;
+    let readers: Vec<_> = receivers
+        .into_iter()
+        .map(|mut r| tokio::spawn(async move { r.drain().await }))
+        .collect();
+    send_all(&mut scenario, &senders).await;
+    drop(senders);
+    let mut received = Vec::new();
+    for r in readers {
+        received.push(r.await.unwrap().expect("stream ended cleanly"));
+    }
+    (received, scenario.plan().clone())
+}
+
+fn action(a: &proto::Advice) -> Action {
+    wire::action_from_proto(a.action.as_ref().expect("advice has an action"))
+}
+
+fn names(advice: &[proto::Advice]) -> Vec<&'static str> {
+    advice.iter().map(|a| action(a).name()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn healthy_run_gets_no_advice() {
+    let server = Server::start();
+    let (received, _) = play(&server.url(), config("healthy", Fault::Healthy, 4)).await;
+    for (rank, advice) in received.iter().enumerate() {
+        assert!(advice.is_empty(), "rank {rank} got {:?}", names(advice));
+    }
+    let text = server.scrape();
+    assert_eq!(sample(&text, "gradguard_summaries_total"), Some(1600.0));
+    assert_eq!(
+        sample(&text, "gradguard_layer_stats_total"),
+        Some(1600.0 * LAYERS as f64)
+    );
+    assert_eq!(sample(&text, "gradguard_job_health{job=\"healthy\"}"), Some(0.0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn exploding_run_gets_clip_advice_then_an_escalation() {
+    let server = Server::start();
+    let (received, plan) = play(&server.url(), config("explode", Fault::AbruptExplosion, 1)).await;
+    let advice = &received[0];
+    let first = advice.first().expect("some advice");
+    assert!(matches!(action(first), Action::ClipGradients { max_norm } if max_norm > 0.0));
+    assert!(first.decided_at_step >= plan.at, "{first:?}");
+    assert_eq!(first.job, "explode");
+    assert!(first.rules.iter().any(|r| r == "grad_spike"), "{first:?}");
+    assert!(!first.reason.is_empty() && !first.evidence.is_empty());
+    let later = names(&advice[1..]);
+    assert!(
+        later.iter().any(|a| ["scale_lr", "rollback", "halt"].contains(a)),
+        "no escalation after clip: {later:?}"
+    );
+
+    let text = server.scrape();
+    assert!(
+        sample(
+            &text,
+            "gradguard_advice_total{action=\"clip_gradients\",job=\"explode\"}"
+        )
+        .unwrap()
+            >= 1.0
+    );
+    assert!(
+        sample(
+            &text,
+            "gradguard_anomalies_total{job=\"explode\",rule=\"grad_spike\",severity=\"critical\"}"
+        )
+        .is_some()
+            || sample(
+                &text,
+                "gradguard_anomalies_total{job=\"explode\",rule=\"grad_spike\",severity=\"info\"}"
+            )
+            .is_some()
+    );
+    assert!(sample(&text, "gradguard_advice_latency_seconds_count").unwrap() >= advice.len() as f64);
+    assert!(
+        sample(&text, "gradguard_job_health{job=\"explode\"}").unwrap() >= 2.0,
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nan_gradients_get_skip_step_advice() {
+    let server = Server::start();
+    let (received, plan) = play(&server.url(), config("nan", Fault::NanGradients, 2)).await;
+    for advice in &received {
+        let skip = advice
+            .iter()
+            .find(|a| action(a) == Action::SkipStep)
+            .unwrap_or_else(|| panic!("no skip_step in {:?}", names(advice)));
+        assert_eq!(skip.decided_at_step, plan.at);
+        assert_eq!(skip.apply_from_step, plan.at);
+        assert_eq!(skip.severity(), proto::Severity::Critical);
+        assert_eq!(skip.rules, ["nonfinite"]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rank_outlier_gets_inspect_worker_advice_on_every_stream() {
+    let server = Server::start();
+    let cfg = config("outlier", Fault::RankOutlier, 4);
+    let (mut scenario, senders, receivers) = open_job(&server.url(), &cfg).await;
+    let bad = scenario.plan().rank.expect("the plan names a rank");
+    // Every stream must see it, so all stay open until each has.
+    let readers: Vec<_> = receivers
+        .into_iter()
+        .map(|mut r| {
+            tokio::spawn(async move {
+                while let Some(a) = r.advice().await.expect("stream healthy") {
+                    if action(&a) == (Action::InspectWorker { rank: bad }) {
+                        return a;
+                    }
+                }
+                panic!("stream ended without inspect_worker advice");
+            })
+        })
+        .collect();
+    send_all(&mut scenario, &senders).await;
+    for reader in readers {
+        let advice = tokio::time::timeout(Duration::from_secs(10), reader)
+            .await
+            .expect("inspect_worker advice arrives")
+            .unwrap();
+        assert!(advice.rules.contains(&"rank_outlier".to_owned()), "{advice:?}");
+        assert!(advice.reason.contains(&format!("rank {bad}")), "{advice:?}");
+    }
+    drop(senders);
+}
+
+/// Opens a raw stream, sends `messages` and keeps its half open, and returns
+/// the status the server ended the stream with.
+async fn refused(client: &mut IngestClient<Channel>, messages: Vec<WorkerMessage>) -> tonic::Status {
+    let (tx, rx) = mpsc::channel(messages.len() + 1);
+    for m in messages {
+        tx.send(m).await.unwrap();
+    }
+    let call = async {
+        let mut inbound = match client.stream(ReceiverStream::new(rx)).await {
+            Ok(r) => r.into_inner(),
+            Err(status) => return status,
+        };
+        loop {
+            match inbound.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("stream ended without an error"),
+                Err(status) => return status,
+            }
+        }
+    };
+    let status = tokio::time::timeout(Duration::from_secs(10), call)
+        .await
+        .expect("server answered");
+    drop(tx);
+    status
+}
+
+fn msg(body: worker_message::Body) -> WorkerMessage {
+    WorkerMessage { body: Some(body) }
+}
+
+fn summary(step: u64, layers: usize) -> proto::Summary {
+    proto::Summary {
+        step,
+        loss: Some(3.0),
+        lr: Some(1e-3),
+        grad_norm: Some(1.0),
+        layer_l2: vec![0.3; layers],
+        layer_max_abs: vec![0.01; layers],
+        layer_nonfinite: vec![0; layers],
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_input_ends_only_its_own_stream_with_invalid_argument() {
+    use worker_message::Body::{Ack, Hello, Summary};
+    let server = Server::start_with(&["--max-message-bytes", "65536"]);
+    let mut c = client::connect(&server.url()).await.unwrap();
+
+    // A healthy rank of the same job keeps going throughout.
+    let good = WorkerStream::open(&mut c, hello("shared", 0, 8, 4)).await.unwrap();
+    let mut good_rx = good.receiver;
+    let good_reader = tokio::spawn(async move { good_rx.drain().await });
+    for step in 1..=20 {
+        good.sender.summary(summary(step, 4)).await.unwrap();
+    }
+
+    let h = |rank| msg(Hello(hello("shared", rank, 8, 4)));
+    let cases: Vec<(Vec<WorkerMessage>, &[&str])> = vec![
+        (
+            vec![msg(Summary(summary(1, 4)))],
+            &["summary", "step 1", "before the Hello"],
+        ),
+        (
+            vec![msg(Ack(proto::AdviceAck::default()))],
+            &["ack", "before the Hello"],
+        ),
+        (
+            vec![h(1), msg(Summary(summary(1, 3)))],
+            &["layer_l2", "3 values", "4 layers"],
+        ),
+        (
+            vec![h(2), msg(Summary(summary(5, 4))), msg(Summary(summary(4, 4)))],
+            &["field step", "step 4", "last accepted step is 5"],
+        ),
+        (
+            vec![h(3), msg(Summary(summary(5, 4))), msg(Summary(summary(5, 4)))],
+            &["field step", "step 5", "already accepted"],
+        ),
+        (
+            vec![msg(Hello(hello("", 0, 1, 4)))],
+            &["field job", "must not be empty"],
+        ),
+        (
+            vec![msg(Hello(hello("shared", 9, 8, 4)))],
+            &["field rank", "9", "world_size 8"],
+        ),
+        (
+            vec![msg(Hello(hello("shared", 4, 8, 5)))],
+            &["field layer_names", "4 layer names", "5"],
+        ),
+        (vec![h(5), h(5)], &["field hello", "already said hello", "rank 5"]),
+        (
+            vec![msg(Hello(proto::Hello {
+                rule_profile: "nope".into(),
+                ..hello("other", 0, 1, 4)
+            }))],
+            &["field rule_profile", "nope"],
+        ),
+        (
+            vec![h(6), msg(Summary(summary(1, 20_000)))],
+            &["--max-message-bytes", "65536"],
+        ),
+        (vec![WorkerMessage { body: None }], &["field body"]),
+    ];
+    for (messages, expected) in cases {
+        let status = refused(&mut c, messages).await;
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        for part in expected {
+            assert!(status.message().contains(part), "{:?} lacks {part:?}", status.message());
+        }
+    }
+
+    // The healthy stream never noticed.
+    for step in 21..=40 {
+        good.sender.summary(summary(step, 4)).await.unwrap();
+    }
+    drop(good.sender);
+    assert_eq!(good_reader.await.unwrap().expect("healthy stream ended cleanly"), []);
+
+    let text = server.scrape();
+    for reason in [
+        "no_hello",
+        "layer_count",
+        "step_backwards",
+        "duplicate_step",
+        "empty_job",
+        "message_too_large",
+    ] {
+        let n = sample(
+            &text,
+            &format!("gradguard_summaries_rejected_total{{reason=\"{reason}\"}}"),
+        );
+        assert!(n >= Some(1.0), "{reason}: {n:?}");
+    }
+    // Accepted: 40 from the healthy rank and one first step of each of the
+    // ranks whose second summary was refused.
+    assert_eq!(sample(&text, "gradguard_summaries_total"), Some(42.0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn streams_that_vanish_mid_run_leak_nothing() {
+    let server = Server::start();
+    for i in 0..20u32 {
+        // Each worker has its own connection, dropped without closing the stream.
+        let mut c = client::connect(&server.url()).await.unwrap();
+        let stream = WorkerStream::open(&mut c, hello("vanish", i, 20, 4)).await.unwrap();
+        stream.sender.summary(summary(1, 4)).await.unwrap();
+        drop(stream);
+        drop(c);
+    }
+    server.wait_for("every stream to be released", |text| {
+        sample(text, "gradguard_active_streams") == Some(0.0)
+    });
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_newer_stream_of_the_same_rank_replaces_the_older() {
+    let server = Server::start();
+    let mut c = client::connect(&server.url()).await.unwrap();
+    let old = WorkerStream::open(&mut c, hello("again", 0, 1, 2)).await.unwrap();
+    old.sender.summary(summary(1, 2)).await.unwrap();
+    let mut old_rx = old.receiver;
+    let new = WorkerStream::open(&mut c, hello("again", 0, 1, 2)).await.unwrap();
+    let status = old_rx.drain().await.expect_err("the old stream is ended");
+    assert_eq!(status.code(), Code::Aborted);
+    assert!(status.message().contains("replaced"), "{status:?}");
+    // The reconnecting worker learns where it stands and carries on.
+    assert_eq!(new.welcome.last_step, Some(1));
+    new.sender.summary(summary(2, 2)).await.unwrap();
+    drop(new.sender);
+    let mut rx = new.receiver;
+    assert_eq!(rx.drain().await.unwrap(), []);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn job_cap_refuses_new_jobs_and_idle_jobs_are_forgotten() {
+    let server = Server::start_with(&["--max-jobs", "1", "--job-ttl", "1s"]);
+    let mut c = client::connect(&server.url()).await.unwrap();
+    let first = WorkerStream::open(&mut c, hello("first", 0, 1, 2)).await.unwrap();
+    first.sender.summary(summary(1, 2)).await.unwrap();
+
+    let status = refused(&mut c, vec![msg(worker_message::Body::Hello(hello("second", 0, 1, 2)))]).await;
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert!(status.message().contains("--max-jobs"), "{status:?}");
+
+    drop(first.sender);
+    let mut rx = first.receiver;
+    rx.drain().await.unwrap();
+    let text = server.wait_for("the finished job's series to go", |text| {
+        sample(text, "gradguard_active_jobs") == Some(0.0) && !text.contains("job=\"first\"")
+    });
+    assert_eq!(sample(&text, "gradguard_jobs_refused_total"), Some(1.0));
+
+    // With the first job gone, there is room again.
+    let second = WorkerStream::open(&mut c, hello("second", 0, 1, 2)).await.unwrap();
+    assert_eq!(second.welcome.last_step, None);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_and_reflection_answer() {
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let server = Server::start();
+    let channel = Channel::from_shared(server.url()).unwrap().connect().await.unwrap();
+
+    let status = HealthClient::new(channel.clone())
+        .check(HealthCheckRequest {
+            service: "gradguard.v1.Ingest".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status();
+    assert_eq!(status, ServingStatus::Serving);
+
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = ServerReflectionClient::new(channel)
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) =
+        responses.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("not a service list");
+    };
+    let services: Vec<&str> = list.service.iter().map(|s| s.name.as_str()).collect();
+    assert!(services.contains(&"gradguard.v1.Ingest"), "{services:?}");
+    assert!(services.contains(&"grpc.health.v1.Health"), "{services:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn acks_are_counted() {
+    let server = Server::start();
+    let mut c = client::connect(&server.url()).await.unwrap();
+    let s = WorkerStream::open(&mut c, hello("acks", 0, 1, 2)).await.unwrap();
+    let fake = proto::Advice {
+        id: 1,
+        action: Some(advice::Action::SkipStep(proto::SkipStep {})),
+        ..Default::default()
+    };
+    s.sender.ack(&fake, 3, true).await.unwrap();
+    s.sender.ack(&fake, 3, false).await.unwrap();
+    drop(s.sender);
+    let mut rx = s.receiver;
+    rx.drain().await.unwrap();
+    let text = server.scrape();
+    assert_eq!(
+        sample(&text, "gradguard_advice_acks_total{applied=\"true\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&text, "gradguard_advice_acks_total{applied=\"false\"}"),
+        Some(1.0)
+    );
+}
