@@ -472,3 +472,51 @@ async fn acks_are_counted() {
         Some(1.0)
     );
 }
+
+/// Runs `gradguard serve` to completion (it must fail) and returns its exit
+/// code and stderr.
+fn serve_fails(args: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gradguard"))
+        .arg("serve")
+        .args(args)
+        .output()
+        .expect("run gradguard serve");
+    assert!(!out.status.success());
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_flags_and_config_exit_before_binding_a_port() {
+    // Hold a port: a server that tried to bind before checking its config
+    // would report the port, not the config.
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = held.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("rules.toml");
+    std::fs::write(&bad, "[grad_spike]\nz = -1.0\n").unwrap();
+    let bad = bad.to_str().unwrap();
+
+    let (code, err) = serve_fails(&["--grpc-addr", &addr, "--config", bad]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("grad_spike.z") && err.contains("-1"), "{err}");
+
+    let (code, err) = serve_fails(&["--grpc-addr", &addr, "--config", "/no/such/rules.toml"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("/no/such/rules.toml"), "{err}");
+
+    let (code, err) = serve_fails(&["--grpc-addr", "localhost"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--grpc-addr") && err.contains("localhost"), "{err}");
+
+    let (code, err) = serve_fails(&["--max-jobs", "0"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--max-jobs"), "{err}");
+
+    // A good config on a taken port: the port is named.
+    let (code, err) = serve_fails(&["--grpc-addr", &addr, "--metrics-addr", "127.0.0.1:0"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains(&format!("cannot bind --grpc-addr {addr}")), "{err}");
+}
