@@ -160,8 +160,13 @@ async fn serve(args: &ServeArgs, book: RuleBook) -> Result<(), Failure> {
         })
     };
 
+    // Flow-control windows bound what a flooding worker can make the service
+    // buffer: 128 KiB per stream (about a hundred 100-layer summaries in
+    // flight) keeps a thousand streams well inside the memory budget.
     let grpc_server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
+        .initial_stream_window_size(128 << 10)
+        .initial_connection_window_size(1 << 20)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(health)
