@@ -14,6 +14,7 @@
 //! - [`proto`]: the generated `gradguard.v1` protobuf and gRPC code. Only the edges
 //!   convert between it and [`model`], through [`wire`].
 //! - [`wire`]: the conversions between wire and domain types, with validation.
+//! - [`store`]: the durable store (SQLite): jobs, anomalies, advice, acks.
 //! - [`client`]: the worker side of the gRPC ingest stream (simulator, load
 //!   generator, tests).
 
@@ -23,5 +24,6 @@ pub mod engine;
 pub mod model;
 pub mod proto;
 pub mod scenario;
+pub mod store;
 pub mod trace;
 pub mod wire;

@@ -474,7 +474,7 @@ impl Scenario {
                 }
             }
             if nan_loss {
-                loss = if t % 2 == 0 { f64::NAN } else { f64::INFINITY };
+                loss = if t.is_multiple_of(2) { f64::NAN } else { f64::INFINITY };
             }
             let stalled = active && plan.fault == Fault::StalledRank && plan.rank == Some(rank) && !self.stall_resumed;
             if stalled {

@@ -1,0 +1,382 @@
+use std::sync::Arc;
+
+use super::*;
+
+fn finding(job: &str, step: u64, rule: RuleId, severity: Severity, worker: Option<u32>) -> Finding {
+    Finding {
+        job: Arc::from(job),
+        worker,
+        step,
+        time: Some(1_000.0 + step as f64),
+        rule,
+        severity,
+        layer: None,
+        value: 7.5,
+        threshold: 2.5,
+        message: format!("{rule} at {step}"),
+    }
+}
+
+fn advice(id: u64, job: &str, step: u64, action: Action) -> Advice {
+    Advice {
+        id,
+        job: Arc::from(job),
+        target: None,
+        step,
+        apply_from: step + 1,
+        action,
+        severity: Severity::Warning,
+        rules: vec![RuleId::GradSpike, RuleId::LossSpike],
+        reason: "because".into(),
+        evidence: vec![("grad_spike.value".into(), 9.0)],
+    }
+}
+
+fn job(name: &str, last_step: u64, health: Option<Severity>) -> JobRow {
+    JobRow {
+        job: name.into(),
+        first_seen: 1_000.0,
+        last_seen: 2_000.0,
+        ranks: 4,
+        world_size: Some(4),
+        layers: 12,
+        last_step: Some(last_step),
+        health,
+    }
+}
+
+fn all(f: &Filter, reader: &Reader) -> Vec<u64> {
+    let mut ids = Vec::new();
+    let mut f = f.clone();
+    loop {
+        let page = reader.anomalies(&f).unwrap();
+        assert!(page.items.len() <= f.limit as usize);
+        ids.extend(page.items.iter().map(|a| a.id));
+        match page.next {
+            Some(next) => f.before = Some(next),
+            None => return ids,
+        }
+    }
+}
+
+#[test]
+fn everything_written_reads_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(dir.path()).unwrap();
+    let mut nan = finding("a", 5, RuleId::Nonfinite, Severity::Critical, Some(2));
+    nan.value = f64::NAN;
+    nan.layer = Some(Arc::from("h.0.attn"));
+    let batch = Batch {
+        jobs: vec![job("a", 9, Some(Severity::Critical))],
+        anomalies: vec![nan, finding("a", 6, RuleId::GradSpike, Severity::Info, None)],
+        advice: vec![(advice(3, "a", 5, Action::ClipGradients { max_norm: 1.5 }), 1_005.0)],
+        acks: vec![],
+    };
+    let ids = store.write(&batch).unwrap();
+    assert_eq!(ids, [1, 2]);
+    let ack = |applied| Ack {
+        advice_id: 3,
+        job: "a".into(),
+        rank: 0,
+        applied_step: 6,
+        applied,
+        note: String::new(),
+        time: 1_006.0,
+    };
+    store
+        .write(&Batch {
+            acks: vec![ack(true), ack(true), ack(false)],
+            ..Batch::default()
+        })
+        .unwrap();
+
+    let reader = store.reader().unwrap();
+    assert_eq!(reader.jobs().unwrap(), [job("a", 9, Some(Severity::Critical))]);
+    assert_eq!(reader.job("nope").unwrap(), None);
+    let page = reader
+        .anomalies(&Filter {
+            limit: 10,
+            ..Filter::default()
+        })
+        .unwrap();
+    assert_eq!(page.next, None);
+    let [newest, oldest] = &page.items[..] else {
+        panic!("{page:?}")
+    };
+    assert_eq!((newest.id, newest.finding.rule), (2, RuleId::GradSpike));
+    assert!(oldest.finding.value.is_nan());
+    assert_eq!(oldest.finding.layer.as_deref(), Some("h.0.attn"));
+    assert_eq!(oldest.finding.worker, Some(2));
+
+    let page = reader
+        .advice(&Filter {
+            limit: 10,
+            ..Filter::default()
+        })
+        .unwrap();
+    let stored = &page.items[0];
+    assert_eq!(
+        stored.advice,
+        advice(3, "a", 5, Action::ClipGradients { max_norm: 1.5 })
+    );
+    assert_eq!((stored.applied, stored.declined), (2, 1));
+    assert_eq!(reader.job_counts("a").unwrap(), ([1, 0, 1], 1));
+    assert_eq!(store.max_advice_id().unwrap(), 3);
+}
+
+#[test]
+fn pages_cover_every_row_once_and_filters_are_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(dir.path()).unwrap();
+    let mut batch = Batch::default();
+    for step in 0..250u64 {
+        let (rule, severity) = match step % 5 {
+            0 => (RuleId::LossSpike, Severity::Critical),
+            1 => (RuleId::GradGrowth, Severity::Warning),
+            _ => (RuleId::GradSpike, Severity::Info),
+        };
+        let job = if step % 2 == 0 { "even" } else { "odd" };
+        batch
+            .anomalies
+            .push(finding(job, step, rule, severity, Some((step % 4) as u32)));
+    }
+    store.write(&batch).unwrap();
+    let reader = store.reader().unwrap();
+
+    let every = all(
+        &Filter {
+            limit: 100,
+            ..Filter::default()
+        },
+        &reader,
+    );
+    assert_eq!(every, (1..=250).rev().collect::<Vec<u64>>());
+    let every = all(
+        &Filter {
+            limit: 7,
+            ..Filter::default()
+        },
+        &reader,
+    );
+    assert_eq!(every.len(), 250);
+
+    let expect =
+        |pred: &dyn Fn(u64) -> bool| -> Vec<u64> { (0..250u64).rev().filter(|s| pred(*s)).map(|s| s + 1).collect() };
+    let f = |f: Filter| all(&Filter { limit: 13, ..f }, &reader);
+    assert_eq!(
+        f(Filter {
+            job: Some("even".into()),
+            ..Filter::default()
+        }),
+        expect(&|s| s % 2 == 0)
+    );
+    assert_eq!(
+        f(Filter {
+            rule: Some(RuleId::GradGrowth),
+            ..Filter::default()
+        }),
+        expect(&|s| s % 5 == 1)
+    );
+    assert_eq!(
+        f(Filter {
+            min_severity: Some(Severity::Warning),
+            ..Filter::default()
+        }),
+        expect(&|s| s % 5 <= 1)
+    );
+    assert_eq!(
+        f(Filter {
+            worker: Some(3),
+            ..Filter::default()
+        }),
+        expect(&|s| s % 4 == 3)
+    );
+    assert_eq!(
+        f(Filter {
+            step_from: Some(100),
+            step_to: Some(120),
+            job: Some("odd".into()),
+            ..Filter::default()
+        }),
+        expect(&|s| (100..=120).contains(&s) && s % 2 == 1)
+    );
+    assert_eq!(
+        f(Filter {
+            time_from: Some(1_010.0),
+            time_to: Some(1_019.5),
+            ..Filter::default()
+        }),
+        expect(&|s| (10..=19).contains(&s))
+    );
+    assert!(
+        f(Filter {
+            job: Some("none".into()),
+            ..Filter::default()
+        })
+        .is_empty()
+    );
+}
+
+#[test]
+fn advice_filters_match_target_and_any_rule() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(dir.path()).unwrap();
+    let mut targeted = advice(2, "j", 20, Action::InspectWorker { rank: 3 });
+    targeted.target = Some(3);
+    targeted.rules = vec![RuleId::RankOutlier];
+    store
+        .write(&Batch {
+            advice: vec![(advice(1, "j", 10, Action::Halt), 1.0), (targeted, 2.0)],
+            ..Batch::default()
+        })
+        .unwrap();
+    let reader = store.reader().unwrap();
+    let ids = |f: Filter| -> Vec<u64> {
+        reader
+            .advice(&Filter { limit: 10, ..f })
+            .unwrap()
+            .items
+            .iter()
+            .map(|a| a.advice.id)
+            .collect()
+    };
+    assert_eq!(ids(Filter::default()), [2, 1]);
+    assert_eq!(
+        ids(Filter {
+            rule: Some(RuleId::LossSpike),
+            ..Filter::default()
+        }),
+        [1]
+    );
+    assert_eq!(
+        ids(Filter {
+            rule: Some(RuleId::RankOutlier),
+            ..Filter::default()
+        }),
+        [2]
+    );
+    assert_eq!(
+        ids(Filter {
+            worker: Some(3),
+            ..Filter::default()
+        }),
+        [2]
+    );
+}
+
+#[test]
+fn reopening_keeps_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let mut store = Store::open(dir.path()).unwrap();
+        store
+            .write(&Batch {
+                jobs: vec![job("kept", 3, None)],
+                anomalies: vec![finding("kept", 3, RuleId::Stalled, Severity::Warning, Some(1))],
+                advice: vec![(advice(41, "kept", 3, Action::InspectWorker { rank: 1 }), 3.0)],
+                acks: vec![],
+            })
+            .unwrap();
+    }
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(store.max_advice_id().unwrap(), 41);
+    let reader = store.reader().unwrap();
+    assert_eq!(reader.job("kept").unwrap(), Some(job("kept", 3, None)));
+    assert_eq!(
+        all(
+            &Filter {
+                limit: 5,
+                ..Filter::default()
+            },
+            &reader
+        ),
+        [1]
+    );
+}
+
+#[test]
+fn a_damaged_store_is_an_error_and_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(DB_FILE);
+    let garbage = b"this is not a database, it is someone's notes".repeat(100);
+    std::fs::write(&path, &garbage).unwrap();
+    let err = Store::open(dir.path()).unwrap_err();
+    assert!(matches!(err, StoreError::Corrupt { .. }), "{err:?}");
+    assert!(err.to_string().contains("gradguard.db"), "{err}");
+    assert_eq!(std::fs::read(&path).unwrap(), garbage);
+
+    // Another program's SQLite database is not ours either.
+    let other = tempfile::tempdir().unwrap();
+    let conn = Connection::open(other.path().join(DB_FILE)).unwrap();
+    conn.execute_batch("CREATE TABLE notes (body TEXT)").unwrap();
+    drop(conn);
+    let err = Store::open(other.path()).unwrap_err();
+    assert!(err.to_string().contains("other tables"), "{err}");
+}
+
+#[test]
+fn a_newer_schema_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(Store::open(dir.path()).unwrap());
+    let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+    conn.pragma_update(None, "user_version", 99).unwrap();
+    drop(conn);
+    let err = Store::open(dir.path()).unwrap_err();
+    assert!(matches!(err, StoreError::Newer { found: 99, .. }), "{err:?}");
+}
+
+#[test]
+fn retention_by_age_and_by_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(dir.path()).unwrap();
+    let mut batch = Batch::default();
+    for step in 0..30_000u64 {
+        batch
+            .anomalies
+            .push(finding("r", step, RuleId::GradSpike, Severity::Info, Some(0)));
+    }
+    store.write(&batch).unwrap();
+    // Times are 1000 + step: keep the last 20,000 seconds.
+    let pruned = store
+        .prune(
+            &Retention {
+                max_age_secs: Some(20_000.0),
+                max_bytes: None,
+            },
+            31_000.0,
+        )
+        .unwrap();
+    assert_eq!(pruned.anomalies, 10_000);
+    let reader = store.reader().unwrap();
+    let oldest = all(
+        &Filter {
+            limit: 1000,
+            ..Filter::default()
+        },
+        &reader,
+    );
+    assert_eq!((oldest.len(), oldest.last().copied()), (20_000, Some(10_001)));
+
+    let before = store.used_bytes().unwrap();
+    let limit = before / 2;
+    let pruned = store
+        .prune(
+            &Retention {
+                max_age_secs: None,
+                max_bytes: Some(limit),
+            },
+            31_000.0,
+        )
+        .unwrap();
+    assert!(pruned.anomalies >= 10_000 && pruned.anomalies < 20_000, "{pruned:?}");
+    assert!(store.used_bytes().unwrap() <= limit);
+    // The newest rows are the ones kept.
+    let kept = all(
+        &Filter {
+            limit: 1000,
+            ..Filter::default()
+        },
+        &reader,
+    );
+    assert_eq!(kept.first().copied(), Some(30_000));
+}
