@@ -5,8 +5,9 @@
 //! empty or exactly as long as the job's layer names, and errors name the field
 //! and the value.
 
-use crate::model::{Action, Advice, Finding, LayerStats, Severity, Summary};
+use crate::model::{Action, Advice, Finding, LayerStats, RuleId, Severity, Summary};
 use crate::proto;
+use crate::store::{Filter, JobRow, StoredAdvice, StoredAnomaly};
 
 /// A wire message that cannot become a domain value.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -148,6 +149,7 @@ pub fn advice_to_proto(a: &Advice) -> proto::Advice {
 
 pub fn finding_to_proto(f: &Finding) -> proto::Anomaly {
     proto::Anomaly {
+        id: 0,
         job: f.job.to_string(),
         rank: f.worker,
         step: f.step,
@@ -159,6 +161,112 @@ pub fn finding_to_proto(f: &Finding) -> proto::Anomaly {
         threshold: f.threshold,
         message: f.message.clone(),
     }
+}
+
+pub fn stored_anomaly_to_proto(a: &StoredAnomaly) -> proto::Anomaly {
+    proto::Anomaly {
+        id: a.id,
+        ..finding_to_proto(&a.finding)
+    }
+}
+
+pub fn stored_advice_to_proto(a: &StoredAdvice) -> proto::StoredAdvice {
+    proto::StoredAdvice {
+        advice: Some(advice_to_proto(&a.advice)),
+        time: a.time,
+        applied: a.applied,
+        declined: a.declined,
+    }
+}
+
+pub fn health_to_proto(h: Option<Severity>) -> proto::Health {
+    match h {
+        None => proto::Health::Ok,
+        Some(Severity::Info) => proto::Health::Info,
+        Some(Severity::Warning) => proto::Health::Warning,
+        Some(Severity::Critical) => proto::Health::Critical,
+    }
+}
+
+pub fn job_to_proto(j: &JobRow) -> proto::Job {
+    proto::Job {
+        job: j.job.clone(),
+        first_seen: j.first_seen,
+        last_seen: j.last_seen,
+        ranks: j.ranks,
+        world_size: j.world_size,
+        layers: j.layers,
+        last_step: j.last_step,
+        health: health_to_proto(j.health).into(),
+        ..Default::default()
+    }
+}
+
+/// The domain severity of a wire severity; `None` for unspecified (any).
+pub fn severity_from_proto(code: i32, field: &'static str) -> Result<Option<Severity>, String> {
+    match proto::Severity::try_from(code) {
+        Ok(proto::Severity::Unspecified) => Ok(None),
+        Ok(proto::Severity::Info) => Ok(Some(Severity::Info)),
+        Ok(proto::Severity::Warning) => Ok(Some(Severity::Warning)),
+        Ok(proto::Severity::Critical) => Ok(Some(Severity::Critical)),
+        Err(_) => Err(format!("field {field}: {code} is not a severity")),
+    }
+}
+
+/// Page sizes: the default, and the most one page holds (larger asks get this).
+pub const DEFAULT_PAGE_SIZE: u32 = 100;
+pub const MAX_PAGE_SIZE: u32 = 1000;
+
+/// A store filter from a wire filter and page request; the error names the field.
+pub fn filter_from_proto(f: Option<&proto::Filter>, page_size: u32, page_token: &str) -> Result<Filter, String> {
+    let default = proto::Filter::default();
+    let f = f.unwrap_or(&default);
+    let rule = if f.rule.is_empty() {
+        None
+    } else {
+        Some(
+            f.rule
+                .parse::<RuleId>()
+                .map_err(|_| format!("filter.rule: {:?} is not a rule id", f.rule))?,
+        )
+    };
+    let before = if page_token.is_empty() {
+        None
+    } else {
+        Some(
+            page_token
+                .parse::<u64>()
+                .ok()
+                .filter(|&t| t > 0)
+                .ok_or_else(|| format!("field page_token: {page_token:?} is not a token this service issued"))?,
+        )
+    };
+    let check_range = |name: &str, from: Option<f64>, to: Option<f64>| match (from, to) {
+        (Some(a), Some(b)) if a > b => Err(format!("filter.{name}_from: {a} is after {name}_to {b}")),
+        _ => Ok(()),
+    };
+    check_range("step", f.step_from.map(|s| s as f64), f.step_to.map(|s| s as f64))?;
+    check_range("time", f.time_from, f.time_to)?;
+    for (name, t) in [("time_from", f.time_from), ("time_to", f.time_to)] {
+        if t.is_some_and(|t| !t.is_finite()) {
+            return Err(format!("filter.{name}: {} is not a time", t.unwrap_or_default()));
+        }
+    }
+    Ok(Filter {
+        job: (!f.job.is_empty()).then(|| f.job.clone()),
+        rule,
+        min_severity: severity_from_proto(f.min_severity, "filter.min_severity")?,
+        worker: f.worker,
+        step_from: f.step_from,
+        step_to: f.step_to,
+        time_from: f.time_from,
+        time_to: f.time_to,
+        before,
+        limit: match page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            n => n.min(MAX_PAGE_SIZE),
+        },
+    })
 }
 
 #[cfg(test)]

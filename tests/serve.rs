@@ -516,7 +516,7 @@ fn bad_flags_and_config_exit_before_binding_a_port() {
     assert!(err.contains("--max-jobs"), "{err}");
 
     // A good config on a taken port: the port is named.
-    let (code, err) = serve_fails(&["--grpc-addr", &addr, "--metrics-addr", "127.0.0.1:0"]);
+    let (code, err) = serve_fails(&["--grpc-addr", &addr, "--metrics-addr", "127.0.0.1:0", "--no-store"]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains(&format!("cannot bind --grpc-addr {addr}")), "{err}");
 }

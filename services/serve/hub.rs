@@ -18,11 +18,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use gradguard::engine::{Engine, EngineError, JobSpec, MAX_LAYERS, MAX_RANKS, Output};
 use gradguard::model::{JobId, Severity, Summary};
 use gradguard::proto::{self, server_message};
+use gradguard::store::{Ack, JobRow};
 use gradguard::wire;
 use tokio::sync::mpsc;
 use tonic::Status;
 
 use super::metrics::{JobGauges, Metrics};
+use super::recorder::{Record, Recorder};
 
 /// Where a stream's server messages go.
 pub type Outbox = mpsc::Sender<Result<proto::ServerMessage, Status>>;
@@ -98,6 +100,8 @@ pub struct Hub {
     pub metrics: Metrics,
     limits: Limits,
     next_stream: AtomicU64,
+    /// The store writer; `None` runs without a store (advice goes out at once).
+    recorder: Option<Recorder>,
 }
 
 struct Core {
@@ -112,6 +116,11 @@ struct Job {
     streams: HashMap<u32, Stream>,
     last_active: Instant,
     gauges: JobGauges,
+    /// When the service first saw it (since this start), seconds since the epoch.
+    first_seen: f64,
+    last_seen: f64,
+    /// Changed since its row was last recorded.
+    dirty: bool,
 }
 
 struct Stream {
@@ -120,7 +129,7 @@ struct Stream {
 }
 
 impl Hub {
-    pub fn new(engine: Engine, metrics: Metrics, limits: Limits) -> Self {
+    pub fn new(engine: Engine, metrics: Metrics, limits: Limits, recorder: Option<Recorder>) -> Self {
         Self {
             core: Mutex::new(Core {
                 engine,
@@ -130,6 +139,7 @@ impl Hub {
             metrics,
             limits,
             next_stream: AtomicU64::new(1),
+            recorder,
         }
     }
 
@@ -202,6 +212,9 @@ impl Hub {
                     streams: HashMap::new(),
                     last_active: Instant::now(),
                     gauges: self.metrics.job_gauges(&at.job),
+                    first_seen: unix_now(),
+                    last_seen: unix_now(),
+                    dirty: true,
                 },
             );
             self.metrics.active_jobs.set(core.jobs.len() as i64);
@@ -236,6 +249,8 @@ impl Hub {
         self.metrics.layer_stats.inc_by(s.layers.len() as u64);
         let job = core.jobs.get_mut(&at.job).expect("attached above");
         job.last_active = received;
+        job.last_seen = s.time.unwrap_or(job.last_seen);
+        job.dirty = true;
         update_gauges(&job.gauges, &s, core.engine.health(&at.job));
         self.publish(core, &out, received);
         core.out = out;
@@ -273,36 +288,71 @@ impl Hub {
         Ok(())
     }
 
-    /// Metrics for the findings, and the advice to the job's streams.
+    /// Metrics for the findings; the advice to the job's streams, through
+    /// the store when there is one (durable before it leaves).
     fn publish(&self, core: &Core, out: &Output, received: Instant) {
+        if out.is_empty() {
+            return;
+        }
         for f in &out.findings {
             self.metrics.anomaly(&f.job, f.rule, f.severity);
         }
+        let mut deliveries = Vec::with_capacity(out.advice.len());
         for a in &out.advice {
             self.metrics.advice(&a.job, &a.action);
             let Some(job) = core.jobs.get(&a.job) else { continue };
-            let message = proto::ServerMessage {
-                body: Some(server_message::Body::Advice(wire::advice_to_proto(a))),
-            };
-            let targets = job
+            let outboxes = job
                 .streams
                 .iter()
-                .filter(|(rank, _)| a.target.is_none_or(|t| t == **rank));
-            for (_, stream) in targets {
-                match stream.outbox.try_send(Ok(message.clone())) {
-                    Ok(()) => {}
-                    Err(mpsc::error::TrySendError::Full(_)) => self.metrics.advice_dropped.inc(),
-                    // The stream is ending; it detaches itself.
-                    Err(mpsc::error::TrySendError::Closed(_)) => {}
-                }
+                .filter(|(rank, _)| a.target.is_none_or(|t| t == **rank))
+                .map(|(_, s)| s.outbox.clone())
+                .collect();
+            deliveries.push(Delivery {
+                message: proto::ServerMessage {
+                    body: Some(server_message::Body::Advice(wire::advice_to_proto(a))),
+                },
+                outboxes,
+            });
+        }
+        match &self.recorder {
+            Some(recorder) => {
+                let now = unix_now();
+                recorder.record(
+                    Record {
+                        anomalies: out.findings.clone(),
+                        advice: out.advice.iter().map(|a| (a.clone(), now)).collect(),
+                        deliveries,
+                        received: Some(received),
+                        ..Record::default()
+                    },
+                    &self.metrics,
+                );
             }
-            self.metrics.advice_latency.observe(received.elapsed().as_secs_f64());
+            None => deliver(&self.metrics, &deliveries, Some(received)),
         }
     }
 
     /// Records a worker's acknowledgement of advice.
     pub fn ack(&self, at: &Attachment, ack: &proto::AdviceAck) {
         self.metrics.ack(ack.applied);
+        if let Some(recorder) = &self.recorder {
+            let ack = Ack {
+                advice_id: ack.advice_id,
+                job: at.job.to_string(),
+                rank: at.rank,
+                applied_step: ack.applied_step,
+                applied: ack.applied,
+                note: ack.note.clone(),
+                time: unix_now(),
+            };
+            recorder.record(
+                Record {
+                    acks: vec![ack],
+                    ..Record::default()
+                },
+                &self.metrics,
+            );
+        }
         tracing::debug!(
             job = &*at.job,
             rank = at.rank,
@@ -325,6 +375,35 @@ impl Hub {
         self.metrics.active_streams.dec();
     }
 
+    /// Every tracked job's row as the engine sees it now, with its open streams.
+    pub fn live_jobs(&self) -> Vec<(JobRow, u32)> {
+        let core = self.core();
+        core.jobs
+            .iter()
+            .filter_map(|(id, j)| Some((live_row(&core.engine, id, j)?, j.streams.len() as u32)))
+            .collect()
+    }
+
+    pub fn live_job(&self, job: &str) -> Option<(JobRow, u32)> {
+        let core = self.core();
+        let (id, j) = core.jobs.get_key_value(job)?;
+        Some((live_row(&core.engine, id, j)?, j.streams.len() as u32))
+    }
+
+    /// A job's effective rules as TOML: the tracked job's own, else what its
+    /// `[jobs]` override in the rules file would give it.
+    pub fn rules_toml(&self, job: &str) -> Result<String, String> {
+        let core = self.core();
+        let rules = if core.jobs.contains_key(job) {
+            core.engine.rules(job).clone()
+        } else if job.is_empty() {
+            core.engine.rule_book().defaults().clone()
+        } else {
+            core.engine.rule_book().for_job(job, None).map_err(|e| e.to_string())?
+        };
+        toml::to_string(&rules).map_err(|e| e.to_string())
+    }
+
     /// Periodic work against the service's clock: stalled ranks, and jobs
     /// idle for longer than the TTL are forgotten with their metrics series.
     pub fn tick(&self) {
@@ -336,6 +415,27 @@ impl Hub {
         core.engine.tick(unix_now(), &mut out);
         self.publish(core, &out, now);
         core.out = out;
+
+        if let Some(recorder) = &self.recorder {
+            let rows: Vec<JobRow> = core
+                .jobs
+                .iter_mut()
+                .filter(|(_, j)| j.dirty)
+                .filter_map(|(id, j)| {
+                    j.dirty = false;
+                    live_row(&core.engine, id, j)
+                })
+                .collect();
+            if !rows.is_empty() {
+                recorder.record(
+                    Record {
+                        jobs: rows,
+                        ..Record::default()
+                    },
+                    &self.metrics,
+                );
+            }
+        }
 
         let ttl = self.limits.job_ttl;
         let expired: Vec<JobId> = core
@@ -351,6 +451,41 @@ impl Hub {
             tracing::info!(job = &*id, "forgot idle job");
         }
         self.metrics.active_jobs.set(core.jobs.len() as i64);
+    }
+}
+
+fn live_row(engine: &Engine, id: &str, j: &Job) -> Option<JobRow> {
+    let status = engine.status(id)?;
+    Some(JobRow {
+        job: id.to_owned(),
+        first_seen: j.first_seen,
+        last_seen: j.last_seen,
+        ranks: status.ranks as u32,
+        world_size: status.world_size,
+        layers: status.layers as u32,
+        last_step: status.max_step,
+        health: engine.health(id),
+    })
+}
+
+/// One advice and the streams it goes to.
+pub struct Delivery {
+    pub message: proto::ServerMessage,
+    pub outboxes: Vec<Outbox>,
+}
+
+/// Hands advice to its streams' queues without waiting: a full queue (a
+/// worker that does not read) loses it, a closed one is a stream ending.
+pub fn deliver(metrics: &Metrics, deliveries: &[Delivery], received: Option<Instant>) {
+    for d in deliveries {
+        for outbox in &d.outboxes {
+            if let Err(mpsc::error::TrySendError::Full(_)) = outbox.try_send(Ok(d.message.clone())) {
+                metrics.advice_dropped.inc();
+            }
+        }
+        if let Some(received) = received {
+            metrics.advice_latency.observe(received.elapsed().as_secs_f64());
+        }
     }
 }
 
@@ -430,7 +565,7 @@ fn update_gauges(g: &JobGauges, s: &Summary, health: Option<Severity>) {
     });
 }
 
-fn unix_now() -> f64 {
+pub fn unix_now() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64())

@@ -32,6 +32,9 @@ pub struct Metrics {
     pub active_jobs: IntGauge,
     pub active_streams: IntGauge,
     pub jobs_refused: IntCounter,
+    pub store_commit: Histogram,
+    pub store_errors: IntCounter,
+    pub store_bytes: IntGauge,
     job_grad_norm: prometheus::GaugeVec,
     job_loss: prometheus::GaugeVec,
     job_lr: prometheus::GaugeVec,
@@ -125,6 +128,27 @@ impl Metrics {
             jobs_refused: register_int_counter_with_registry!(
                 "gradguard_jobs_refused_total",
                 "New jobs refused because --max-jobs jobs were already tracked.",
+                r
+            )
+            .unwrap(),
+            store_commit: register_histogram_with_registry!(
+                HistogramOpts::new(
+                    "gradguard_store_commit_seconds",
+                    "Time to commit one group of records to the store (advice waits for it)."
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
+                r
+            )
+            .unwrap(),
+            store_errors: register_int_counter_with_registry!(
+                "gradguard_store_errors_total",
+                "Store writes that failed (the advice in them was still delivered).",
+                r
+            )
+            .unwrap(),
+            store_bytes: register_int_gauge_with_registry!(
+                "gradguard_store_bytes",
+                "Bytes of the store in use, measured at each retention pass.",
                 r
             )
             .unwrap(),

@@ -10,6 +10,8 @@
 mod hub;
 mod ingest;
 pub mod metrics;
+mod query;
+mod recorder;
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -21,7 +23,8 @@ use anyhow::Context;
 use clap::Args;
 use gradguard::config::RuleBook;
 use gradguard::engine::Engine;
-use gradguard::proto::{self, ingest_server::IngestServer};
+use gradguard::proto::{self, ingest_server::IngestServer, query_server::QueryServer};
+use gradguard::store::{Retention, Store};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
@@ -29,6 +32,11 @@ use crate::cli::Failure;
 use hub::{Hub, Limits};
 use ingest::IngestService;
 use metrics::Metrics;
+use query::QueryService;
+use recorder::Recorder;
+
+/// Anomalies buffered for `WatchAnomalies` subscribers that fall behind.
+const WATCH_BUFFER: usize = 4096;
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -73,6 +81,29 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=65536))]
     pub stream_queue: u64,
 
+    /// Directory of the durable store (created when absent). A damaged store
+    /// there is an error, never silently replaced.
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = "gradguard-data",
+        env = "GRADGUARD_DATA_DIR"
+    )]
+    pub data_dir: PathBuf,
+
+    /// Run without a store: nothing is persisted, advice goes out without
+    /// waiting for a disk, and the Query service answers FAILED_PRECONDITION.
+    #[arg(long, conflicts_with = "data_dir")]
+    pub no_store: bool,
+
+    /// Delete stored anomalies, advice and jobs older than this, e.g. `30d`.
+    #[arg(long, default_value = "30d", value_parser = humantime::parse_duration, env = "GRADGUARD_RETENTION")]
+    pub retention: Duration,
+
+    /// Delete the oldest anomalies and advice while the store is larger than this many MiB.
+    #[arg(long, value_name = "MIB", default_value_t = 10240, value_parser = clap::value_parser!(u64).range(1..), env = "GRADGUARD_STORE_MAX_MIB")]
+    pub store_max_mib: u64,
+
     /// Worker threads of the async runtime (default: one per CPU).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1024))]
     pub threads: Option<u64>,
@@ -85,6 +116,14 @@ pub fn run(args: &ServeArgs) -> Result<(), Failure> {
             .map_err(Failure::usage)?,
         None => RuleBook::builtin(),
     };
+    let store = if args.no_store {
+        None
+    } else {
+        let store = Store::open(&args.data_dir)
+            .with_context(|| format!("--data-dir {}", args.data_dir.display()))
+            .map_err(Failure::input)?;
+        Some(store)
+    };
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = args.threads {
         runtime.worker_threads(n as usize);
@@ -94,10 +133,10 @@ pub fn run(args: &ServeArgs) -> Result<(), Failure> {
         .build()
         .context("cannot start the async runtime")
         .map_err(Failure::input)?;
-    runtime.block_on(serve(args, book))
+    runtime.block_on(serve(args, book, store))
 }
 
-async fn serve(args: &ServeArgs, book: RuleBook) -> Result<(), Failure> {
+async fn serve(args: &ServeArgs, book: RuleBook, store: Option<Store>) -> Result<(), Failure> {
     init_tracing();
     let grpc = TcpListener::bind(args.grpc_addr)
         .await
@@ -111,14 +150,34 @@ async fn serve(args: &ServeArgs, book: RuleBook) -> Result<(), Failure> {
     let http_addr = http.local_addr().map_err(|e| Failure::input(anyhow::Error::from(e)))?;
 
     let metrics = Metrics::new();
+    let mut engine = Engine::new(book);
+    let (watchers, _) = tokio::sync::broadcast::channel(WATCH_BUFFER);
+    let (recorder, reader) = match store {
+        Some(store) => {
+            let last_id = store
+                .max_advice_id()
+                .map_err(|e| Failure::input(anyhow::Error::from(e)))?;
+            engine.resume_advice_ids(last_id);
+            let reader = store.reader().map_err(|e| Failure::input(anyhow::Error::from(e)))?;
+            let retention = Retention {
+                max_age_secs: Some(args.retention.as_secs_f64()),
+                max_bytes: Some(args.store_max_mib << 20),
+            };
+            let recorder = Recorder::start(store, retention, metrics.clone(), watchers.clone());
+            (Some(recorder), Some(Arc::new(reader)))
+        }
+        None => (None, None),
+    };
     let hub = Arc::new(Hub::new(
-        Engine::new(book),
+        engine,
         metrics.clone(),
         Limits {
             max_jobs: args.max_jobs as usize,
             job_ttl: args.job_ttl,
         },
+        recorder,
     ));
+    let query = QueryServer::new(QueryService::new(hub.clone(), reader, watchers));
     let max_message = args.max_message_bytes as usize;
     let ingest = IngestServer::new(IngestService::new(hub.clone(), args.stream_queue as usize, max_message))
         .max_decoding_message_size(max_message);
@@ -172,6 +231,7 @@ async fn serve(args: &ServeArgs, book: RuleBook) -> Result<(), Failure> {
         .add_service(health)
         .add_service(reflection)
         .add_service(ingest)
+        .add_service(query)
         .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), stopped());
     let http_server = metrics::serve(http, metrics, stopped());
     let grpc_task = tokio::spawn(grpc_server);

@@ -186,6 +186,12 @@ impl Engine {
         }
     }
 
+    /// Makes later advice ids start after `last`: a service restarted over its
+    /// store continues the ids it already handed out.
+    pub fn resume_advice_ids(&mut self, last: u64) {
+        self.next_advice_id = self.next_advice_id.max(last);
+    }
+
     /// The effective rules of a job (the defaults when it is unknown).
     pub fn rules(&self, job: &str) -> &Rules {
         self.jobs.get(job).map_or(self.book.defaults(), |j| &j.rules)

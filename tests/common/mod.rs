@@ -12,6 +12,9 @@ pub struct Server {
     child: Child,
     pub grpc: SocketAddr,
     pub metrics: SocketAddr,
+    /// The data directory (a fresh temporary one unless given).
+    pub data_dir: std::path::PathBuf,
+    _temp: Option<tempfile::TempDir>,
 }
 
 impl Server {
@@ -21,8 +24,19 @@ impl Server {
 
     /// Starts the server with extra flags and waits for its `listening` line.
     pub fn start_with(args: &[&str]) -> Self {
+        let temp = tempfile::tempdir().expect("a temporary data directory");
+        let dir = temp.path().to_owned();
+        let mut server = Self::start_in(&dir, args);
+        server._temp = Some(temp);
+        server
+    }
+
+    /// Starts the server on a given data directory (it outlives the server).
+    pub fn start_in(data_dir: &std::path::Path, args: &[&str]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_gradguard"))
             .args(["serve", "--grpc-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0"])
+            .arg("--data-dir")
+            .arg(data_dir)
             .args(args)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
@@ -42,7 +56,19 @@ impl Server {
                 .expect("an address")
         };
         let (grpc, metrics) = (field("grpc="), field("metrics="));
-        Self { child, grpc, metrics }
+        Self {
+            child,
+            grpc,
+            metrics,
+            data_dir: data_dir.to_owned(),
+            _temp: None,
+        }
+    }
+
+    /// Kills the server with SIGKILL (no chance to flush anything) and waits.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     pub fn url(&self) -> String {
