@@ -6,6 +6,7 @@ mod generate;
 mod replay;
 mod report;
 mod rules;
+mod simulate;
 
 use std::process::ExitCode;
 
@@ -17,6 +18,7 @@ fn main() -> ExitCode {
         cli::Command::Replay(args) => replay::run(args),
         cli::Command::Generate(args) => generate::run(args),
         cli::Command::Rules(args) => rules::run(args),
+        cli::Command::Simulate(args) => simulate::run(args),
     };
     result.unwrap_or_else(|failure| {
         cli::warn(&format!("gradguard: {}", cli::describe(&failure.error)));
