@@ -35,6 +35,8 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Print the effective rules (defaults, or a job's with its overrides) as TOML.
     Rules(RulesArgs),
+    /// Play a synthetic training job against a running server and show its advice.
+    Simulate(crate::simulate::SimulateArgs),
 }
 
 #[derive(Debug, Args)]

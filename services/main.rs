@@ -7,6 +7,7 @@ mod replay;
 mod report;
 mod rules;
 mod serve;
+mod simulate;
 
 use std::process::ExitCode;
 
@@ -19,6 +20,7 @@ fn main() -> ExitCode {
         cli::Command::Generate(args) => generate::run(args),
         cli::Command::Rules(args) => rules::run(args),
         cli::Command::Serve(args) => serve::run(args).map(|()| ExitCode::SUCCESS),
+        cli::Command::Simulate(args) => simulate::run(args),
     };
     result.unwrap_or_else(|failure| {
         cli::warn(&format!("gradguard: {}", cli::describe(&failure.error)));
