@@ -5,11 +5,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Server, sample};
-use gradguard::client::{self, StreamReceiver, StreamSender, WorkerStream};
+use common::{Server, hello, open_job, play, sample, send_all};
+use gradguard::client::{self, WorkerStream};
 use gradguard::model::Action;
 use gradguard::proto::{self, WorkerMessage, advice, ingest_client::IngestClient, worker_message};
-use gradguard::scenario::{Fault, FaultPlan, Scenario, ScenarioConfig};
+use gradguard::scenario::{Fault, ScenarioConfig};
 use gradguard::wire;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -29,66 +29,6 @@ fn config(job: &str, fault: Fault, workers: u32) -> ScenarioConfig {
         seed: 7,
         ..ScenarioConfig::default()
     }
-}
-
-fn hello(job: &str, rank: u32, world_size: u32, layers: usize) -> proto::Hello {
-    proto::Hello {
-        job: job.into(),
-        rank,
-        world_size,
-        layer_names: (0..layers).map(|i| format!("layer{i}")).collect(),
-        client_version: "test".into(),
-        rule_profile: String::new(),
-    }
-}
-
-/// One stream per rank of a scenario's job, opened and welcomed.
-async fn open_job(url: &str, cfg: &ScenarioConfig) -> (Scenario, Vec<StreamSender>, Vec<StreamReceiver>) {
-    let scenario = Scenario::new(cfg.clone());
-    let names = scenario.layer_names();
-    let (mut senders, mut receivers) = (Vec::new(), Vec::new());
-    for rank in 0..cfg.workers {
-        let mut c = client::connect(url).await.expect("connect");
-        let h = proto::Hello {
-            layer_names: names.clone(),
-            ..hello(&cfg.job, rank, cfg.workers, 0)
-        };
-        let stream = WorkerStream::open(&mut c, h).await.expect("open");
-        assert_eq!(stream.welcome.server_version, env!("CARGO_PKG_VERSION"));
-        assert_eq!(stream.welcome.last_step, None);
-        senders.push(stream.sender);
-        receivers.push(stream.receiver);
-    }
-    (scenario, senders, receivers)
-}
-
-/// Sends every step of the scenario, each rank on its own stream.
-async fn send_all(scenario: &mut Scenario, senders: &[StreamSender]) {
-    while let Some(step) = scenario.next_step() {
-        for s in &step {
-            senders[s.worker as usize]
-                .summary(wire::summary_to_proto(s))
-                .await
-                .expect("send");
-        }
-    }
-}
-
-/// Plays a whole scenario and returns what each rank received, in order, once
-/// every stream has ended, and the fault the scenario drew.
-async fn play(url: &str, cfg: ScenarioConfig) -> (Vec<Vec<proto::Advice>>, FaultPlan) {
-    let (mut scenario, senders, receivers) = open_job(url, &cfg).await;
-    let readers: Vec<_> = receivers
-        .into_iter()
-        .map(|mut r| tokio::spawn(async move { r.drain().await }))
-        .collect();
-    send_all(&mut scenario, &senders).await;
-    drop(senders);
-    let mut received = Vec::new();
-    for r in readers {
-        received.push(r.await.unwrap().expect("stream ended cleanly"));
-    }
-    (received, scenario.plan().clone())
 }
 
 fn action(a: &proto::Advice) -> Action {

@@ -363,6 +363,30 @@ impl Hub {
         );
     }
 
+    /// Records the job's current row, then waits until everything recorded
+    /// so far is durable (at once without a store).
+    pub async fn flush(&self, job: &str) {
+        let Some(recorder) = &self.recorder else { return };
+        let row = {
+            let mut core = self.core();
+            let core = &mut *core;
+            core.jobs.get_mut(job).and_then(|j| {
+                j.dirty = false;
+                live_row(&core.engine, job, j)
+            })
+        };
+        if let Some(row) = row {
+            recorder.record(
+                Record {
+                    jobs: vec![row],
+                    ..Record::default()
+                },
+                &self.metrics,
+            );
+        }
+        recorder.flush(&self.metrics).await;
+    }
+
     /// A stream ended: it leaves its job (unless a newer stream replaced it).
     pub fn detach(&self, at: &Attachment) {
         let mut core = self.core();

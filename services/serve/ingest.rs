@@ -68,7 +68,14 @@ impl Session {
         loop {
             let message = match inbound.message().await {
                 Ok(Some(m)) => m,
-                Ok(None) => break, // the worker closed its half
+                Ok(None) => {
+                    // The worker closed its half. Its stream ends once all it
+                    // sent is durable, so "stream ended" means "stored".
+                    if let Some(at) = &self.attachment {
+                        self.hub.flush(&at.job).await;
+                    }
+                    break;
+                }
                 Err(status) => {
                     if status.code() == Code::OutOfRange {
                         // tonic's decoder refused a frame over the size limit.

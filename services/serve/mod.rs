@@ -91,9 +91,10 @@ pub struct ServeArgs {
     )]
     pub data_dir: PathBuf,
 
-    /// Run without a store: nothing is persisted, advice goes out without
-    /// waiting for a disk, and the Query service answers FAILED_PRECONDITION.
-    #[arg(long, conflicts_with = "data_dir")]
+    /// Run without a store (`--data-dir` is ignored): nothing is persisted,
+    /// advice goes out without waiting for a disk, and the Query service
+    /// answers FAILED_PRECONDITION.
+    #[arg(long)]
     pub no_store: bool,
 
     /// Delete stored anomalies, advice and jobs older than this, e.g. `30d`.

@@ -37,6 +37,8 @@ pub struct Record {
     pub deliveries: Vec<Delivery>,
     /// When the summary behind it arrived (advice latency).
     pub received: Option<Instant>,
+    /// Told once everything queued up to this record is durable.
+    pub done: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 /// Where stored anomalies are announced (`WatchAnomalies`).
@@ -57,6 +59,19 @@ impl Recorder {
             .spawn(move || run(store, retention, metrics, watchers, rx))
             .expect("spawn the store writer thread");
         Self { tx }
+    }
+
+    /// Resolves once everything recorded before the call is durable.
+    pub async fn flush(&self, metrics: &Metrics) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.record(
+            Record {
+                done: Some(tx),
+                ..Record::default()
+            },
+            metrics,
+        );
+        let _ = rx.await;
     }
 
     /// Queues a record. If the writer is gone (it never exits while the
@@ -107,6 +122,9 @@ fn run(mut store: Store, retention: Retention, metrics: Metrics, watchers: Watch
         }
         for r in group.drain(..) {
             deliver(&metrics, &r.deliveries, r.received);
+            if let Some(done) = r.done {
+                let _ = done.send(());
+            }
         }
         if last_prune.elapsed() >= PRUNE_EVERY {
             last_prune = Instant::now();

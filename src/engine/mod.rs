@@ -30,6 +30,8 @@ use worker::WorkerState;
 
 /// Largest accepted rank (exclusive): state is indexed by rank.
 pub const MAX_RANKS: u32 = 1 << 16;
+/// Findings remembered per job for cross-rank dedupe, at most.
+const MAX_REPORTED: usize = 4096;
 /// Largest accepted number of layers per job.
 pub const MAX_LAYERS: usize = 1 << 16;
 
@@ -393,20 +395,36 @@ impl JobState {
             .expect("created above")
             .observe(&obs, rules, &mut em);
 
-        if self.ranks_seen > 1 {
+        let expected = (self.world_size.unwrap_or(0) as usize).max(self.ranks_seen);
+        if expected > 1 {
             dedupe_shared(&mut self.reported, em.hits, s.worker, rules.policy.cooldown_steps);
         }
 
         let advanced = self.ranks.max_step.is_none_or(|m| s.step > m);
         if advanced {
             self.ranks.max_step = Some(s.step);
-            let keep_from = s
-                .step
-                .saturating_sub(rules.policy.cooldown_steps.max(2 * rules.straggler.lag_steps + 2));
+            // Kept until the slowest rank is past them: ranks on separate
+            // streams may arrive far apart and must still dedupe. Bounded, in
+            // case a rank never comes back.
+            let slowest = if self.ranks_seen < expected {
+                0 // a declared rank has not reported yet
+            } else {
+                self.peers
+                    .iter()
+                    .flatten()
+                    .filter_map(|p| p.last_step)
+                    .min()
+                    .unwrap_or(s.step)
+            };
+            let keep_from = slowest.saturating_sub(rules.policy.cooldown_steps.max(2 * rules.straggler.lag_steps + 2));
             self.reported.retain(|r| r.0 >= keep_from);
+            if self.reported.len() > MAX_REPORTED {
+                self.reported.sort_unstable_by_key(|r| r.0);
+                let excess = self.reported.len() - MAX_REPORTED;
+                self.reported.drain(..excess);
+            }
         }
         em.worker = None;
-        let expected = (self.world_size.unwrap_or(0) as usize).max(self.ranks_seen);
         ranks::record_norm(
             &mut self.ranks,
             &mut self.peers,

@@ -36,6 +36,8 @@ struct Episode {
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Policy {
     episodes: Vec<Episode>,
+    /// Halt was advised: the job stays critical whatever follows.
+    halted: bool,
 }
 
 const SCALE_LR: u8 = 2;
@@ -78,6 +80,9 @@ impl Policy {
 
     /// Worst severity among the open episodes; `None` when the job is healthy.
     pub fn worst(&self) -> Option<Severity> {
+        if self.halted {
+            return Some(Severity::Critical);
+        }
         self.episodes.iter().map(|e| e.severity).max()
     }
 
@@ -132,7 +137,9 @@ impl Policy {
                 }
             };
             ep.hits_since_advice += 1;
-            ep.last_hit = step;
+            // Ranks on separate streams arrive out of step order: a late
+            // rank's hit must not move the episode back in time.
+            ep.last_hit = ep.last_hit.max(step);
             ep.severity = members
                 .iter()
                 .map(|&i| hits[i].finding.severity)
@@ -185,9 +192,10 @@ impl Policy {
 
             let severity = hit.finding.severity.max(rung_severity);
             ep.rung = Some(ep.rung.map_or(rung, |r| r.max(rung)));
-            ep.last_advice = step;
+            ep.last_advice = ep.last_advice.max(step);
             ep.hits_since_advice = 0;
             ep.severity = ep.severity.max(severity);
+            self.halted |= action == Action::Halt;
             *next_id += 1;
             out.push(Advice {
                 id: *next_id,

@@ -570,6 +570,38 @@ fn a_rank_arriving_far_ahead_of_its_peers_is_still_judged_against_them() {
 }
 
 #[test]
+fn a_rank_far_behind_does_not_reopen_episodes_or_repeat_advice() {
+    // The same all-reduced explosion on two ranks, one read long before the other.
+    let step = |r: u32, s: u64| {
+        let norm = if s >= 200 {
+            100.0 * noise(s, 0.05)
+        } else {
+            noise(s, 0.05)
+        };
+        summary(r, s, norm, if s >= 200 { 3.5 } else { 3.0 - s as f64 * 1e-4 })
+    };
+    let mut in_order = Run::new();
+    in_order.feed_all(ranks(2, 0..300, |r, s| Some(step(r, s))));
+    let in_order = in_order.take();
+    let expected = actions(&in_order);
+
+    let mut apart = Run::new();
+    let spec = JobSpec {
+        world_size: Some(2),
+        ..JobSpec::default()
+    };
+    apart.engine.declare("job", &spec).unwrap();
+    apart.feed_all((0..300).map(|s| step(1, s)));
+    apart.feed_all((0..300).map(|s| step(0, s)));
+    let out = apart.take();
+    assert_eq!(actions(&out), expected);
+    assert_eq!(apart.engine.health("job"), Some(Severity::Critical));
+    // Each shared spike is reported once, not once per rank.
+    let spikes = |o: &Output| o.findings.iter().filter(|f| f.rule == RuleId::GradSpike).count();
+    assert_eq!(spikes(&out), spikes(&in_order));
+}
+
+#[test]
 fn only_one_rank_non_finite_is_an_outlier() {
     let mut run = Run::new();
     run.feed_all(ranks(4, 0..30, |r, s| {

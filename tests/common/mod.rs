@@ -8,6 +8,11 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use gradguard::client::{self, StreamReceiver, StreamSender, WorkerStream};
+use gradguard::proto;
+use gradguard::scenario::{FaultPlan, Scenario, ScenarioConfig};
+use gradguard::wire;
+
 pub struct Server {
     child: Child,
     pub grpc: SocketAddr,
@@ -120,4 +125,65 @@ pub fn sample(text: &str, series: &str) -> Option<f64> {
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// A Hello for `rank` of `job` with `layers` layers named `layer0..`.
+pub fn hello(job: &str, rank: u32, world_size: u32, layers: usize) -> proto::Hello {
+    proto::Hello {
+        job: job.into(),
+        rank,
+        world_size,
+        layer_names: (0..layers).map(|i| format!("layer{i}")).collect(),
+        client_version: "test".into(),
+        rule_profile: String::new(),
+    }
+}
+
+/// One stream per rank of a scenario's job, opened and welcomed.
+pub async fn open_job(url: &str, cfg: &ScenarioConfig) -> (Scenario, Vec<StreamSender>, Vec<StreamReceiver>) {
+    let scenario = Scenario::new(cfg.clone());
+    let names = scenario.layer_names();
+    let (mut senders, mut receivers) = (Vec::new(), Vec::new());
+    for rank in 0..cfg.workers {
+        let mut c = client::connect(url).await.expect("connect");
+        let h = proto::Hello {
+            layer_names: names.clone(),
+            ..hello(&cfg.job, rank, cfg.workers, 0)
+        };
+        let stream = WorkerStream::open(&mut c, h).await.expect("open");
+        assert_eq!(stream.welcome.server_version, env!("CARGO_PKG_VERSION"));
+        assert_eq!(stream.welcome.last_step, None);
+        senders.push(stream.sender);
+        receivers.push(stream.receiver);
+    }
+    (scenario, senders, receivers)
+}
+
+/// Sends every step of the scenario, each rank on its own stream.
+pub async fn send_all(scenario: &mut Scenario, senders: &[StreamSender]) {
+    while let Some(step) = scenario.next_step() {
+        for s in &step {
+            senders[s.worker as usize]
+                .summary(wire::summary_to_proto(s))
+                .await
+                .expect("send");
+        }
+    }
+}
+
+/// Plays a whole scenario and returns what each rank received, in order, once
+/// every stream has ended, and the fault the scenario drew.
+pub async fn play(url: &str, cfg: ScenarioConfig) -> (Vec<Vec<proto::Advice>>, FaultPlan) {
+    let (mut scenario, senders, receivers) = open_job(url, &cfg).await;
+    let readers: Vec<_> = receivers
+        .into_iter()
+        .map(|mut r| tokio::spawn(async move { r.drain().await }))
+        .collect();
+    send_all(&mut scenario, &senders).await;
+    drop(senders);
+    let mut received = Vec::new();
+    for r in readers {
+        received.push(r.await.unwrap().expect("stream ended cleanly"));
+    }
+    (received, scenario.plan().clone())
 }
