@@ -50,6 +50,7 @@ CREATE TABLE IF NOT EXISTS anomalies (
     message     TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS anomalies_job ON anomalies (job, id);
+CREATE INDEX IF NOT EXISTS anomalies_job_rule ON anomalies (job, rule, id);
 CREATE INDEX IF NOT EXISTS anomalies_severity ON anomalies (severity, id);
 CREATE INDEX IF NOT EXISTS anomalies_time ON anomalies (time);
 CREATE TABLE IF NOT EXISTS advice (
