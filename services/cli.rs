@@ -37,6 +37,12 @@ pub enum Command {
     Rules(RulesArgs),
     /// Play a synthetic training job against a running server and show its advice.
     Simulate(crate::simulate::SimulateArgs),
+    /// Load a gradguard server with concurrent worker streams and report its
+    /// throughput, advice latency and memory.
+    Loadgen(crate::loadgen::LoadgenArgs),
+    /// A decode-only Ingest server, the baseline `loadgen --baseline` compares to.
+    #[command(hide = true)]
+    Sink(crate::sink::SinkArgs),
 }
 
 #[derive(Debug, Args)]

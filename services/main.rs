@@ -3,11 +3,13 @@
 
 mod cli;
 mod generate;
+mod loadgen;
 mod replay;
 mod report;
 mod rules;
 mod serve;
 mod simulate;
+mod sink;
 
 use std::process::ExitCode;
 
@@ -21,6 +23,8 @@ fn main() -> ExitCode {
         cli::Command::Rules(args) => rules::run(args),
         cli::Command::Serve(args) => serve::run(args).map(|()| ExitCode::SUCCESS),
         cli::Command::Simulate(args) => simulate::run(args),
+        cli::Command::Loadgen(args) => loadgen::run(args),
+        cli::Command::Sink(args) => sink::run(args),
     };
     result.unwrap_or_else(|failure| {
         cli::warn(&format!("gradguard: {}", cli::describe(&failure.error)));
