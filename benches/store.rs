@@ -31,12 +31,15 @@ fn finding(i: u64) -> Finding {
         time: Some(1_790_000_000.0 + i as f64 * 0.01),
         rule,
         severity,
-        layer: (i % 3 == 0).then(|| Arc::from("transformer.h.11.attn.c_proj")),
+        layer: i.is_multiple_of(3).then(|| Arc::from("transformer.h.11.attn.c_proj")),
         value: 3.0 + (i % 17) as f64,
         threshold: 2.5,
         message: format!("gradient spike: norm {:.4} is {:.1}σ above its moving mean 1.0000", 3.0 + (i % 17) as f64, 2.5 + (i % 7) as f64),
     }
 }
+
+/// A query shape: the filter of the i-th query.
+type Shape = dyn Fn(u64) -> Filter + Send + Sync;
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
@@ -67,7 +70,7 @@ fn main() {
     );
 
     let reader = Arc::new(Reader::open(dir.path()).expect("reader"));
-    let shapes: Vec<(&str, Box<dyn Fn(u64) -> Filter + Send + Sync>)> = vec![
+    let shapes: Vec<(&str, Box<Shape>)> = vec![
         (
             "newest page (no filter)",
             Box::new(|_| Filter {
@@ -123,7 +126,7 @@ fn main() {
     ];
     println!("ListAnomalies, page of 100, {THREADS} threads, {QUERIES_PER_SHAPE} queries per shape:");
     for (name, shape) in &shapes {
-        let shape: &(dyn Fn(u64) -> Filter + Send + Sync) = shape.as_ref();
+        let shape: &Shape = shape.as_ref();
         let started = Instant::now();
         let mut all: Vec<Duration> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..THREADS)
