@@ -43,6 +43,16 @@ pub enum Command {
     /// A decode-only Ingest server, the baseline `loadgen --baseline` compares to.
     #[command(hide = true)]
     Sink(crate::sink::SinkArgs),
+    /// List the jobs a running server knows: health, ranks, anomaly and advice counts.
+    Jobs(crate::query_cli::JobsArgs),
+    /// Show one job of a running server, with its latest anomalies and advice.
+    Job(crate::query_cli::JobArgs),
+    /// List a running server's stored anomalies, newest first.
+    Anomalies(crate::query_cli::ListArgs),
+    /// List a running server's stored advice, newest first, with its acknowledgements.
+    Advice(crate::query_cli::ListArgs),
+    /// Print anomalies as a running server stores them, until Ctrl-C.
+    Watch(crate::query_cli::WatchArgs),
 }
 
 #[derive(Debug, Args)]

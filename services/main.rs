@@ -4,6 +4,7 @@
 mod cli;
 mod generate;
 mod loadgen;
+mod query_cli;
 mod replay;
 mod report;
 mod rules;
@@ -25,6 +26,11 @@ fn main() -> ExitCode {
         cli::Command::Simulate(args) => simulate::run(args),
         cli::Command::Loadgen(args) => loadgen::run(args),
         cli::Command::Sink(args) => sink::run(args),
+        cli::Command::Jobs(args) => query_cli::jobs(args),
+        cli::Command::Job(args) => query_cli::job(args),
+        cli::Command::Anomalies(args) => query_cli::anomalies(args),
+        cli::Command::Advice(args) => query_cli::advice(args),
+        cli::Command::Watch(args) => query_cli::watch(args),
     };
     result.unwrap_or_else(|failure| {
         cli::warn(&format!("gradguard: {}", cli::describe(&failure.error)));

@@ -20,6 +20,9 @@
 //! A non-finite number is written as the string `"NaN"`, `"Infinity"` or
 //! `"-Infinity"` (the spellings the jsonl reader accepts), never as null, so it
 //! stays distinguishable from an absent value.
+//!
+//! The number, action and table helpers are shared with the query commands
+//! (`query_cli`), so both print alike.
 
 use std::collections::BTreeMap;
 use std::io::{self, Write};
@@ -89,7 +92,7 @@ pub trait Sink {
 }
 
 /// A float for JSON: non-finite values as strings.
-struct Num(f64);
+pub struct Num(pub f64);
 
 impl Serialize for Num {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
@@ -103,7 +106,7 @@ impl Serialize for Num {
 }
 
 /// Evidence pairs as a JSON object, in the engine's order.
-struct Evidence<'a>(&'a [(String, f64)]);
+pub struct Evidence<'a>(pub &'a [(String, f64)]);
 
 impl Serialize for Evidence<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
@@ -141,6 +144,16 @@ struct AdviceLine<'a> {
     rule: Option<RuleId>,
     rules: &'a [RuleId],
     severity: Severity,
+    #[serde(flatten)]
+    action: ActionFields,
+    reason: &'a str,
+    evidence: Evidence<'a>,
+}
+
+/// An action as JSON fields: `action` (its name) and exactly its parameter
+/// (`max_norm`, `factor`, `to_step` or `rank`; none for skip_step and halt).
+#[derive(Serialize)]
+pub struct ActionFields {
     action: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     max_norm: Option<Num>,
@@ -150,8 +163,26 @@ struct AdviceLine<'a> {
     to_step: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     rank: Option<u32>,
-    reason: &'a str,
-    evidence: Evidence<'a>,
+}
+
+impl From<Action> for ActionFields {
+    fn from(a: Action) -> Self {
+        let mut fields = ActionFields {
+            action: a.name(),
+            max_norm: None,
+            factor: None,
+            to_step: None,
+            rank: None,
+        };
+        match a {
+            Action::ClipGradients { max_norm } => fields.max_norm = Some(Num(max_norm)),
+            Action::ScaleLr { factor } | Action::ScaleLossScale { factor } => fields.factor = Some(Num(factor)),
+            Action::Rollback { to_step } => fields.to_step = Some(to_step),
+            Action::InspectWorker { rank } => fields.rank = Some(rank),
+            Action::SkipStep | Action::Halt => {}
+        }
+        fields
+    }
 }
 
 #[derive(Serialize)]
@@ -200,14 +231,6 @@ impl<W: Write> Sink for JsonSink<W> {
     }
 
     fn advice(&mut self, a: &Advice) -> io::Result<()> {
-        let (mut max_norm, mut factor, mut to_step, mut rank) = (None, None, None, None);
-        match a.action {
-            Action::ClipGradients { max_norm: m } => max_norm = Some(Num(m)),
-            Action::ScaleLr { factor: f } | Action::ScaleLossScale { factor: f } => factor = Some(Num(f)),
-            Action::Rollback { to_step: s } => to_step = Some(s),
-            Action::InspectWorker { rank: r } => rank = Some(r),
-            Action::SkipStep | Action::Halt => {}
-        }
         self.line(&AdviceLine {
             kind: "advice",
             id: a.id,
@@ -218,11 +241,7 @@ impl<W: Write> Sink for JsonSink<W> {
             rule: a.rules.first().copied(),
             rules: &a.rules,
             severity: a.severity,
-            action: a.action.name(),
-            max_norm,
-            factor,
-            to_step,
-            rank,
+            action: a.action.into(),
             reason: &a.reason,
             evidence: Evidence(&a.evidence),
         })
@@ -256,7 +275,7 @@ impl<W: Write> TableSink<W> {
     }
 }
 
-fn or_dash<T: ToString>(v: Option<T>) -> String {
+pub fn or_dash<T: ToString>(v: Option<T>) -> String {
     v.map_or_else(|| "-".to_owned(), |v| v.to_string())
 }
 
@@ -308,7 +327,7 @@ impl<W: Write> Sink for TableSink<W> {
 
 /// Writes rows with padded columns, right-aligned where `right` says so; a
 /// left-aligned last column is not padded.
-fn write_table(out: &mut impl Write, rows: &[&[String]], right: &[bool]) -> io::Result<()> {
+pub fn write_table(out: &mut impl Write, rows: &[&[String]], right: &[bool]) -> io::Result<()> {
     let cols = rows.first().map_or(0, |r| r.len());
     let widths: Vec<usize> = (0..cols)
         .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))

@@ -39,6 +39,12 @@ pub enum ClientError {
 
 /// Connects to a gradguard server (`http://host:port`; `host:port` is taken as http).
 pub async fn connect(url: &str) -> Result<IngestClient<Channel>, ClientError> {
+    Ok(IngestClient::new(channel(url).await?).max_decoding_message_size(64 << 20))
+}
+
+/// A connection to a gradguard server, for any of its services (`Ingest`,
+/// `Query`); `host:port` is taken as http.
+pub async fn channel(url: &str) -> Result<Channel, ClientError> {
     let full = if url.contains("://") {
         url.to_owned()
     } else {
@@ -48,7 +54,7 @@ pub async fn connect(url: &str) -> Result<IngestClient<Channel>, ClientError> {
         url: url.to_owned(),
         source,
     })?;
-    let channel = endpoint
+    endpoint
         .connect_timeout(Duration::from_secs(10))
         .tcp_nodelay(true)
         .connect()
@@ -56,8 +62,7 @@ pub async fn connect(url: &str) -> Result<IngestClient<Channel>, ClientError> {
         .map_err(|source| ClientError::Connect {
             url: url.to_owned(),
             source,
-        })?;
-    Ok(IngestClient::new(channel).max_decoding_message_size(64 << 20))
+        })
 }
 
 /// An open worker stream, after the server's Welcome.
