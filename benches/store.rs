@@ -34,7 +34,11 @@ fn finding(i: u64) -> Finding {
         layer: i.is_multiple_of(3).then(|| Arc::from("transformer.h.11.attn.c_proj")),
         value: 3.0 + (i % 17) as f64,
         threshold: 2.5,
-        message: format!("gradient spike: norm {:.4} is {:.1}σ above its moving mean 1.0000", 3.0 + (i % 17) as f64, 2.5 + (i % 7) as f64),
+        message: format!(
+            "gradient spike: norm {:.4} is {:.1}σ above its moving mean 1.0000",
+            3.0 + (i % 17) as f64,
+            2.5 + (i % 7) as f64
+        ),
     }
 }
 
@@ -147,7 +151,10 @@ fn main() {
                     })
                 })
                 .collect();
-            handles.into_iter().flat_map(|h| h.join().expect("query thread")).collect()
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().expect("query thread"))
+                .collect()
         });
         let wall = started.elapsed();
         all.sort_unstable();

@@ -181,6 +181,7 @@ pub struct Filter {
     pub rule: Option<RuleId>,
     /// At least this severity.
     pub min_severity: Option<Severity>,
+    /// The rank an anomaly is about; for advice, a rank it reaches.
     pub worker: Option<u32>,
     /// Inclusive step range.
     pub step_from: Option<u64>,
@@ -635,8 +636,8 @@ fn page<T>(mut rows: Vec<T>, limit: u32, id: impl Fn(&T) -> u64) -> Page<T> {
 }
 
 /// The WHERE clause of a listing and its parameters. Advice has no rank or
-/// per-row rule column to match exactly: `worker` matches its target, `rule`
-/// one of its rules.
+/// per-row rule column to match exactly: `worker` matches the advice that
+/// reaches that rank (its target, or every rank), `rule` one of its rules.
 fn where_clause(f: &Filter, anomalies: bool) -> (String, Vec<Value>) {
     let mut terms: Vec<String> = Vec::new();
     let mut values: Vec<Value> = Vec::new();

@@ -178,7 +178,8 @@ async fn serve(args: &ServeArgs, book: RuleBook, store: Option<Store>) -> Result
         },
         recorder,
     ));
-    let query = QueryServer::new(QueryService::new(hub.clone(), reader, watchers));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let query = QueryServer::new(QueryService::new(hub.clone(), reader, watchers, stop_rx.clone()));
     let max_message = args.max_message_bytes as usize;
     let ingest = IngestServer::new(IngestService::new(hub.clone(), args.stream_queue as usize, max_message))
         .max_decoding_message_size(max_message);
@@ -200,7 +201,6 @@ async fn serve(args: &ServeArgs, book: RuleBook, store: Option<Store>) -> Result
     }
     tracing::info!(%grpc_addr, %http_addr, version = env!("CARGO_PKG_VERSION"), "gradguard serving");
 
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = move || {
         let mut rx = stop_rx.clone();
         async move {

@@ -22,11 +22,23 @@ pub struct QueryService {
     hub: Arc<Hub>,
     reader: Option<Arc<Reader>>,
     watchers: Watchers,
+    /// Turns true when the service stops: watch streams end then.
+    stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 impl QueryService {
-    pub fn new(hub: Arc<Hub>, reader: Option<Arc<Reader>>, watchers: Watchers) -> Self {
-        Self { hub, reader, watchers }
+    pub fn new(
+        hub: Arc<Hub>,
+        reader: Option<Arc<Reader>>,
+        watchers: Watchers,
+        stopping: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
+        Self {
+            hub,
+            reader,
+            watchers,
+            stopping,
+        }
     }
 
     fn reader(&self) -> Result<Arc<Reader>, Status> {
@@ -81,6 +93,18 @@ impl QueryService {
 
 type AnomalyStream = ReceiverStream<Result<proto::Anomaly, Status>>;
 
+/// Resolves once the flag is true (or its sender is gone).
+async fn until_true(flag: &mut tokio::sync::watch::Receiver<bool>) {
+    loop {
+        if *flag.borrow_and_update() {
+            return;
+        }
+        if flag.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl Query for QueryService {
     async fn list_jobs(&self, _: Request<proto::ListJobsRequest>) -> Result<Response<proto::ListJobsResponse>, Status> {
@@ -99,11 +123,11 @@ impl Query for QueryService {
             let l = live.remove(&row.job);
             jobs.push(self.job(Some(row), l).await?);
         }
-        let mut rest: Vec<_> = live.into_values().collect();
-        rest.sort_by(|a, b| a.0.job.cmp(&b.0.job));
-        for l in rest {
+        for l in live.into_values() {
             jobs.push(self.job(None, Some(l)).await?);
         }
+        // Most recently active first, as the store lists them.
+        jobs.sort_by(|a, b| b.last_seen.total_cmp(&a.last_seen).then_with(|| a.job.cmp(&b.job)));
         Ok(Response::new(proto::ListJobsResponse { jobs }))
     }
 
@@ -169,10 +193,21 @@ impl Query for QueryService {
             .map_err(Status::invalid_argument)?
             .map_or(0, |s| i32::from(wire::severity_to_proto(s)));
         let mut feed = self.watchers.subscribe();
+        let mut stopping = self.stopping.clone();
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(async move {
             loop {
-                let anomaly = match feed.recv().await {
+                // Ends with the service, or as soon as the watcher goes away
+                // (even when nothing matching arrives to find out by sending).
+                let next = tokio::select! {
+                    next = feed.recv() => next,
+                    () = tx.closed() => return,
+                    () = until_true(&mut stopping) => {
+                        let _ = tx.send(Err(Status::unavailable("the service is shutting down"))).await;
+                        return;
+                    }
+                };
+                let anomaly = match next {
                     Ok(a) => a,
                     Err(broadcast::error::RecvError::Lagged(n)) => {
                         let _ = tx
