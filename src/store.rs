@@ -1,8 +1,11 @@
 //! The durable store: jobs, anomalies, advice and acknowledgements in SQLite.
 //!
-//! One file, `gradguard.db`, in the data directory, in WAL mode with
-//! `synchronous=FULL`: a committed write survives a crash or a `kill -9`, and
-//! readers never block the writer. The service has one writer (a thread that
+//! One file, `gradguard.db`, in the data directory, in WAL mode: readers
+//! never block the writer, and a committed write survives a crash or a
+//! `kill -9` of the service. With [`SyncMode::Full`] (the default) every
+//! commit is also fsynced, so it survives a power loss; [`SyncMode::Normal`]
+//! leaves that to checkpoints (a power loss may drop the last commits, never
+//! corrupt the store) and saves an fsync per commit. The service has one writer (a thread that
 //! commits each batch in one transaction before the advice in it is sent) and a
 //! few read connections for queries.
 //!
@@ -18,6 +21,17 @@ use std::sync::Mutex;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params, params_from_iter, types::Value};
 
 use crate::model::{Action, Advice, Finding, RuleId, Severity};
+
+/// How hard a commit waits for the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SyncMode {
+    /// fsync every commit: survives a power loss.
+    #[default]
+    Full,
+    /// Commits reach the operating system, not necessarily the disk: survives
+    /// a crash or `kill -9` of the service, not a power loss.
+    Normal,
+}
 
 /// Name of the database file inside the data directory.
 pub const DB_FILE: &str = "gradguard.db";
@@ -260,6 +274,11 @@ impl Store {
     /// Opens (creating when absent) the store in `dir`. An existing file that
     /// is not a healthy gradguard store is an error, never replaced.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        Self::open_with(dir, SyncMode::Full)
+    }
+
+    /// [`Store::open`] with a choice of how commits wait for the disk.
+    pub fn open_with(dir: &Path, sync: SyncMode) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir {
             path: dir.to_owned(),
             source,
@@ -276,7 +295,11 @@ impl Store {
                 detail: format!("journal mode {mode} instead of wal"),
             });
         }
-        conn.pragma_update(None, "synchronous", "FULL")?;
+        let sync = match sync {
+            SyncMode::Full => "FULL",
+            SyncMode::Normal => "NORMAL",
+        };
+        conn.pragma_update(None, "synchronous", sync)?;
         let check: String = conn
             .query_row("PRAGMA quick_check", [], |r| r.get(0))
             .map_err(|e| corrupt_or(&path, e))?;

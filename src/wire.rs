@@ -25,6 +25,14 @@ pub enum WireError {
 /// Builds a rank's domain summary from a wire summary, checking the per-layer
 /// arrays against the number of layers the rank declared.
 pub fn summary_from_proto(p: &proto::Summary, rank: u32, layers: usize) -> Result<Summary, WireError> {
+    let mut s = Summary::default();
+    summary_into(p, rank, layers, &mut s)?;
+    Ok(s)
+}
+
+/// [`summary_from_proto`] into an existing summary, reusing its layer buffer
+/// (the service converts every message of a stream into one).
+pub fn summary_into(p: &proto::Summary, rank: u32, layers: usize, out: &mut Summary) -> Result<(), WireError> {
     let check = |field: &'static str, got: usize| -> Result<(), WireError> {
         if got != 0 && got != layers {
             return Err(WireError::LayerArray {
@@ -44,25 +52,22 @@ pub fn summary_from_proto(p: &proto::Summary, rank: u32, layers: usize) -> Resul
     check("layer_param_norm", p.layer_param_norm.len())?;
     check("layer_update_norm", p.layer_update_norm.len())?;
 
-    let layers = (0..p.layer_l2.len())
-        .map(|i| LayerStats {
-            l2: p.layer_l2[i],
-            max_abs: p.layer_max_abs.get(i).copied().unwrap_or(0.0),
-            nonfinite: p.layer_nonfinite.get(i).copied().unwrap_or(0),
-            param_norm: p.layer_param_norm.get(i).copied(),
-            update_norm: p.layer_update_norm.get(i).copied(),
-        })
-        .collect();
-    Ok(Summary {
-        worker: rank,
-        step: p.step,
-        time: (p.time != 0.0).then_some(p.time),
-        loss: p.loss,
-        lr: p.lr,
-        loss_scale: p.loss_scale,
-        grad_norm: p.grad_norm,
-        layers,
-    })
+    out.layers.clear();
+    out.layers.extend((0..p.layer_l2.len()).map(|i| LayerStats {
+        l2: p.layer_l2[i],
+        max_abs: p.layer_max_abs.get(i).copied().unwrap_or(0.0),
+        nonfinite: p.layer_nonfinite.get(i).copied().unwrap_or(0),
+        param_norm: p.layer_param_norm.get(i).copied(),
+        update_norm: p.layer_update_norm.get(i).copied(),
+    }));
+    out.worker = rank;
+    out.step = p.step;
+    out.time = (p.time != 0.0).then_some(p.time);
+    out.loss = p.loss;
+    out.lr = p.lr;
+    out.loss_scale = p.loss_scale;
+    out.grad_norm = p.grad_norm;
+    Ok(())
 }
 
 /// The wire form of a domain summary (the worker side: simulator, clients).

@@ -229,18 +229,20 @@ impl Hub {
         at: &Attachment,
         outbox: &Outbox,
         p: &proto::Summary,
+        scratch: &mut Summary,
         received: Instant,
     ) -> Result<(), Rejection> {
-        let mut s = wire::summary_from_proto(p, at.rank, at.layer_names.len())
+        wire::summary_into(p, at.rank, at.layer_names.len(), scratch)
             .map_err(|e| Rejection::invalid("layer_count", e.to_string()))?;
-        s.time = Some(effective_time(s.time));
+        scratch.time = Some(effective_time(scratch.time));
+        let s: &Summary = scratch;
 
         let mut core = self.core();
         let core = &mut *core;
         self.reattach(core, at, outbox)?;
         let mut out = std::mem::take(&mut core.out);
         out.clear();
-        let result = core.engine.observe(&at.job, &s, &mut out);
+        let result = core.engine.observe(&at.job, s, &mut out);
         if let Err(e) = result {
             core.out = out;
             return Err(Rejection::engine(&e));
@@ -251,7 +253,7 @@ impl Hub {
         job.last_active = received;
         job.last_seen = s.time.unwrap_or(job.last_seen);
         job.dirty = true;
-        update_gauges(&job.gauges, &s, core.engine.health(&at.job));
+        update_gauges(&job.gauges, s, core.engine.health(&at.job));
         self.publish(core, &out, received);
         core.out = out;
         Ok(())

@@ -9,6 +9,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use gradguard::model::Summary;
 use gradguard::proto::{self, ingest_server::Ingest, worker_message};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -48,6 +49,7 @@ impl Ingest for IngestService {
             outbox,
             attachment: None,
             max_message_bytes: self.max_message_bytes,
+            scratch: Summary::default(),
         };
         tokio::spawn(session.run(request.into_inner()));
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -61,6 +63,8 @@ struct Session {
     outbox: Outbox,
     attachment: Option<Attachment>,
     max_message_bytes: usize,
+    /// Reused for every summary of the stream.
+    scratch: Summary,
 }
 
 impl Session {
@@ -113,7 +117,7 @@ impl Session {
                     &*at.job, at.rank
                 ),
             )),
-            (Some(Body::Summary(s)), Some(at)) => self.hub.summary(at, &self.outbox, &s, received),
+            (Some(Body::Summary(s)), Some(at)) => self.hub.summary(at, &self.outbox, &s, &mut self.scratch, received),
             (Some(Body::Ack(ack)), Some(at)) => {
                 self.hub.ack(at, &ack);
                 Ok(())

@@ -24,7 +24,7 @@ use clap::Args;
 use gradguard::config::RuleBook;
 use gradguard::engine::Engine;
 use gradguard::proto::{self, ingest_server::IngestServer, query_server::QueryServer};
-use gradguard::store::{Retention, Store};
+use gradguard::store::{Retention, Store, SyncMode};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
@@ -97,6 +97,12 @@ pub struct ServeArgs {
     #[arg(long)]
     pub no_store: bool,
 
+    /// How a commit waits for the disk before its advice goes out: `full`
+    /// fsyncs every commit (survives a power loss); `normal` survives a crash
+    /// or kill -9 of the service but not a power loss, and saves an fsync.
+    #[arg(long, value_enum, default_value_t = StoreSync::Full, env = "GRADGUARD_STORE_SYNC")]
+    pub store_sync: StoreSync,
+
     /// Delete stored anomalies, advice and jobs older than this, e.g. `30d`.
     #[arg(long, default_value = "30d", value_parser = humantime::parse_duration, env = "GRADGUARD_RETENTION")]
     pub retention: Duration,
@@ -110,6 +116,12 @@ pub struct ServeArgs {
     pub threads: Option<u64>,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StoreSync {
+    Full,
+    Normal,
+}
+
 pub fn run(args: &ServeArgs) -> Result<(), Failure> {
     let book = match &args.config {
         Some(path) => RuleBook::load(path)
@@ -120,7 +132,11 @@ pub fn run(args: &ServeArgs) -> Result<(), Failure> {
     let store = if args.no_store {
         None
     } else {
-        let store = Store::open(&args.data_dir)
+        let sync = match args.store_sync {
+            StoreSync::Full => SyncMode::Full,
+            StoreSync::Normal => SyncMode::Normal,
+        };
+        let store = Store::open_with(&args.data_dir, sync)
             .with_context(|| format!("--data-dir {}", args.data_dir.display()))
             .map_err(Failure::input)?;
         Some(store)
