@@ -65,6 +65,7 @@ CREATE TABLE IF NOT EXISTS anomalies (
 );
 CREATE INDEX IF NOT EXISTS anomalies_job ON anomalies (job, id);
 CREATE INDEX IF NOT EXISTS anomalies_job_rule ON anomalies (job, rule, id);
+CREATE INDEX IF NOT EXISTS anomalies_job_step ON anomalies (job, step);
 CREATE INDEX IF NOT EXISTS anomalies_severity ON anomalies (severity, id);
 CREATE INDEX IF NOT EXISTS anomalies_time ON anomalies (time);
 CREATE TABLE IF NOT EXISTS advice (
@@ -681,8 +682,14 @@ fn where_clause(f: &Filter, anomalies: bool) -> (String, Vec<Value>) {
             );
         }
     }
-    if let Some(s) = f.min_severity {
-        push("severity >= ?", Value::Integer(severity_code(Some(s))));
+    match f.min_severity {
+        // The top severity is an equality: the (severity, id) index then
+        // yields rows newest first and the scan stops at the page's end.
+        Some(Severity::Critical) => push("severity = ?", Value::Integer(severity_code(Some(Severity::Critical)))),
+        // A range over that index would have to sort every match by id; the
+        // unary `+` keeps SQLite on the job or id order and filters instead.
+        Some(s) => push("+severity >= ?", Value::Integer(severity_code(Some(s)))),
+        None => {}
     }
     if let Some(w) = f.worker {
         push(
