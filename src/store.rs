@@ -301,6 +301,9 @@ impl Store {
             SyncMode::Normal => "NORMAL",
         };
         conn.pragma_update(None, "synchronous", sync)?;
+        // The service checkpoints from its own thread (Checkpointer); this
+        // automatic one is the backstop if that falls behind.
+        conn.pragma_update(None, "wal_autocheckpoint", 20_000)?;
         let check: String = conn
             .query_row("PRAGMA quick_check", [], |r| r.get(0))
             .map_err(|e| corrupt_or(&path, e))?;
@@ -470,6 +473,37 @@ impl Store {
     /// A read-only view for queries, on its own connections.
     pub fn reader(&self) -> Result<Reader, StoreError> {
         Reader::open(self.path.parent().unwrap_or(Path::new(".")))
+    }
+
+    /// A second connection that copies the WAL into the database, to be run
+    /// periodically off the commit path (see [`Checkpointer`]).
+    pub fn checkpointer(&self) -> Result<Checkpointer, StoreError> {
+        let conn = Connection::open(&self.path).map_err(|e| corrupt_or(&self.path, e))?;
+        configure(&conn)?;
+        Ok(Checkpointer { conn })
+    }
+}
+
+/// Moves committed WAL frames into the database file. SQLite would otherwise
+/// do this inside whichever commit crosses 1,000 WAL pages, fsyncing the
+/// database while the advice waiting on that commit waits too; a passive
+/// checkpoint from its own connection runs beside the writer instead. The
+/// writer keeps a late automatic checkpoint as a backstop.
+pub struct Checkpointer {
+    conn: Connection,
+}
+
+impl std::fmt::Debug for Checkpointer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checkpointer").finish_non_exhaustive()
+    }
+}
+
+impl Checkpointer {
+    /// One passive checkpoint: copies what no reader still needs, never waits.
+    pub fn run(&self) -> Result<(), StoreError> {
+        self.conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))?;
+        Ok(())
     }
 }
 

@@ -23,6 +23,8 @@ use super::metrics::Metrics;
 
 /// Most records merged into one transaction.
 const MAX_GROUP: usize = 4096;
+/// How often the WAL is copied into the database, off the commit path.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 /// How often retention runs.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
@@ -54,6 +56,22 @@ impl Recorder {
     /// Starts the writer thread over an opened store.
     pub fn start(store: Store, retention: Retention, metrics: Metrics, watchers: Watchers) -> Self {
         let (tx, rx) = mpsc::channel();
+        match store.checkpointer() {
+            Ok(checkpointer) => {
+                std::thread::Builder::new()
+                    .name("gradguard-checkpoint".into())
+                    .spawn(move || {
+                        loop {
+                            std::thread::sleep(CHECKPOINT_EVERY);
+                            if let Err(e) = checkpointer.run() {
+                                tracing::warn!(error = %e, "store checkpoint failed");
+                            }
+                        }
+                    })
+                    .expect("spawn the store checkpoint thread");
+            }
+            Err(e) => tracing::warn!(error = %e, "no background checkpoints; commits will checkpoint"),
+        }
         std::thread::Builder::new()
             .name("gradguard-store".into())
             .spawn(move || run(store, retention, metrics, watchers, rx))
