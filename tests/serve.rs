@@ -460,3 +460,41 @@ fn bad_flags_and_config_exit_before_binding_a_port() {
     assert_eq!(code, 1, "{err}");
     assert!(err.contains(&format!("cannot bind --grpc-addr {addr}")), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rank_that_applied_a_rollback_reports_its_steps_again() {
+    let server = Server::start();
+    let cfg = ScenarioConfig {
+        workers: 1,
+        ..config("rolled", Fault::AbruptExplosion, 1)
+    };
+    let (mut scenario, senders, mut receivers) = open_job(&server.url(), &cfg).await;
+    send_all(&mut scenario, &senders).await;
+    let rollback = loop {
+        let a = receivers[0].advice().await.unwrap().expect("a rollback before the end");
+        if let Action::Rollback { to_step } = action(&a) {
+            break (a, to_step);
+        }
+    };
+    let (advice, to_step) = rollback;
+    assert!(to_step < 399);
+    senders[0].ack(&advice, 399, true).await.unwrap();
+    // The restored run goes on from the checkpoint, healthy again.
+    for step in to_step + 1..to_step + 120 {
+        let s = proto::Summary {
+            loss: Some(3.0 - step as f64 * 1e-4),
+            grad_norm: Some(1.0 + 0.02 * ((step % 7) as f64 - 3.0)),
+            ..summary(step, 0)
+        };
+        senders[0].summary(s).await.unwrap();
+    }
+    drop(senders);
+    receivers[0].drain().await.expect("the replayed steps are accepted");
+    let text = server.scrape();
+    assert_eq!(
+        sample(&text, "gradguard_summaries_rejected_total{reason=\"step_backwards\"}"),
+        Some(0.0)
+    );
+    // The restored norms, 100× below the abandoned run's, are not a collapse.
+    assert!(!text.contains("rule=\"vanishing\""), "{text}");
+}

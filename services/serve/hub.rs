@@ -10,13 +10,13 @@
 //! slow reader loses advice (counted in `gradguard_advice_dropped_total`)
 //! instead of stalling everyone else.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use gradguard::engine::{Engine, EngineError, JobSpec, MAX_LAYERS, MAX_RANKS, Output};
-use gradguard::model::{JobId, Severity, Summary};
+use gradguard::model::{Action, JobId, Severity, Summary};
 use gradguard::proto::{self, server_message};
 use gradguard::store::{Ack, JobRow};
 use gradguard::wire;
@@ -121,7 +121,12 @@ struct Job {
     last_seen: f64,
     /// Changed since its row was last recorded.
     dirty: bool,
+    /// The job's latest advice (id, action), to act on acknowledgements.
+    recent: VecDeque<(u64, Action)>,
 }
+
+/// Advice remembered per job for acknowledgements.
+const RECENT_ADVICE: usize = 64;
 
 struct Stream {
     id: u64,
@@ -215,6 +220,7 @@ impl Hub {
                     first_seen: unix_now(),
                     last_seen: unix_now(),
                     dirty: true,
+                    recent: VecDeque::new(),
                 },
             );
             self.metrics.active_jobs.set(core.jobs.len() as i64);
@@ -292,7 +298,7 @@ impl Hub {
 
     /// Metrics for the findings; the advice to the job's streams, through
     /// the store when there is one (durable before it leaves).
-    fn publish(&self, core: &Core, out: &Output, received: Instant) {
+    fn publish(&self, core: &mut Core, out: &Output, received: Instant) {
         if out.is_empty() {
             return;
         }
@@ -302,7 +308,11 @@ impl Hub {
         let mut deliveries = Vec::with_capacity(out.advice.len());
         for a in &out.advice {
             self.metrics.advice(&a.job, &a.action);
-            let Some(job) = core.jobs.get(&a.job) else { continue };
+            let Some(job) = core.jobs.get_mut(&a.job) else { continue };
+            if job.recent.len() == RECENT_ADVICE {
+                job.recent.pop_front();
+            }
+            job.recent.push_back((a.id, a.action));
             let outboxes = job
                 .streams
                 .iter()
@@ -334,9 +344,26 @@ impl Hub {
         }
     }
 
-    /// Records a worker's acknowledgement of advice.
+    /// Records a worker's acknowledgement of advice. A rank that applied a
+    /// rollback reports its steps again from the checkpoint, so the engine
+    /// rewinds that rank.
     pub fn ack(&self, at: &Attachment, ack: &proto::AdviceAck) {
         self.metrics.ack(ack.applied);
+        if ack.applied {
+            let mut core = self.core();
+            let core = &mut *core;
+            let rollback = core.jobs.get(&at.job).and_then(|j| {
+                j.recent.iter().find_map(|(id, action)| match action {
+                    Action::Rollback { to_step } if *id == ack.advice_id => Some(*to_step),
+                    _ => None,
+                })
+            });
+            if let Some(to_step) = rollback
+                && core.engine.rewind(&at.job, at.rank, to_step)
+            {
+                tracing::info!(job = &*at.job, rank = at.rank, to_step, "rank rolled back");
+            }
+        }
         if let Some(recorder) = &self.recorder {
             let ack = Ack {
                 advice_id: ack.advice_id,

@@ -228,6 +228,19 @@ impl Engine {
         self.jobs.keys()
     }
 
+    /// A rank rolled back to a checkpoint of `to_step`: its next step may be
+    /// `to_step + 1` again, and its own statistics start afresh (their windows
+    /// hold the run that was abandoned, whose norms would read as a collapse
+    /// next to the restored ones). Open episodes stay open, and advice is not
+    /// repeated before the run passes the step it was last given at. Returns
+    /// false when the job or rank is unknown or already at or before `to_step`.
+    pub fn rewind(&mut self, job: &str, rank: u32, to_step: u64) -> bool {
+        let Some(state) = self.jobs.get_mut(job) else {
+            return false;
+        };
+        state.rewind(rank, to_step)
+    }
+
     /// Forgets a job and all its state; true when it existed.
     pub fn remove_job(&mut self, job: &str) -> bool {
         self.jobs.remove(job).is_some()
@@ -445,6 +458,23 @@ impl JobState {
         }
         self.finish(s.step, next_id, out);
         Ok(())
+    }
+
+    fn rewind(&mut self, rank: u32, to_step: u64) -> bool {
+        let r = rank as usize;
+        let Some(Some(peer)) = self.peers.get_mut(r) else {
+            return false;
+        };
+        if peer.last_step.is_none_or(|last| last <= to_step) {
+            return false;
+        }
+        peer.last_step = Some(to_step);
+        if let Some(w) = self.workers.get_mut(r) {
+            *w = Some(WorkerState::new(&self.rules));
+        }
+        ranks::forget_after(&mut self.ranks, rank, to_step);
+        self.ranks.max_step = self.peers.iter().flatten().filter_map(|p| p.last_step).max();
+        true
     }
 
     fn tick(&mut self, now: f64, next_id: &mut u64, out: &mut Output) {

@@ -602,6 +602,35 @@ fn a_rank_far_behind_does_not_reopen_episodes_or_repeat_advice() {
 }
 
 #[test]
+fn a_rewound_rank_reports_its_steps_again_with_fresh_statistics() {
+    let mut run = Run::new();
+    run.feed_all((0..200).map(healthy));
+    run.feed_all((200..260).map(|s| summary(0, s, 100.0 * noise(s, 0.05), 3.5)));
+    run.take();
+    let mut out = Output::default();
+    let err = run.engine.observe("job", &healthy(150), &mut out).unwrap_err();
+    assert!(matches!(
+        err,
+        EngineError::StepBackwards {
+            step: 150,
+            last: 259,
+            ..
+        }
+    ));
+    assert!(run.engine.rewind("job", 0, 149));
+    assert!(!run.engine.rewind("job", 0, 149), "already there");
+    assert!(!run.engine.rewind("job", 3, 10), "unknown rank");
+    assert_eq!(run.engine.last_step("job", 0), Some(149));
+    run.feed_all((150..400).map(healthy));
+    let out = run.take();
+    assert!(
+        !rules(&out).contains(&RuleId::Vanishing) && !rules(&out).contains(&RuleId::GradSpike),
+        "{:?}",
+        rules(&out)
+    );
+}
+
+#[test]
 fn only_one_rank_non_finite_is_an_outlier() {
     let mut run = Run::new();
     run.feed_all(ranks(4, 0..30, |r, s| {

@@ -94,6 +94,16 @@ pub(crate) fn record_norm(
     }
 }
 
+/// Drops a rank's buffered norms of steps after `step` (it rolled back and
+/// will report them again).
+pub(crate) fn forget_after(state: &mut State, rank: u32, step: u64) {
+    use std::ops::Bound;
+    for (_, pending) in state.pending.range_mut((Bound::Excluded(step), Bound::Unbounded)) {
+        pending.norms.retain(|(r, _)| *r != rank);
+    }
+    state.pending.retain(|_, p| !p.norms.is_empty());
+}
+
 fn judge(step: u64, entries: &[(u32, f64)], peers: &mut [Option<Peer>], rules: &Rules, em: &mut Emitter) {
     let cfg = &rules.rank_outlier;
     let remind = rules.policy.cooldown_steps;
