@@ -17,7 +17,9 @@
 //!
 //! `--baseline` first runs the identical load against `gradguard sink`, a
 //! decode-only server on the same machine, so the result can be read as a ratio:
-//! the share of the transport's ceiling the real server achieves.
+//! the share of the transport's ceiling the real server achieves. `--compare
+//! URL` does the same against another running server instead, e.g. the
+//! service with `--no-store`, to read the cost of storing as a ratio.
 
 use std::io::{self, BufRead, BufReader, Write};
 use std::process::{Child, Command, ExitCode, Stdio};
@@ -87,6 +89,12 @@ pub struct LoadgenArgs {
     #[arg(long)]
     pub baseline: bool,
 
+    /// First run the identical load against this other server (for example
+    /// the same service started with --no-store), then against --server, and
+    /// print the ratio of their throughputs.
+    #[arg(long, value_name = "URL", value_parser = parse_server, conflicts_with = "baseline")]
+    pub compare: Option<String>,
+
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -134,7 +142,7 @@ pub fn run(args: &LoadgenArgs) -> Result<ExitCode, Failure> {
         Some(url) => url.clone(),
         None => default_metrics_url(&args.server),
     };
-    if !args.baseline {
+    if !args.baseline && args.compare.is_none() {
         let report = runtime.block_on(measure(args, &args.server, MemorySource::Metrics(metrics_url)))?;
         print(&if args.json {
             json_line(&report)
@@ -148,11 +156,20 @@ pub fn run(args: &LoadgenArgs) -> Result<ExitCode, Failure> {
     runtime
         .block_on(client::connect(&args.server))
         .map_err(|e| Failure::input(anyhow!("cannot reach --server: {}", error_chain(&e))))?;
-    let sink = SinkChild::spawn().map_err(Failure::input)?;
-    let sink_report = runtime.block_on(measure(args, &sink.url, MemorySource::Process(sink.child.id())))?;
-    drop(sink);
+    let (label, key, sink_report) = match &args.compare {
+        Some(url) => {
+            let memory = MemorySource::Metrics(default_metrics_url(url));
+            ("baseline: ", "baseline", runtime.block_on(measure(args, url, memory))?)
+        }
+        None => {
+            let sink = SinkChild::spawn().map_err(Failure::input)?;
+            let report = runtime.block_on(measure(args, &sink.url, MemorySource::Process(sink.child.id())))?;
+            drop(sink);
+            ("sink: ", "sink", report)
+        }
+    };
     if !args.json {
-        print(&human(&sink_report, "sink: "))?;
+        print(&human(&sink_report, label))?;
     }
     if let Err(failure) = sink_report.verdict() {
         if args.json {
@@ -168,7 +185,7 @@ pub fn run(args: &LoadgenArgs) -> Result<ExitCode, Failure> {
     };
     if args.json {
         print(&json_line(&serde_json::json!({
-            "sink": sink_report,
+            key: sink_report,
             "gradguard": report,
             "ratio": ratio,
         })))?;

@@ -144,6 +144,37 @@ fn baseline_compares_against_a_spawned_sink() {
 }
 
 #[test]
+fn compare_runs_the_same_load_against_another_server_first() {
+    let (base, server) = (Sink::start(), Sink::start());
+    let out = loadgen(&[
+        "--compare",
+        &format!("http://{}", base.addr),
+        "--streams",
+        "2",
+        "--duration",
+        "1s",
+        "--server",
+        &format!("http://{}", server.addr),
+        "--json",
+    ]);
+    let text = stdout(&out);
+    assert!(out.status.success(), "{text}{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+    assert!(v["baseline"]["summaries_per_s"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(v["gradguard"]["summaries_per_s"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(v["ratio"].as_f64().unwrap() > 0.0, "{v}");
+
+    let out = loadgen(&[
+        "--compare",
+        "http://127.0.0.1:1",
+        "--baseline",
+        "--server",
+        "http://127.0.0.1:1",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+}
+
+#[test]
 fn bad_flags_and_unreachable_server_fail_with_a_message() {
     let out = loadgen(&["--server", "http://127.0.0.1:1", "--duration", "banana"]);
     assert_eq!(out.status.code(), Some(2));
