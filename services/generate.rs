@@ -11,6 +11,7 @@ use gradguard::scenario::{Scenario, ScenarioConfig};
 use serde_json::{Value, json};
 
 use crate::cli::{Failure, GenerateArgs};
+use crate::report::Num;
 
 pub fn run(args: &GenerateArgs) -> Result<ExitCode, Failure> {
     if args.workers < args.fault.min_workers() {
@@ -58,17 +59,9 @@ pub fn run(args: &GenerateArgs) -> Result<ExitCode, Failure> {
     }
 }
 
-fn num(x: f64) -> Value {
-    match x {
-        x if x.is_nan() => "NaN".into(),
-        x if x == f64::INFINITY => "Infinity".into(),
-        x if x == f64::NEG_INFINITY => "-Infinity".into(),
-        x => x.into(),
-    }
-}
-
-fn opt(x: Option<f64>) -> Value {
-    x.map_or(Value::Null, num)
+/// A value or null; non-finite values as the strings `replay` reads back.
+fn opt(x: Option<f64>) -> Option<Num> {
+    x.map(Num)
 }
 
 fn record(job: &str, names: &[String], s: &Summary) -> Value {
@@ -79,8 +72,8 @@ fn record(job: &str, names: &[String], s: &Summary) -> Value {
         .map(|(l, name)| {
             json!({
                 "name": name,
-                "l2": num(l.l2.into()),
-                "max_abs": num(l.max_abs.into()),
+                "l2": Num(l.l2.into()),
+                "max_abs": Num(l.max_abs.into()),
                 "nonfinite": l.nonfinite,
                 "param_norm": opt(l.param_norm.map(f64::from)),
                 "update_norm": opt(l.update_norm.map(f64::from)),

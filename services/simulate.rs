@@ -44,12 +44,12 @@ use gradguard::scenario::{Fault, Scenario, ScenarioConfig};
 use gradguard::wire;
 use serde::Serialize;
 use serde::ser::SerializeMap;
-use serde_json::Value;
 use tokio::sync::mpsc;
 use tonic::Status;
 use tonic::transport::Channel;
 
 use crate::cli::Failure;
+use crate::report::Num;
 
 /// Steps averaged to say where the loss and the norm stood (before the fault,
 /// at the end): one step alone is too noisy to judge a recovery by.
@@ -917,16 +917,6 @@ fn fmt_num(x: f64) -> String {
     }
 }
 
-/// A number for JSON: non-finite values as the strings `replay --json` uses.
-fn num(x: f64) -> Value {
-    match x {
-        x if x.is_nan() => "NaN".into(),
-        x if x == f64::INFINITY => "Infinity".into(),
-        x if x == f64::NEG_INFINITY => "-Infinity".into(),
-        x => x.into(),
-    }
-}
-
 fn severity_name(advice: &proto::Advice) -> &'static str {
     match advice.severity() {
         proto::Severity::Info => "info",
@@ -1062,9 +1052,9 @@ struct AdviceLine<'a> {
     severity: &'static str,
     action: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
-    max_norm: Option<Value>,
+    max_norm: Option<Num>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    factor: Option<Value>,
+    factor: Option<Num>,
     #[serde(skip_serializing_if = "Option::is_none")]
     to_step: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -1080,7 +1070,7 @@ impl Serialize for Evidence<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let mut map = s.serialize_map(Some(self.0.len()))?;
         for e in self.0 {
-            map.serialize_entry(&e.name, &num(e.value))?;
+            map.serialize_entry(&e.name, &Num(e.value))?;
         }
         map.end()
     }
@@ -1089,8 +1079,8 @@ impl Serialize for Evidence<'_> {
 fn advice_json(advice: &proto::Advice, taken: &Taken) -> String {
     let (mut max_norm, mut factor, mut to_step, mut rank) = (None, None, None, None);
     match taken.action {
-        Some(Action::ClipGradients { max_norm: m }) => max_norm = Some(num(m)),
-        Some(Action::ScaleLr { factor: f } | Action::ScaleLossScale { factor: f }) => factor = Some(num(f)),
+        Some(Action::ClipGradients { max_norm: m }) => max_norm = Some(Num(m)),
+        Some(Action::ScaleLr { factor: f } | Action::ScaleLossScale { factor: f }) => factor = Some(Num(f)),
         Some(Action::Rollback { to_step: t }) => to_step = Some(t),
         Some(Action::InspectWorker { rank: r }) => rank = Some(r),
         Some(Action::SkipStep | Action::Halt) | None => {}
@@ -1252,8 +1242,8 @@ struct LagJson {
 #[derive(Serialize)]
 struct LevelJson {
     step: u64,
-    loss: Option<Value>,
-    grad_norm: Option<Value>,
+    loss: Option<Num>,
+    grad_norm: Option<Num>,
     nonfinite_steps: usize,
 }
 
@@ -1261,8 +1251,8 @@ impl From<&Level> for LevelJson {
     fn from(l: &Level) -> Self {
         Self {
             step: l.step,
-            loss: l.loss.map(num),
-            grad_norm: l.norm.map(num),
+            loss: l.loss.map(Num),
+            grad_norm: l.norm.map(Num),
             nonfinite_steps: l.nonfinite,
         }
     }
