@@ -5,11 +5,12 @@
 
 mod common;
 
+use common::{Run, turn};
+
 use std::io::{BufRead, BufReader, Read};
 use std::net::TcpListener;
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, Receiver};
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -18,52 +19,6 @@ const BIN: &str = env!("CARGO_BIN_EXE_gradguard");
 
 /// How long a watcher may take to see what it waits for.
 const WATCH_TIMEOUT: Duration = Duration::from_secs(20);
-
-/// One server-backed test at a time: a paced simulation only keeps its
-/// closed loop while the server keeps up (see `simulate_cli.rs`).
-static TURN: Mutex<()> = Mutex::new(());
-
-fn turn() -> MutexGuard<'static, ()> {
-    TURN.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-struct Run {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-impl From<Output> for Run {
-    fn from(out: Output) -> Self {
-        Run {
-            code: out.status.code(),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
-    }
-}
-
-impl Run {
-    fn assert_code(&self, code: i32) -> &Self {
-        assert_eq!(
-            self.code,
-            Some(code),
-            "stdout:\n{}\nstderr:\n{}",
-            self.stdout,
-            self.stderr
-        );
-        self
-    }
-
-    /// The JSON lines of a successful `--json` run.
-    fn json(&self) -> Vec<Value> {
-        self.assert_code(0);
-        self.stdout
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}")))
-            .collect()
-    }
-}
 
 /// Runs `gradguard ARGS` with no `GRADGUARD_SERVER` from the environment.
 fn gradguard(args: &[&str]) -> Run {

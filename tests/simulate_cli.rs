@@ -11,17 +11,14 @@
 
 mod common;
 
-use std::process::{Command, Output};
-use std::sync::{Mutex, MutexGuard};
+use common::Run;
+
+use std::process::Command;
+use std::sync::MutexGuard;
 
 use gradguard::scenario::{Fault, Scenario, ScenarioConfig};
-use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_gradguard");
-
-/// One server-backed run at a time, so runs do not compete for the CPU and
-/// push the server behind the workers.
-static TURN: Mutex<()> = Mutex::new(());
 
 /// A `gradguard serve` on ports the OS picked (see `common`), held for one
 /// test at a time.
@@ -33,7 +30,7 @@ struct Server {
 
 impl Server {
     fn start() -> Self {
-        let turn = TURN.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let turn = common::turn();
         let server = common::Server::start();
         Server {
             url: server.url(),
@@ -53,27 +50,7 @@ impl Server {
     }
 }
 
-struct Run {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-impl From<Output> for Run {
-    fn from(out: Output) -> Self {
-        Run {
-            code: out.status.code(),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
-    }
-}
-
 impl Run {
-    fn assert_ok(&self) {
-        assert_eq!(self.code, Some(0), "stdout:\n{}\nstderr:\n{}", self.stdout, self.stderr);
-    }
-
     /// The advice lines of the human output (`step   412  all ranks  ...`).
     fn advice_lines(&self) -> Vec<&str> {
         self.stdout.lines().filter(|l| l.starts_with("step ")).collect()
@@ -85,13 +62,6 @@ impl Run {
             .lines()
             .find_map(|l| l.strip_prefix("result"))
             .map_or("", str::trim)
-    }
-
-    fn json_lines(&self) -> Vec<Value> {
-        self.stdout
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-            .collect()
     }
 }
 
@@ -111,7 +81,7 @@ fn following_the_advice_brings_an_exploding_run_back() {
         "--step-interval",
         "5ms",
     ]);
-    run.assert_ok();
+    run.assert_code(0);
     let advice = run.advice_lines();
     assert!(
         advice.iter().any(|l| l.contains("clip_gradients max_norm=")),
@@ -142,8 +112,8 @@ fn json_output_is_advice_objects_then_a_summary() {
         "--job",
         "json-explode",
     ]);
-    run.assert_ok();
-    let lines = run.json_lines();
+    run.assert_code(0);
+    let lines = run.json();
     let (summary, advice) = lines.split_last().expect("a summary line");
     assert_eq!(summary["kind"], "summary");
     assert_eq!(summary["job"], "json-explode");
@@ -163,7 +133,7 @@ fn json_output_is_advice_objects_then_a_summary() {
 fn a_healthy_run_gets_no_advice_beyond_clipping() {
     let server = Server::start();
     let run = server.simulate(&["--scenario", "healthy"]);
-    run.assert_ok();
+    run.assert_code(0);
     // Ordinary noise crosses the spike rule's z of 2.5 now and then, and an
     // info-level clip is the intended answer (README, "Healthy runs"); nothing
     // else, nothing louder.
@@ -193,7 +163,7 @@ fn a_rank_outlier_is_named() {
     .expect("a rank outlier has a rank");
     let server = Server::start();
     let run = server.simulate(&["--scenario", "rank-outlier", "--workers", "4", "--steps", "400"]);
-    run.assert_ok();
+    run.assert_code(0);
     let outlier: Vec<&str> = run
         .advice_lines()
         .into_iter()
