@@ -86,6 +86,14 @@ pub struct Attachment {
 }
 
 impl Attachment {
+    /// What ends a stream that a newer one of the same job and rank replaced.
+    fn replaced(&self) -> Status {
+        Status::aborted(format!(
+            "replaced by a newer stream of job {:?} rank {}",
+            &*self.job, self.rank
+        ))
+    }
+
     fn spec(&self) -> JobSpec<'_> {
         JobSpec {
             layer_names: &self.layer_names,
@@ -175,10 +183,7 @@ impl Hub {
             },
         );
         if let Some(old) = previous {
-            let _ = old.outbox.try_send(Err(Status::aborted(format!(
-                "replaced by a newer stream of job {:?} rank {}",
-                &*at.job, at.rank
-            ))));
+            let _ = old.outbox.try_send(Err(at.replaced()));
         }
         let welcome = proto::Welcome {
             server_version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -275,10 +280,7 @@ impl Hub {
                 Some(_) => {
                     return Err(Rejection {
                         reason: "replaced",
-                        status: Status::aborted(format!(
-                            "replaced by a newer stream of job {:?} rank {}",
-                            &*at.job, at.rank
-                        )),
+                        status: at.replaced(),
                     });
                 }
                 None => {}
