@@ -69,6 +69,7 @@ impl Rejection {
             EngineError::LayerCount { .. } => "layer_l2",
             EngineError::TooManyLayers { .. } | EngineError::LayerNames { .. } => "layer_names",
             EngineError::Config(_) => "rule_profile",
+            EngineError::Snapshot { .. } => "snapshot",
         };
         Self::invalid(e.reason(), format!("field {field}: {e}"))
     }

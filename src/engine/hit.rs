@@ -96,7 +96,7 @@ impl Hit {
 /// An edge-triggered condition with reminders: reports when it starts, then
 /// every `remind` steps while it lasts, so findings do not flood but the policy
 /// still sees a problem that persists after advice.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Latch {
     since: Option<u64>,
     last_report: u64,

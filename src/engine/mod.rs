@@ -32,6 +32,8 @@ use worker::WorkerState;
 pub const MAX_RANKS: u32 = 1 << 16;
 /// Findings remembered per job for cross-rank dedupe, at most.
 const MAX_REPORTED: usize = 4096;
+/// First byte of a snapshot: bumped whenever the state's layout changes.
+const SNAPSHOT_VERSION: u8 = 1;
 /// Largest accepted number of layers per job.
 pub const MAX_LAYERS: usize = 1 << 16;
 
@@ -54,6 +56,8 @@ pub enum EngineError {
     LayerNames { job: String, expected: usize, got: usize },
     #[error("{0}")]
     Config(String),
+    #[error("snapshot of job {job} cannot be restored: {reason}")]
+    Snapshot { job: String, reason: String },
 }
 
 impl From<ConfigError> for EngineError {
@@ -74,6 +78,7 @@ impl EngineError {
             EngineError::TooManyLayers { .. } => "too_many_layers",
             EngineError::LayerNames { .. } => "layer_names",
             EngineError::Config(_) => "config",
+            EngineError::Snapshot { .. } => "snapshot",
         }
     }
 }
@@ -241,6 +246,42 @@ impl Engine {
         state.rewind(rank, to_step)
     }
 
+    /// The job's whole detection state as bytes, for [`Engine::restore`] on
+    /// another engine (cluster mode hands jobs between replicas this way).
+    /// `None` when the job is unknown.
+    pub fn snapshot(&self, job: &str) -> Option<Vec<u8>> {
+        let state = self.jobs.get(job)?;
+        let mut bytes = vec![SNAPSHOT_VERSION];
+        // Writing plain data structures to a Vec cannot fail.
+        bytes.extend(postcard::to_stdvec(state).expect("job state serializes"));
+        Some(bytes)
+    }
+
+    /// Replaces a job's state with a snapshot taken by [`Engine::snapshot`].
+    /// Rules come from this engine's rule book for the snapshot's profile.
+    pub fn restore(&mut self, job: &str, bytes: &[u8]) -> Result<(), EngineError> {
+        let fail = |reason: String| EngineError::Snapshot {
+            job: job.to_owned(),
+            reason,
+        };
+        if job.is_empty() {
+            return Err(EngineError::EmptyJob);
+        }
+        let Some((&version, body)) = bytes.split_first() else {
+            return Err(fail("it is empty".into()));
+        };
+        if version != SNAPSHOT_VERSION {
+            return Err(fail(format!(
+                "format version {version}, this build reads {SNAPSHOT_VERSION}"
+            )));
+        }
+        let mut state: JobState = postcard::from_bytes(body).map_err(|e| fail(e.to_string()))?;
+        state.rules = self.book.for_job(job, state.profile.as_deref())?;
+        state.id = Arc::from(job);
+        self.jobs.insert(state.id.clone(), state);
+        Ok(())
+    }
+
     /// Forgets a job and all its state; true when it existed.
     pub fn remove_job(&mut self, job: &str) -> bool {
         self.jobs.remove(job).is_some()
@@ -283,18 +324,25 @@ fn job_entry<'a>(
         return Err(EngineError::EmptyJob);
     }
     if !jobs.contains_key(job) {
-        let rules = book.for_job(job, profile.filter(|p| !p.is_empty()))?;
+        let profile = profile.filter(|p| !p.is_empty());
+        let rules = book.for_job(job, profile)?;
         let id: JobId = Arc::from(job);
-        jobs.insert(id.clone(), JobState::new(id, rules));
+        jobs.insert(id.clone(), JobState::new(id, rules, profile.map(str::to_owned)));
     }
     Ok(jobs.get_mut(job).expect("inserted above"))
 }
 
-/// Everything the engine knows about one job.
-#[derive(Debug)]
+/// Everything the engine knows about one job. Serialized whole (less what
+/// the rule book gives back) as the job's snapshot.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 struct JobState {
+    #[serde(skip)]
     id: JobId,
+    #[serde(skip)]
     rules: Rules,
+    /// The rule profile the job was declared with: restoring re-derives the
+    /// rules from the replica's rule book.
+    profile: Option<String>,
     layer_names: Vec<Arc<str>>,
     world_size: Option<u32>,
     workers: Vec<Option<WorkerState>>,
@@ -303,6 +351,7 @@ struct JobState {
     ranks: ranks::State,
     policy: policy::Policy,
     /// Scratch space for one observation's hits.
+    #[serde(skip)]
     hits: Vec<Hit>,
     /// Findings reported recently (step, rule, layer, rank), so ranks sharing
     /// a signal report it once.
@@ -310,10 +359,11 @@ struct JobState {
 }
 
 impl JobState {
-    fn new(id: JobId, rules: Rules) -> Self {
+    fn new(id: JobId, rules: Rules, profile: Option<String>) -> Self {
         Self {
             id,
             rules,
+            profile,
             layer_names: Vec::new(),
             world_size: None,
             workers: Vec::new(),

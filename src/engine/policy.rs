@@ -18,7 +18,7 @@ use crate::config::Rules;
 use crate::engine::hit::{Hit, Proposal};
 use crate::model::{Action, Advice, Family, RuleId, Severity};
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct Episode {
     family: Family,
     subject: Option<u32>,
@@ -33,7 +33,7 @@ struct Episode {
 }
 
 /// A job's open episodes.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Policy {
     episodes: Vec<Episode>,
     /// Halt was advised: the job stays critical whatever follows.

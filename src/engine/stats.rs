@@ -4,7 +4,7 @@
 
 /// Exponential moving mean and variance with a warm-up: the first `warmup`
 /// samples are averaged plainly, then the EMA takes over (ZClip).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct Ema {
     mean: f64,
     var: f64,
@@ -53,7 +53,7 @@ impl Ema {
 }
 
 /// A fixed-capacity ring of (step, value) pairs with a least-squares fit.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Window {
     xs: Box<[f64]>,
     ys: Box<[f64]>,
@@ -148,7 +148,7 @@ impl Window {
 }
 
 /// Sliding minimum over the last `span` steps (monotonic deque, amortised O(1)).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct SlidingMin {
     items: std::collections::VecDeque<(u64, f64)>,
 }

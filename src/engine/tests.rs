@@ -816,3 +816,107 @@ fn non_finite_max_abs_is_non_finite() {
     assert_eq!(rules(&out), [RuleId::Nonfinite]);
     assert_eq!(out.findings[0].layer.as_deref(), Some("layer0"));
 }
+
+/// Plays a scenario into one engine, handing the job to a second engine
+/// through a snapshot at `split`: everything after the hand-over must be
+/// exactly what one engine that saw the whole run produced.
+fn handover_matches_one_engine(fault: crate::scenario::Fault, workers: u32, split: u64) {
+    use crate::scenario::{Scenario, ScenarioConfig};
+    let cfg = ScenarioConfig {
+        fault,
+        workers,
+        layers: 8,
+        steps: 1500,
+        fault_at: 900,
+        ..ScenarioConfig::default()
+    };
+    let names = Scenario::new(cfg.clone()).layer_names();
+    let spec = JobSpec {
+        layer_names: &names,
+        world_size: Some(workers),
+        profile: None,
+    };
+    let (mut whole, mut first, mut second) = (Engine::default(), Engine::default(), Engine::default());
+    whole.declare("sim", &spec).unwrap();
+    first.declare("sim", &spec).unwrap();
+    let mut scenario = Scenario::new(cfg);
+    let (mut expected, mut got, mut scratch) = (Output::default(), Output::default(), Output::default());
+    while let Some(summaries) = scenario.next_step() {
+        for s in &summaries {
+            let after = s.step >= split;
+            if after && second.job_count() == 0 {
+                let bytes = first.snapshot("sim").unwrap();
+                second.restore("sim", &bytes).unwrap();
+                second.resume_advice_ids(first.next_advice_id);
+            }
+            let (engine, out) = if after {
+                (&mut second, &mut got)
+            } else {
+                (&mut first, &mut scratch)
+            };
+            engine.observe("sim", s, out).unwrap();
+            let mut reference = Output::default();
+            whole.observe("sim", s, &mut reference).unwrap();
+            if after {
+                expected.findings.append(&mut reference.findings);
+                expected.advice.append(&mut reference.advice);
+            }
+        }
+    }
+    assert_eq!(got.findings, expected.findings, "{fault:?} split at {split}");
+    assert_eq!(got.advice, expected.advice, "{fault:?} split at {split}");
+    assert_eq!(
+        second.snapshot("sim"),
+        whole.snapshot("sim"),
+        "{fault:?}: final state differs"
+    );
+    // Heap capacities may differ after the copy; everything else may not.
+    let status = |e: &Engine| JobStatus {
+        state_bytes: 0,
+        ..e.status("sim").unwrap()
+    };
+    assert_eq!(status(&second), status(&whole));
+}
+
+#[test]
+fn snapshot_hands_a_job_over_without_changing_what_follows() {
+    use crate::scenario::Fault;
+    for (fault, workers) in [
+        (Fault::GradualExplosion, 1),
+        (Fault::NanGradients, 2),
+        (Fault::LossDivergence, 1),
+        (Fault::RankOutlier, 4),
+        (Fault::DeadLayer, 1),
+    ] {
+        // Mid-warm-up, just before the fault, and inside the open episode.
+        for split in [10, 899, 950] {
+            handover_matches_one_engine(fault, workers, split);
+        }
+    }
+}
+
+#[test]
+fn restore_refuses_a_damaged_snapshot_by_name() {
+    let mut engine = Engine::default();
+    let mut out = Output::default();
+    for step in 0..50 {
+        engine.observe("job", &healthy(step), &mut out).unwrap();
+    }
+    let bytes = engine.snapshot("job").unwrap();
+    let mut other = Engine::default();
+    let err = other.restore("job", &bytes[..bytes.len() / 2]).unwrap_err();
+    assert!(
+        matches!(err, EngineError::Snapshot { ref job, .. } if job == "job"),
+        "{err}"
+    );
+    let mut wrong_version = bytes.clone();
+    wrong_version[0] = 99;
+    let err = other.restore("job", &wrong_version).unwrap_err();
+    assert!(err.to_string().contains("format version 99"), "{err}");
+    assert!(other.restore("job", &[]).is_err());
+    assert_eq!(other.job_count(), 0, "a refused snapshot leaves no state");
+    other.restore("job", &bytes).unwrap();
+    assert_eq!(other.last_step("job", 0), Some(49));
+    let err = other.observe("job", &healthy(49), &mut out).unwrap_err();
+    assert_eq!(err, EngineError::DuplicateStep { worker: 0, step: 49 });
+}

@@ -4,7 +4,7 @@ use crate::config::Rules;
 use crate::engine::hit::Emitter;
 use crate::engine::rules::{Obs, grad, layers, loss, loss_scale, nonfinite};
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub(crate) struct WorkerState {
     nonfinite: nonfinite::State,
     grad: grad::State,

@@ -7,7 +7,7 @@ use crate::engine::hit::{Emitter, Latch, Proposal};
 use crate::engine::stats::{Ema, Window};
 use crate::model::{RuleId, Severity};
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub(crate) struct State {
     ema: Ema,
     /// Last step with a gradient spike (the loss rules link to it).

@@ -7,7 +7,7 @@ use crate::engine::hit::{Emitter, Latch, Proposal};
 use crate::model::{RuleId, Severity};
 
 /// One layer's state: a few counters and latches, well under 1 KiB.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
 pub(crate) struct LayerState {
     floor_run: u32,
     floor: Latch,
@@ -16,7 +16,7 @@ pub(crate) struct LayerState {
     update_low: Latch,
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub(crate) struct State {
     layers: Vec<LayerState>,
     depth: Latch,

@@ -10,7 +10,7 @@ use crate::engine::hit::{Emitter, Latch, Proposal};
 use crate::engine::stats::{Ema, SlidingMin, Window};
 use crate::model::{RuleId, Severity};
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub(crate) struct State {
     ema: Ema,
     recent_min: SlidingMin,

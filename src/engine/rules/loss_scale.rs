@@ -7,7 +7,7 @@ use crate::config::Rules;
 use crate::engine::hit::{Emitter, Latch, Proposal};
 use crate::model::{RuleId, Severity};
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub(crate) struct State {
     last: Option<f64>,
     backoffs: VecDeque<u64>,

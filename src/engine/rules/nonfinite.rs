@@ -13,7 +13,7 @@ use crate::config::Nonfinite;
 use crate::engine::hit::{Emitter, Proposal};
 use crate::model::{RuleId, Severity};
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub(crate) struct State {
     recent: VecDeque<u64>,
 }

@@ -13,7 +13,7 @@ use crate::engine::stats::median;
 use crate::model::{RuleId, Severity};
 
 /// What the cross-rank rules track about one rank.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Peer {
     pub last_step: Option<u64>,
     pub last_time: Option<f64>,
@@ -22,7 +22,7 @@ pub(crate) struct Peer {
     stalled: Latch,
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub(crate) struct State {
     /// Global norms per step until every rank has reported it (NaN: non-finite).
     pending: BTreeMap<u64, Pending>,
@@ -31,7 +31,7 @@ pub(crate) struct State {
 }
 
 /// One step's norms so far, and the time of the first.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 struct Pending {
     since: Option<f64>,
     norms: Vec<(u32, f64)>,
