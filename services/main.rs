@@ -3,6 +3,7 @@
 
 mod cli;
 mod generate;
+mod kafka;
 mod loadgen;
 mod query_cli;
 mod replay;

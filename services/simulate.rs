@@ -49,6 +49,8 @@ use tonic::Status;
 use tonic::transport::Channel;
 
 use crate::cli::Failure;
+use crate::kafka::KafkaConfig;
+use crate::kafka::worker::{FromCluster, KafkaWorker};
 use crate::report::Num;
 
 /// Steps averaged to say where the loss and the norm stood (before the fault,
@@ -74,8 +76,23 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug, Args)]
 pub struct SimulateArgs {
     /// The gradguard server's gRPC address (`http://host:port`; `host:port` is taken as http).
-    #[arg(long, value_name = "URL")]
-    pub server: String,
+    #[arg(
+        long,
+        value_name = "URL",
+        required_unless_present = "kafka_brokers",
+        conflicts_with = "kafka_brokers"
+    )]
+    pub server: Option<String>,
+
+    /// Play the job through a gradguard cluster's Kafka topics instead of
+    /// gRPC: summaries to the summaries topic, advice from the advice topic.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub kafka_brokers: Option<String>,
+
+    /// Config file whose `[kafka]` section names the topics and client
+    /// properties (as given to `serve --config`); with `--kafka-brokers`.
+    #[arg(long, value_name = "FILE", requires = "kafka_brokers")]
+    pub config: Option<std::path::PathBuf>,
 
     /// The fault to inject.
     #[arg(long, value_enum)]
@@ -249,15 +266,31 @@ enum Event {
 
 async fn simulate(args: &SimulateArgs, scenario: Scenario) -> Result<ExitCode, Failure> {
     let (events_tx, events) = mpsc::unbounded_channel();
-    let ranks = open_ranks(&args.server, &scenario, &events_tx).await?;
+    let (ranks, target) = match (&args.server, &args.kafka_brokers) {
+        (Some(url), _) => (
+            Transport::Grpc(open_ranks(url, &scenario, &events_tx).await?),
+            url.clone(),
+        ),
+        (None, Some(brokers)) => {
+            let worker = open_kafka(args, brokers, &scenario, &events_tx).await?;
+            (
+                Transport::Kafka(Box::new(worker)),
+                format!("the Kafka brokers {brokers}"),
+            )
+        }
+        (None, None) => unreachable!("clap requires --server or --kafka-brokers"),
+    };
     // Only the receive tasks hold senders now: the channel closes when all end.
     drop(events_tx);
 
     let mut sim = Sim::new(args, scenario, ranks, events);
-    sim.out.header(&sim.scenario, &args.server, args.apply_advice);
+    sim.out.header(&sim.scenario, &target, args.apply_advice);
     let stopped = sim.play().await;
     let unfinished = sim.finish().await;
-    let error = stream_error(&args.server, &sim.ends, stopped, unfinished);
+    let error = match sim.settle_error.take() {
+        Some(e) => Some(format!("{e:#}")),
+        None => stream_error(&target, &sim.ends, stopped, unfinished),
+    };
     let summary = sim.summary(error.as_deref());
     sim.out.summary(&summary);
     sim.out.done()?;
@@ -265,6 +298,80 @@ async fn simulate(args: &SimulateArgs, scenario: Scenario) -> Result<ExitCode, F
         Some(message) => Err(Failure::input(anyhow!(message))),
         None => Ok(ExitCode::SUCCESS),
     }
+}
+
+/// How the ranks reach the service.
+enum Transport {
+    Grpc(Ranks),
+    Kafka(Box<KafkaWorker>),
+}
+
+impl Transport {
+    async fn send(&self, rank: u32, body: worker_message::Body) -> Result<(), ()> {
+        match self {
+            Transport::Grpc(r) => r.senders[rank as usize].send(body).await.map_err(|_| ()),
+            Transport::Kafka(w) => w.send(rank, body).map_err(|e| tracing::warn!(error = %e, "kafka")),
+        }
+    }
+}
+
+/// Connects the job to a cluster through Kafka: every rank's Hello goes out
+/// first; advice comes back as events of the rank it targets (rank 0 for
+/// job-wide advice), and every rank "ends" once the cluster has processed all
+/// the job sent.
+async fn open_kafka(
+    args: &SimulateArgs,
+    brokers: &str,
+    scenario: &Scenario,
+    events: &mpsc::UnboundedSender<Event>,
+) -> Result<KafkaWorker, Failure> {
+    let book = match &args.config {
+        Some(path) => gradguard::config::RuleBook::load(path)
+            .map_err(|e| Failure::usage(anyhow!("--config {}: {e}", path.display())))?,
+        None => gradguard::config::RuleBook::builtin(),
+    };
+    let config = KafkaConfig::resolve(&book, Some(brokers))
+        .map_err(|e| Failure::usage(anyhow!("--config: {e:#}")))?
+        .expect("brokers are given");
+    let cfg = scenario.config();
+    let (worker, mut from_cluster) = KafkaWorker::open(&config, &cfg.job)
+        .await
+        .map_err(|e| Failure::input(anyhow!("--kafka-brokers {brokers}: {e:#}")))?;
+    let names = scenario.layer_names();
+    for rank in 0..cfg.workers {
+        let hello = proto::Hello {
+            job: cfg.job.clone(),
+            rank,
+            world_size: cfg.workers,
+            layer_names: names.clone(),
+            client_version: format!("simulate/{}", env!("CARGO_PKG_VERSION")),
+            rule_profile: String::new(),
+        };
+        worker
+            .send(rank, worker_message::Body::Hello(hello))
+            .map_err(|e| Failure::input(anyhow!("--kafka-brokers {brokers}: {e:#}")))?;
+    }
+    let events = events.clone();
+    let workers = cfg.workers;
+    tokio::spawn(async move {
+        while let Some(m) = from_cluster.recv().await {
+            match m {
+                FromCluster::Advice(a) => {
+                    let rank = a.target_rank.unwrap_or(0).min(workers - 1);
+                    if events.send(Event::Advice(rank, a)).is_err() {
+                        return;
+                    }
+                }
+                FromCluster::Drained => {
+                    for rank in 0..workers {
+                        let _ = events.send(Event::Ended(rank, Ok(())));
+                    }
+                    return;
+                }
+            }
+        }
+    });
+    Ok(worker)
 }
 
 /// The ranks' streams: the sending halves, and each rank's connection, kept
@@ -407,8 +514,10 @@ struct Taken {
 /// the record of what was sent.
 struct Sim {
     scenario: Scenario,
-    ranks: Ranks,
+    ranks: Transport,
     events: mpsc::UnboundedReceiver<Event>,
+    /// Kafka: the cluster did not confirm it processed the job.
+    settle_error: Option<anyhow::Error>,
     /// How each rank's stream ended, once it has.
     ends: Vec<Option<Result<(), Status>>>,
     advice: HashMap<u64, Taken>,
@@ -419,11 +528,12 @@ struct Sim {
 }
 
 impl Sim {
-    fn new(args: &SimulateArgs, scenario: Scenario, ranks: Ranks, events: mpsc::UnboundedReceiver<Event>) -> Self {
+    fn new(args: &SimulateArgs, scenario: Scenario, ranks: Transport, events: mpsc::UnboundedReceiver<Event>) -> Self {
         let cfg = scenario.config();
         Self {
             record: Record::new(cfg.workers, cfg.fault_at),
-            ends: (0..ranks.senders.len()).map(|_| None).collect(),
+            ends: (0..cfg.workers).map(|_| None).collect(),
+            settle_error: None,
             scenario,
             ranks,
             events,
@@ -445,8 +555,8 @@ impl Sim {
                 return Ok(());
             };
             for s in &batch {
-                let sender = &self.ranks.senders[s.worker as usize];
-                if sender.summary(wire::summary_to_proto(s)).await.is_err() {
+                let body = worker_message::Body::Summary(wire::summary_to_proto(s));
+                if self.ranks.send(s.worker, body).await.is_err() {
                     return Err(Broken { rank: s.worker, step });
                 }
             }
@@ -502,7 +612,7 @@ impl Sim {
     }
 
     /// Acks an advice on the stream of the rank that received it.
-    async fn ack(&self, rank: u32, advice: &proto::Advice, taken: &Taken, step: u64) -> Result<(), ClientError> {
+    async fn ack(&self, rank: u32, advice: &proto::Advice, taken: &Taken, step: u64) -> Result<(), ()> {
         let note = match (taken.applied_at, taken.action) {
             (Some(_), _) => "applied by gradguard simulate",
             (None, None) => "unknown action",
@@ -514,16 +624,22 @@ impl Sim {
             applied: taken.applied_at.is_some(),
             note: note.to_owned(),
         };
-        self.ranks.senders[rank as usize]
-            .send(worker_message::Body::Ack(ack))
-            .await
+        self.ranks.send(rank, worker_message::Body::Ack(ack)).await
     }
 
     /// Ends the sending halves and reads every stream to its end, printing
     /// advice that came after the last step. True when a stream did not end
     /// within [`DRAIN_TIMEOUT`].
     async fn finish(&mut self) -> bool {
-        self.ranks.senders.clear();
+        match &mut self.ranks {
+            Transport::Grpc(r) => r.senders.clear(),
+            Transport::Kafka(w) => {
+                if let Err(e) = w.settle(DRAIN_TIMEOUT).await {
+                    self.settle_error = Some(e);
+                    return false;
+                }
+            }
+        }
         let after = self.scenario.step();
         let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
             while let Some(event) = self.events.recv().await {
@@ -536,7 +652,9 @@ impl Sim {
             }
         })
         .await;
-        self.ranks.clients.clear();
+        if let Transport::Grpc(r) = &mut self.ranks {
+            r.clients.clear();
+        }
         drained.is_err()
     }
 

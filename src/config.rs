@@ -541,7 +541,12 @@ pub struct RuleBook {
     defaults: Rules,
     profiles: BTreeMap<String, toml::Table>,
     jobs: BTreeMap<String, toml::Table>,
+    /// Service sections that are not rules (`[kafka]`), kept for the service.
+    service: BTreeMap<String, toml::Table>,
 }
+
+/// Top-level tables of the config file that configure the service, not rules.
+const SERVICE_SECTIONS: [&str; 1] = ["kafka"];
 
 impl RuleBook {
     /// The built-in defaults, with no profiles or overrides.
@@ -583,12 +588,23 @@ impl RuleBook {
         };
         let profiles = take_section("profiles")?;
         let jobs = take_section("jobs")?;
+        let mut service = BTreeMap::new();
+        for name in SERVICE_SECTIONS {
+            match base.remove(name) {
+                None => {}
+                Some(toml::Value::Table(t)) => {
+                    service.insert(name.to_owned(), t);
+                }
+                Some(other) => return Err(parse_err(format!("{name} must be a table, found {}", other.type_str()))),
+            }
+        }
         let defaults = rules_from(&base).map_err(|e| with_origin(e, origin, None))?;
         let book = Self {
             base,
             defaults,
             profiles,
             jobs,
+            service,
         };
         for name in book.profiles.keys() {
             book.resolve(Some(name), None)
@@ -599,6 +615,11 @@ impl RuleBook {
                 .map_err(|e| with_origin(e, origin, Some(format!("jobs.{job}"))))?;
         }
         Ok(book)
+    }
+
+    /// A service section of the file (`kafka`), unparsed: its owner reads it.
+    pub fn section(&self, name: &str) -> Option<&toml::Table> {
+        self.service.get(name)
     }
 
     /// The default rules (no profile, no job override).

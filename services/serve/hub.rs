@@ -259,8 +259,7 @@ impl Hub {
             core.out = out;
             return Err(Rejection::engine(&e));
         }
-        self.metrics.summaries.inc();
-        self.metrics.layer_stats.inc_by(s.layers.len() as u64);
+        self.metrics.summary(s.layers.len());
         let job = core.jobs.get_mut(&at.job).expect("attached above");
         job.last_active = received;
         job.last_seen = s.time.unwrap_or(job.last_seen);

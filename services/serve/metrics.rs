@@ -39,6 +39,10 @@ pub struct Metrics {
     job_loss: prometheus::GaugeVec,
     job_lr: prometheus::GaugeVec,
     job_health: prometheus::GaugeVec,
+    kafka_lag: prometheus::IntGaugeVec,
+    pub kafka_producer_errors: IntCounter,
+    pub kafka_redelivered: IntCounter,
+    pub kafka_up: IntGauge,
 }
 
 /// One job's gauges, looked up once when the job appears.
@@ -146,6 +150,33 @@ impl Metrics {
                 r
             )
             .unwrap(),
+            kafka_lag: prometheus::register_int_gauge_vec_with_registry!(
+                Opts::new(
+                    "gradguard_kafka_consumer_lag_messages",
+                    "Cluster mode: records of a partition this replica has yet to consume."
+                ),
+                &["topic", "partition"],
+                r
+            )
+            .unwrap(),
+            kafka_producer_errors: register_int_counter_with_registry!(
+                "gradguard_kafka_producer_errors_total",
+                "Cluster mode: records the service failed to produce to Kafka.",
+                r
+            )
+            .unwrap(),
+            kafka_redelivered: register_int_counter_with_registry!(
+                "gradguard_kafka_redelivered_total",
+                "Cluster mode: summaries records skipped because their step was already processed (redelivery).",
+                r
+            )
+            .unwrap(),
+            kafka_up: register_int_gauge_with_registry!(
+                "gradguard_kafka_up",
+                "Cluster mode: 1 while the Kafka brokers are reachable, 0 while all are down.",
+                r
+            )
+            .unwrap(),
             store_bytes: register_int_gauge_with_registry!(
                 "gradguard_store_bytes",
                 "Bytes of the store in use, measured at each retention pass.",
@@ -203,6 +234,19 @@ impl Metrics {
             lr: self.job_lr.with_label_values(&[job]),
             health: self.job_health.with_label_values(&[job]),
         }
+    }
+
+    /// One summary of `layers` layers accepted.
+    pub fn summary(&self, layers: usize) {
+        self.summaries.inc();
+        self.layer_stats.inc_by(layers as u64);
+    }
+
+    /// Consumer lag of one partition (cluster mode), from librdkafka's statistics.
+    pub fn kafka_lag(&self, topic: &str, partition: i32, lag: i64) {
+        self.kafka_lag
+            .with_label_values(&[topic, &partition.to_string()])
+            .set(lag);
     }
 
     pub fn rejected(&self, reason: &str) {

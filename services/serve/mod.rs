@@ -29,6 +29,8 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::cli::Failure;
+use crate::kafka::KafkaConfig;
+use crate::kafka::detector::{Detector, Link};
 use hub::{Hub, Limits};
 use ingest::IngestService;
 use metrics::Metrics;
@@ -111,6 +113,12 @@ pub struct ServeArgs {
     #[arg(long, value_name = "MIB", default_value_t = 10240, value_parser = clap::value_parser!(u64).range(1..), env = "GRADGUARD_STORE_MAX_MIB")]
     pub store_max_mib: u64,
 
+    /// Run as one replica of a cluster on these Kafka brokers (`host:port,...`),
+    /// overriding the config file's `[kafka] brokers`. Without either, the
+    /// service runs embedded.
+    #[arg(long, value_name = "HOST:PORT", env = "GRADGUARD_KAFKA_BROKERS")]
+    pub kafka_brokers: Option<String>,
+
     /// Worker threads of the async runtime (default: one per CPU).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1024))]
     pub threads: Option<u64>,
@@ -129,6 +137,12 @@ pub fn run(args: &ServeArgs) -> Result<(), Failure> {
             .map_err(Failure::usage)?,
         None => RuleBook::builtin(),
     };
+    let kafka = KafkaConfig::resolve(&book, args.kafka_brokers.as_deref())
+        .with_context(|| match &args.config {
+            Some(path) => format!("--config {}", path.display()),
+            None => "--kafka-brokers".to_owned(),
+        })
+        .map_err(Failure::usage)?;
     let store = if args.no_store {
         None
     } else {
@@ -150,10 +164,15 @@ pub fn run(args: &ServeArgs) -> Result<(), Failure> {
         .build()
         .context("cannot start the async runtime")
         .map_err(Failure::input)?;
-    runtime.block_on(serve(args, book, store))
+    runtime.block_on(serve(args, book, store, kafka))
 }
 
-async fn serve(args: &ServeArgs, book: RuleBook, store: Option<Store>) -> Result<(), Failure> {
+async fn serve(
+    args: &ServeArgs,
+    book: RuleBook,
+    store: Option<Store>,
+    kafka: Option<KafkaConfig>,
+) -> Result<(), Failure> {
     init_tracing();
     let grpc = TcpListener::bind(args.grpc_addr)
         .await
@@ -167,6 +186,10 @@ async fn serve(args: &ServeArgs, book: RuleBook, store: Option<Store>) -> Result
     let http_addr = http.local_addr().map_err(|e| Failure::input(anyhow::Error::from(e)))?;
 
     let metrics = Metrics::new();
+    let cluster = match &kafka {
+        Some(config) => Some(start_cluster(config, &book, &metrics, args.job_ttl).await?),
+        None => None,
+    };
     let mut engine = Engine::new(book);
     let (watchers, _) = tokio::sync::broadcast::channel(WATCH_BUFFER);
     let (recorder, reader) = match store {
@@ -202,6 +225,34 @@ async fn serve(args: &ServeArgs, book: RuleBook, store: Option<Store>) -> Result
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<IngestServer<IngestService>>().await;
+    let health_task = cluster.as_ref().map(|c| {
+        let link = c.link.clone();
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(1));
+            let mut was = None;
+            loop {
+                every.tick().await;
+                let up = link.is_up();
+                metrics.kafka_up.set(i64::from(up));
+                if was != Some(up) {
+                    was = Some(up);
+                    if up {
+                        health_reporter.set_serving::<IngestServer<IngestService>>().await;
+                        health_reporter
+                            .set_service_status("", tonic_health::ServingStatus::Serving)
+                            .await;
+                    } else {
+                        tracing::warn!("all Kafka brokers are down: reporting NOT_SERVING");
+                        health_reporter.set_not_serving::<IngestServer<IngestService>>().await;
+                        health_reporter
+                            .set_service_status("", tonic_health::ServingStatus::NotServing)
+                            .await;
+                    }
+                }
+            }
+        })
+    });
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -258,6 +309,13 @@ async fn serve(args: &ServeArgs, book: RuleBook, store: Option<Store>) -> Result
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
     ticker.abort();
+    if let Some(task) = health_task {
+        task.abort();
+    }
+    if let Some(cluster) = cluster {
+        // The detector commits what it processed before it lets go.
+        let _ = tokio::task::spawn_blocking(move || drop(cluster)).await;
+    }
     // Open worker streams keep a graceful shutdown waiting; give them a moment.
     let drain = async {
         let _ = grpc_task.await;
@@ -265,6 +323,33 @@ async fn serve(args: &ServeArgs, book: RuleBook, store: Option<Store>) -> Result
     };
     let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
     Ok(())
+}
+
+/// This replica's part of the cluster.
+struct Cluster {
+    link: Arc<Link>,
+    _detector: Detector,
+}
+
+/// Creates the missing topics and joins the detectors' group.
+async fn start_cluster(
+    config: &KafkaConfig,
+    book: &RuleBook,
+    metrics: &Metrics,
+    job_ttl: Duration,
+) -> Result<Cluster, Failure> {
+    config.ensure_topics().await.map_err(Failure::input)?;
+    let link = Link::new(metrics.clone());
+    let detector = Detector::start(config, Engine::new(book.clone()), link.clone(), job_ttl).map_err(Failure::input)?;
+    tracing::info!(
+        brokers = config.brokers.as_deref().unwrap_or_default(),
+        group = %config.group,
+        "cluster mode: detector joined its group"
+    );
+    Ok(Cluster {
+        link,
+        _detector: detector,
+    })
 }
 
 async fn shutdown_signal() {

@@ -1,0 +1,561 @@
+//! One replica's detector: a member of the detectors' consumer group over the
+//! summaries topic, running the engine on the jobs of its partitions.
+//!
+//! A loop on its own thread: poll a batch of records, run them through the
+//! engine, produce the anomalies, the advice and a snapshot of every job the
+//! batch touched, wait until the broker has them all, and only then commit the
+//! batch's offsets. A crash anywhere before the commit replays the batch; the
+//! replay is harmless because the restored snapshots already hold those steps
+//! (the engine refuses a step it has seen) or, when the snapshot was not
+//! written either, recomputes the same findings under the same ids.
+//!
+//! Partitions change hands in rebalances: a revoked partition's jobs leave the
+//! engine (their state is in the state topic already), an assigned one's are
+//! restored from the state topic before any of its records is processed.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use gradguard::engine::{Engine, EngineError, JobSpec, Output};
+use gradguard::model::{Advice, Finding, JobId, Summary};
+use gradguard::proto::{self, worker_message};
+use gradguard::wire;
+use prost::Message as _;
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
+use rdkafka::statistics::Statistics;
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::{KafkaConfig, RECORD_INDEX_LIMIT, rank_of, record_id};
+use crate::serve::metrics::Metrics;
+
+/// Records processed before their effects are flushed and committed.
+const MAX_BATCH: usize = 2000;
+/// How often silent ranks are judged (the stall rule) and idle jobs expire.
+const TICK: Duration = Duration::from_secs(1);
+
+/// What the clients of a replica tell about the brokers: reachability, lag,
+/// producer errors.
+pub struct Link {
+    up: AtomicBool,
+    metrics: Metrics,
+    changes: Mutex<Vec<Change>>,
+}
+
+enum Change {
+    Assigned(Vec<i32>),
+    Revoked(Vec<i32>),
+}
+
+impl Link {
+    pub fn new(metrics: Metrics) -> Arc<Self> {
+        Arc::new(Self {
+            up: AtomicBool::new(true),
+            metrics,
+            changes: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// False while librdkafka reports every broker down.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+}
+
+/// The context of every Kafka client of the service (rdkafka wants one type
+/// per client; they share the [`Link`]).
+#[derive(Clone)]
+pub struct Ctx(pub Arc<Link>);
+
+impl ClientContext for Ctx {
+    fn stats(&self, stats: Statistics) {
+        if stats.brokers.values().any(|b| b.state == "UP") {
+            self.0.up.store(true, Ordering::Relaxed);
+        }
+        for (topic, t) in &stats.topics {
+            for (partition, p) in &t.partitions {
+                if *partition >= 0 && p.consumer_lag >= 0 {
+                    self.0.metrics.kafka_lag(topic, *partition, p.consumer_lag);
+                }
+            }
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        if matches!(error.rdkafka_error_code(), Some(RDKafkaErrorCode::AllBrokersDown)) {
+            self.0.up.store(false, Ordering::Relaxed);
+        }
+        tracing::warn!(%error, reason, "kafka");
+    }
+}
+
+impl ConsumerContext for Ctx {
+    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            let partitions = tpl.elements().iter().map(|e| e.partition()).collect();
+            self.0.changes.lock().unwrap().push(Change::Revoked(partitions));
+        }
+    }
+
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            let partitions = tpl.elements().iter().map(|e| e.partition()).collect();
+            self.0.changes.lock().unwrap().push(Change::Assigned(partitions));
+        }
+    }
+}
+
+impl ProducerContext for Ctx {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if let Err((error, _)) = result {
+            self.0.metrics.kafka_producer_errors.inc();
+            tracing::error!(%error, "kafka delivery failed");
+        }
+    }
+}
+
+/// The running detector; stops (after committing what it processed) on drop.
+pub struct Detector {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Detector {
+    /// Joins the detectors' group and starts processing on a thread of its own.
+    pub fn start(config: &KafkaConfig, engine: Engine, link: Arc<Link>, ttl: Duration) -> anyhow::Result<Self> {
+        let mut c = config.client();
+        c.set("group.id", &config.group)
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("statistics.interval.ms", "1000");
+        let consumer: BaseConsumer<Ctx> = c
+            .create_with_context(Ctx(link.clone()))
+            .context("cannot create the detectors' Kafka consumer")?;
+        consumer
+            .subscribe(&[&config.topics.summaries])
+            .context("cannot subscribe to the summaries topic")?;
+        // Deliveries wait for a broker that is away instead of failing: the
+        // batch's offsets stay uncommitted until everything it produced is in.
+        let producer: BaseProducer<Ctx> = config
+            .producer_config()
+            .set("message.timeout.ms", "0")
+            .create_with_context(Ctx(link.clone()))
+            .context("cannot create the detectors' Kafka producer")?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut worker = Worker {
+            config: config.clone(),
+            engine,
+            producer,
+            metrics: link.metrics.clone(),
+            jobs: HashMap::new(),
+            positions: HashMap::new(),
+            touched: HashSet::new(),
+            out: Output::default(),
+            scratch: Summary::default(),
+            stop: stop.clone(),
+            last_offset: HashMap::new(),
+            tick_index: HashMap::new(),
+            ttl,
+        };
+        let thread = std::thread::Builder::new()
+            .name("detector".into())
+            .spawn(move || worker.run(&consumer))
+            .context("cannot start the detector thread")?;
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Detector {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A job the detector owns now.
+struct Owned {
+    partition: i32,
+    last_seen: Instant,
+}
+
+struct Worker {
+    config: KafkaConfig,
+    engine: Engine,
+    producer: BaseProducer<Ctx>,
+    metrics: Metrics,
+    jobs: HashMap<JobId, Owned>,
+    /// Next offset to commit, per partition, for the batch in progress.
+    positions: HashMap<i32, i64>,
+    touched: HashSet<JobId>,
+    out: Output,
+    scratch: Summary,
+    stop: Arc<AtomicBool>,
+    /// Offset of the latest record seen per partition.
+    last_offset: HashMap<i32, i64>,
+    /// Ids handed out by ticks since a partition's latest record.
+    tick_index: HashMap<i32, (i64, usize)>,
+    /// A job silent this long is forgotten.
+    ttl: Duration,
+}
+
+impl Worker {
+    fn run(&mut self, consumer: &BaseConsumer<Ctx>) {
+        let mut next_tick = Instant::now() + TICK;
+        while !self.stop.load(Ordering::Relaxed) {
+            let mut n = 0;
+            let mut wait = Duration::from_millis(100);
+            while n < MAX_BATCH {
+                let polled = consumer.poll(wait);
+                self.apply_changes(consumer);
+                match polled {
+                    None => break,
+                    Some(Ok(m)) => self.process(&m),
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "kafka consume");
+                        break;
+                    }
+                }
+                n += 1;
+                wait = Duration::ZERO;
+            }
+            if Instant::now() >= next_tick {
+                next_tick = Instant::now() + TICK;
+                self.tick();
+            }
+            self.flush(consumer);
+        }
+        self.flush(consumer);
+        consumer.unsubscribe();
+    }
+
+    /// Drops the jobs of revoked partitions; restores those of assigned ones.
+    fn apply_changes(&mut self, consumer: &BaseConsumer<Ctx>) {
+        let changes = std::mem::take(&mut *consumer.context().0.changes.lock().unwrap());
+        for change in changes {
+            match change {
+                Change::Revoked(partitions) => {
+                    self.jobs.retain(|job, owned| {
+                        let keep = !partitions.contains(&owned.partition);
+                        if !keep {
+                            self.engine.remove_job(job);
+                        }
+                        keep
+                    });
+                    for p in &partitions {
+                        self.positions.remove(p);
+                        self.last_offset.remove(p);
+                        self.tick_index.remove(p);
+                    }
+                    tracing::info!(?partitions, "partitions revoked");
+                }
+                Change::Assigned(partitions) => {
+                    let started = Instant::now();
+                    match self.restore(&partitions) {
+                        Ok(jobs) => tracing::info!(
+                            ?partitions,
+                            jobs,
+                            elapsed_ms = started.elapsed().as_millis() as u64,
+                            "partitions assigned, job state restored"
+                        ),
+                        Err(e) => tracing::error!(error = %format!("{e:#}"), ?partitions, "cannot restore job state"),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads the state topic's partitions to their end and restores the
+    /// latest snapshot of every job there (a tombstone forgets the job).
+    fn restore(&mut self, partitions: &[i32]) -> anyhow::Result<usize> {
+        let topic = &self.config.topics.state;
+        let reader = self.config.reader()?;
+        let mut tpl = TopicPartitionList::new();
+        let mut ends = HashMap::new();
+        for &p in partitions {
+            let (low, high) = reader
+                .fetch_watermarks(topic, p, Duration::from_secs(10))
+                .with_context(|| format!("watermarks of {topic}/{p}"))?;
+            if high > low {
+                tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+                ends.insert(p, high);
+            }
+        }
+        let mut latest: HashMap<String, (i32, Option<Vec<u8>>)> = HashMap::new();
+        if !ends.is_empty() {
+            reader.assign(&tpl)?;
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !ends.is_empty() {
+                anyhow::ensure!(Instant::now() < deadline, "reading {topic} timed out");
+                let Some(m) = reader.poll(Duration::from_millis(200)) else {
+                    continue;
+                };
+                let m = m?;
+                if let Some(job) = m.key().and_then(|k| std::str::from_utf8(k).ok()) {
+                    latest.insert(job.to_owned(), (m.partition(), m.payload().map(<[u8]>::to_vec)));
+                }
+                if ends.get(&m.partition()).is_some_and(|&end| m.offset() + 1 >= end) {
+                    ends.remove(&m.partition());
+                }
+            }
+        }
+        let mut restored = 0;
+        for (job, (partition, bytes)) in latest {
+            let Some(bytes) = bytes else { continue };
+            match self.engine.restore(&job, &bytes) {
+                Ok(()) => {
+                    restored += 1;
+                    self.jobs.insert(
+                        Arc::from(job.as_str()),
+                        Owned {
+                            partition,
+                            last_seen: Instant::now(),
+                        },
+                    );
+                }
+                Err(e) => tracing::error!(error = %e, "job state skipped"),
+            }
+        }
+        Ok(restored)
+    }
+
+    fn process(&mut self, m: &BorrowedMessage<'_>) {
+        let (partition, offset) = (m.partition(), m.offset());
+        self.positions.insert(partition, offset + 1);
+        self.last_offset.insert(partition, offset);
+        let Some(job) = m
+            .key()
+            .and_then(|k| std::str::from_utf8(k).ok())
+            .filter(|j| !j.is_empty())
+        else {
+            return self.skip("job", "record key is not a job id", partition, offset);
+        };
+        let Some(rank) = rank_of(m) else {
+            return self.skip("rank", "record has no numeric rank header", partition, offset);
+        };
+        let message = match proto::WorkerMessage::decode(m.payload().unwrap_or_default()) {
+            Ok(msg) => msg,
+            Err(e) => return self.skip("decode", &e.to_string(), partition, offset),
+        };
+        let id: JobId = match self.jobs.get_key_value(job) {
+            Some((id, _)) => id.clone(),
+            None => Arc::from(job),
+        };
+        self.jobs.insert(
+            id.clone(),
+            Owned {
+                partition,
+                last_seen: Instant::now(),
+            },
+        );
+        let result = match message.body {
+            Some(worker_message::Body::Hello(h)) => {
+                let profile = (!h.rule_profile.is_empty()).then_some(h.rule_profile.as_str());
+                let spec = JobSpec {
+                    layer_names: &h.layer_names,
+                    world_size: Some(h.world_size),
+                    profile,
+                };
+                self.engine.declare(job, &spec)
+            }
+            Some(worker_message::Body::Summary(s)) => {
+                if let Err(e) = wire::summary_into(&s, rank, s.layer_l2.len(), &mut self.scratch) {
+                    return self.skip("layers", &e.to_string(), partition, offset);
+                }
+                self.metrics.summary(self.scratch.layers.len());
+                self.engine.observe(job, &self.scratch, &mut self.out)
+            }
+            Some(worker_message::Body::Ack(_)) | None => Ok(()),
+        };
+        match result {
+            Ok(()) => {}
+            Err(EngineError::DuplicateStep { .. } | EngineError::StepBackwards { .. }) => {
+                // Processed before this record was redelivered: its effects are out.
+                self.metrics.kafka_redelivered.inc();
+                return;
+            }
+            Err(e) => {
+                self.metrics.rejected(e.reason());
+                tracing::debug!(job, rank, offset, error = %e, "summary refused");
+                return;
+            }
+        }
+        self.touched.insert(id);
+        self.emit(partition, offset);
+    }
+
+    fn skip(&self, reason: &'static str, why: &str, partition: i32, offset: i64) {
+        self.metrics.rejected(reason);
+        tracing::warn!(partition, offset, reason = why, "summaries record skipped");
+    }
+
+    /// Judges silent ranks, and forgets jobs idle past the TTL (leaving a
+    /// tombstone in the state topic so no later owner restores them).
+    fn tick(&mut self) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        self.out.clear();
+        self.engine.tick(now, &mut self.out);
+        let findings = std::mem::take(&mut self.out.findings);
+        let advice = std::mem::take(&mut self.out.advice);
+        for f in &findings {
+            if let Some(id) = self.tick_id(&f.job) {
+                self.send_anomaly(f, id);
+            }
+        }
+        for a in advice {
+            if let Some(id) = self.tick_id(&a.job) {
+                self.send_advice(a, id);
+            }
+        }
+        let ttl = self.ttl;
+        let expired: Vec<(JobId, i32)> = self
+            .jobs
+            .iter()
+            .filter(|(_, o)| o.last_seen.elapsed() >= ttl)
+            .map(|(j, o)| (j.clone(), o.partition))
+            .collect();
+        for (job, partition) in expired {
+            self.engine.remove_job(&job);
+            self.jobs.remove(&job);
+            self.touched.remove(&job);
+            let record: BaseRecord<'_, str, [u8]> = BaseRecord::to(&self.config.topics.state)
+                .key(&*job)
+                .partition(partition);
+            if let Err((e, _)) = self.producer.send(record) {
+                tracing::warn!(error = %e, job = &*job, "cannot write the tombstone of an expired job");
+            }
+            tracing::info!(job = &*job, "job expired");
+        }
+    }
+
+    /// The id of the next anomaly or advice a tick raised for a job.
+    fn tick_id(&mut self, job: &JobId) -> Option<u64> {
+        let p = self.jobs.get(job)?.partition;
+        self.touched.insert(job.clone());
+        let last = self.last_offset.get(&p).copied().unwrap_or(-1);
+        let entry = self.tick_index.entry(p).or_insert((last, 0));
+        if entry.0 != last {
+            *entry = (last, 0);
+        }
+        let index = entry.1;
+        entry.1 += 1;
+        (index < RECORD_INDEX_LIMIT).then(|| record_id(p, last, true, index))
+    }
+
+    /// Moves a summary's output into producer records, each with its record id.
+    fn emit(&mut self, partition: i32, offset: i64) {
+        let findings = std::mem::take(&mut self.out.findings);
+        let advice = std::mem::take(&mut self.out.advice);
+        let mut ids = (0..RECORD_INDEX_LIMIT).map(|i| record_id(partition, offset, false, i));
+        for f in &findings {
+            let Some(id) = ids.next() else { break };
+            self.send_anomaly(f, id);
+        }
+        for a in advice {
+            let Some(id) = ids.next() else { break };
+            self.send_advice(a, id);
+        }
+        self.out.findings = findings;
+        self.out.clear();
+    }
+
+    fn send_anomaly(&self, f: &Finding, id: u64) {
+        let mut a = wire::finding_to_proto(f);
+        a.id = id;
+        self.metrics.anomaly(&f.job, f.rule, f.severity);
+        send(
+            &self.producer,
+            &self.config.topics.anomalies,
+            &f.job,
+            None,
+            &a.encode_to_vec(),
+        );
+    }
+
+    fn send_advice(&self, mut advice: Advice, id: u64) {
+        advice.id = id;
+        self.metrics.advice(&advice.job, &advice.action);
+        let msg = proto::ServerMessage {
+            body: Some(proto::server_message::Body::Advice(wire::advice_to_proto(&advice))),
+        };
+        send(
+            &self.producer,
+            &self.config.topics.advice,
+            &advice.job,
+            None,
+            &msg.encode_to_vec(),
+        );
+    }
+
+    /// Writes the touched jobs' snapshots, waits until the broker holds all
+    /// the batch produced, then commits the batch's offsets.
+    fn flush(&mut self, consumer: &BaseConsumer<Ctx>) {
+        for job in self.touched.drain() {
+            let Some(owned) = self.jobs.get(&job) else { continue };
+            if let Some(bytes) = self.engine.snapshot(&job) {
+                send(
+                    &self.producer,
+                    &self.config.topics.state,
+                    &job,
+                    Some(owned.partition),
+                    &bytes,
+                );
+            }
+        }
+        while let Err(e) = self.producer.flush(Duration::from_secs(5)) {
+            tracing::warn!(error = %e, "waiting for the Kafka brokers to take the batch's records");
+            if self.stop.load(Ordering::Relaxed) {
+                return; // uncommitted: the next owner replays the batch
+            }
+        }
+        if self.positions.is_empty() {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        for (&p, &next) in &self.positions {
+            let _ = tpl.add_partition_offset(&self.config.topics.summaries, p, Offset::Offset(next));
+        }
+        if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
+            tracing::warn!(error = %e, "kafka offset commit failed; the batch may be redelivered");
+        }
+        self.positions.clear();
+    }
+}
+
+/// Queues one record, waiting while the producer's queue is full.
+fn send(producer: &BaseProducer<Ctx>, topic: &str, key: &str, partition: Option<i32>, payload: &[u8]) {
+    let mut record = BaseRecord::to(topic).key(key).payload(payload);
+    if let Some(p) = partition {
+        record = record.partition(p);
+    }
+    loop {
+        match producer.send(record) {
+            Ok(()) => return,
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                record = r;
+                producer.poll(Duration::from_millis(50));
+            }
+            Err((e, _)) => {
+                producer.context().0.metrics.kafka_producer_errors.inc();
+                tracing::error!(error = %e, topic, "kafka produce failed");
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,263 @@
+//! Cluster mode on Kafka: the topics, their record formats, and the clients.
+//!
+//! Topics (names configurable; all keyed by job id):
+//! - summaries: what workers send, as on the gRPC stream: a `WorkerMessage`
+//!   (Hello, Summary or AdviceAck) with the sending rank in the `rank` header.
+//!   The detectors form one consumer group over it, so one replica owns a job.
+//! - advice: a `ServerMessage` with an Advice, for the job's workers.
+//! - anomalies: an `Anomaly`; every replica's store reads all of it.
+//! - state (compacted): a job's engine snapshot, written by its owner before it
+//!   commits the offsets that produced it; the next owner restores from it. It
+//!   must have as many partitions as summaries: a job's snapshot lives in the
+//!   partition number of its summaries.
+//!
+//! Anomaly and advice ids come from the summary record that caused them
+//! ([`record_id`]): a redelivered summary yields the same ids, so stores dedupe
+//! by id and a replayed advice is recognisably the same advice.
+
+pub mod detector;
+pub mod worker;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow, bail};
+use gradguard::config::RuleBook;
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::types::RDKafkaErrorCode;
+use serde::Deserialize;
+
+/// The header naming the rank that sent a summaries-topic record.
+pub const RANK_HEADER: &str = "rank";
+
+/// The `[kafka]` section of the config file.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// `host:port[,host:port]`; `--kafka-brokers` overrides it.
+    pub brokers: Option<String>,
+    /// Consumer group of the detectors (one member per replica).
+    pub group: String,
+    pub topics: Topics,
+    /// Partitions of the topics the service creates when they are missing.
+    pub partitions: i32,
+    /// librdkafka properties for every client, e.g. `"security.protocol" = "ssl"`.
+    pub properties: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Topics {
+    pub summaries: String,
+    pub advice: String,
+    pub anomalies: String,
+    pub state: String,
+}
+
+impl Default for Topics {
+    fn default() -> Self {
+        Self {
+            summaries: "gradguard.summaries".into(),
+            advice: "gradguard.advice".into(),
+            anomalies: "gradguard.anomalies".into(),
+            state: "gradguard.state".into(),
+        }
+    }
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            brokers: None,
+            group: "gradguard-detectors".into(),
+            topics: Topics::default(),
+            partitions: 12,
+            properties: BTreeMap::new(),
+        }
+    }
+}
+
+impl KafkaConfig {
+    /// The config file's `[kafka]` section (defaults when absent), with
+    /// `--kafka-brokers` applied. `None` when no broker is named: embedded mode.
+    pub fn resolve(book: &RuleBook, brokers: Option<&str>) -> anyhow::Result<Option<Self>> {
+        let mut config: KafkaConfig = match book.section("kafka") {
+            Some(table) => table.clone().try_into().context("[kafka]")?,
+            None => KafkaConfig::default(),
+        };
+        if let Some(b) = brokers {
+            config.brokers = Some(b.to_owned());
+        }
+        let Some(b) = config.brokers.as_deref() else {
+            return Ok(None);
+        };
+        if b.trim().is_empty() {
+            bail!("kafka brokers: must name at least one host:port, got {b:?}");
+        }
+        if !(1..=4096).contains(&config.partitions) {
+            bail!("kafka.partitions: {} is out of range 1..=4096", config.partitions);
+        }
+        for (field, name) in [
+            ("summaries", &config.topics.summaries),
+            ("advice", &config.topics.advice),
+            ("anomalies", &config.topics.anomalies),
+            ("state", &config.topics.state),
+        ] {
+            if name.is_empty() {
+                bail!("kafka.topics.{field}: must not be empty");
+            }
+        }
+        Ok(Some(config))
+    }
+
+    /// A client configuration: the brokers, then the passed-through properties.
+    pub fn client(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", self.brokers.as_deref().unwrap_or_default());
+        for (k, v) in &self.properties {
+            c.set(k, v);
+        }
+        c
+    }
+
+    /// An idempotent producer that retries until delivered (or 5 minutes).
+    pub fn producer_config(&self) -> ClientConfig {
+        let mut c = self.client();
+        c.set("enable.idempotence", "true").set("linger.ms", "2");
+        c
+    }
+
+    /// A consumer outside any group, for reading partitions it assigns itself.
+    pub fn reader(&self) -> anyhow::Result<BaseConsumer> {
+        let mut c = self.client();
+        c.set("group.id", format!("{}-reader", self.group))
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "false");
+        c.create().context("cannot create a Kafka consumer")
+    }
+
+    /// Creates the topics that are missing, and checks that summaries and state
+    /// have as many partitions as each other.
+    pub async fn ensure_topics(&self) -> anyhow::Result<()> {
+        let admin: AdminClient<DefaultClientContext> =
+            self.client().create().context("cannot create a Kafka admin client")?;
+        let t = &self.topics;
+        let compacted = [("cleanup.policy", "compact")];
+        let topics = [
+            NewTopic::new(&t.summaries, self.partitions, TopicReplication::Fixed(1)),
+            NewTopic::new(&t.advice, self.partitions, TopicReplication::Fixed(1)),
+            NewTopic::new(&t.anomalies, self.partitions, TopicReplication::Fixed(1)),
+            NewTopic::new(&t.state, self.partitions, TopicReplication::Fixed(1)).set(compacted[0].0, compacted[0].1),
+        ];
+        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        let results = admin.create_topics(&topics, &opts).await.with_context(|| {
+            format!(
+                "cannot reach the Kafka brokers {}",
+                self.brokers.as_deref().unwrap_or("")
+            )
+        })?;
+        for result in results {
+            match result {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((topic, code)) => bail!("cannot create Kafka topic {topic}: {code}"),
+            }
+        }
+        let summaries = self.partition_count(&t.summaries)?;
+        let state = self.partition_count(&t.state)?;
+        if summaries != state {
+            bail!(
+                "kafka.topics: {} has {summaries} partitions but {} has {state}; a job's state lives in the partition number of its summaries, so they must match",
+                t.summaries,
+                t.state
+            );
+        }
+        Ok(())
+    }
+
+    /// Number of partitions of a topic, from the cluster's metadata.
+    pub fn partition_count(&self, topic: &str) -> anyhow::Result<usize> {
+        let reader = self.reader()?;
+        let meta = reader
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .with_context(|| format!("cannot read the metadata of Kafka topic {topic}"))?;
+        let t = meta
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic)
+            .ok_or_else(|| anyhow!("Kafka topic {topic} does not exist"))?;
+        if let Some(e) = t.error() {
+            bail!("Kafka topic {topic}: {}", RDKafkaErrorCode::from(e));
+        }
+        Ok(t.partitions().len())
+    }
+}
+
+/// The rank a summaries-topic record carries in its header.
+pub fn rank_of<M: Message>(m: &M) -> Option<u32> {
+    let headers = m.headers()?;
+    headers
+        .iter()
+        .find(|h| h.key == RANK_HEADER)
+        .and_then(|h| std::str::from_utf8(h.value?).ok()?.parse().ok())
+}
+
+/// Index bits of a [`record_id`]: findings and advice per summary beyond this
+/// many get no id of their own and are dropped (counted).
+pub const RECORD_INDEX_LIMIT: usize = 1 << 11;
+
+/// A cluster-wide id for the `index`-th anomaly or advice caused by the record
+/// at (`partition`, `offset`) of the summaries topic, or by the periodic check
+/// made after it (`tick`): partition + 1 in the top 12 bits, the offset in the
+/// next 40, the tick flag, then 11 bits of index. Deterministic, so a
+/// redelivered record maps to the same ids.
+pub fn record_id(partition: i32, offset: i64, tick: bool, index: usize) -> u64 {
+    debug_assert!(index < RECORD_INDEX_LIMIT);
+    let partition = (partition as u64 + 1) & 0xfff;
+    let offset = (offset.max(0) as u64) & ((1 << 40) - 1);
+    (partition << 52) | (offset << 12) | (u64::from(tick) << 11) | index as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_ids_are_distinct_and_ordered_within_a_partition() {
+        let a = record_id(0, 5, false, 0);
+        assert!(a > 0, "ids are never 0 (0 means none on the wire)");
+        assert!(record_id(0, 5, false, 1) > a);
+        assert!(record_id(0, 5, true, 0) > record_id(0, 5, false, RECORD_INDEX_LIMIT - 1));
+        assert!(record_id(0, 6, false, 0) > record_id(0, 5, true, RECORD_INDEX_LIMIT - 1));
+        assert_ne!(record_id(1, 5, false, 0), a);
+        assert_eq!(record_id(3, 1 << 39, false, 7), record_id(3, 1 << 39, false, 7));
+    }
+
+    #[test]
+    fn config_section_and_flag() {
+        let book = RuleBook::parse_str(
+            "[kafka]\nbrokers = \"a:1\"\ngroup = \"g\"\n[kafka.topics]\nadvice = \"adv\"\n[kafka.properties]\n\"socket.timeout.ms\" = \"5000\"\n",
+            "t.toml",
+        )
+        .unwrap();
+        let c = KafkaConfig::resolve(&book, None).unwrap().unwrap();
+        assert_eq!(c.brokers.as_deref(), Some("a:1"));
+        assert_eq!(c.group, "g");
+        assert_eq!(c.topics.advice, "adv");
+        assert_eq!(c.topics.summaries, "gradguard.summaries");
+        assert_eq!(c.properties["socket.timeout.ms"], "5000");
+        let c = KafkaConfig::resolve(&book, Some("b:2")).unwrap().unwrap();
+        assert_eq!(c.brokers.as_deref(), Some("b:2"));
+        assert_eq!(KafkaConfig::resolve(&RuleBook::builtin(), None).unwrap(), None);
+
+        let bad = RuleBook::parse_str("[kafka]\ngroupp = \"g\"\n", "t.toml").unwrap();
+        let err = format!("{:#}", KafkaConfig::resolve(&bad, Some("a:1")).unwrap_err());
+        assert!(err.contains("groupp"), "{err}");
+        let bad = RuleBook::parse_str("[kafka]\npartitions = 0\n", "t.toml").unwrap();
+        let err = KafkaConfig::resolve(&bad, Some("a:1")).unwrap_err().to_string();
+        assert!(err.contains("kafka.partitions: 0"), "{err}");
+    }
+}
