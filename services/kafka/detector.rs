@@ -64,6 +64,10 @@ impl Link {
         })
     }
 
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
     /// False while librdkafka reports every broker down.
     pub fn is_up(&self) -> bool {
         self.up.load(Ordering::Relaxed)
@@ -133,7 +137,7 @@ pub struct Detector {
 impl Detector {
     /// Joins the detectors' group and starts processing on a thread of its own.
     pub fn start(config: &KafkaConfig, engine: Engine, link: Arc<Link>, ttl: Duration) -> anyhow::Result<Self> {
-        let mut c = config.client();
+        let mut c = config.consumer_config();
         c.set("group.id", &config.group)
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
@@ -166,6 +170,7 @@ impl Detector {
             last_offset: HashMap::new(),
             tick_index: HashMap::new(),
             ttl,
+            owned: HashSet::new(),
         };
         let thread = std::thread::Builder::new()
             .name("detector".into())
@@ -211,6 +216,8 @@ struct Worker {
     tick_index: HashMap<i32, (i64, usize)>,
     /// A job silent this long is forgotten.
     ttl: Duration,
+    /// Partitions of the summaries topic assigned to this replica.
+    owned: HashSet<i32>,
 }
 
 impl Worker {
@@ -261,9 +268,13 @@ impl Worker {
                         self.last_offset.remove(p);
                         self.tick_index.remove(p);
                     }
+                    self.owned.retain(|p| !partitions.contains(p));
+                    self.metrics.kafka_partitions.set(self.owned.len() as i64);
                     tracing::info!(?partitions, "partitions revoked");
                 }
                 Change::Assigned(partitions) => {
+                    self.owned.extend(&partitions);
+                    self.metrics.kafka_partitions.set(self.owned.len() as i64);
                     let started = Instant::now();
                     match self.restore(&partitions) {
                         Ok(jobs) => tracing::info!(
@@ -376,8 +387,11 @@ impl Worker {
                 if let Err(e) = wire::summary_into(&s, rank, s.layer_l2.len(), &mut self.scratch) {
                     return self.skip("layers", &e.to_string(), partition, offset);
                 }
-                self.metrics.summary(self.scratch.layers.len());
-                self.engine.observe(job, &self.scratch, &mut self.out)
+                let observed = self.engine.observe(job, &self.scratch, &mut self.out);
+                if observed.is_ok() {
+                    self.metrics.summary(self.scratch.layers.len());
+                }
+                observed
             }
             Some(worker_message::Body::Ack(_)) | None => Ok(()),
         };

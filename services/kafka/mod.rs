@@ -16,6 +16,7 @@
 //! by id and a replayed advice is recognisably the same advice.
 
 pub mod detector;
+pub mod relay;
 pub mod worker;
 
 use std::collections::BTreeMap;
@@ -124,6 +125,17 @@ impl KafkaConfig {
         c
     }
 
+    /// A consumer configuration for a latency-sensitive reader: a fetch
+    /// returns within 10 ms even when the broker has nothing new (some
+    /// brokers hold an empty fetch for the whole `fetch.wait.max.ms`).
+    pub fn consumer_config(&self) -> ClientConfig {
+        let mut c = self.client();
+        if !self.properties.contains_key("fetch.wait.max.ms") {
+            c.set("fetch.wait.max.ms", "10");
+        }
+        c
+    }
+
     /// An idempotent producer that retries until delivered (or 5 minutes).
     pub fn producer_config(&self) -> ClientConfig {
         let mut c = self.client();
@@ -133,7 +145,7 @@ impl KafkaConfig {
 
     /// A consumer outside any group, for reading partitions it assigns itself.
     pub fn reader(&self) -> anyhow::Result<BaseConsumer> {
-        let mut c = self.client();
+        let mut c = self.consumer_config();
         c.set("group.id", format!("{}-reader", self.group))
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "false");

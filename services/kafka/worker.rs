@@ -170,7 +170,7 @@ async fn advice_reader(
     let ends = tokio::task::spawn_blocking(move || end_offsets(&cfg, &t))
         .await
         .context("the watermark reader failed")??;
-    let mut c = config.client();
+    let mut c = config.consumer_config();
     c.set("group.id", format!("{}-worker", config.group))
         .set("enable.auto.commit", "false");
     let consumer: StreamConsumer = c.create().context("cannot create a Kafka consumer")?;

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use gradguard::engine::{Engine, EngineError, JobSpec, MAX_LAYERS, MAX_RANKS, Output};
 use gradguard::model::{Action, JobId, Severity, Summary};
-use gradguard::proto::{self, server_message};
+use gradguard::proto::{self, server_message, worker_message};
 use gradguard::store::{Ack, JobRow};
 use gradguard::wire;
 use tokio::sync::mpsc;
@@ -25,6 +25,7 @@ use tonic::Status;
 
 use super::metrics::{JobGauges, Metrics};
 use super::recorder::{Record, Recorder};
+use crate::kafka::relay::Forwarder;
 
 /// Where a stream's server messages go.
 pub type Outbox = mpsc::Sender<Result<proto::ServerMessage, Status>>;
@@ -111,6 +112,9 @@ pub struct Hub {
     next_stream: AtomicU64,
     /// The store writer; `None` runs without a store (advice goes out at once).
     recorder: Option<Recorder>,
+    /// Cluster mode: worker messages go to Kafka, where the job's owner
+    /// processes them; advice comes back through [`Hub::deliver_advice`].
+    forward: Option<Arc<Forwarder>>,
 }
 
 struct Core {
@@ -132,6 +136,8 @@ struct Job {
     dirty: bool,
     /// The job's latest advice (id, action), to act on acknowledgements.
     recent: VecDeque<(u64, Action)>,
+    /// Cluster mode: the last step forwarded per rank (steps must increase).
+    forwarded: HashMap<u32, u64>,
 }
 
 /// Advice remembered per job for acknowledgements.
@@ -143,7 +149,13 @@ struct Stream {
 }
 
 impl Hub {
-    pub fn new(engine: Engine, metrics: Metrics, limits: Limits, recorder: Option<Recorder>) -> Self {
+    pub fn new(
+        engine: Engine,
+        metrics: Metrics,
+        limits: Limits,
+        recorder: Option<Recorder>,
+        forward: Option<Arc<Forwarder>>,
+    ) -> Self {
         Self {
             core: Mutex::new(Core {
                 engine,
@@ -154,6 +166,7 @@ impl Hub {
             limits,
             next_stream: AtomicU64::new(1),
             recorder,
+            forward,
         }
     }
 
@@ -170,6 +183,7 @@ impl Hub {
     /// Accepts a Hello: declares the job to the engine, attaches the stream
     /// (replacing an older stream of the same rank), and queues the Welcome.
     pub fn hello(&self, stream: u64, outbox: &Outbox, hello: proto::Hello) -> Result<Attachment, Rejection> {
+        let forwarded = self.forward.as_ref().map(|_| hello.clone());
         let at = validate_hello(stream, hello)?;
         let mut core = self.core();
         let core = &mut *core;
@@ -186,9 +200,13 @@ impl Hub {
         if let Some(old) = previous {
             let _ = old.outbox.try_send(Err(at.replaced()));
         }
+        let last_step = match &self.forward {
+            Some(_) => job.forwarded.get(&at.rank).copied(),
+            None => core.engine.last_step(&at.job, at.rank),
+        };
         let welcome = proto::Welcome {
             server_version: env!("CARGO_PKG_VERSION").to_owned(),
-            last_step: core.engine.last_step(&at.job, at.rank),
+            last_step,
         };
         // A fresh queue always has room; the Welcome goes first because any
         // advice for this stream is queued under the same lock, later.
@@ -196,6 +214,9 @@ impl Hub {
             body: Some(server_message::Body::Welcome(welcome)),
         }));
         self.metrics.active_streams.inc();
+        if let (Some(forward), Some(hello)) = (&self.forward, forwarded) {
+            forward.send(&at.job, at.rank, worker_message::Body::Hello(hello));
+        }
         Ok(at)
     }
 
@@ -227,6 +248,7 @@ impl Hub {
                     last_seen: unix_now(),
                     dirty: true,
                     recent: VecDeque::new(),
+                    forwarded: HashMap::new(),
                 },
             );
             self.metrics.active_jobs.set(core.jobs.len() as i64);
@@ -252,6 +274,26 @@ impl Hub {
         let mut core = self.core();
         let core = &mut *core;
         self.reattach(core, at, outbox)?;
+        if let Some(forward) = &self.forward {
+            let job = core.jobs.get_mut(&at.job).expect("attached above");
+            let (worker, step) = (at.rank, p.step);
+            match job.forwarded.get(&at.rank) {
+                Some(&last) if step == last => {
+                    return Err(Rejection::engine(&EngineError::DuplicateStep { worker, step }));
+                }
+                Some(&last) if step < last => {
+                    return Err(Rejection::engine(&EngineError::StepBackwards { worker, step, last }));
+                }
+                _ => {}
+            }
+            job.forwarded.insert(at.rank, step);
+            job.last_active = received;
+            job.last_seen = s.time.unwrap_or(job.last_seen);
+            update_gauges(&job.gauges, s, None);
+            // Queued under the lock: a rank's messages keep their order.
+            forward.send(&at.job, at.rank, worker_message::Body::Summary(p.clone()));
+            return Ok(());
+        }
         let mut out = std::mem::take(&mut core.out);
         out.clear();
         let result = core.engine.observe(&at.job, s, &mut out);
@@ -351,6 +393,10 @@ impl Hub {
     /// rewinds that rank.
     pub fn ack(&self, at: &Attachment, ack: &proto::AdviceAck) {
         self.metrics.ack(ack.applied);
+        if let Some(forward) = &self.forward {
+            forward.send(&at.job, at.rank, worker_message::Body::Ack(ack.clone()));
+            return;
+        }
         if ack.applied {
             let mut core = self.core();
             let core = &mut *core;
@@ -397,6 +443,11 @@ impl Hub {
     /// Records the job's current row, then waits until everything recorded
     /// so far is durable (at once without a store).
     pub async fn flush(&self, job: &str) {
+        if let Some(forward) = &self.forward {
+            let forward = forward.clone();
+            let _ = tokio::task::spawn_blocking(move || forward.flush(Duration::from_secs(30))).await;
+            return;
+        }
         let Some(recorder) = &self.recorder else { return };
         let row = {
             let mut core = self.core();
@@ -416,6 +467,39 @@ impl Hub {
             );
         }
         recorder.flush(&self.metrics).await;
+    }
+
+    /// Cluster mode: an advice from the advice topic, to this replica's
+    /// streams of its job (a replayed advice, same id, is sent once).
+    pub fn deliver_advice(&self, advice: proto::Advice) {
+        let mut core = self.core();
+        let Some(job) = core.jobs.get_mut(advice.job.as_str()) else {
+            return;
+        };
+        if job.recent.iter().any(|(id, _)| *id == advice.id) {
+            return;
+        }
+        let Some(action) = advice.action.as_ref().map(wire::action_from_proto) else {
+            return;
+        };
+        if job.recent.len() == RECENT_ADVICE {
+            job.recent.pop_front();
+        }
+        job.recent.push_back((advice.id, action));
+        let outboxes = job
+            .streams
+            .iter()
+            .filter(|(rank, _)| advice.target_rank.is_none_or(|t| t == **rank))
+            .map(|(_, s)| s.outbox.clone())
+            .collect();
+        drop(core);
+        let delivery = Delivery {
+            message: proto::ServerMessage {
+                body: Some(server_message::Body::Advice(advice)),
+            },
+            outboxes,
+        };
+        deliver(&self.metrics, &[delivery], None);
     }
 
     /// A stream ended: it leaves its job (unless a newer stream replaced it).

@@ -43,6 +43,8 @@ pub struct Metrics {
     pub kafka_producer_errors: IntCounter,
     pub kafka_redelivered: IntCounter,
     pub kafka_up: IntGauge,
+    pub kafka_partitions: IntGauge,
+    pub kafka_dropped: IntCounter,
 }
 
 /// One job's gauges, looked up once when the job appears.
@@ -174,6 +176,18 @@ impl Metrics {
             kafka_up: register_int_gauge_with_registry!(
                 "gradguard_kafka_up",
                 "Cluster mode: 1 while the Kafka brokers are reachable, 0 while all are down.",
+                r
+            )
+            .unwrap(),
+            kafka_partitions: register_int_gauge_with_registry!(
+                "gradguard_kafka_partitions_owned",
+                "Cluster mode: partitions of the summaries topic this replica's detector owns.",
+                r
+            )
+            .unwrap(),
+            kafka_dropped: register_int_counter_with_registry!(
+                "gradguard_kafka_dropped_total",
+                "Cluster mode: worker messages dropped because the Kafka producer's queue was full (brokers away too long).",
                 r
             )
             .unwrap(),

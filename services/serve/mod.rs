@@ -31,6 +31,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use crate::cli::Failure;
 use crate::kafka::KafkaConfig;
 use crate::kafka::detector::{Detector, Link};
+use crate::kafka::relay::{Forwarder, relay_advice};
 use hub::{Hub, Limits};
 use ingest::IngestService;
 use metrics::Metrics;
@@ -216,7 +217,18 @@ async fn serve(
             job_ttl: args.job_ttl,
         },
         recorder,
+        cluster.as_ref().map(|c| c.forward.clone()),
     ));
+    let relay = match (&cluster, &kafka) {
+        (Some(c), Some(config)) => {
+            let hub = hub.clone();
+            let task = relay_advice(config, c.link.clone(), move |a| hub.deliver_advice(a))
+                .await
+                .map_err(Failure::input)?;
+            Some(task)
+        }
+        _ => None,
+    };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let query = QueryServer::new(QueryService::new(hub.clone(), reader, watchers, stop_rx.clone()));
     let max_message = args.max_message_bytes as usize;
@@ -309,7 +321,7 @@ async fn serve(
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
     ticker.abort();
-    if let Some(task) = health_task {
+    for task in [health_task, relay].into_iter().flatten() {
         task.abort();
     }
     if let Some(cluster) = cluster {
@@ -328,6 +340,7 @@ async fn serve(
 /// This replica's part of the cluster.
 struct Cluster {
     link: Arc<Link>,
+    forward: Arc<Forwarder>,
     _detector: Detector,
 }
 
@@ -346,8 +359,10 @@ async fn start_cluster(
         group = %config.group,
         "cluster mode: detector joined its group"
     );
+    let forward = Arc::new(Forwarder::new(config, link.clone()).map_err(Failure::input)?);
     Ok(Cluster {
         link,
+        forward,
         _detector: detector,
     })
 }

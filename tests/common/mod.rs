@@ -14,6 +14,8 @@ use gradguard::proto;
 use gradguard::scenario::{FaultPlan, Scenario, ScenarioConfig};
 use gradguard::wire;
 
+pub mod kafka;
+
 pub struct Server {
     child: Child,
     pub grpc: SocketAddr,
@@ -74,6 +76,14 @@ impl Server {
     /// Kills the server with SIGKILL (no chance to flush anything) and waits.
     pub fn kill(mut self) {
         let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Stops the server with SIGTERM (its graceful shutdown) and waits.
+    pub fn stop(mut self) {
+        let pid = self.child.id().to_string();
+        let status = Command::new("kill").args(["-TERM", &pid]).status().expect("run kill");
+        assert!(status.success(), "kill -TERM {pid} failed");
         let _ = self.child.wait();
     }
 

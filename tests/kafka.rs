@@ -1,0 +1,279 @@
+//! Cluster mode against a real Kafka-compatible broker (tansu, see
+//! `common::kafka`): replicas of `gradguard serve --kafka-brokers` and jobs
+//! played with `gradguard simulate --kafka-brokers`, no gRPC between them.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::Run;
+use common::kafka::Broker;
+
+const BIN: &str = env!("CARGO_BIN_EXE_gradguard");
+
+/// A broker and a config file for the replicas and workers: 4 partitions,
+/// and group timeouts short enough that a dead replica's partitions move in
+/// seconds.
+struct Cluster {
+    broker: Broker,
+    config: tempfile::NamedTempFile,
+}
+
+impl Cluster {
+    fn start() -> Self {
+        let broker = Broker::start();
+        let mut config = tempfile::NamedTempFile::new().expect("a config file");
+        write!(
+            config,
+            "[kafka]\npartitions = 4\n[kafka.properties]\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"500\"\n"
+        )
+        .unwrap();
+        Self { broker, config }
+    }
+
+    fn config_path(&self) -> &str {
+        self.config.path().to_str().expect("a UTF-8 temp path")
+    }
+
+    fn replica(&self) -> common::Server {
+        common::Server::start_with(&[
+            "--kafka-brokers",
+            &self.broker.brokers(),
+            "--config",
+            self.config_path(),
+            "--no-store",
+        ])
+    }
+
+    fn simulate_cmd(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(BIN);
+        cmd.args([
+            "simulate",
+            "--kafka-brokers",
+            &self.broker.brokers(),
+            "--config",
+            self.config_path(),
+            "--json",
+        ])
+        .args(args);
+        cmd
+    }
+
+    fn simulate(&self, args: &[&str]) -> Run {
+        Run::from(self.simulate_cmd(args).output().expect("run gradguard simulate"))
+    }
+
+    fn simulate_in_background(&self, args: &[&str]) -> Child {
+        self.simulate_cmd(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start gradguard simulate")
+    }
+}
+
+/// Waits until the replicas between them own all 4 partitions, each at least one.
+fn wait_for_assignment(replicas: &[&common::Server]) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let owned: Vec<f64> = replicas
+            .iter()
+            .map(|r| r.sample("gradguard_kafka_partitions_owned").unwrap_or(0.0))
+            .collect();
+        if owned.iter().sum::<f64>() == 4.0 && owned.iter().all(|&n| n >= 1.0) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "partitions never spread over the replicas: {owned:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn summaries(server: &common::Server) -> f64 {
+    server.sample("gradguard_summaries_total").unwrap_or(0.0)
+}
+
+/// (decided at step, action) of every advice in a `simulate --json` run.
+fn advice_of(run: &Run) -> Vec<(u64, String)> {
+    let lines = run.json();
+    let (summary, advice) = lines.split_last().expect("a summary line");
+    assert_eq!(summary["kind"], "summary", "{}", run.stdout);
+    let mut list: Vec<(u64, String)> = advice
+        .iter()
+        .map(|a| {
+            (
+                a["step"].as_u64().expect("a step"),
+                a["action"].as_str().expect("an action").to_owned(),
+            )
+        })
+        .collect();
+    list.sort();
+    list
+}
+
+#[test]
+fn an_exploding_job_is_brought_back_through_kafka_alone() {
+    let _turn = common::turn();
+    let cluster = Cluster::start();
+    let replica = cluster.replica();
+    let run = cluster.simulate(&[
+        "--scenario",
+        "explode",
+        "--apply-advice",
+        "--workers",
+        "2",
+        "--steps",
+        "400",
+        "--fault-at",
+        "200",
+        "--step-interval",
+        "20ms",
+        "--job",
+        "kafka-explode",
+    ]);
+    let lines = run.json();
+    let (summary, advice) = lines.split_last().expect("a summary line");
+    assert_eq!(summary["summaries_sent"], 800, "{summary}");
+    assert_eq!(summary["result"], "recovered", "{}", run.stdout);
+    let first = advice.first().unwrap_or_else(|| panic!("no advice: {}", run.stdout));
+    assert_eq!(first["action"], "clip_gradients", "{first}");
+    assert!(first["step"].as_u64().is_some_and(|s| s >= 200), "{first}");
+    assert_eq!(summary["advice_applied"], summary["advice_total"]);
+    // The replica saw every summary exactly once, and said so on /metrics.
+    assert_eq!(summaries(&replica), 800.0);
+    assert!(replica.sample("gradguard_kafka_up") == Some(1.0));
+    assert!(
+        replica.sample("gradguard_advice_total{action=\"clip_gradients\",job=\"kafka-explode\"}") >= Some(1.0),
+        "{}",
+        replica.scrape()
+    );
+}
+
+#[test]
+fn two_replicas_split_the_jobs_and_each_summary_is_processed_once() {
+    let _turn = common::turn();
+    let cluster = Cluster::start();
+    let (a, b) = (cluster.replica(), cluster.replica());
+    wait_for_assignment(&[&a, &b]);
+    let jobs: Vec<Child> = (0..6)
+        .map(|i| {
+            let job = format!("split-{i}");
+            cluster.simulate_in_background(&[
+                "--scenario",
+                "healthy",
+                "--workers",
+                "2",
+                "--steps",
+                "100",
+                "--step-interval",
+                "0",
+                "--job",
+                &job,
+            ])
+        })
+        .collect();
+    for child in jobs {
+        let run = Run::from(child.wait_with_output().expect("simulate ends"));
+        run.assert_code(0);
+    }
+    let (on_a, on_b) = (summaries(&a), summaries(&b));
+    assert_eq!(on_a + on_b, 6.0 * 200.0, "a={on_a} b={on_b}");
+    assert!(
+        on_a > 0.0 && on_b > 0.0,
+        "one replica did all the work: a={on_a} b={on_b}"
+    );
+}
+
+/// Waits until one of the replicas has processed `n` summaries; returns its index.
+fn wait_for_progress(replicas: &[&common::Server], n: f64) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let done: Vec<f64> = replicas.iter().map(|r| summaries(r)).collect();
+        if let Some(i) = done.iter().position(|&d| d >= n) {
+            return i;
+        }
+        assert!(Instant::now() < deadline, "the job made no progress: {done:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_jobs_state_survives_its_replica_stopping_and_crashing() {
+    let _turn = common::turn();
+    let cluster = Cluster::start();
+    let args = |job: &'static str| {
+        [
+            "--scenario",
+            "explode",
+            "--workers",
+            "2",
+            "--layers",
+            "8",
+            "--steps",
+            "600",
+            "--fault-at",
+            "300",
+            "--step-interval",
+            "10ms",
+            "--job",
+            job,
+        ]
+    };
+    // The reference: the same run on one replica that stays up. Without
+    // --apply-advice the summaries do not depend on the advice, and the
+    // engine is deterministic, so any other run must be advised the same:
+    // same steps, same actions, nothing missing, nothing twice.
+    let expected = {
+        let replica = cluster.replica();
+        let run = cluster.simulate(&args("reference"));
+        replica.stop();
+        advice_of(&run)
+    };
+    assert!(expected.iter().any(|(_, a)| a == "clip_gradients"), "{expected:?}");
+    assert!(
+        expected.iter().any(|(_, a)| a != "clip_gradients"),
+        "no escalation: {expected:?}"
+    );
+
+    // Stop the owner mid-episode (past the fault, at step ~350): the other
+    // replica takes the partition, restores the job, and carries on.
+    let (a, b) = (cluster.replica(), cluster.replica());
+    wait_for_assignment(&[&a, &b]);
+    let child = cluster.simulate_in_background(&args("handover"));
+    let owner = wait_for_progress(&[&a, &b], 700.0);
+    let (owner, survivor) = if owner == 0 { (a, b) } else { (b, a) };
+    owner.stop();
+    let run = Run::from(child.wait_with_output().expect("simulate ends"));
+    assert_eq!(
+        advice_of(&run),
+        expected,
+        "advice after a hand-over differs from an undisturbed run"
+    );
+    let taken = summaries(&survivor);
+    assert!(taken > 0.0 && taken < 1200.0, "the survivor processed {taken} of 1200");
+    survivor.stop();
+
+    // Crash the only replica (kill -9, nothing flushed or committed) and start
+    // another: it restores the last snapshot and replays what was not
+    // committed; redelivered steps are recognised, replayed advice keeps its id.
+    let crashing = cluster.replica();
+    let child = cluster.simulate_in_background(&args("crash"));
+    wait_for_progress(&[&crashing], 700.0);
+    crashing.kill();
+    let replacement = cluster.replica();
+    let run = Run::from(child.wait_with_output().expect("simulate ends"));
+    assert_eq!(
+        advice_of(&run),
+        expected,
+        "advice after a crash differs from an undisturbed run"
+    );
+    let taken = summaries(&replacement);
+    assert!(
+        taken > 0.0 && taken < 1200.0,
+        "the replacement processed {taken} of 1200"
+    );
+}
