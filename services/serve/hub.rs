@@ -129,8 +129,27 @@ struct Job {
     last_seen: f64,
     /// Changed since its row was last recorded.
     dirty: bool,
-    /// The job's latest advice (id, action), to act on acknowledgements.
-    recent: VecDeque<(u64, Action)>,
+    /// The job's latest advice, to act on acknowledgements.
+    recent: VecDeque<Recent>,
+}
+
+/// An advice remembered for acknowledgements.
+struct Recent {
+    id: u64,
+    action: Action,
+    /// Some rank acknowledged it (applied or not).
+    acked: bool,
+}
+
+impl Job {
+    fn set_streams(&self) {
+        self.gauges.streams.set(self.streams.len() as f64);
+    }
+
+    fn set_unacked(&self) {
+        let unacked = self.recent.iter().filter(|r| !r.acked).count();
+        self.gauges.unacked.set(unacked as f64);
+    }
 }
 
 /// Advice remembered per job for acknowledgements.
@@ -185,6 +204,7 @@ impl Hub {
         if let Some(old) = previous {
             let _ = old.outbox.try_send(Err(at.replaced()));
         }
+        job.set_streams();
         let welcome = proto::Welcome {
             server_version: env!("CARGO_PKG_VERSION").to_owned(),
             last_step: core.engine.last_step(&at.job, at.rank),
@@ -295,6 +315,7 @@ impl Hub {
                 outbox: outbox.clone(),
             },
         );
+        job.set_streams();
         Ok(())
     }
 
@@ -314,7 +335,12 @@ impl Hub {
             if job.recent.len() == RECENT_ADVICE {
                 job.recent.pop_front();
             }
-            job.recent.push_back((a.id, a.action));
+            job.recent.push_back(Recent {
+                id: a.id,
+                action: a.action,
+                acked: false,
+            });
+            job.set_unacked();
             let outboxes = job
                 .streams
                 .iter()
@@ -351,15 +377,19 @@ impl Hub {
     /// rewinds that rank.
     pub fn ack(&self, at: &Attachment, ack: &proto::AdviceAck) {
         self.metrics.ack(ack.applied);
-        if ack.applied {
+        {
             let mut core = self.core();
             let core = &mut *core;
-            let rollback = core.jobs.get(&at.job).and_then(|j| {
-                j.recent.iter().find_map(|(id, action)| match action {
-                    Action::Rollback { to_step } if *id == ack.advice_id => Some(*to_step),
-                    _ => None,
-                })
-            });
+            let mut rollback = None;
+            if let Some(job) = core.jobs.get_mut(&at.job)
+                && let Some(r) = job.recent.iter_mut().find(|r| r.id == ack.advice_id)
+            {
+                r.acked = true;
+                if let (true, Action::Rollback { to_step }) = (ack.applied, r.action) {
+                    rollback = Some(to_step);
+                }
+                job.set_unacked();
+            }
             if let Some(to_step) = rollback
                 && core.engine.rewind(&at.job, at.rank, to_step)
             {
@@ -424,6 +454,7 @@ impl Hub {
         if let Some(job) = core.jobs.get_mut(&at.job) {
             if job.streams.get(&at.rank).is_some_and(|s| s.id == at.stream) {
                 job.streams.remove(&at.rank);
+                job.set_streams();
             }
             job.last_active = Instant::now();
         }
@@ -611,6 +642,9 @@ fn update_gauges(g: &JobGauges, s: &Summary, health: Option<Severity>) {
     }
     if let Some(lr) = s.lr {
         g.lr.set(lr);
+    }
+    if let Some(t) = s.time {
+        g.last_summary.set(t);
     }
     g.health.set(match health {
         None => 0.0,
