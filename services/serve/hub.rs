@@ -372,11 +372,13 @@ impl Hub {
         }
     }
 
-    /// Records a worker's acknowledgement of advice. A rank that applied a
-    /// rollback reports its steps again from the checkpoint, so the engine
+    /// Records a worker's acknowledgement of advice: the advice no longer
+    /// counts as unacknowledged (whether applied or not). A rank that applied
+    /// a rollback reports its steps again from the checkpoint, so the engine
     /// rewinds that rank.
     pub fn ack(&self, at: &Attachment, ack: &proto::AdviceAck) {
         self.metrics.ack(ack.applied);
+        // The lock is released before the store is handed the ack.
         {
             let mut core = self.core();
             let core = &mut *core;
