@@ -23,11 +23,15 @@ struct Cluster {
 
 impl Cluster {
     fn start() -> Self {
+        Self::with_partitions(4)
+    }
+
+    fn with_partitions(partitions: u32) -> Self {
         let broker = Broker::start();
         let mut config = tempfile::NamedTempFile::new().expect("a config file");
         write!(
             config,
-            "[kafka]\npartitions = 4\n[kafka.properties]\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"500\"\n"
+            "[kafka]\npartitions = {partitions}\n[kafka.properties]\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"500\"\n"
         )
         .unwrap();
         Self { broker, config }
@@ -150,6 +154,60 @@ fn an_exploding_job_is_brought_back_through_kafka_alone() {
         replica.sample("gradguard_advice_total{action=\"clip_gradients\",job=\"kafka-explode\"}") >= Some(1.0),
         "{}",
         replica.scrape()
+    );
+}
+
+#[test]
+fn a_grpc_worker_on_one_replica_is_advised_by_the_jobs_owner_on_another() {
+    let _turn = common::turn();
+    // One partition: exactly one replica detects, the other only relays.
+    let cluster = Cluster::with_partitions(1);
+    let (a, b) = (cluster.replica(), cluster.replica());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (owner, relay) = loop {
+        let owned = |r: &common::Server| r.sample("gradguard_kafka_partitions_owned").unwrap_or(0.0);
+        match (owned(&a), owned(&b)) {
+            (1.0, 0.0) => break (a, b),
+            (0.0, 1.0) => break (b, a),
+            other => assert!(Instant::now() < deadline, "no single owner: {other:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let run = Run::from(
+        Command::new(BIN)
+            .args([
+                "simulate",
+                "--server",
+                &relay.url(),
+                "--json",
+                "--job",
+                "grpc-via-relay",
+            ])
+            .args(["--scenario", "explode", "--apply-advice", "--workers", "2"])
+            .args(["--steps", "400", "--fault-at", "200", "--step-interval", "20ms"])
+            .output()
+            .expect("run gradguard simulate"),
+    );
+    let lines = run.json();
+    let (summary, advice) = lines.split_last().expect("a summary line");
+    assert_eq!(summary["result"], "recovered", "{}", run.stdout);
+    assert_eq!(
+        advice.first().map(|a| a["action"].clone()),
+        Some("clip_gradients".into()),
+        "{}",
+        run.stdout
+    );
+    // The relay forwarded, the owner detected: every summary went through
+    // Kafka (the stream ended once they were in the topic, maybe before the
+    // owner had read the last ones).
+    owner.wait_for("the owner to process all 800 summaries", |text| {
+        common::sample(text, "gradguard_summaries_total") == Some(800.0)
+    });
+    assert_eq!(summaries(&relay), 0.0);
+    // The relay delivered the advice on the streams and took their acks.
+    assert_eq!(
+        relay.sample("gradguard_job_advice_unacked{job=\"grpc-via-relay\"}"),
+        Some(0.0)
     );
 }
 

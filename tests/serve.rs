@@ -81,18 +81,16 @@ async fn exploding_run_gets_clip_advice_then_an_escalation() {
         .unwrap()
             >= 1.0
     );
-    assert!(
-        sample(
-            &text,
-            "gradguard_anomalies_total{job=\"explode\",rule=\"grad_spike\",severity=\"critical\"}"
-        )
-        .is_some()
-            || sample(
+    let spikes: f64 = ["info", "warning", "critical"]
+        .iter()
+        .filter_map(|severity| {
+            sample(
                 &text,
-                "gradguard_anomalies_total{job=\"explode\",rule=\"grad_spike\",severity=\"info\"}"
+                &format!("gradguard_anomalies_total{{job=\"explode\",rule=\"grad_spike\",severity=\"{severity}\"}}"),
             )
-            .is_some()
-    );
+        })
+        .sum();
+    assert!(spikes >= 1.0, "{text}");
     assert!(sample(&text, "gradguard_advice_latency_seconds_count").unwrap() >= advice.len() as f64);
     assert!(
         sample(&text, "gradguard_job_health{job=\"explode\"}").unwrap() >= 2.0,
@@ -413,6 +411,74 @@ async fn acks_are_counted() {
     );
 }
 
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// The series the alert rules in `deploy/prometheus/` are built on: a job's
+/// warning and critical anomaly counters exist at 0 from its first Hello (so
+/// `increase()` sees the first anomaly), its open streams, when its latest
+/// summary was taken, and its advice that no rank acknowledged.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_exports_the_series_its_alerts_need() {
+    let server = Server::start();
+    let job = |name: &str| format!("{name}{{job=\"unacked\"}}");
+    let cfg = config("unacked", Fault::AbruptExplosion, 1);
+    let (mut scenario, senders, mut receivers) = open_job(&server.url(), &cfg).await;
+    let text = server.scrape();
+    for rule in gradguard::model::RuleId::ALL {
+        for severity in ["warning", "critical"] {
+            let series = format!(
+                "gradguard_anomalies_total{{job=\"unacked\",rule=\"{}\",severity=\"{severity}\"}}",
+                rule.as_str()
+            );
+            assert_eq!(sample(&text, &series), Some(0.0), "{series}");
+        }
+    }
+    assert_eq!(sample(&text, &job("gradguard_job_streams")), Some(1.0));
+    assert_eq!(sample(&text, &job("gradguard_job_advice_unacked")), Some(0.0));
+
+    let before = unix_now();
+    send_all(&mut scenario, &senders).await;
+    drop(senders);
+    let advice = receivers[0].drain().await.unwrap();
+    let last = advice.last().expect("an exploding run gets advice");
+    let text = server.wait_for("the stream to close", |t| {
+        sample(t, &job("gradguard_job_streams")) == Some(0.0)
+    });
+    let seen = sample(&text, &job("gradguard_job_last_summary_timestamp_seconds")).unwrap();
+    assert!(seen >= before - 1.0 && seen <= unix_now() + 1.0, "{seen}");
+    let unacked = sample(&text, &job("gradguard_job_advice_unacked")).unwrap();
+    assert_eq!(unacked, advice.len().min(64) as f64, "nobody acknowledged anything");
+
+    // The rank comes back and acknowledges the latest advice (not applied).
+    let mut c = client::connect(&server.url()).await.unwrap();
+    let names = gradguard::scenario::Scenario::new(cfg).layer_names();
+    let s = WorkerStream::open(
+        &mut c,
+        proto::Hello {
+            layer_names: names,
+            ..hello("unacked", 0, 1, 0)
+        },
+    )
+    .await
+    .unwrap();
+    s.sender.ack(last, 399, false).await.unwrap();
+    server.wait_for("the ack to count", |t| {
+        sample(t, &job("gradguard_job_advice_unacked")) == Some(unacked - 1.0)
+            && sample(t, &job("gradguard_job_streams")) == Some(1.0)
+    });
+    drop(s.sender);
+    let mut rx = s.receiver;
+    rx.drain().await.unwrap();
+    server.wait_for("the stream to close", |t| {
+        sample(t, &job("gradguard_job_streams")) == Some(0.0)
+    });
+}
+
 /// Runs `gradguard serve` to completion (it must fail) and returns its exit
 /// code and stderr.
 fn serve_fails(args: &[&str]) -> (i32, String) {
@@ -496,5 +562,8 @@ async fn a_rank_that_applied_a_rollback_reports_its_steps_again() {
         Some(0.0)
     );
     // The restored norms, 100× below the abandoned run's, are not a collapse.
-    assert!(!text.contains("rule=\"vanishing\""), "{text}");
+    for severity in ["info", "warning", "critical"] {
+        let series = format!("gradguard_anomalies_total{{job=\"rolled\",rule=\"vanishing\",severity=\"{severity}\"}}");
+        assert_eq!(sample(&text, &series).unwrap_or(0.0), 0.0, "{text}");
+    }
 }

@@ -13,7 +13,7 @@
 //! engine (their state is in the state topic already), an assigned one's are
 //! restored from the state topic before any of its records is processed.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use gradguard::engine::{Engine, EngineError, JobSpec, Output};
-use gradguard::model::{Advice, Finding, JobId, Summary};
+use gradguard::model::{Action, Advice, Finding, JobId, Summary};
 use gradguard::proto::{self, worker_message};
 use gradguard::wire;
 use prost::Message as _;
@@ -171,6 +171,7 @@ impl Detector {
             tick_index: HashMap::new(),
             ttl,
             owned: HashSet::new(),
+            rollbacks: HashMap::new(),
         };
         let thread = std::thread::Builder::new()
             .name("detector".into())
@@ -218,7 +219,12 @@ struct Worker {
     ttl: Duration,
     /// Partitions of the summaries topic assigned to this replica.
     owned: HashSet<i32>,
+    /// Rollback advice per job (id, to step), to act on its acknowledgement.
+    rollbacks: HashMap<JobId, VecDeque<(u64, u64)>>,
 }
+
+/// Rollback advice remembered per job.
+const RECENT_ROLLBACKS: usize = 8;
 
 impl Worker {
     fn run(&mut self, consumer: &BaseConsumer<Ctx>) {
@@ -260,6 +266,7 @@ impl Worker {
                         let keep = !partitions.contains(&owned.partition);
                         if !keep {
                             self.engine.remove_job(job);
+                            self.rollbacks.remove(job);
                         }
                         keep
                     });
@@ -393,7 +400,21 @@ impl Worker {
                 }
                 observed
             }
-            Some(worker_message::Body::Ack(_)) | None => Ok(()),
+            Some(worker_message::Body::Ack(ack)) => {
+                // A rank that applied a rollback reports again from the
+                // checkpoint: the engine rewinds it.
+                let rollback = self.rollbacks.get(job).and_then(|r| {
+                    r.iter()
+                        .find_map(|&(id, to_step)| (id == ack.advice_id && ack.applied).then_some(to_step))
+                });
+                if let Some(to_step) = rollback
+                    && self.engine.rewind(job, rank, to_step)
+                {
+                    tracing::info!(job, rank, to_step, "rank rolled back");
+                }
+                Ok(())
+            }
+            None => Ok(()),
         };
         match result {
             Ok(()) => {}
@@ -447,6 +468,7 @@ impl Worker {
         for (job, partition) in expired {
             self.engine.remove_job(&job);
             self.jobs.remove(&job);
+            self.rollbacks.remove(&job);
             self.touched.remove(&job);
             let record: BaseRecord<'_, str, [u8]> = BaseRecord::to(&self.config.topics.state)
                 .key(&*job)
@@ -502,8 +524,15 @@ impl Worker {
         );
     }
 
-    fn send_advice(&self, mut advice: Advice, id: u64) {
+    fn send_advice(&mut self, mut advice: Advice, id: u64) {
         advice.id = id;
+        if let Action::Rollback { to_step } = advice.action {
+            let recent = self.rollbacks.entry(advice.job.clone()).or_default();
+            if recent.len() == RECENT_ROLLBACKS {
+                recent.pop_front();
+            }
+            recent.push_back((id, to_step));
+        }
         self.metrics.advice(&advice.job, &advice.action);
         let msg = proto::ServerMessage {
             body: Some(proto::server_message::Body::Advice(wire::advice_to_proto(&advice))),

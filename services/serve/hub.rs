@@ -134,10 +134,29 @@ struct Job {
     last_seen: f64,
     /// Changed since its row was last recorded.
     dirty: bool,
-    /// The job's latest advice (id, action), to act on acknowledgements.
-    recent: VecDeque<(u64, Action)>,
+    /// The job's latest advice, to act on acknowledgements.
+    recent: VecDeque<Recent>,
     /// Cluster mode: the last step forwarded per rank (steps must increase).
     forwarded: HashMap<u32, u64>,
+}
+
+/// An advice remembered for acknowledgements.
+struct Recent {
+    id: u64,
+    action: Action,
+    /// Some rank acknowledged it (applied or not).
+    acked: bool,
+}
+
+impl Job {
+    fn set_streams(&self) {
+        self.gauges.streams.set(self.streams.len() as f64);
+    }
+
+    fn set_unacked(&self) {
+        let unacked = self.recent.iter().filter(|r| !r.acked).count();
+        self.gauges.unacked.set(unacked as f64);
+    }
 }
 
 /// Advice remembered per job for acknowledgements.
@@ -200,6 +219,7 @@ impl Hub {
         if let Some(old) = previous {
             let _ = old.outbox.try_send(Err(at.replaced()));
         }
+        job.set_streams();
         let last_step = match &self.forward {
             Some(_) => job.forwarded.get(&at.rank).copied(),
             None => core.engine.last_step(&at.job, at.rank),
@@ -337,6 +357,7 @@ impl Hub {
                 outbox: outbox.clone(),
             },
         );
+        job.set_streams();
         Ok(())
     }
 
@@ -356,7 +377,12 @@ impl Hub {
             if job.recent.len() == RECENT_ADVICE {
                 job.recent.pop_front();
             }
-            job.recent.push_back((a.id, a.action));
+            job.recent.push_back(Recent {
+                id: a.id,
+                action: a.action,
+                acked: false,
+            });
+            job.set_unacked();
             let outboxes = job
                 .streams
                 .iter()
@@ -388,25 +414,30 @@ impl Hub {
         }
     }
 
-    /// Records a worker's acknowledgement of advice. A rank that applied a
-    /// rollback reports its steps again from the checkpoint, so the engine
+    /// Records a worker's acknowledgement of advice: the advice no longer
+    /// counts as unacknowledged (whether applied or not). A rank that applied
+    /// a rollback reports its steps again from the checkpoint, so the engine
     /// rewinds that rank.
     pub fn ack(&self, at: &Attachment, ack: &proto::AdviceAck) {
         self.metrics.ack(ack.applied);
-        if let Some(forward) = &self.forward {
-            forward.send(&at.job, at.rank, worker_message::Body::Ack(ack.clone()));
-            return;
-        }
-        if ack.applied {
+        // The lock is released before the store is handed the ack.
+        {
             let mut core = self.core();
             let core = &mut *core;
-            let rollback = core.jobs.get(&at.job).and_then(|j| {
-                j.recent.iter().find_map(|(id, action)| match action {
-                    Action::Rollback { to_step } if *id == ack.advice_id => Some(*to_step),
-                    _ => None,
-                })
-            });
-            if let Some(to_step) = rollback
+            let mut rollback = None;
+            if let Some(job) = core.jobs.get_mut(&at.job)
+                && let Some(r) = job.recent.iter_mut().find(|r| r.id == ack.advice_id)
+            {
+                r.acked = true;
+                if let (true, Action::Rollback { to_step }) = (ack.applied, r.action) {
+                    rollback = Some(to_step);
+                }
+                job.set_unacked();
+            }
+            if let Some(forward) = &self.forward {
+                // The job's owner acts on it (a rollback rewinds its engine).
+                forward.send(&at.job, at.rank, worker_message::Body::Ack(ack.clone()));
+            } else if let Some(to_step) = rollback
                 && core.engine.rewind(&at.job, at.rank, to_step)
             {
                 tracing::info!(job = &*at.job, rank = at.rank, to_step, "rank rolled back");
@@ -476,7 +507,7 @@ impl Hub {
         let Some(job) = core.jobs.get_mut(advice.job.as_str()) else {
             return;
         };
-        if job.recent.iter().any(|(id, _)| *id == advice.id) {
+        if job.recent.iter().any(|r| r.id == advice.id) {
             return;
         }
         let Some(action) = advice.action.as_ref().map(wire::action_from_proto) else {
@@ -485,7 +516,12 @@ impl Hub {
         if job.recent.len() == RECENT_ADVICE {
             job.recent.pop_front();
         }
-        job.recent.push_back((advice.id, action));
+        job.recent.push_back(Recent {
+            id: advice.id,
+            action,
+            acked: false,
+        });
+        job.set_unacked();
         let outboxes = job
             .streams
             .iter()
@@ -508,6 +544,7 @@ impl Hub {
         if let Some(job) = core.jobs.get_mut(&at.job) {
             if job.streams.get(&at.rank).is_some_and(|s| s.id == at.stream) {
                 job.streams.remove(&at.rank);
+                job.set_streams();
             }
             job.last_active = Instant::now();
         }
@@ -695,6 +732,9 @@ fn update_gauges(g: &JobGauges, s: &Summary, health: Option<Severity>) {
     }
     if let Some(lr) = s.lr {
         g.lr.set(lr);
+    }
+    if let Some(t) = s.time {
+        g.last_summary.set(t);
     }
     g.health.set(match health {
         None => 0.0,

@@ -39,6 +39,9 @@ pub struct Metrics {
     job_loss: prometheus::GaugeVec,
     job_lr: prometheus::GaugeVec,
     job_health: prometheus::GaugeVec,
+    job_last_summary: prometheus::GaugeVec,
+    job_streams: prometheus::GaugeVec,
+    job_unacked: prometheus::GaugeVec,
     kafka_lag: prometheus::IntGaugeVec,
     pub kafka_producer_errors: IntCounter,
     pub kafka_redelivered: IntCounter,
@@ -54,6 +57,9 @@ pub struct JobGauges {
     pub loss: Gauge,
     pub lr: Gauge,
     pub health: Gauge,
+    pub last_summary: Gauge,
+    pub streams: Gauge,
+    pub unacked: Gauge,
 }
 
 /// Buckets of the advice latency, in seconds: 50 µs to 1 s.
@@ -230,6 +236,30 @@ impl Metrics {
                 r
             )
             .unwrap(),
+            job_last_summary: register_gauge_vec_with_registry!(
+                Opts::new(
+                    "gradguard_job_last_summary_timestamp_seconds",
+                    "When the latest summary of a job (any rank) was taken, seconds since the epoch."
+                ),
+                &["job"],
+                r
+            )
+            .unwrap(),
+            job_streams: register_gauge_vec_with_registry!(
+                Opts::new("gradguard_job_streams", "Worker streams of a job open now."),
+                &["job"],
+                r
+            )
+            .unwrap(),
+            job_unacked: register_gauge_vec_with_registry!(
+                Opts::new(
+                    "gradguard_job_advice_unacked",
+                    "Advice of a job (among its latest 64) that no rank has acknowledged yet."
+                ),
+                &["job"],
+                r
+            )
+            .unwrap(),
             registry: r,
         };
         for reason in REJECT_REASONS {
@@ -241,12 +271,24 @@ impl Metrics {
         m
     }
 
+    /// A new job's gauges. Its warning and critical anomaly counters start at
+    /// 0 here: `increase()` only sees a series change between two scrapes, so
+    /// a counter born at 1 would never fire the alert built on it.
     pub fn job_gauges(&self, job: &str) -> JobGauges {
+        for rule in RuleId::ALL {
+            for severity in ALERTED_SEVERITIES {
+                self.anomalies
+                    .with_label_values(&[job, rule.as_str(), severity.as_str()]);
+            }
+        }
         JobGauges {
             grad_norm: self.job_grad_norm.with_label_values(&[job]),
             loss: self.job_loss.with_label_values(&[job]),
             lr: self.job_lr.with_label_values(&[job]),
             health: self.job_health.with_label_values(&[job]),
+            last_summary: self.job_last_summary.with_label_values(&[job]),
+            streams: self.job_streams.with_label_values(&[job]),
+            unacked: self.job_unacked.with_label_values(&[job]),
         }
     }
 
@@ -285,7 +327,15 @@ impl Metrics {
 
     /// Removes every series labelled with this job.
     pub fn forget_job(&self, job: &str) {
-        for v in [&self.job_grad_norm, &self.job_loss, &self.job_lr, &self.job_health] {
+        for v in [
+            &self.job_grad_norm,
+            &self.job_loss,
+            &self.job_lr,
+            &self.job_health,
+            &self.job_last_summary,
+            &self.job_streams,
+            &self.job_unacked,
+        ] {
             let _ = v.remove_label_values(&[job]);
         }
         for rule in RuleId::ALL {
@@ -307,6 +357,9 @@ impl Metrics {
         Ok(String::from_utf8(buf).expect("the text format is UTF-8"))
     }
 }
+
+/// Severities that alerts are built on; their counters exist from a job's start.
+const ALERTED_SEVERITIES: [Severity; 2] = [Severity::Warning, Severity::Critical];
 
 /// Every `reason` label of rejected messages, so each series exists from the start.
 pub const REJECT_REASONS: [&str; 14] = [

@@ -1,0 +1,251 @@
+//! deploy/k8s/: the manifests parse, fit together (selectors, port names,
+//! the ConfigMap's keys, volumes) and run what exists: the image the compose
+//! file builds, flags `gradguard serve` takes, a rules file it accepts.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+use yaml_rust2::Yaml;
+
+use crate::containers::{dockerfile_stages, flag_value, gradguard_image, listen_port};
+use crate::support::{ServeFlags, list, repo, scalar, str_at, strings, yaml, yaml_docs};
+
+/// Every document of every manifest, with its file name.
+fn manifests() -> Vec<(String, Yaml)> {
+    let kustomization = yaml(&repo("deploy/k8s/kustomization.yaml"));
+    let resources = strings(list(&kustomization, "resources"));
+    let mut files: Vec<String> = std::fs::read_dir(repo("deploy/k8s"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|f| f.ends_with(".yaml") && f != "kustomization.yaml")
+        .collect();
+    files.sort();
+    let mut listed = resources.clone();
+    listed.sort();
+    assert_eq!(listed, files, "kustomization.yaml lists every manifest, and only those");
+    resources
+        .iter()
+        .flat_map(|f| {
+            yaml_docs(&repo("deploy/k8s").join(f))
+                .into_iter()
+                .map(move |d| (f.clone(), d))
+        })
+        .collect()
+}
+
+fn one<'a>(docs: &'a [(String, Yaml)], kind: &str) -> &'a Yaml {
+    let found: Vec<&Yaml> = docs
+        .iter()
+        .filter(|(_, d)| d["kind"].as_str() == Some(kind))
+        .map(|(_, d)| d)
+        .collect();
+    assert_eq!(found.len(), 1, "one {kind} expected in deploy/k8s");
+    found[0]
+}
+
+/// Fails unless every label of `selector` is on `labels`.
+fn assert_selects(selector: &Yaml, labels: &Yaml, what: &str) {
+    let selector = selector.as_hash().unwrap_or_else(|| panic!("{what}: no selector"));
+    assert!(!selector.is_empty(), "{what}: an empty selector");
+    for (k, v) in selector {
+        assert_eq!(&labels[k.as_str().unwrap()], v, "{what}: label {k:?}");
+    }
+}
+
+#[test]
+fn the_manifests_fit_together_and_run_what_exists() {
+    let docs = manifests();
+    for (file, d) in &docs {
+        assert!(d["apiVersion"].as_str().is_some(), "{file}: no apiVersion");
+        assert!(d["metadata"]["name"].as_str().is_some(), "{file}: no metadata.name");
+    }
+    let sts = one(&docs, "StatefulSet");
+    let svc = one(&docs, "Service");
+    let cm = one(&docs, "ConfigMap");
+    let monitor = one(&docs, "ServiceMonitor");
+    one(&docs, "PrometheusRule");
+    let serve = ServeFlags::load();
+
+    let pod = &sts["spec"]["template"];
+    let labels = &pod["metadata"]["labels"];
+    assert_selects(&sts["spec"]["selector"]["matchLabels"], labels, "the StatefulSet");
+    assert_selects(&svc["spec"]["selector"], labels, "the Service");
+    assert_eq!(sts["spec"]["serviceName"], svc["metadata"]["name"]);
+    let containers = list(&pod["spec"], "containers");
+    assert_eq!(containers.len(), 1);
+    let c = &containers[0];
+
+    // The image compose builds, run as the Dockerfile's user.
+    assert_eq!(str_at(c, "image", "the container"), gradguard_image());
+    let stages = dockerfile_stages();
+    let runtime = stages.iter().find(|s| s.name == "runtime").unwrap();
+    let uid = runtime
+        .all("USER")
+        .last()
+        .unwrap()
+        .split(':')
+        .next()
+        .unwrap()
+        .to_owned();
+    assert_eq!(pod["spec"]["securityContext"]["runAsNonRoot"].as_bool(), Some(true));
+    assert_eq!(scalar(&pod["spec"]["securityContext"]["runAsUser"]), uid);
+
+    // Flags serve takes; $(VAR)s the container defines; ConfigMap keys that exist.
+    let args = strings(list(c, "args"));
+    assert_eq!(args.first().map(String::as_str), Some("serve"));
+    for a in args.iter().filter(|a| a.starts_with("--")) {
+        serve.check_flag(a, "the StatefulSet's args");
+    }
+    let env = list(c, "env");
+    let env_names: Vec<&str> = env.iter().map(|e| str_at(e, "name", "an env var")).collect();
+    for a in &args {
+        if let Some(var) = a.strip_prefix("$(").and_then(|v| v.strip_suffix(')')) {
+            assert!(env_names.contains(&var), "{a} is not defined in env");
+        }
+    }
+    let cm_name = str_at(&cm["metadata"], "name", "the ConfigMap");
+    let cm_data = cm["data"].as_hash().expect("ConfigMap data");
+    let has_key = |key: &str| cm_data.contains_key(&Yaml::String(key.to_owned()));
+    for e in env {
+        let name = str_at(e, "name", "an env var");
+        if name.starts_with("GRADGUARD_") {
+            serve.check_env(name, "the StatefulSet's env");
+        }
+        let r = &e["valueFrom"]["configMapKeyRef"];
+        if !r.is_badvalue() {
+            assert_eq!(str_at(r, "name", name), cm_name);
+            assert!(has_key(str_at(r, "key", name)), "{name}: no such key in the ConfigMap");
+        }
+    }
+    assert!(
+        flag_value(&args, "--kafka-brokers").is_some(),
+        "the replicas run in cluster mode"
+    );
+
+    // Volumes: the config from the ConfigMap where --config looks, the data
+    // claim where --data-dir points.
+    let volumes = list(&pod["spec"], "volumes");
+    let claims = list(&sts["spec"], "volumeClaimTemplates");
+    for m in list(c, "volumeMounts") {
+        let name = str_at(m, "name", "a volumeMount");
+        let known = volumes.iter().any(|v| v["name"].as_str() == Some(name))
+            || claims.iter().any(|v| v["metadata"]["name"].as_str() == Some(name));
+        assert!(known, "volumeMount {name} has no volume");
+    }
+    let mount_of = |volume: &str| -> String {
+        let m = list(c, "volumeMounts")
+            .iter()
+            .find(|m| m["name"].as_str() == Some(volume))
+            .unwrap_or_else(|| panic!("volume {volume} is not mounted"));
+        str_at(m, "mountPath", volume).to_owned()
+    };
+    let config_volume = volumes
+        .iter()
+        .find(|v| !v["configMap"].is_badvalue())
+        .expect("a ConfigMap volume");
+    assert_eq!(
+        str_at(&config_volume["configMap"], "name", "the config volume"),
+        cm_name
+    );
+    let items = list(&config_volume["configMap"], "items");
+    for item in items {
+        assert!(has_key(str_at(item, "key", "an item")), "{item:?}");
+    }
+    let config = flag_value(&args, "--config").expect("--config");
+    let config_dir = mount_of(str_at(config_volume, "name", "the config volume"));
+    let file = config
+        .strip_prefix(&format!("{config_dir}/"))
+        .unwrap_or_else(|| panic!("--config {config} is not in the config volume at {config_dir}"));
+    let item = items
+        .iter()
+        .find(|i| i["path"].as_str() == Some(file))
+        .unwrap_or_else(|| panic!("the config volume has no {file}"));
+    let rules_key = str_at(item, "key", "the config item");
+    assert_eq!(claims.len(), 1);
+    let claim = str_at(&claims[0]["metadata"], "name", "the claim");
+    assert_eq!(flag_value(&args, "--data-dir"), Some(mount_of(claim)));
+    // Retention keeps the store below the claim.
+    let storage = str_at(&claims[0]["spec"]["resources"]["requests"], "storage", "the claim");
+    let gib: u64 = storage.strip_suffix("Gi").expect("a size in Gi").parse().unwrap();
+    let max_mib: u64 = flag_value(&args, "--store-max-mib").map_or(10240, |v| v.parse().unwrap());
+    assert!(max_mib < gib * 1024, "--store-max-mib {max_mib} does not fit {storage}");
+
+    // Ports: the ones serve listens on, named; the Service and the probes use them.
+    let ports = list(c, "ports");
+    let port_named = |name: &str| -> u16 {
+        let p = ports
+            .iter()
+            .find(|p| p["name"].as_str() == Some(name))
+            .unwrap_or_else(|| panic!("no container port {name}"));
+        p["containerPort"].as_i64().unwrap() as u16
+    };
+    assert_eq!(port_named("grpc"), listen_port(&args, "--grpc-addr", &serve));
+    assert_eq!(port_named("metrics"), listen_port(&args, "--metrics-addr", &serve));
+    let svc_ports = list(&svc["spec"], "ports");
+    for p in svc_ports {
+        port_named(str_at(p, "targetPort", "a Service port"));
+    }
+    assert_eq!(
+        scalar(&c["readinessProbe"]["grpc"]["port"]),
+        port_named("grpc").to_string()
+    );
+    assert_eq!(
+        str_at(&c["livenessProbe"]["httpGet"], "path", "the liveness probe"),
+        "/healthz"
+    );
+    port_named(str_at(&c["livenessProbe"]["httpGet"], "port", "the liveness probe"));
+
+    // The ServiceMonitor scrapes the Service's metrics port as prometheus.yml does.
+    assert_selects(
+        &monitor["spec"]["selector"]["matchLabels"],
+        &svc["metadata"]["labels"],
+        "the ServiceMonitor",
+    );
+    let endpoints = list(&monitor["spec"], "endpoints");
+    assert_eq!(endpoints.len(), 1);
+    let port = str_at(&endpoints[0], "port", "the endpoint");
+    assert!(svc_ports.iter().any(|p| p["name"].as_str() == Some(port)));
+    assert_eq!(endpoints[0]["honorLabels"].as_bool(), Some(true));
+    assert_eq!(str_at(&endpoints[0], "path", "the endpoint"), "/metrics");
+    // The service alerts expect job="gradguard": the job is named after the Service.
+    assert_eq!(str_at(&svc["metadata"], "name", "the Service"), "gradguard");
+    assert!(monitor["spec"]["jobLabel"].is_badvalue());
+
+    // The rules file in the ConfigMap is one `gradguard serve --config` accepts.
+    let rules = cm_data[&Yaml::String(rules_key.to_owned())].as_str().unwrap();
+    assert_serve_accepts(rules);
+}
+
+/// Starts `gradguard serve --config` with this rules file on free ports and
+/// fails unless it comes up.
+fn assert_serve_accepts(rules: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("rules.toml");
+    std::fs::write(&path, rules).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gradguard"))
+        .args([
+            "serve",
+            "--no-store",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
+        .arg("--config")
+        .arg(&path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start gradguard serve");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        line.starts_with("listening "),
+        "gradguard serve refused the ConfigMap's rules file:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
