@@ -171,6 +171,9 @@ pub struct Ack {
 pub struct Batch {
     pub jobs: Vec<JobRow>,
     pub anomalies: Vec<Finding>,
+    /// Anomalies that come with their id (cluster mode: decided by another
+    /// replica); one whose id is stored already is skipped (a redelivery).
+    pub keyed: Vec<StoredAnomaly>,
     /// Advice and the service time it was decided at.
     pub advice: Vec<(Advice, f64)>,
     pub acks: Vec<Ack>,
@@ -178,12 +181,17 @@ pub struct Batch {
 
 impl Batch {
     pub fn is_empty(&self) -> bool {
-        self.jobs.is_empty() && self.anomalies.is_empty() && self.advice.is_empty() && self.acks.is_empty()
+        self.jobs.is_empty()
+            && self.anomalies.is_empty()
+            && self.keyed.is_empty()
+            && self.advice.is_empty()
+            && self.acks.is_empty()
     }
 
     pub fn clear(&mut self) {
         self.jobs.clear();
         self.anomalies.clear();
+        self.keyed.clear();
         self.advice.clear();
         self.acks.clear();
     }
@@ -341,7 +349,8 @@ impl Store {
     }
 
     /// Writes a batch in one transaction; once this returns, it is durable.
-    /// Returns the ids given to the anomalies, in order.
+    /// Returns the ids given to the anomalies, in order, then the ids of the
+    /// keyed anomalies that were not stored before.
     pub fn write(&mut self, batch: &Batch) -> Result<Vec<u64>, StoreError> {
         let tx = self.conn.transaction()?;
         let mut ids = Vec::with_capacity(batch.anomalies.len());
@@ -384,8 +393,32 @@ impl Store {
                 ])?;
                 ids.push(tx.last_insert_rowid() as u64);
             }
+            let mut keyed = tx.prepare_cached(
+                "INSERT OR IGNORE INTO anomalies (id, job, rank, step, time, rule, severity, layer, value, threshold, message)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            )?;
+            for StoredAnomaly { id, finding: f } in &batch.keyed {
+                let inserted = keyed.execute(params![
+                    *id as i64,
+                    &*f.job,
+                    f.worker,
+                    f.step as i64,
+                    f.time.unwrap_or(0.0),
+                    f.rule.as_str(),
+                    severity_code(Some(f.severity)),
+                    f.layer.as_deref(),
+                    f.value,
+                    f.threshold,
+                    f.message,
+                ])?;
+                if inserted == 1 {
+                    ids.push(*id);
+                }
+            }
+            // An advice id is stored once: a redelivered advice (cluster
+            // mode) must not reset its acknowledgement counts.
             let mut advice = tx.prepare_cached(
-                "INSERT OR REPLACE INTO advice (id, job, target, step, apply_from, action, param, severity, rules, reason, evidence, time)
+                "INSERT OR IGNORE INTO advice (id, job, target, step, apply_from, action, param, severity, rules, reason, evidence, time)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
             )?;
             for (a, time) in &batch.advice {

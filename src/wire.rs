@@ -218,6 +218,53 @@ pub fn severity_from_proto(code: i32, field: &'static str) -> Result<Option<Seve
     }
 }
 
+/// A stored anomaly from its wire form (cluster mode reads them off Kafka);
+/// the error names the field that is not valid.
+pub fn anomaly_from_proto(a: &proto::Anomaly) -> Result<StoredAnomaly, String> {
+    let rule: RuleId = a
+        .rule
+        .parse()
+        .map_err(|_| format!("field rule: {:?} is not a rule", a.rule))?;
+    let severity = severity_from_proto(a.severity, "severity")?.ok_or("field severity: unspecified")?;
+    Ok(StoredAnomaly {
+        id: a.id,
+        finding: Finding {
+            job: a.job.as_str().into(),
+            worker: a.rank,
+            step: a.step,
+            time: (a.time != 0.0).then_some(a.time),
+            rule,
+            severity,
+            layer: (!a.layer.is_empty()).then(|| a.layer.as_str().into()),
+            value: a.value,
+            threshold: a.threshold,
+            message: a.message.clone(),
+        },
+    })
+}
+
+/// An advice from its wire form; the error names the field that is not valid.
+pub fn advice_from_proto(a: &proto::Advice) -> Result<Advice, String> {
+    let action = a.action.as_ref().ok_or("field action: missing")?;
+    let rules = a
+        .rules
+        .iter()
+        .map(|r| r.parse().map_err(|_| format!("field rules: {r:?} is not a rule")))
+        .collect::<Result<Vec<RuleId>, String>>()?;
+    Ok(Advice {
+        id: a.id,
+        job: a.job.as_str().into(),
+        target: a.target_rank,
+        step: a.decided_at_step,
+        apply_from: a.apply_from_step,
+        action: action_from_proto(action),
+        severity: severity_from_proto(a.severity, "severity")?.ok_or("field severity: unspecified")?,
+        rules,
+        reason: a.reason.clone(),
+        evidence: a.evidence.iter().map(|e| (e.name.clone(), e.value)).collect(),
+    })
+}
+
 /// Page sizes: the default, and the most one page holds (larger asks get this).
 pub const DEFAULT_PAGE_SIZE: u32 = 100;
 pub const MAX_PAGE_SIZE: u32 = 1000;
@@ -276,6 +323,43 @@ pub fn filter_from_proto(f: Option<&proto::Filter>, page_size: u32, page_token: 
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn anomalies_and_advice_round_trip_through_the_wire() {
+        use super::*;
+        let finding = Finding {
+            job: "j".into(),
+            worker: Some(3),
+            step: 42,
+            time: Some(1_700_000_000.5),
+            rule: RuleId::LossDivergence,
+            severity: Severity::Warning,
+            layer: Some("h.0.mlp".into()),
+            value: 2.5,
+            threshold: 1.5,
+            message: "climbing".into(),
+        };
+        let mut wire_anomaly = finding_to_proto(&finding);
+        wire_anomaly.id = 7;
+        let back = anomaly_from_proto(&wire_anomaly).unwrap();
+        assert_eq!((back.id, &back.finding), (7, &finding));
+        wire_anomaly.rule = "nope".into();
+        assert!(anomaly_from_proto(&wire_anomaly).unwrap_err().contains("field rule"));
+
+        let advice = Advice {
+            id: 9,
+            job: "j".into(),
+            target: None,
+            step: 42,
+            apply_from: 43,
+            action: Action::Rollback { to_step: 30 },
+            severity: Severity::Critical,
+            rules: vec![RuleId::GradGrowth, RuleId::GradSpike],
+            reason: "escalating".into(),
+            evidence: vec![("grad_growth.value".into(), 9.5)],
+        };
+        assert_eq!(advice_from_proto(&advice_to_proto(&advice)).unwrap(), advice);
+    }
+
     use super::*;
     use crate::model::RuleId;
     use std::sync::Arc;

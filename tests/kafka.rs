@@ -51,6 +51,16 @@ impl Cluster {
         ])
     }
 
+    /// A replica with a store (in a temporary data directory).
+    fn replica_with_store(&self) -> common::Server {
+        common::Server::start_with(&[
+            "--kafka-brokers",
+            &self.broker.brokers(),
+            "--config",
+            self.config_path(),
+        ])
+    }
+
     fn simulate_cmd(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(BIN);
         cmd.args([
@@ -147,9 +157,18 @@ fn an_exploding_job_is_brought_back_through_kafka_alone() {
     assert_eq!(first["action"], "clip_gradients", "{first}");
     assert!(first["step"].as_u64().is_some_and(|s| s >= 200), "{first}");
     assert_eq!(summary["advice_applied"], summary["advice_total"]);
-    // The replica saw every summary exactly once, and said so on /metrics.
+    // The replica saw every summary exactly once, and said so on /metrics,
+    // with the cluster-mode series the alert rules use.
     assert_eq!(summaries(&replica), 800.0);
-    assert!(replica.sample("gradguard_kafka_up") == Some(1.0));
+    let text = replica.wait_for("consumer lag from librdkafka's statistics", |t| {
+        t.contains("gradguard_kafka_consumer_lag_messages{")
+    });
+    assert_eq!(common::sample(&text, "gradguard_kafka_up"), Some(1.0));
+    assert_eq!(
+        common::sample(&text, "gradguard_kafka_producer_errors_total"),
+        Some(0.0)
+    );
+    assert_eq!(common::sample(&text, "gradguard_kafka_partitions_owned"), Some(4.0));
     assert!(
         replica.sample("gradguard_advice_total{action=\"clip_gradients\",job=\"kafka-explode\"}") >= Some(1.0),
         "{}",
@@ -208,6 +227,111 @@ fn a_grpc_worker_on_one_replica_is_advised_by_the_jobs_owner_on_another() {
     assert_eq!(
         relay.sample("gradguard_job_advice_unacked{job=\"grpc-via-relay\"}"),
         Some(0.0)
+    );
+}
+
+/// A query command against a replica, as JSON lines.
+fn query(server: &common::Server, args: &[&str]) -> Vec<serde_json::Value> {
+    let out = Command::new(BIN)
+        .args(args)
+        .args(["--server", &server.url(), "--json"])
+        .output()
+        .expect("run a gradguard query");
+    Run::from(out).json()
+}
+
+#[test]
+fn every_replica_answers_queries_about_every_job() {
+    let _turn = common::turn();
+    let cluster = Cluster::start();
+    let (a, b) = (cluster.replica_with_store(), cluster.replica_with_store());
+    wait_for_assignment(&[&a, &b]);
+    let run = cluster.simulate(&[
+        "--scenario",
+        "explode",
+        "--workers",
+        "2",
+        "--steps",
+        "400",
+        "--fault-at",
+        "200",
+        "--step-interval",
+        "0",
+        "--job",
+        "queried",
+    ]);
+    let advised: Vec<u64> = {
+        let lines = run.json();
+        let mut ids: Vec<u64> = lines[..lines.len() - 1]
+            .iter()
+            .map(|a| a["id"].as_u64().unwrap())
+            .collect();
+        ids.sort_unstable();
+        ids
+    };
+    assert!(!advised.is_empty(), "{}", run.stdout);
+    // The owner counted what it found; both stores must hold exactly that.
+    let found: f64 = [&a, &b]
+        .iter()
+        .map(|r| {
+            let text = r.scrape();
+            ["info", "warning", "critical"]
+                .iter()
+                .flat_map(|sev| {
+                    text.lines().filter(move |l| {
+                        l.starts_with("gradguard_anomalies_total{") && l.contains("job=\"queried\"") && l.contains(sev)
+                    })
+                })
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>()
+        })
+        .sum();
+    assert!(found > 0.0);
+    let mut ids_per_replica = Vec::new();
+    for replica in [&a, &b] {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let anomalies = loop {
+            let rows = query(replica, &["anomalies", "--job", "queried", "--limit", "100000"]);
+            if rows.len() as f64 >= found {
+                break rows;
+            }
+            assert!(Instant::now() < deadline, "{} of {found} anomalies stored", rows.len());
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        assert_eq!(anomalies.len() as f64, found, "no anomaly twice");
+        let mut ids: Vec<u64> = anomalies.iter().map(|r| r["id"].as_u64().unwrap()).collect();
+        ids.sort_unstable();
+        ids_per_replica.push(ids);
+
+        let mut advice: Vec<u64> = query(replica, &["advice", "--job", "queried"])
+            .iter()
+            .map(|r| r["id"].as_u64().unwrap())
+            .collect();
+        advice.sort_unstable();
+        assert_eq!(advice, advised, "the stored advice is the advice the workers got");
+
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let job = loop {
+            let jobs = query(replica, &["jobs"]);
+            if let Some(j) = jobs
+                .into_iter()
+                .find(|j| j["job"] == "queried" && j["last_step"] == 399)
+            {
+                break j;
+            }
+            assert!(Instant::now() < deadline, "the job's row never reached step 399");
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        assert!(matches!(job["health"].as_str(), Some("critical" | "warning")), "{job}");
+        assert_eq!(
+            (job["ranks"].as_u64(), job["world_size"].as_u64()),
+            (Some(2), Some(2)),
+            "{job}"
+        );
+    }
+    assert_eq!(
+        ids_per_replica[0], ids_per_replica[1],
+        "both stores hold the same anomalies"
     );
 }
 

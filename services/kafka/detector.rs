@@ -47,6 +47,8 @@ const TICK: Duration = Duration::from_secs(1);
 pub struct Link {
     up: AtomicBool,
     metrics: Metrics,
+    /// The detector's topic: only its rebalances concern the detector.
+    summaries: String,
     changes: Mutex<Vec<Change>>,
 }
 
@@ -56,12 +58,23 @@ enum Change {
 }
 
 impl Link {
-    pub fn new(metrics: Metrics) -> Arc<Self> {
+    pub fn new(metrics: Metrics, summaries: &str) -> Arc<Self> {
         Arc::new(Self {
             up: AtomicBool::new(true),
             metrics,
+            summaries: summaries.to_owned(),
             changes: Mutex::new(Vec::new()),
         })
+    }
+
+    /// The summaries-topic partitions of a rebalance (the other consumers
+    /// of the service share this context).
+    fn summaries_partitions(&self, tpl: &TopicPartitionList) -> Vec<i32> {
+        tpl.elements()
+            .iter()
+            .filter(|e| e.topic() == self.summaries)
+            .map(|e| e.partition())
+            .collect()
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -104,15 +117,19 @@ impl ClientContext for Ctx {
 impl ConsumerContext for Ctx {
     fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
-            let partitions = tpl.elements().iter().map(|e| e.partition()).collect();
-            self.0.changes.lock().unwrap().push(Change::Revoked(partitions));
+            let partitions = self.0.summaries_partitions(tpl);
+            if !partitions.is_empty() {
+                self.0.changes.lock().unwrap().push(Change::Revoked(partitions));
+            }
         }
     }
 
     fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
-            let partitions = tpl.elements().iter().map(|e| e.partition()).collect();
-            self.0.changes.lock().unwrap().push(Change::Assigned(partitions));
+            let partitions = self.0.summaries_partitions(tpl);
+            if !partitions.is_empty() {
+                self.0.changes.lock().unwrap().push(Change::Assigned(partitions));
+            }
         }
     }
 }

@@ -16,6 +16,7 @@
 //! by id and a replayed advice is recognisably the same advice.
 
 pub mod detector;
+pub mod feed;
 pub mod relay;
 pub mod worker;
 

@@ -474,6 +474,7 @@ impl Hub {
     /// Records the job's current row, then waits until everything recorded
     /// so far is durable (at once without a store).
     pub async fn flush(&self, job: &str) {
+        // Cluster mode: job rows come from the job's owner (the state topic).
         if let Some(forward) = &self.forward {
             let forward = forward.clone();
             let _ = tokio::task::spawn_blocking(move || forward.flush(Duration::from_secs(30))).await;
@@ -498,6 +499,11 @@ impl Hub {
             );
         }
         recorder.flush(&self.metrics).await;
+    }
+
+    /// True in cluster mode, where detection runs on the job's owner.
+    pub fn is_cluster(&self) -> bool {
+        self.forward.is_some()
     }
 
     /// Cluster mode: an advice from the advice topic, to this replica's
@@ -592,7 +598,8 @@ impl Hub {
         self.publish(core, &out, now);
         core.out = out;
 
-        if let Some(recorder) = &self.recorder {
+        // Cluster mode: job rows come from the job's owner (the state topic).
+        if let (Some(recorder), None) = (&self.recorder, &self.forward) {
             let rows: Vec<JobRow> = core
                 .jobs
                 .iter_mut()

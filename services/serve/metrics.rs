@@ -158,43 +158,38 @@ impl Metrics {
                 r
             )
             .unwrap(),
-            kafka_lag: prometheus::register_int_gauge_vec_with_registry!(
+            // Cluster mode only: registered by `register_cluster`.
+            kafka_lag: prometheus::IntGaugeVec::new(
                 Opts::new(
                     "gradguard_kafka_consumer_lag_messages",
-                    "Cluster mode: records of a partition this replica has yet to consume."
+                    "Cluster mode: records of a partition this replica has yet to consume.",
                 ),
                 &["topic", "partition"],
-                r
             )
             .unwrap(),
-            kafka_producer_errors: register_int_counter_with_registry!(
+            kafka_producer_errors: IntCounter::new(
                 "gradguard_kafka_producer_errors_total",
                 "Cluster mode: records the service failed to produce to Kafka.",
-                r
             )
             .unwrap(),
-            kafka_redelivered: register_int_counter_with_registry!(
+            kafka_redelivered: IntCounter::new(
                 "gradguard_kafka_redelivered_total",
                 "Cluster mode: summaries records skipped because their step was already processed (redelivery).",
-                r
             )
             .unwrap(),
-            kafka_up: register_int_gauge_with_registry!(
+            kafka_up: IntGauge::new(
                 "gradguard_kafka_up",
                 "Cluster mode: 1 while the Kafka brokers are reachable, 0 while all are down.",
-                r
             )
             .unwrap(),
-            kafka_partitions: register_int_gauge_with_registry!(
+            kafka_partitions: IntGauge::new(
                 "gradguard_kafka_partitions_owned",
                 "Cluster mode: partitions of the summaries topic this replica's detector owns.",
-                r
             )
             .unwrap(),
-            kafka_dropped: register_int_counter_with_registry!(
+            kafka_dropped: IntCounter::new(
                 "gradguard_kafka_dropped_total",
                 "Cluster mode: worker messages dropped because the Kafka producer's queue was full (brokers away too long).",
-                r
             )
             .unwrap(),
             store_bytes: register_int_gauge_with_registry!(
@@ -289,6 +284,23 @@ impl Metrics {
             last_summary: self.job_last_summary.with_label_values(&[job]),
             streams: self.job_streams.with_label_values(&[job]),
             unacked: self.job_unacked.with_label_values(&[job]),
+        }
+    }
+
+    /// Exports the cluster-mode series (an embedded service has none).
+    pub fn register_cluster(&self) {
+        let r = &self.registry;
+        let collectors: [Box<dyn prometheus::core::Collector>; 6] = [
+            Box::new(self.kafka_lag.clone()),
+            Box::new(self.kafka_producer_errors.clone()),
+            Box::new(self.kafka_redelivered.clone()),
+            Box::new(self.kafka_up.clone()),
+            Box::new(self.kafka_partitions.clone()),
+            Box::new(self.kafka_dropped.clone()),
+        ];
+        for c in collectors {
+            // Fails only when called twice: the series are then there already.
+            let _ = r.register(c);
         }
     }
 

@@ -11,7 +11,7 @@ mod hub;
 mod ingest;
 pub mod metrics;
 mod query;
-mod recorder;
+pub mod recorder;
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -31,6 +31,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use crate::cli::Failure;
 use crate::kafka::KafkaConfig;
 use crate::kafka::detector::{Detector, Link};
+use crate::kafka::feed::start_feed;
 use crate::kafka::relay::{Forwarder, relay_advice};
 use hub::{Hub, Limits};
 use ingest::IngestService;
@@ -191,7 +192,7 @@ async fn serve(
         Some(config) => Some(start_cluster(config, &book, &metrics, args.job_ttl).await?),
         None => None,
     };
-    let mut engine = Engine::new(book);
+    let mut engine = Engine::new(book.clone());
     let (watchers, _) = tokio::sync::broadcast::channel(WATCH_BUFFER);
     let (recorder, reader) = match store {
         Some(store) => {
@@ -208,6 +209,15 @@ async fn serve(
             (Some(recorder), Some(Arc::new(reader)))
         }
         None => (None, None),
+    };
+    let feed = match (&cluster, &kafka, &recorder) {
+        (Some(c), Some(config), Some(recorder)) => {
+            let replica = replica_id(&args.data_dir).map_err(Failure::input)?;
+            let task = start_feed(config, &book, c.link.clone(), recorder.clone(), &replica).map_err(Failure::input)?;
+            tracing::info!(%replica, "cluster mode: the store reads the anomalies, advice and state topics");
+            Some(task)
+        }
+        _ => None,
     };
     let hub = Arc::new(Hub::new(
         engine,
@@ -321,7 +331,7 @@ async fn serve(
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
     ticker.abort();
-    for task in [health_task, relay].into_iter().flatten() {
+    for task in [health_task, relay, feed].into_iter().flatten() {
         task.abort();
     }
     if let Some(cluster) = cluster {
@@ -335,6 +345,29 @@ async fn serve(
     };
     let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
     Ok(())
+}
+
+/// This replica's name in the cluster, kept in the data directory so a
+/// restarted replica resumes its store feed where it stopped.
+fn replica_id(data_dir: &std::path::Path) -> anyhow::Result<String> {
+    let path = data_dir.join("replica-id");
+    match std::fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => return Ok(id.trim().to_owned()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_nanos(),
+    );
+    h.write_u32(std::process::id());
+    let id = format!("{:016x}", h.finish());
+    std::fs::write(&path, &id).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(id)
 }
 
 /// This replica's part of the cluster.
@@ -352,7 +385,8 @@ async fn start_cluster(
     job_ttl: Duration,
 ) -> Result<Cluster, Failure> {
     config.ensure_topics().await.map_err(Failure::input)?;
-    let link = Link::new(metrics.clone());
+    metrics.register_cluster();
+    let link = Link::new(metrics.clone(), &config.topics.summaries);
     let detector = Detector::start(config, Engine::new(book.clone()), link.clone(), job_ttl).map_err(Failure::input)?;
     tracing::info!(
         brokers = config.brokers.as_deref().unwrap_or_default(),

@@ -62,6 +62,9 @@ impl QueryService {
     /// A job's wire form: the stored row, overlaid with the live view, plus counts.
     async fn job(&self, stored: Option<JobRow>, live: Option<(JobRow, u32)>) -> Result<proto::Job, Status> {
         let (row, streams, is_live) = match (stored, live) {
+            // Cluster mode: the stored row is the owner's view; this replica
+            // only knows which streams it holds.
+            (Some(s), Some((_, n))) if self.hub.is_cluster() => (s, n, true),
             (Some(s), Some((l, n))) => (
                 JobRow {
                     first_seen: s.first_seen.min(l.first_seen),

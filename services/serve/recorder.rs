@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use gradguard::model::{Advice, Finding};
 use gradguard::proto;
-use gradguard::store::{Ack, Batch, JobRow, Retention, Store};
+use gradguard::store::{Ack, Batch, JobRow, Retention, Store, StoredAnomaly};
 use gradguard::wire;
 use tokio::sync::broadcast;
 
@@ -33,6 +33,8 @@ const PRUNE_EVERY: Duration = Duration::from_secs(60);
 pub struct Record {
     pub jobs: Vec<JobRow>,
     pub anomalies: Vec<Finding>,
+    /// Anomalies with their cluster-wide ids (cluster mode's store feed).
+    pub keyed: Vec<StoredAnomaly>,
     pub advice: Vec<(Advice, f64)>,
     pub acks: Vec<Ack>,
     /// Sent once the record is durable.
@@ -117,6 +119,7 @@ fn run(mut store: Store, retention: Retention, metrics: Metrics, watchers: Watch
         for r in &mut group {
             batch.jobs.append(&mut r.jobs);
             batch.anomalies.append(&mut r.anomalies);
+            batch.keyed.append(&mut r.keyed);
             batch.advice.append(&mut r.advice);
             batch.acks.append(&mut r.acks);
         }
@@ -125,11 +128,16 @@ fn run(mut store: Store, retention: Retention, metrics: Metrics, watchers: Watch
             Ok(ids) => {
                 metrics.store_commit.observe(started.elapsed().as_secs_f64());
                 if watchers.receiver_count() > 0 {
-                    for (f, id) in batch.anomalies.iter().zip(ids) {
+                    let (local, keyed) = ids.split_at(batch.anomalies.len());
+                    for (f, &id) in batch.anomalies.iter().zip(local) {
                         let _ = watchers.send(Arc::new(proto::Anomaly {
                             id,
                             ..wire::finding_to_proto(f)
                         }));
+                    }
+                    // Only the new ones: a redelivered anomaly was announced.
+                    for a in batch.keyed.iter().filter(|a| keyed.contains(&a.id)) {
+                        let _ = watchers.send(Arc::new(wire::stored_anomaly_to_proto(a)));
                     }
                 }
             }

@@ -70,7 +70,7 @@ fn everything_written_reads_back() {
         jobs: vec![job("a", 9, Some(Severity::Critical))],
         anomalies: vec![nan, finding("a", 6, RuleId::GradSpike, Severity::Info, None)],
         advice: vec![(advice(3, "a", 5, Action::ClipGradients { max_norm: 1.5 }), 1_005.0)],
-        acks: vec![],
+        ..Batch::default()
     };
     let ids = store.write(&batch).unwrap();
     assert_eq!(ids, [1, 2]);
@@ -274,7 +274,7 @@ fn reopening_keeps_everything() {
                 jobs: vec![job("kept", 3, None)],
                 anomalies: vec![finding("kept", 3, RuleId::Stalled, Severity::Warning, Some(1))],
                 advice: vec![(advice(41, "kept", 3, Action::InspectWorker { rank: 1 }), 3.0)],
-                acks: vec![],
+                ..Batch::default()
             })
             .unwrap();
     }
@@ -379,4 +379,50 @@ fn retention_by_age_and_by_size() {
         &reader,
     );
     assert_eq!(kept.first().copied(), Some(30_000));
+}
+
+#[test]
+fn keyed_anomalies_and_advice_are_stored_once_however_often_they_come() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(dir.path()).unwrap();
+    let keyed = |id: u64, step: u64| StoredAnomaly {
+        id,
+        finding: finding("c", step, RuleId::GradSpike, Severity::Info, Some(0)),
+    };
+    let first = Batch {
+        keyed: vec![keyed(1 << 52, 10), keyed((1 << 52) + 1, 11)],
+        advice: vec![(advice(1 << 52, "c", 10, Action::SkipStep), 5.0)],
+        ..Batch::default()
+    };
+    assert_eq!(store.write(&first).unwrap(), vec![1 << 52, (1 << 52) + 1]);
+    store
+        .write(&Batch {
+            acks: vec![Ack {
+                advice_id: 1 << 52,
+                job: "c".into(),
+                rank: 0,
+                applied_step: 11,
+                applied: true,
+                note: String::new(),
+                time: 6.0,
+            }],
+            ..Batch::default()
+        })
+        .unwrap();
+    // Redelivered, with one anomaly that is new.
+    let again = Batch {
+        keyed: vec![keyed(1 << 52, 10), keyed((1 << 52) + 2, 12)],
+        ..first.clone()
+    };
+    assert_eq!(store.write(&again).unwrap(), vec![(1 << 52) + 2], "only the new one");
+    let reader = store.reader().unwrap();
+    let f = Filter {
+        job: Some("c".into()),
+        limit: 10,
+        ..Filter::default()
+    };
+    assert_eq!(all(&f, &reader), vec![(1 << 52) + 2, (1 << 52) + 1, 1 << 52]);
+    let advice = reader.advice(&f).unwrap().items;
+    assert_eq!(advice.len(), 1);
+    assert_eq!(advice[0].applied, 1, "a redelivered advice keeps its acknowledgements");
 }
