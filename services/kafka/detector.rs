@@ -114,22 +114,35 @@ impl ClientContext for Ctx {
     }
 }
 
-impl ConsumerContext for Ctx {
+impl ConsumerContext for Ctx {}
+
+/// The detector consumer's context: its rebalances move jobs.
+pub struct DetectorCtx(Ctx);
+
+impl ClientContext for DetectorCtx {
+    fn stats(&self, stats: Statistics) {
+        self.0.stats(stats);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.0.error(error, reason);
+    }
+}
+
+impl ConsumerContext for DetectorCtx {
     fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
-            let partitions = self.0.summaries_partitions(tpl);
-            if !partitions.is_empty() {
-                self.0.changes.lock().unwrap().push(Change::Revoked(partitions));
-            }
+            let partitions = self.0.0.summaries_partitions(tpl);
+            self.0.0.changes.lock().unwrap().push(Change::Revoked(partitions));
         }
     }
 
     fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
-            let partitions = self.0.summaries_partitions(tpl);
-            if !partitions.is_empty() {
-                self.0.changes.lock().unwrap().push(Change::Assigned(partitions));
-            }
+            // Counted even when empty: the replica is in the group.
+            self.0.0.metrics.kafka_rebalances.inc();
+            let partitions = self.0.0.summaries_partitions(tpl);
+            self.0.0.changes.lock().unwrap().push(Change::Assigned(partitions));
         }
     }
 }
@@ -159,8 +172,8 @@ impl Detector {
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
             .set("statistics.interval.ms", "1000");
-        let consumer: BaseConsumer<Ctx> = c
-            .create_with_context(Ctx(link.clone()))
+        let consumer: BaseConsumer<DetectorCtx> = c
+            .create_with_context(DetectorCtx(Ctx(link.clone())))
             .context("cannot create the detectors' Kafka consumer")?;
         consumer
             .subscribe(&[&config.topics.summaries])
@@ -244,7 +257,7 @@ struct Worker {
 const RECENT_ROLLBACKS: usize = 8;
 
 impl Worker {
-    fn run(&mut self, consumer: &BaseConsumer<Ctx>) {
+    fn run(&mut self, consumer: &BaseConsumer<DetectorCtx>) {
         let mut next_tick = Instant::now() + TICK;
         while !self.stop.load(Ordering::Relaxed) {
             let mut n = 0;
@@ -274,8 +287,8 @@ impl Worker {
     }
 
     /// Drops the jobs of revoked partitions; restores those of assigned ones.
-    fn apply_changes(&mut self, consumer: &BaseConsumer<Ctx>) {
-        let changes = std::mem::take(&mut *consumer.context().0.changes.lock().unwrap());
+    fn apply_changes(&mut self, consumer: &BaseConsumer<DetectorCtx>) {
+        let changes = std::mem::take(&mut *consumer.context().0.0.changes.lock().unwrap());
         for change in changes {
             match change {
                 Change::Revoked(partitions) => {
@@ -318,33 +331,30 @@ impl Worker {
     /// latest snapshot of every job there (a tombstone forgets the job).
     fn restore(&mut self, partitions: &[i32]) -> anyhow::Result<usize> {
         let topic = &self.config.topics.state;
-        let reader = self.config.reader()?;
+        // Read to each partition's end as the consumer sees it (end-of-
+        // partition events), not to the high watermark: some brokers report
+        // a watermark short of the last batch's records.
+        let reader = self.config.reader(true)?;
         let mut tpl = TopicPartitionList::new();
-        let mut ends = HashMap::new();
         for &p in partitions {
-            let (low, high) = reader
-                .fetch_watermarks(topic, p, Duration::from_secs(10))
-                .with_context(|| format!("watermarks of {topic}/{p}"))?;
-            if high > low {
-                tpl.add_partition_offset(topic, p, Offset::Beginning)?;
-                ends.insert(p, high);
-            }
+            tpl.add_partition_offset(topic, p, Offset::Beginning)?;
         }
+        reader.assign(&tpl)?;
+        let mut pending: HashSet<i32> = partitions.iter().copied().collect();
         let mut latest: HashMap<String, (i32, Option<Vec<u8>>)> = HashMap::new();
-        if !ends.is_empty() {
-            reader.assign(&tpl)?;
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while !ends.is_empty() {
-                anyhow::ensure!(Instant::now() < deadline, "reading {topic} timed out");
-                let Some(m) = reader.poll(Duration::from_millis(200)) else {
-                    continue;
-                };
-                let m = m?;
-                if let Some(job) = m.key().and_then(|k| std::str::from_utf8(k).ok()) {
-                    latest.insert(job.to_owned(), (m.partition(), m.payload().map(<[u8]>::to_vec)));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !pending.is_empty() {
+            anyhow::ensure!(Instant::now() < deadline, "reading {topic} timed out");
+            match reader.poll(Duration::from_millis(200)) {
+                None => {}
+                Some(Err(KafkaError::PartitionEOF(p))) => {
+                    pending.remove(&p);
                 }
-                if ends.get(&m.partition()).is_some_and(|&end| m.offset() + 1 >= end) {
-                    ends.remove(&m.partition());
+                Some(Err(e)) => return Err(e).with_context(|| format!("reading {topic}")),
+                Some(Ok(m)) => {
+                    if let Some(job) = m.key().and_then(|k| std::str::from_utf8(k).ok()) {
+                        latest.insert(job.to_owned(), (m.partition(), m.payload().map(<[u8]>::to_vec)));
+                    }
                 }
             }
         }
@@ -565,7 +575,7 @@ impl Worker {
 
     /// Writes the touched jobs' snapshots, waits until the broker holds all
     /// the batch produced, then commits the batch's offsets.
-    fn flush(&mut self, consumer: &BaseConsumer<Ctx>) {
+    fn flush(&mut self, consumer: &BaseConsumer<DetectorCtx>) {
         for job in self.touched.drain() {
             let Some(owned) = self.jobs.get(&job) else { continue };
             if let Some(bytes) = self.engine.snapshot(&job) {
@@ -578,8 +588,18 @@ impl Worker {
                 );
             }
         }
-        while let Err(e) = self.producer.flush(Duration::from_secs(5)) {
-            tracing::warn!(error = %e, "waiting for the Kafka brokers to take the batch's records");
+        let mut warned = Instant::now();
+        while self.producer.in_flight_count() > 0 {
+            // Short polls: rdkafka's own flush polls in 100 ms slices, which
+            // would add up to 100 ms to every advice.
+            self.producer.poll(Duration::from_millis(1));
+            if warned.elapsed() >= Duration::from_secs(5) {
+                warned = Instant::now();
+                tracing::warn!(
+                    in_flight = self.producer.in_flight_count(),
+                    "waiting for the Kafka brokers to take the batch's records"
+                );
+            }
             if self.stop.load(Ordering::Relaxed) {
                 return; // uncommitted: the next owner replays the batch
             }

@@ -144,12 +144,13 @@ impl KafkaConfig {
         c
     }
 
-    /// A consumer outside any group, for reading partitions it assigns itself.
-    pub fn reader(&self) -> anyhow::Result<BaseConsumer> {
+    /// A consumer outside any group, for reading partitions it assigns
+    /// itself; with `eof`, it reports reaching the end of each partition.
+    pub fn reader(&self, eof: bool) -> anyhow::Result<BaseConsumer> {
         let mut c = self.consumer_config();
         c.set("group.id", format!("{}-reader", self.group))
             .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", "false");
+            .set("enable.partition.eof", if eof { "true" } else { "false" });
         c.create().context("cannot create a Kafka consumer")
     }
 
@@ -193,7 +194,7 @@ impl KafkaConfig {
 
     /// Number of partitions of a topic, from the cluster's metadata.
     pub fn partition_count(&self, topic: &str) -> anyhow::Result<usize> {
-        let reader = self.reader()?;
+        let reader = self.reader(false)?;
         let meta = reader
             .fetch_metadata(Some(topic), Duration::from_secs(10))
             .with_context(|| format!("cannot read the metadata of Kafka topic {topic}"))?;

@@ -2,7 +2,7 @@
 //! produce to the summaries topic and read their advice from the advice topic.
 //! `gradguard simulate --kafka-brokers` plays a job through it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -10,6 +10,7 @@ use anyhow::{Context, anyhow, bail};
 use gradguard::proto::{self, worker_message};
 use prost::Message as _;
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
@@ -144,7 +145,7 @@ fn wait_committed(config: &KafkaConfig, produced: &HashMap<i32, i64>, deadline: 
 
 /// The end offset (high watermark) of every partition of a topic.
 pub fn end_offsets(config: &KafkaConfig, topic: &str) -> anyhow::Result<HashMap<i32, i64>> {
-    let reader = config.reader()?;
+    let reader = config.reader(false)?;
     let n = config.partition_count(topic)?;
     let mut ends = HashMap::new();
     for p in 0..n as i32 {
@@ -172,7 +173,8 @@ async fn advice_reader(
         .context("the watermark reader failed")??;
     let mut c = config.consumer_config();
     c.set("group.id", format!("{}-worker", config.group))
-        .set("enable.auto.commit", "false");
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true");
     let consumer: StreamConsumer = c.create().context("cannot create a Kafka consumer")?;
     let mut tpl = TopicPartitionList::new();
     for (&p, &end) in &ends {
@@ -182,12 +184,17 @@ async fn advice_reader(
     let (tx, rx) = mpsc::unbounded_channel();
     let job = job.to_owned();
     let mut positions = ends;
+    // Partitions read to their end (an end-of-partition event since their
+    // last record). Drained means: past the watermark taken at settle time,
+    // and at the end. The watermark alone is not enough: some brokers report
+    // one short of the last batch's records.
+    let mut at_end: HashSet<i32> = HashSet::new();
     tokio::spawn(async move {
         loop {
             let drained = drain.borrow().as_ref().is_some_and(|target| {
                 target
                     .iter()
-                    .all(|(p, end)| positions.get(p).is_some_and(|at| at >= end))
+                    .all(|(p, end)| positions.get(p).is_some_and(|at| at >= end) && at_end.contains(p))
             });
             if drained {
                 let _ = tx.send(FromCluster::Drained);
@@ -204,11 +211,16 @@ async fn advice_reader(
             };
             let m = match m {
                 Ok(m) => m,
+                Err(KafkaError::PartitionEOF(p)) => {
+                    at_end.insert(p);
+                    continue;
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "advice topic");
                     continue;
                 }
             };
+            at_end.remove(&m.partition());
             positions.insert(m.partition(), m.offset() + 1);
             if m.key() != Some(job.as_bytes()) {
                 continue;

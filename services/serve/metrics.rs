@@ -48,6 +48,7 @@ pub struct Metrics {
     pub kafka_up: IntGauge,
     pub kafka_partitions: IntGauge,
     pub kafka_dropped: IntCounter,
+    pub kafka_rebalances: IntCounter,
 }
 
 /// One job's gauges, looked up once when the job appears.
@@ -187,6 +188,11 @@ impl Metrics {
                 "Cluster mode: partitions of the summaries topic this replica's detector owns.",
             )
             .unwrap(),
+            kafka_rebalances: IntCounter::new(
+                "gradguard_kafka_rebalances_total",
+                "Cluster mode: partition assignments the detector received (one per group rebalance).",
+            )
+            .unwrap(),
             kafka_dropped: IntCounter::new(
                 "gradguard_kafka_dropped_total",
                 "Cluster mode: worker messages dropped because the Kafka producer's queue was full (brokers away too long).",
@@ -290,7 +296,8 @@ impl Metrics {
     /// Exports the cluster-mode series (an embedded service has none).
     pub fn register_cluster(&self) {
         let r = &self.registry;
-        let collectors: [Box<dyn prometheus::core::Collector>; 6] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 7] = [
+            Box::new(self.kafka_rebalances.clone()),
             Box::new(self.kafka_lag.clone()),
             Box::new(self.kafka_producer_errors.clone()),
             Box::new(self.kafka_redelivered.clone()),
