@@ -27,7 +27,10 @@ impl Cluster {
     }
 
     fn with_partitions(partitions: u32) -> Self {
-        let broker = Broker::start();
+        Self::on(Broker::start(), partitions)
+    }
+
+    fn on(broker: Broker, partitions: u32) -> Self {
         let mut config = tempfile::NamedTempFile::new().expect("a config file");
         write!(
             config,
@@ -341,6 +344,89 @@ fn every_replica_answers_queries_about_every_job() {
         ids_per_replica[0], ids_per_replica[1],
         "both stores hold the same anomalies"
     );
+}
+
+#[test]
+fn a_broker_outage_loses_no_accepted_summary() {
+    let _turn = common::turn();
+    let mut cluster = Cluster::on(Broker::start_behind_proxy(), 4);
+    let replica = cluster.replica();
+    replica.wait_for("the detector to own the partitions", |t| {
+        common::sample(t, "gradguard_kafka_partitions_owned") == Some(4.0)
+    });
+    let child = Command::new(BIN)
+        .args(["simulate", "--server", &replica.url(), "--json", "--job", "outage"])
+        .args([
+            "--scenario",
+            "healthy",
+            "--workers",
+            "2",
+            "--steps",
+            "600",
+            "--step-interval",
+            "10ms",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start gradguard simulate");
+    wait_for_progress(&[&replica], 200.0);
+
+    // The brokers go away mid-run: the replica says so, and keeps the
+    // workers' streams open, their summaries queued.
+    cluster.broker.cut();
+    replica.wait_for("the replica to see the brokers down", |t| {
+        common::sample(t, "gradguard_kafka_up") == Some(0.0)
+    });
+    let during = summaries(&replica);
+    let last_summary = "gradguard_job_last_summary_timestamp_seconds{job=\"outage\"}";
+    let at_cut = replica.sample(last_summary).expect("the job's last-summary time");
+    replica.wait_for("the replica to accept summaries with the brokers away", |t| {
+        common::sample(t, last_summary).is_some_and(|ts| ts > at_cut + 0.5)
+            && common::sample(t, "gradguard_active_streams") == Some(2.0)
+            && common::sample(t, "gradguard_kafka_up") == Some(0.0)
+    });
+    assert_eq!(health(&replica), "NotServing", "gRPC health with the brokers away");
+    cluster.broker.restore();
+
+    let run = Run::from(child.wait_with_output().expect("simulate ends"));
+    let lines = run.json();
+    let summary = lines.last().expect("a summary line");
+    assert_eq!(summary["summaries_sent"], 1200, "{summary}");
+    assert!(
+        during < 1200.0,
+        "the outage came too late to test anything ({during} processed)"
+    );
+    // Every summary the replica accepted was processed once the brokers
+    // were back, none twice.
+    replica.wait_for("all 1200 summaries processed", |t| {
+        common::sample(t, "gradguard_summaries_total") == Some(1200.0)
+    });
+    replica.wait_for("the brokers back up", |t| {
+        common::sample(t, "gradguard_kafka_up") == Some(1.0)
+    });
+    assert_eq!(replica.sample("gradguard_kafka_dropped_total"), Some(0.0));
+    assert_eq!(health(&replica), "Serving");
+}
+
+/// The gRPC health status of the whole server (service "").
+fn health(server: &common::Server) -> String {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let channel = tonic::transport::Channel::from_shared(server.url())
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect for health");
+        let status = HealthClient::new(channel)
+            .check(HealthCheckRequest { service: String::new() })
+            .await
+            .expect("health check")
+            .into_inner()
+            .status();
+        format!("{status:?}")
+    })
 }
 
 #[test]

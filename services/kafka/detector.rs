@@ -280,9 +280,10 @@ impl Worker {
                 next_tick = Instant::now() + TICK;
                 self.tick();
             }
-            self.flush(consumer);
+            self.flush(consumer, CommitMode::Async);
         }
-        self.flush(consumer);
+        // Leaving: the last commit must land before the group moves on.
+        self.flush(consumer, CommitMode::Sync);
         consumer.unsubscribe();
     }
 
@@ -575,7 +576,10 @@ impl Worker {
 
     /// Writes the touched jobs' snapshots, waits until the broker holds all
     /// the batch produced, then commits the batch's offsets.
-    fn flush(&mut self, consumer: &BaseConsumer<DetectorCtx>) {
+    /// The commit is asynchronous while running (its order after the
+    /// broker's acknowledgements is what makes it safe); a lost commit only
+    /// means a redelivery.
+    fn flush(&mut self, consumer: &BaseConsumer<DetectorCtx>, mode: CommitMode) {
         for job in self.touched.drain() {
             let Some(owned) = self.jobs.get(&job) else { continue };
             if let Some(bytes) = self.engine.snapshot(&job) {
@@ -611,7 +615,7 @@ impl Worker {
         for (&p, &next) in &self.positions {
             let _ = tpl.add_partition_offset(&self.config.topics.summaries, p, Offset::Offset(next));
         }
-        if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
+        if let Err(e) = consumer.commit(&tpl, mode) {
             tracing::warn!(error = %e, "kafka offset commit failed; the batch may be redelivered");
         }
         self.positions.clear();

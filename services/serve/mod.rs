@@ -256,7 +256,6 @@ async fn serve(
             loop {
                 every.tick().await;
                 let up = link.is_up();
-                metrics.kafka_up.set(i64::from(up));
                 if was != Some(up) {
                     was = Some(up);
                     if up {
@@ -272,6 +271,8 @@ async fn serve(
                             .await;
                     }
                 }
+                // After the health status: whoever sees the gauge sees the status.
+                metrics.kafka_up.set(i64::from(up));
             }
         })
     });

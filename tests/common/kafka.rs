@@ -2,14 +2,20 @@
 //! `.ci/run` installs it (`cargo install tansu --locked --features dynostore`);
 //! a test that needs it fails with that hint when it is missing.
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub struct Broker {
     child: Option<Child>,
+    /// Where tansu listens.
     pub addr: SocketAddr,
+    /// Where clients connect (the proxy when there is one).
+    advertised: SocketAddr,
+    proxy: Option<Proxy>,
 }
 
 /// The tansu binary: `$TANSU`, else on the PATH, else in cargo's bin directory.
@@ -38,22 +44,50 @@ impl Broker {
     /// Starts a broker with in-memory storage on a free loopback port and
     /// waits until it accepts connections.
     pub fn start() -> Self {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-        let mut broker = Self { child: None, addr };
+        let addr = free_addr();
+        let mut broker = Self {
+            child: None,
+            addr,
+            advertised: addr,
+            proxy: None,
+        };
         broker.spawn();
         broker
     }
 
+    /// A broker that clients reach through a TCP proxy the test can cut
+    /// ([`Broker::cut`]) and restore: a network outage that keeps the
+    /// broker's data.
+    pub fn start_behind_proxy() -> Self {
+        let addr = free_addr();
+        let proxy = Proxy::start(free_addr(), addr);
+        let mut broker = Self {
+            child: None,
+            addr,
+            advertised: proxy.addr,
+            proxy: Some(proxy),
+        };
+        broker.spawn();
+        broker
+    }
+
+    /// Cuts every connection to the broker and refuses new ones.
+    pub fn cut(&mut self) {
+        self.proxy.as_mut().expect("a broker behind a proxy").cut();
+    }
+
+    /// Lets clients reach the broker again.
+    pub fn restore(&mut self) {
+        self.proxy.as_mut().expect("a broker behind a proxy").restore();
+    }
+
     fn spawn(&mut self) {
-        let url = format!("tcp://{}", self.addr);
+        let listener = format!("tcp://{}", self.addr);
+        let advertised = format!("tcp://{}", self.advertised);
         let child = Command::new(tansu())
             .args(["broker", "--storage-engine", "memory://tansu/"])
-            .env("LISTENER_URL", &url)
-            .env("ADVERTISED_LISTENER_URL", &url)
+            .env("LISTENER_URL", &listener)
+            .env("ADVERTISED_LISTENER_URL", &advertised)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -76,7 +110,7 @@ impl Broker {
 
     /// `host:port` for `--kafka-brokers`.
     pub fn brokers(&self) -> String {
-        self.addr.to_string()
+        self.advertised.to_string()
     }
 
     /// Kills the broker (SIGKILL).
@@ -86,16 +120,80 @@ impl Broker {
             let _ = c.wait();
         }
     }
-
-    /// Starts it again on the same port.
-    pub fn restart(&mut self) {
-        self.stop();
-        self.spawn();
-    }
 }
 
 impl Drop for Broker {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+fn free_addr() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+}
+
+/// A TCP forwarder from `addr` to `target`, one thread per direction of each
+/// connection.
+struct Proxy {
+    addr: SocketAddr,
+    target: SocketAddr,
+    running: Arc<AtomicBool>,
+    open: Arc<Mutex<Vec<TcpStream>>>,
+    acceptor: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Proxy {
+    fn start(addr: SocketAddr, target: SocketAddr) -> Self {
+        let mut proxy = Self {
+            addr,
+            target,
+            running: Arc::new(AtomicBool::new(false)),
+            open: Arc::new(Mutex::new(Vec::new())),
+            acceptor: None,
+        };
+        proxy.restore();
+        proxy
+    }
+
+    fn restore(&mut self) {
+        let listener = TcpListener::bind(self.addr).expect("bind the proxy port again");
+        self.running.store(true, Ordering::SeqCst);
+        let (running, open, target) = (self.running.clone(), self.open.clone(), self.target);
+        self.acceptor = Some(std::thread::spawn(move || {
+            for client in listener.incoming() {
+                if !running.load(Ordering::SeqCst) {
+                    return; // the listener closes with this thread
+                }
+                let Ok(client) = client else { continue };
+                let Ok(server) = TcpStream::connect(target) else {
+                    continue;
+                };
+                let pairs = [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server.try_clone().unwrap(), client.try_clone().unwrap()),
+                ];
+                open.lock().unwrap().extend([client, server]);
+                for (mut from, mut to) in pairs {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(Shutdown::Both);
+                    });
+                }
+            }
+        }));
+    }
+
+    fn cut(&mut self) {
+        self.running.store(false, Ordering::SeqCst);
+        // Wake the acceptor so it sees the flag and drops the listener.
+        let _ = TcpStream::connect(self.addr);
+        if let Some(t) = self.acceptor.take() {
+            let _ = t.join();
+        }
+        for s in self.open.lock().unwrap().drain(..) {
+            let _ = s.shutdown(Shutdown::Both);
+        }
     }
 }
