@@ -300,6 +300,19 @@ async fn simulate(args: &SimulateArgs, scenario: Scenario) -> Result<ExitCode, F
     }
 }
 
+/// The Hello of one rank of the scenario's job.
+fn hello(scenario: &Scenario, layer_names: &[String], rank: u32) -> proto::Hello {
+    let cfg = scenario.config();
+    proto::Hello {
+        job: cfg.job.clone(),
+        rank,
+        world_size: cfg.workers,
+        layer_names: layer_names.to_vec(),
+        client_version: format!("simulate/{}", env!("CARGO_PKG_VERSION")),
+        rule_profile: String::new(),
+    }
+}
+
 /// How the ranks reach the service.
 enum Transport {
     Grpc(Ranks),
@@ -339,14 +352,7 @@ async fn open_kafka(
         .map_err(|e| Failure::input(anyhow!("--kafka-brokers {brokers}: {e:#}")))?;
     let names = scenario.layer_names();
     for rank in 0..cfg.workers {
-        let hello = proto::Hello {
-            job: cfg.job.clone(),
-            rank,
-            world_size: cfg.workers,
-            layer_names: names.clone(),
-            client_version: format!("simulate/{}", env!("CARGO_PKG_VERSION")),
-            rule_profile: String::new(),
-        };
+        let hello = hello(scenario, &names, rank);
         worker
             .send(rank, worker_message::Body::Hello(hello))
             .map_err(|e| Failure::input(anyhow!("--kafka-brokers {brokers}: {e:#}")))?;
@@ -393,14 +399,7 @@ async fn open_ranks(url: &str, scenario: &Scenario, events: &mpsc::UnboundedSend
     };
     for rank in 0..cfg.workers {
         let mut client = client::connect(url).await.map_err(|e| open_failure(url, rank, e))?;
-        let hello = proto::Hello {
-            job: cfg.job.clone(),
-            rank,
-            world_size: cfg.workers,
-            layer_names: names.clone(),
-            client_version: format!("simulate/{}", env!("CARGO_PKG_VERSION")),
-            rule_profile: String::new(),
-        };
+        let hello = hello(scenario, &names, rank);
         let stream = WorkerStream::open(&mut client, hello)
             .await
             .map_err(|e| open_failure(url, rank, e))?;

@@ -374,32 +374,17 @@ impl Store {
                     severity_code(j.health),
                 ])?;
             }
+            // A NULL id takes the next one; a given id (cluster mode) that
+            // is stored already is a redelivery, and skipped.
             let mut anomaly = tx.prepare_cached(
-                "INSERT INTO anomalies (job, rank, step, time, rule, severity, layer, value, threshold, message)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-            )?;
-            for f in &batch.anomalies {
-                anomaly.execute(params![
-                    &*f.job,
-                    f.worker,
-                    f.step as i64,
-                    f.time.unwrap_or(0.0),
-                    f.rule.as_str(),
-                    severity_code(Some(f.severity)),
-                    f.layer.as_deref(),
-                    f.value,
-                    f.threshold,
-                    f.message,
-                ])?;
-                ids.push(tx.last_insert_rowid() as u64);
-            }
-            let mut keyed = tx.prepare_cached(
                 "INSERT OR IGNORE INTO anomalies (id, job, rank, step, time, rule, severity, layer, value, threshold, message)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
             )?;
-            for StoredAnomaly { id, finding: f } in &batch.keyed {
-                let inserted = keyed.execute(params![
-                    *id as i64,
+            let local = batch.anomalies.iter().map(|f| (None, f));
+            let keyed = batch.keyed.iter().map(|a| (Some(a.id), &a.finding));
+            for (id, f) in local.chain(keyed) {
+                let inserted = anomaly.execute(params![
+                    id.map(|i| i as i64),
                     &*f.job,
                     f.worker,
                     f.step as i64,
@@ -411,8 +396,10 @@ impl Store {
                     f.threshold,
                     f.message,
                 ])?;
-                if inserted == 1 {
-                    ids.push(*id);
+                match id {
+                    None => ids.push(tx.last_insert_rowid() as u64),
+                    Some(id) if inserted == 1 => ids.push(id),
+                    Some(_) => {}
                 }
             }
             // An advice id is stored once: a redelivered advice (cluster

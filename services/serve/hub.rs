@@ -157,6 +157,25 @@ impl Job {
         let unacked = self.recent.iter().filter(|r| !r.acked).count();
         self.gauges.unacked.set(unacked as f64);
     }
+
+    /// Remembers an advice for its acknowledgements, and returns the queues
+    /// of the streams it goes to (its target rank, or all).
+    fn advised(&mut self, id: u64, action: Action, target: Option<u32>) -> Vec<Outbox> {
+        if self.recent.len() == RECENT_ADVICE {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(Recent {
+            id,
+            action,
+            acked: false,
+        });
+        self.set_unacked();
+        self.streams
+            .iter()
+            .filter(|(rank, _)| target.is_none_or(|t| t == **rank))
+            .map(|(_, s)| s.outbox.clone())
+            .collect()
+    }
 }
 
 /// Advice remembered per job for acknowledgements.
@@ -374,21 +393,7 @@ impl Hub {
         for a in &out.advice {
             self.metrics.advice(&a.job, &a.action);
             let Some(job) = core.jobs.get_mut(&a.job) else { continue };
-            if job.recent.len() == RECENT_ADVICE {
-                job.recent.pop_front();
-            }
-            job.recent.push_back(Recent {
-                id: a.id,
-                action: a.action,
-                acked: false,
-            });
-            job.set_unacked();
-            let outboxes = job
-                .streams
-                .iter()
-                .filter(|(rank, _)| a.target.is_none_or(|t| t == **rank))
-                .map(|(_, s)| s.outbox.clone())
-                .collect();
+            let outboxes = job.advised(a.id, a.action, a.target);
             deliveries.push(Delivery {
                 message: proto::ServerMessage {
                     body: Some(server_message::Body::Advice(wire::advice_to_proto(a))),
@@ -519,21 +524,7 @@ impl Hub {
         let Some(action) = advice.action.as_ref().map(wire::action_from_proto) else {
             return;
         };
-        if job.recent.len() == RECENT_ADVICE {
-            job.recent.pop_front();
-        }
-        job.recent.push_back(Recent {
-            id: advice.id,
-            action,
-            acked: false,
-        });
-        job.set_unacked();
-        let outboxes = job
-            .streams
-            .iter()
-            .filter(|(rank, _)| advice.target_rank.is_none_or(|t| t == **rank))
-            .map(|(_, s)| s.outbox.clone())
-            .collect();
+        let outboxes = job.advised(advice.id, action, advice.target_rank);
         drop(core);
         let delivery = Delivery {
             message: proto::ServerMessage {
