@@ -2,12 +2,14 @@
 //! summaries topic, running the engine on the jobs of its partitions.
 //!
 //! A loop on its own thread: poll a batch of records, run them through the
-//! engine, produce the anomalies, the advice and a snapshot of every job the
-//! batch touched, wait until the broker has them all, and only then commit the
-//! batch's offsets. A crash anywhere before the commit replays the batch; the
-//! replay is harmless because the restored snapshots already hold those steps
-//! (the engine refuses a step it has seen) or, when the snapshot was not
-//! written either, recomputes the same findings under the same ids.
+//! engine, produce the anomalies and the advice, wait until the broker has
+//! them, then produce a snapshot of every job the batch touched, wait again,
+//! and only then commit the batch's offsets. A crash anywhere before the
+//! commit replays the batch; the replay is harmless because the restored
+//! snapshots already hold those steps (the engine refuses a step it has seen,
+//! and the snapshot is only written once the advice of those steps is out)
+//! or, when the snapshot was not written, recomputes the same findings under
+//! the same ids.
 //!
 //! Partitions change hands in rebalances: a revoked partition's jobs leave the
 //! engine (their state is in the state topic already), an assigned one's are
@@ -39,6 +41,8 @@ use crate::serve::metrics::Metrics;
 
 /// Records processed before their effects are flushed and committed.
 const MAX_BATCH: usize = 2000;
+/// How long a stopping detector waits for the brokers to take its last batch.
+const STOP_GRACE: Duration = Duration::from_secs(5);
 /// How often silent ranks are judged (the stall rule) and idle jobs expire.
 const TICK: Duration = Duration::from_secs(1);
 
@@ -580,6 +584,12 @@ impl Worker {
     /// broker's acknowledgements is what makes it safe); a lost commit only
     /// means a redelivery.
     fn flush(&mut self, consumer: &BaseConsumer<DetectorCtx>, mode: CommitMode) {
+        // Two steps, so that a snapshot is never in the state topic without
+        // the anomalies and advice of the steps it holds: a restored job
+        // refuses those steps, and would never send that advice again.
+        if !self.wait_delivered() {
+            return; // uncommitted, no snapshot: the next owner replays the batch
+        }
         for job in self.touched.drain() {
             let Some(owned) = self.jobs.get(&job) else { continue };
             if let Some(bytes) = self.engine.snapshot(&job) {
@@ -592,21 +602,8 @@ impl Worker {
                 );
             }
         }
-        let mut warned = Instant::now();
-        while self.producer.in_flight_count() > 0 {
-            // Short polls: rdkafka's own flush polls in 100 ms slices, which
-            // would add up to 100 ms to every advice.
-            self.producer.poll(Duration::from_millis(1));
-            if warned.elapsed() >= Duration::from_secs(5) {
-                warned = Instant::now();
-                tracing::warn!(
-                    in_flight = self.producer.in_flight_count(),
-                    "waiting for the Kafka brokers to take the batch's records"
-                );
-            }
-            if self.stop.load(Ordering::Relaxed) {
-                return; // uncommitted: the next owner replays the batch
-            }
+        if !self.wait_delivered() {
+            return;
         }
         if self.positions.is_empty() {
             return;
@@ -619,6 +616,32 @@ impl Worker {
             tracing::warn!(error = %e, "kafka offset commit failed; the batch may be redelivered");
         }
         self.positions.clear();
+    }
+
+    /// Waits until the brokers acknowledged every record produced so far.
+    /// While the brokers are away this waits for them; once the replica is
+    /// stopping, for at most [`STOP_GRACE`]. False when it gave up.
+    fn wait_delivered(&self) -> bool {
+        let mut warned = Instant::now();
+        let mut stopping_since: Option<Instant> = None;
+        while self.producer.in_flight_count() > 0 {
+            // Short polls: rdkafka's own flush polls in 100 ms slices, which
+            // would add up to 100 ms to every advice.
+            self.producer.poll(Duration::from_millis(1));
+            if warned.elapsed() >= Duration::from_secs(5) {
+                warned = Instant::now();
+                tracing::warn!(
+                    in_flight = self.producer.in_flight_count(),
+                    "waiting for the Kafka brokers to take the batch's records"
+                );
+            }
+            if self.stop.load(Ordering::Relaxed)
+                && stopping_since.get_or_insert_with(Instant::now).elapsed() >= STOP_GRACE
+            {
+                return false;
+            }
+        }
+        true
     }
 }
 
