@@ -6,6 +6,7 @@
 //! stored only after the store committed what they carried: at-least-once,
 //! and harmless twice, since anomalies and advice keep their cluster ids.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -50,6 +51,7 @@ pub fn start_feed(
         topics: t.clone(),
         scratch: Engine::new(book.clone()),
         link,
+        snapshots: HashMap::new(),
     };
     Ok(tokio::spawn(async move {
         loop {
@@ -70,6 +72,7 @@ pub fn start_feed(
                     next = tokio::time::timeout(Duration::ZERO, consumer.recv()).await.ok();
                 }
             }
+            feed.job_rows(&mut record);
             recorder.record(record, feed.link.metrics());
             recorder.flush(feed.link.metrics()).await;
             for (topic, partition, offset) in taken {
@@ -86,6 +89,9 @@ struct Feed {
     /// Turns snapshots into job rows.
     scratch: Engine,
     link: Arc<Link>,
+    /// The batch's snapshots: per job, the time of its first record, and the
+    /// time and bytes of its latest (only that one is restored).
+    snapshots: HashMap<String, (f64, f64, Vec<u8>)>,
 }
 
 impl Feed {
@@ -108,7 +114,7 @@ impl Feed {
                 Err(e) => Err(e.to_string()),
             }
         } else if topic == t.state {
-            self.job_row(m, time).map(|row| record.jobs.extend(row))
+            self.snapshot(m, time)
         } else {
             Ok(())
         };
@@ -117,26 +123,44 @@ impl Feed {
         }
     }
 
-    /// A job's row from its snapshot; `None` for a tombstone.
-    fn job_row(&mut self, m: &BorrowedMessage<'_>, time: f64) -> Result<Option<JobRow>, String> {
+    /// Keeps a job's latest snapshot of the batch (a tombstone adds no row).
+    fn snapshot(&mut self, m: &BorrowedMessage<'_>, time: f64) -> Result<(), String> {
         let job = m
             .key()
             .and_then(|k| std::str::from_utf8(k).ok())
             .ok_or("the record key is not a job id")?;
-        let Some(bytes) = m.payload() else { return Ok(None) };
-        self.scratch.restore(job, bytes).map_err(|e| e.to_string())?;
-        let status = self.scratch.status(job).ok_or("restored job is missing")?;
-        let row = JobRow {
-            job: job.to_owned(),
-            first_seen: time,
-            last_seen: time,
-            ranks: status.ranks as u32,
-            world_size: status.world_size,
-            layers: status.layers as u32,
-            last_step: status.max_step,
-            health: self.scratch.health(job),
-        };
-        self.scratch.remove_job(job);
-        Ok(Some(row))
+        let Some(bytes) = m.payload() else { return Ok(()) };
+        let entry = self
+            .snapshots
+            .entry(job.to_owned())
+            .or_insert_with(|| (time, time, Vec::new()));
+        entry.1 = time;
+        entry.2.clear();
+        entry.2.extend_from_slice(bytes);
+        Ok(())
+    }
+
+    /// The job rows of the batch's snapshots.
+    fn job_rows(&mut self, record: &mut Record) {
+        for (job, (first_seen, last_seen, bytes)) in self.snapshots.drain() {
+            if let Err(e) = self.scratch.restore(&job, &bytes) {
+                tracing::warn!(job, error = %e, "snapshot skipped by the store feed");
+                continue;
+            }
+            let Some(status) = self.scratch.status(&job) else {
+                continue;
+            };
+            record.jobs.push(JobRow {
+                job: job.clone(),
+                first_seen,
+                last_seen,
+                ranks: status.ranks as u32,
+                world_size: status.world_size,
+                layers: status.layers as u32,
+                last_step: status.max_step,
+                health: self.scratch.health(&job),
+            });
+            self.scratch.remove_job(&job);
+        }
     }
 }

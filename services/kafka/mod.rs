@@ -25,11 +25,13 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
 use gradguard::config::RuleBook;
+use gradguard::proto;
+use prost::Message as _;
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::types::RDKafkaErrorCode;
 use serde::Deserialize;
 
@@ -208,6 +210,18 @@ impl KafkaConfig {
         }
         Ok(t.partitions().len())
     }
+}
+
+/// A summaries-topic record's payload and headers: what a worker (or a
+/// replica forwarding its stream) sends. [`rank_of`] reads the header back.
+pub fn worker_record(rank: u32, body: proto::worker_message::Body) -> (Vec<u8>, OwnedHeaders) {
+    let payload = proto::WorkerMessage { body: Some(body) }.encode_to_vec();
+    let rank = rank.to_string();
+    let headers = OwnedHeaders::new().insert(Header {
+        key: RANK_HEADER,
+        value: Some(rank.as_str()),
+    });
+    (payload, headers)
 }
 
 /// The rank a summaries-topic record carries in its header.

@@ -10,13 +10,13 @@ use gradguard::proto;
 use prost::Message as _;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::detector::{Ctx, Link};
-use super::{KafkaConfig, RANK_HEADER};
+use super::{KafkaConfig, worker_record};
 
 /// Worker messages on their way to the summaries topic. While the brokers
 /// are away they wait in the producer's queue, bounded by
@@ -51,12 +51,7 @@ impl Forwarder {
     /// Queues one worker message of `rank` of `job`. False when the queue is
     /// full (the brokers have been away for long): the message is dropped.
     pub fn send(&self, job: &str, rank: u32, body: proto::worker_message::Body) -> bool {
-        let payload = proto::WorkerMessage { body: Some(body) }.encode_to_vec();
-        let rank = rank.to_string();
-        let headers = OwnedHeaders::new().insert(Header {
-            key: RANK_HEADER,
-            value: Some(rank.as_str()),
-        });
+        let (payload, headers) = worker_record(rank, body);
         let record = BaseRecord::to(&self.topic).key(job).payload(&payload).headers(headers);
         match self.producer.send(record) {
             Ok(()) => true,

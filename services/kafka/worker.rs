@@ -11,12 +11,12 @@ use gradguard::proto::{self, worker_message};
 use prost::Message as _;
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::message::Message;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::{mpsc, watch};
 
-use super::{KafkaConfig, RANK_HEADER};
+use super::{KafkaConfig, worker_record};
 
 /// One job's connection to the cluster.
 pub struct KafkaWorker {
@@ -62,12 +62,7 @@ impl KafkaWorker {
 
     /// Queues one message of a rank; [`KafkaWorker::settle`] waits for it.
     pub fn send(&self, rank: u32, body: worker_message::Body) -> anyhow::Result<()> {
-        let payload = proto::WorkerMessage { body: Some(body) }.encode_to_vec();
-        let rank = rank.to_string();
-        let headers = OwnedHeaders::new().insert(Header {
-            key: RANK_HEADER,
-            value: Some(rank.as_str()),
-        });
+        let (payload, headers) = worker_record(rank, body);
         let record = FutureRecord::to(&self.config.topics.summaries)
             .key(&self.job)
             .payload(&payload)
