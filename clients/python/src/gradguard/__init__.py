@@ -1,0 +1,70 @@
+"""gradguard: stream gradient summaries of a PyTorch training job to the
+gradguard service and apply the advice it sends back.
+
+    guard = gradguard.watch(model, optimizer, job="gpt2-run-7", server="localhost:50051")
+    ...
+    loss.backward()
+    if guard.step(loss):
+        optimizer.step()
+
+torch is imported only when `watch` is called; the Lightning and Hugging Face
+adapters live in `gradguard.lightning` and `gradguard.huggingface`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from ._guard import Guard
+
+__all__ = ["watch", "Guard", "GradGuardError", "RollbackRequested", "TrainingHalted", "__version__"]
+
+
+def watch(
+    model: Any,
+    optimizer: Any,
+    *,
+    job: str,
+    server: str | None = None,
+    mode: str = "enforce",
+    scaler: Any = None,
+    scheduler: Any = None,
+    **options: Any,
+) -> "Guard":
+    """Starts guarding a training job; returns the `Guard` whose `step(loss)`
+    goes between `loss.backward()` and `optimizer.step()`.
+
+    - `job`: the job id every rank of the run shares.
+    - `server`: `host:port` of `gradguard serve` (default `$GRADGUARD_SERVER`
+      or `localhost:50051`). A server that is down never raises here or in
+      `step`: summaries are buffered (bounded) and the stream resumes.
+    - `mode`: `"enforce"` applies advice (clip, scale the LR, skip, set the
+      loss scale, roll back, halt); `"observe"` only reports and logs.
+    - `scaler`: the `torch.amp.GradScaler`, if any: gradients are measured
+      after unscaling, and loss-scale advice applies to it.
+    - `scheduler`: the LR scheduler, if any (checked to drive `optimizer`);
+      the advised LR scale applies on top of whatever it sets.
+
+    Further options (see `Guard`): `max_norm` (a standing clip norm: the guard
+    then replaces `clip_grad_norm_`, reusing the norm it measured),
+    `rank`/`world_size` (default from torch.distributed or `RANK`/`WORLD_SIZE`),
+    `rule_profile`, `on_rollback(to_step, advice)` (else `RollbackRequested` is
+    raised), `on_advice(advice, applied)`, `kafka_brokers` (send through Kafka
+    instead of gRPC; needs `gradguard[kafka]`), `buffer` (summaries kept while
+    the service is unreachable, default 4096).
+    """
+    from ._guard import Guard
+
+    return Guard(model, optimizer, job=job, server=server, mode=mode, scaler=scaler, scheduler=scheduler, **options)
+
+
+def __getattr__(name: str) -> Any:
+    # The torch-dependent names load on first use, so `import gradguard` is cheap.
+    if name in ("Guard", "GradGuardError", "RollbackRequested", "TrainingHalted"):
+        from . import _guard
+
+        return getattr(_guard, name)
+    raise AttributeError(f"module 'gradguard' has no attribute {name!r}")

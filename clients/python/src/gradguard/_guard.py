@@ -1,0 +1,439 @@
+"""`Guard`: measures every optimizer step, streams it, and applies advice."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from . import __version__
+from ._measure import Layers, Measurement
+from ._transport import GrpcConnection, KafkaConnection, Outbox, TransportStats
+from .v1 import gradguard_pb2 as pb
+
+log = logging.getLogger("gradguard")
+
+MODES = ("enforce", "observe")
+STATE_VERSION = 1
+
+
+class GradGuardError(RuntimeError):
+    """Base of the exceptions `Guard.step` raises at a step boundary."""
+
+
+class RollbackRequested(GradGuardError):
+    """The service advised rolling back to `to_step` and no `on_rollback`
+    callback was given. Raised from `Guard.step` before the optimizer step,
+    with the gradients cleared: restore a checkpoint from at or before
+    `to_step` (and `guard.load_state_dict` with it), then carry on."""
+
+    def __init__(self, to_step: int, advice: pb.Advice):
+        super().__init__(f"gradguard advises rolling back to step {to_step}: {advice.reason}")
+        self.to_step = to_step
+        self.advice = advice
+
+
+class TrainingHalted(GradGuardError):
+    """The service advised halting the job (the last rung of its escalation).
+    Raised from `Guard.step` before the optimizer step, gradients cleared."""
+
+    def __init__(self, advice: pb.Advice):
+        super().__init__(f"gradguard advises halting the job: {advice.reason}")
+        self.advice = advice
+
+
+@dataclass
+class Stats:
+    """Counters of a guard, for logs and tests."""
+
+    steps: int
+    skipped: int
+    sent: int
+    dropped: int
+    connects: int
+    connected: bool
+    advice_received: int
+    advice_applied: int
+    clip_norm: float | None
+    lr_scale: float
+    last_error: str
+
+
+class Guard:
+    """See `gradguard.watch`."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        job: str,
+        server: str | None = None,
+        mode: str = "enforce",
+        scaler: Any = None,
+        scheduler: Any = None,
+        max_norm: float | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+        rule_profile: str = "",
+        on_rollback: Callable[[int, pb.Advice], Any] | None = None,
+        on_advice: Callable[[pb.Advice, bool], Any] | None = None,
+        kafka_brokers: str | None = None,
+        kafka_topics: tuple[str, str] = ("gradguard.summaries", "gradguard.advice"),
+        kafka_properties: dict | None = None,
+        buffer: int = 4096,
+        process_group: Any = None,
+    ):
+        if not isinstance(job, str) or not job.strip():
+            raise ValueError(f"job must be a non-empty string, got {job!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if max_norm is not None and not (isinstance(max_norm, (int, float)) and max_norm > 0 and math.isfinite(max_norm)):
+            raise ValueError(f"max_norm must be a positive number, got {max_norm!r}")
+        if scheduler is not None and getattr(scheduler, "optimizer", optimizer) is not optimizer:
+            raise ValueError("scheduler drives a different optimizer than the one given")
+        if server is not None and kafka_brokers is not None:
+            raise ValueError("give server (gRPC) or kafka_brokers, not both")
+
+        self.job = job
+        self.mode = mode
+        self.optimizer = optimizer
+        self.scaler = scaler if scaler is not None and getattr(scaler, "is_enabled", lambda: True)() else None
+        self.scheduler = scheduler
+        self.max_norm = float(max_norm) if max_norm is not None else None
+        self.on_rollback = on_rollback
+        self.on_advice = on_advice
+        self.layers = Layers(model)
+
+        dist = torch.distributed if torch.distributed.is_available() else None
+        self._group = process_group
+        self._dist = dist if dist is not None and dist.is_initialized() else None
+        if rank is None:
+            rank = self._dist.get_rank(process_group) if self._dist else int(os.environ.get("RANK", 0))
+        if world_size is None:
+            world_size = self._dist.get_world_size(process_group) if self._dist else int(os.environ.get("WORLD_SIZE", 1))
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.rank, self.world_size = rank, world_size
+
+        # What advice did to this run; saved in checkpoints.
+        self._step = 0
+        self._skipped = 0
+        self._advised_clip: float | None = None
+        self._lr_scale = 1.0
+        self._applied = 0
+
+        # Advice from the connection thread: job-wide advice waits until every
+        # rank has it (see _agree), advice for this rank alone does not.
+        self._lock = threading.Lock()
+        self._inbox: collections.deque[pb.Advice] = collections.deque()
+        self._received_max = 0  # highest job-wide advice id received
+        self._pending_rollback: pb.Advice | None = None
+
+        self._lr_saved: list[float] | None = None
+        self._hooks = [
+            optimizer.register_step_pre_hook(self._before_optimizer_step),
+            optimizer.register_step_post_hook(self._after_optimizer_step),
+        ]
+
+        self._stats = TransportStats()
+        self._outbox = Outbox(buffer, self._stats)
+        hello = pb.Hello(
+            job=job,
+            rank=rank,
+            world_size=world_size,
+            layer_names=self.layers.names,
+            client_version=f"gradguard-python/{__version__}",
+            rule_profile=rule_profile,
+        )
+        common = dict(hello=hello, outbox=self._outbox, stats=self._stats, on_advice=self._receive)
+        if kafka_brokers is not None:
+            self._conn = KafkaConnection(kafka_brokers, kafka_topics, kafka_properties or {}, **common)
+        else:
+            target = server or os.environ.get("GRADGUARD_SERVER", "localhost:50051")
+            self._conn = GrpcConnection(target, on_welcome=self._welcome, **common)
+        self._conn.start()
+        self._closed = False
+
+    # ----------------------------------------------------------------- API
+
+    def step(self, loss: torch.Tensor | float | None = None) -> bool:
+        """Call once per optimizer step, after `backward()` (and for AMP
+        without a `scaler` given, after `scaler.unscale_`), before
+        `optimizer.step()`. Measures, sends, and in enforce mode applies the
+        advice received so far. Returns False when this step must be skipped;
+        the gradients are then cleared, so `optimizer.step()` changes nothing.
+        Raises `RollbackRequested` or `TrainingHalted` when so advised."""
+        if self._closed:
+            raise RuntimeError("this guard is closed")
+        self._step += 1
+        step = self._step
+        if self.scaler is not None:
+            _unscale_once(self.scaler, self.optimizer)
+        agree = self._agreement()
+        scale = getattr(self.scaler, "_scale", None) if self.scaler is not None else None
+        m = self.layers.measure(loss, loss_scale=scale, agree=agree)
+        self._send(step, m)
+
+        advice = self._due(m.agreed)
+        if self.mode == "observe":
+            for a in advice:
+                self._ack(a, step, False, "observe mode")
+            return True
+        return self._enforce(step, m, advice)
+
+    def close(self, flush_timeout: float = 5.0) -> None:
+        """Sends what is buffered (at most `flush_timeout` seconds) and ends
+        the stream. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for hook in self._hooks:
+            hook.remove()
+        self._conn.stop(flush_timeout)
+
+    def __enter__(self) -> "Guard":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def stats(self) -> Stats:
+        s = self._stats
+        return Stats(
+            steps=self._step,
+            skipped=self._skipped,
+            sent=s.sent,
+            dropped=s.dropped,
+            connects=s.connects,
+            connected=s.connected,
+            advice_received=s.advice,
+            advice_applied=self._applied,
+            clip_norm=self._clip_norm(),
+            lr_scale=self._lr_scale,
+            last_error=s.last_error,
+        )
+
+    def state_dict(self) -> dict:
+        """What advice changed in this run (step counter, LR scale, advised
+        clip norm), to save beside the model and optimizer."""
+        return {
+            "version": STATE_VERSION,
+            "job": self.job,
+            "step": self._step,
+            "lr_scale": self._lr_scale,
+            "advised_clip": self._advised_clip,
+            "skipped": self._skipped,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores `state_dict()`. Restoring a checkpoint after
+        `RollbackRequested` acknowledges that rollback as applied."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"unknown gradguard state version {state.get('version')!r} (expected {STATE_VERSION})")
+        self._lr_scale = float(state["lr_scale"])
+        self._advised_clip = state["advised_clip"]
+        self._skipped = int(state["skipped"])
+        # Step numbers never go back on the wire: the service refuses steps it
+        # has seen, and its rewind on the rollback ack makes room for new ones.
+        self._step = max(self._step, int(state["step"]))
+        if self._pending_rollback is not None:
+            self._ack(self._pending_rollback, self._step, True, f"checkpoint restored at step {state['step']}")
+            self._pending_rollback = None
+
+    # ------------------------------------------------------------ sending
+
+    def _send(self, step: int, m: Measurement) -> None:
+        lr = self.optimizer.param_groups[0].get("lr")
+        summary = pb.Summary(
+            step=step,
+            time=time.time(),
+            layer_l2=m.layer_l2,
+            layer_max_abs=m.layer_max_abs,
+        )
+        summary.grad_norm = m.grad_norm
+        if m.loss is not None:
+            summary.loss = m.loss
+        if lr is not None:
+            summary.lr = float(lr) * self._lr_scale
+        if m.loss_scale is not None:
+            summary.loss_scale = m.loss_scale
+        if any(m.layer_nonfinite):
+            summary.layer_nonfinite.extend(m.layer_nonfinite)
+        self._outbox.put_summary(summary)
+
+    def _ack(self, advice: pb.Advice, step: int, applied: bool, note: str) -> None:
+        self._applied += applied
+        self._outbox.put_ack(pb.AdviceAck(advice_id=advice.id, applied_step=step, applied=applied, note=note))
+        if self.on_advice is not None:
+            self.on_advice(advice, applied)
+
+    # ----------------------------------------------------------- receiving
+
+    def _receive(self, advice: pb.Advice) -> None:
+        """On the connection thread."""
+        if advice.HasField("target_rank") and advice.target_rank != self.rank:
+            return
+        log.warning(
+            "gradguard advice %d at step %d: %s (%s)",
+            advice.id,
+            advice.decided_at_step,
+            advice.WhichOneof("action"),
+            advice.reason,
+        )
+        with self._lock:
+            self._inbox.append(advice)
+            if not advice.HasField("target_rank"):
+                self._received_max = max(self._received_max, advice.id)
+
+    def _welcome(self, welcome: pb.Welcome) -> None:
+        """On the connection thread: a service that already holds later steps
+        of this rank (a restarted worker) moves the step counter past them."""
+        if welcome.HasField("last_step") and welcome.last_step >= self._step:
+            log.warning(
+                "gradguard: the service already holds step %d of %s rank %d; continuing from step %d",
+                welcome.last_step,
+                self.job,
+                self.rank,
+                welcome.last_step + 1,
+            )
+            self._step = welcome.last_step
+
+    def _agreement(self) -> torch.Tensor | None:
+        """With several ranks, the highest job-wide advice id that every rank
+        has received: all ranks then apply the same advice at the same step."""
+        if self._dist is None or self.world_size == 1:
+            return None
+        with self._lock:
+            local = self._received_max
+        backend = self._dist.get_backend(self._group)
+        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        t = torch.tensor([local], dtype=torch.int64, device=device)
+        self._dist.all_reduce(t, op=self._dist.ReduceOp.MIN, group=self._group)
+        return t
+
+    def _due(self, agreed: int | None) -> list[pb.Advice]:
+        """The advice to act on now, in the order it was decided."""
+        with self._lock:
+            if agreed is None:
+                due = list(self._inbox)
+                self._inbox.clear()
+                return due
+            due = [a for a in self._inbox if a.HasField("target_rank") or a.id <= agreed]
+            for a in due:
+                self._inbox.remove(a)
+            return due
+
+    # ------------------------------------------------------------ applying
+
+    def _enforce(self, step: int, m: Measurement, advice: list[pb.Advice]) -> bool:
+        skip = halt = None
+        rollback = None
+        for a in advice:
+            action = a.WhichOneof("action")
+            if action == "clip_gradients":
+                norm = a.clip_gradients.max_norm
+                if norm > 0 and math.isfinite(norm):
+                    self._advised_clip = norm
+                    self._ack(a, step, True, f"clipping at {norm:.4g}")
+                else:
+                    self._ack(a, step, False, f"refused: max_norm {norm!r}")
+            elif action == "scale_lr":
+                f = a.scale_lr.factor
+                if f > 0 and math.isfinite(f):
+                    self._lr_scale *= f
+                    self._ack(a, step, True, f"learning rate scale now {self._lr_scale:.4g}")
+                else:
+                    self._ack(a, step, False, f"refused: factor {f!r}")
+            elif action == "skip_step":
+                if a.apply_from_step >= step:
+                    skip = a
+                else:
+                    self._ack(a, step, False, f"arrived after step {a.apply_from_step} was taken")
+            elif action == "scale_loss_scale":
+                self._scale_loss_scale(a, step)
+            elif action == "rollback":
+                rollback = a
+            elif action == "halt":
+                halt = a
+            else:  # inspect_worker and actions newer than this client
+                self._ack(a, step, False, f"{action}: for the operator; logged")
+
+        if halt is not None or rollback is not None:
+            self._skipped += 1
+            self.layers.clear_grads()
+            if halt is not None:
+                self._ack(halt, step, True, "TrainingHalted raised")
+                raise TrainingHalted(halt)
+            if self.on_rollback is not None:
+                self.on_rollback(rollback.rollback.to_step, rollback)
+                self._ack(rollback, step, True, "on_rollback called")
+                return False
+            self._pending_rollback = rollback
+            raise RollbackRequested(rollback.rollback.to_step, rollback)
+
+        if skip is not None or not m.finite:
+            self._skipped += 1
+            self.layers.clear_grads()
+            if skip is not None:
+                self._ack(skip, step, True, "step skipped")
+            return False
+
+        limit = self._clip_norm()
+        if limit is not None and m.grad_norm > limit:
+            self.layers.scale_grads(limit / (m.grad_norm + 1e-6))
+        return True
+
+    def _clip_norm(self) -> float | None:
+        limits = [x for x in (self.max_norm, self._advised_clip) if x is not None]
+        return min(limits) if limits else None
+
+    def _scale_loss_scale(self, a: pb.Advice, step: int) -> None:
+        f = a.scale_loss_scale.factor
+        scale = getattr(self.scaler, "_scale", None) if self.scaler is not None else None
+        if scale is None:
+            self._ack(a, step, False, "no GradScaler given to gradguard.watch")
+        elif not (f > 0 and math.isfinite(f)):
+            self._ack(a, step, False, f"refused: factor {f!r}")
+        else:
+            scale.mul_(f).clamp_(min=1.0)  # takes effect from the next backward
+            self._ack(a, step, True, f"loss scale multiplied by {f:.4g}")
+
+    # The LR scale rides on top of whatever the scheduler set: applied just
+    # before the optimizer's step and taken off right after, so a scheduler
+    # stepping later still sees (and sets) its own values.
+    def _before_optimizer_step(self, optimizer, args, kwargs) -> None:
+        if self._lr_scale == 1.0 or self.mode != "enforce":
+            return
+        self._lr_saved = [g["lr"] for g in optimizer.param_groups]
+        for g in optimizer.param_groups:
+            g["lr"] = g["lr"] * self._lr_scale
+
+    def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
+        if self._lr_saved is None:
+            return
+        for g, lr in zip(optimizer.param_groups, self._lr_saved):
+            g["lr"] = lr
+        self._lr_saved = None
+
+
+def _unscale_once(scaler, optimizer) -> None:
+    """`scaler.unscale_(optimizer)` unless the training loop already did."""
+    states = getattr(scaler, "_per_optimizer_states", None)
+    if states is not None:
+        stage = states[id(optimizer)].get("stage")
+        if stage is not None and getattr(stage, "name", "") == "UNSCALED":
+            return
+    try:
+        scaler.unscale_(optimizer)
+    except RuntimeError as e:
+        if "already been called" not in str(e):
+            raise

@@ -1,0 +1,192 @@
+"""Per-layer gradient statistics of a model, measured once per optimizer step.
+
+Cost model: two fused multi-tensor reductions over the gradients (L2 and max
+|g| per parameter, accumulated in float32 whatever the gradient dtype), a
+scatter of those per-parameter values into layers (float64, so squares of huge
+norms do not overflow), and ONE device-to-host copy of a packed vector. Only a
+step whose gradients hold NaN or Inf pays a second pass to count them.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass, field
+
+import torch
+
+_foreach = getattr(torch, "foreach", None)  # public since torch 2.15
+_norm = _foreach.norm if _foreach is not None else torch._foreach_norm
+_mul_ = _foreach.mul_ if _foreach is not None else torch._foreach_mul_
+
+# Prefixes that wrappers add to parameter names (DDP, FSDP, torch.compile).
+_WRAPPERS = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def layer_name(parameter: str) -> str:
+    """The layer a parameter belongs to: its owning module's dotted name
+    (`encoder.0.weight` -> `encoder.0`), wrapper prefixes removed."""
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in _WRAPPERS:
+            if parameter.startswith(prefix):
+                parameter = parameter[len(prefix) :]
+                stripped = True
+        parameter = parameter.replace("._orig_mod.", ".").replace("._fsdp_wrapped_module.", ".")
+    module, _, _ = parameter.rpartition(".")
+    return module or parameter
+
+
+@dataclass
+class Measurement:
+    """What one step's gradients looked like, on the host."""
+
+    grad_norm: float
+    layer_l2: list[float]
+    layer_max_abs: list[float]
+    layer_nonfinite: list[int]
+    loss: float | None = None
+    loss_scale: float | None = None
+    # The cross-rank agreement (an int64) that rode along with the copy.
+    agreed: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def finite(self) -> bool:
+        return math.isfinite(self.grad_norm) and not any(self.layer_nonfinite)
+
+
+class Layers:
+    """The trainable parameters of a model, grouped into layers in model order."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.names: list[str] = []
+        self.params: list[torch.Tensor] = []
+        self._layer_of: list[int] = []
+        index: dict[str, int] = {}
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            layer = layer_name(name)
+            if layer not in index:
+                index[layer] = len(self.names)
+                self.names.append(layer)
+            self.params.append(p)
+            self._layer_of.append(index[layer])
+        if not self.params:
+            raise ValueError("model has no trainable parameters (none with requires_grad=True)")
+        # Scatter indices per (device, which parameters have gradients).
+        self._index_cache: dict[tuple, torch.Tensor] = {}
+
+    def grads(self) -> tuple[list[torch.Tensor], list[int]]:
+        """The gradients present this step, and the position of each parameter."""
+        grads, present = [], []
+        for i, p in enumerate(self.params):
+            if p.grad is not None:
+                grads.append(p.grad)
+                present.append(i)
+        return grads, present
+
+    def _index(self, present: list[int], device: torch.device) -> torch.Tensor:
+        key = (device, len(present), present[0], present[-1]) if len(present) == len(self.params) else None
+        cached = self._index_cache.get(key) if key else None
+        if cached is not None:
+            return cached
+        idx = torch.tensor([self._layer_of[i] for i in present], dtype=torch.long, device=device)
+        if key:
+            self._index_cache[key] = idx
+        return idx
+
+    def measure(
+        self,
+        loss: torch.Tensor | float | None = None,
+        loss_scale: torch.Tensor | float | None = None,
+        agree: torch.Tensor | None = None,
+    ) -> Measurement:
+        """Measures the gradients as they are now (call after unscaling).
+
+        `loss` and `loss_scale` may be device tensors: they travel in the same
+        copy. `agree` is a one-element tensor (already reduced across ranks)
+        that rides along too.
+        """
+        grads, present = self.grads()
+        n = len(self.names)
+        if not grads:
+            zeros = [0.0] * n
+            return Measurement(0.0, zeros, list(zeros), [0] * n, _host(loss), _host(loss_scale), _host_int(agree))
+        device = grads[0].device
+        l2 = _stack_on(_norm(grads, ord=2.0, dtype=torch.float32), device)
+        mx = _stack_on(_norm(grads, ord=math.inf, dtype=torch.float32), device)
+        idx = self._index(present, device)
+        sq = torch.zeros(n, dtype=torch.float64, device=device).index_add_(0, idx, l2.double().square())
+        layer_max = torch.zeros(n, dtype=torch.float64, device=device).scatter_reduce_(
+            0, idx, mx.double(), reduce="amax", include_self=True
+        )
+        tail = [sq.sum().sqrt().reshape(1), _scalar(loss, device), _scalar(loss_scale, device)]
+        # The int64 rides bit for bit (a view, not a conversion): ids use all 63 bits.
+        tail.append(torch.zeros(1, dtype=torch.float64, device=device) if agree is None else _bits(agree, device))
+        packed = torch.cat([sq.sqrt(), layer_max, *tail]).tolist()  # the one device-to-host copy
+        layer_l2, layer_max_abs = packed[:n], packed[n : 2 * n]
+        total, loss_v, scale_v, agreed = packed[2 * n :]
+        nonfinite = [0] * n
+        if not math.isfinite(total) or any(not math.isfinite(v) for v in layer_max_abs):
+            nonfinite = self._count_nonfinite(grads, idx, device)
+        return Measurement(
+            grad_norm=total,
+            layer_l2=layer_l2,
+            layer_max_abs=layer_max_abs,
+            layer_nonfinite=nonfinite,
+            loss=None if loss is None else loss_v,
+            loss_scale=None if loss_scale is None else scale_v,
+            agreed=None if agree is None else _unbits(agreed),
+        )
+
+    def _count_nonfinite(self, grads, idx, device) -> list[int]:
+        counts = torch.stack([(~torch.isfinite(g)).sum().to(device) for g in grads])
+        per_layer = torch.zeros(len(self.names), dtype=torch.long, device=device).index_add_(0, idx, counts)
+        return [int(c) for c in per_layer.tolist()]
+
+    def scale_grads(self, factor: float) -> None:
+        """Multiplies every gradient by `factor` (a host float: no sync)."""
+        grads, _ = self.grads()
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for g in grads:
+            by_device.setdefault(g.device, []).append(g)
+        for group in by_device.values():
+            _mul_(group, factor)
+
+    def clear_grads(self) -> None:
+        """Drops the gradients, so that an optimizer step changes nothing."""
+        for p in self.params:
+            p.grad = None
+
+
+def _stack_on(tensors, device) -> torch.Tensor:
+    return torch.stack([t.to(device, non_blocking=True) for t in tensors])
+
+
+def _scalar(value, device) -> torch.Tensor:
+    if value is None:
+        return torch.zeros(1, dtype=torch.float64, device=device)
+    if isinstance(value, torch.Tensor):
+        return value.detach().reshape(-1)[:1].to(device=device, dtype=torch.float64)
+    return torch.tensor([float(value)], dtype=torch.float64, device=device)
+
+
+def _bits(value: torch.Tensor, device) -> torch.Tensor:
+    return value.detach().reshape(-1)[:1].to(device=device, dtype=torch.int64).view(torch.float64)
+
+
+def _unbits(value: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", value))[0]
+
+
+def _host(value) -> float | None:
+    if value is None:
+        return None
+    return float(value.detach().reshape(-1)[0]) if isinstance(value, torch.Tensor) else float(value)
+
+
+def _host_int(value) -> int | None:
+    return None if value is None else int(value.reshape(-1)[0])

@@ -1,0 +1,278 @@
+"""Getting summaries to the service and advice back, off the training thread.
+
+The training loop only ever appends to a bounded buffer (`Outbox`); a
+background thread owns the connection. When the service is unreachable the
+buffer keeps the newest summaries and counts the ones it drops, the thread
+reconnects with exponential backoff and jitter, and a new stream starts with a
+new Hello. Nothing here raises into the training loop.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+from .v1 import gradguard_pb2 as pb
+
+log = logging.getLogger("gradguard")
+
+# Reconnect backoff: first wait, cap, and the multiplier between tries.
+BACKOFF_FIRST = 0.1
+BACKOFF_MAX = 10.0
+BACKOFF_FACTOR = 2.0
+
+
+@dataclass
+class TransportStats:
+    sent: int = 0
+    dropped: int = 0
+    connects: int = 0
+    advice: int = 0
+    connected: bool = False
+    last_error: str = ""
+
+
+class Outbox:
+    """Messages waiting for the connection: acknowledgements first (few, and
+    never dropped), then summaries (bounded; the oldest goes when full)."""
+
+    def __init__(self, capacity: int, stats: TransportStats):
+        if capacity < 1:
+            raise ValueError(f"buffer must be at least 1, got {capacity}")
+        self._summaries: collections.deque[pb.Summary] = collections.deque()
+        self._acks: collections.deque[pb.AdviceAck] = collections.deque()
+        self._capacity = capacity
+        self._stats = stats
+        self._cond = threading.Condition()
+        self._closed = False
+
+    def put_summary(self, summary: pb.Summary) -> None:
+        with self._cond:
+            if len(self._summaries) >= self._capacity:
+                self._summaries.popleft()
+                self._stats.dropped += 1
+            self._summaries.append(summary)
+            self._cond.notify()
+
+    def put_ack(self, ack: pb.AdviceAck) -> None:
+        with self._cond:
+            self._acks.append(ack)
+            self._cond.notify()
+
+    def take(self, timeout: float) -> pb.WorkerMessage | None:
+        """The next message, or None after `timeout` with nothing to send."""
+        with self._cond:
+            if not self._acks and not self._summaries and not self._closed:
+                self._cond.wait(timeout)
+            if self._acks:
+                return pb.WorkerMessage(ack=self._acks.popleft())
+            if self._summaries:
+                return pb.WorkerMessage(summary=self._summaries.popleft())
+            return None
+
+    def forget_through(self, step: int) -> None:
+        """Drops summaries the service already holds (a resumed stream)."""
+        with self._cond:
+            while self._summaries and self._summaries[0].step <= step:
+                self._summaries.popleft()
+
+    def empty(self) -> bool:
+        with self._cond:
+            return not self._acks and not self._summaries
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+
+class Connection(threading.Thread):
+    """Base of the transports: a daemon thread that keeps one connection up
+    and feeds the outbox into it until closed."""
+
+    def __init__(self, hello: pb.Hello, outbox: Outbox, stats: TransportStats, on_advice: Callable, on_welcome=None):
+        super().__init__(name=f"gradguard-{hello.job}-{hello.rank}", daemon=True)
+        self.hello = hello
+        self.outbox = outbox
+        self.stats = stats
+        self.on_advice = on_advice
+        self.on_welcome = on_welcome or (lambda welcome: None)
+        self._halt = threading.Event()
+        self._quiet_errors: set[str] = set()
+
+    def stop(self, flush_timeout: float) -> None:
+        """Sends what is buffered (for at most `flush_timeout` seconds while
+        connected), then ends the stream and the thread."""
+        deadline = time.monotonic() + flush_timeout
+        while self.stats.connected and not self.outbox.empty() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        self._halt.set()
+        self.outbox.close()
+        self.join(timeout=max(0.5, deadline - time.monotonic()))
+
+    def run(self) -> None:
+        backoff = BACKOFF_FIRST
+        while not self._halt.is_set():
+            started = time.monotonic()
+            try:
+                self.session()
+            except Exception as e:  # a transport must never take the job down
+                self._error(f"{type(e).__name__}: {e}")
+            self.stats.connected = False
+            if self._halt.is_set():
+                break
+            if time.monotonic() - started > 5 * BACKOFF_MAX:
+                backoff = BACKOFF_FIRST  # it had been up for a while
+            self._halt.wait(backoff * random.uniform(0.5, 1.5))
+            backoff = min(backoff * BACKOFF_FACTOR, BACKOFF_MAX)
+
+    def session(self) -> None:
+        raise NotImplementedError
+
+    def _error(self, message: str) -> None:
+        self.stats.last_error = message
+        key = message.split(":", 1)[0]
+        if key not in self._quiet_errors:  # once per kind of error, not every retry
+            self._quiet_errors.add(key)
+            log.warning("gradguard: %s (the job goes on; retrying in the background)", message)
+
+
+class GrpcConnection(Connection):
+    """One bidirectional `Ingest.Stream` at a time."""
+
+    def __init__(self, target: str, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.target = target.removeprefix("http://").removeprefix("grpc://")
+
+    def session(self) -> None:
+        import grpc
+
+        from .v1 import gradguard_pb2_grpc
+
+        welcomed = threading.Event()
+        done = threading.Event()
+        options = [
+            ("grpc.keepalive_time_ms", 10_000),
+            ("grpc.keepalive_timeout_ms", 5_000),
+            ("grpc.max_send_message_length", 4 << 20),
+        ]
+        with grpc.insecure_channel(self.target, options=options) as channel:
+            call = gradguard_pb2_grpc.IngestStub(channel).Stream(self._requests(welcomed, done))
+            try:
+                for msg in call:
+                    kind = msg.WhichOneof("body")
+                    if kind == "welcome":
+                        if msg.welcome.HasField("last_step"):
+                            self.outbox.forget_through(msg.welcome.last_step)
+                        self.on_welcome(msg.welcome)
+                        self.stats.connects += 1
+                        self.stats.connected = True
+                        self._quiet_errors.clear()
+                        log.info("gradguard: streaming to %s (server %s)", self.target, msg.welcome.server_version)
+                        welcomed.set()
+                    elif kind == "advice":
+                        self.stats.advice += 1
+                        self.on_advice(msg.advice)
+            except grpc.RpcError as e:
+                if not self._halt.is_set():
+                    self._error(f"{e.code().name}: {e.details()}")
+            finally:
+                done.set()
+                call.cancel()
+
+    def _requests(self, welcomed: threading.Event, done: threading.Event) -> Iterator[pb.WorkerMessage]:
+        yield pb.WorkerMessage(hello=self.hello)
+        # Summaries wait for the Welcome: it says which steps the service
+        # already holds from an earlier stream.
+        while not welcomed.wait(0.05):
+            if done.is_set() or self._halt.is_set():
+                return
+        while not done.is_set():
+            msg = self.outbox.take(timeout=0.05)
+            if msg is not None:
+                self.stats.sent += msg.WhichOneof("body") == "summary"
+                yield msg
+            elif self.outbox.closed:
+                return  # half-close: the service ends the stream
+
+
+class KafkaConnection(Connection):
+    """Cluster mode without gRPC: records to the summaries topic (key: job,
+    header `rank`), advice read from the advice topic."""
+
+    def __init__(self, brokers: str, topics: tuple[str, str], properties: dict, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        try:
+            import confluent_kafka  # noqa: F401
+        except ImportError as e:
+            raise ImportError("the Kafka transport needs confluent-kafka: pip install 'gradguard[kafka]'") from e
+        self.brokers = brokers
+        self.summaries_topic, self.advice_topic = topics
+        self.properties = dict(properties)
+
+    def session(self) -> None:
+        from confluent_kafka import OFFSET_END, Consumer, KafkaException, Producer, TopicPartition
+
+        config = {"bootstrap.servers": self.brokers, **self.properties}
+        producer = Producer({**config, "enable.idempotence": True, "linger.ms": 5})
+        consumer = Consumer(
+            {
+                **config,
+                "group.id": f"gradguard-worker-{self.hello.job}-{self.hello.rank}",
+                "enable.auto.commit": False,
+            }
+        )
+        key = self.hello.job.encode()
+        headers = [("rank", str(self.hello.rank).encode())]
+        errors: list[str] = []
+
+        def delivered(err, _msg):
+            if err is not None:
+                errors.append(str(err))
+
+        try:
+            metadata = consumer.list_topics(self.advice_topic, timeout=5)
+            topic = metadata.topics.get(self.advice_topic)
+            if topic is None or topic.error is not None or not topic.partitions:
+                raise KafkaException(f"advice topic {self.advice_topic} not found")
+            consumer.assign([TopicPartition(self.advice_topic, p, OFFSET_END) for p in topic.partitions])
+
+            def produce(msg: pb.WorkerMessage) -> None:
+                producer.produce(self.summaries_topic, msg.SerializeToString(), key, headers=headers, on_delivery=delivered)
+
+            produce(pb.WorkerMessage(hello=self.hello))
+            producer.flush(5)
+            if errors:
+                raise KafkaException(errors[-1])
+            self.stats.connects += 1
+            self.stats.connected = True
+            self._quiet_errors.clear()
+            log.info("gradguard: producing to %s on %s", self.summaries_topic, self.brokers)
+            while True:
+                msg = self.outbox.take(timeout=0.01)
+                if msg is not None:
+                    produce(msg)
+                    self.stats.sent += msg.WhichOneof("body") == "summary"
+                producer.poll(0)
+                if errors:
+                    raise KafkaException(errors[-1])
+                for record in consumer.consume(num_messages=64, timeout=0 if msg is not None else 0.01):
+                    if record.error() is None and record.key() == key:
+                        reply = pb.ServerMessage.FromString(record.value())
+                        if reply.WhichOneof("body") == "advice":
+                            self.stats.advice += 1
+                            self.on_advice(reply.advice)
+                if msg is None and self.outbox.closed:
+                    producer.flush(5)
+                    return
+        finally:
+            consumer.close()

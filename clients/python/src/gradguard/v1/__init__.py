@@ -1,0 +1,1 @@
+"""Generated gRPC stubs of gradguard.v1 (tools/generate_stubs.py)."""

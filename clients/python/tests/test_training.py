@@ -1,0 +1,134 @@
+"""Real PyTorch training against a real `gradguard serve` over a socket."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+import torch
+
+import gradguard
+from conftest import free_port
+from problems import STEPS, Regression
+
+
+def test_a_diverging_run_blows_up_alone_and_is_brought_back_in_enforce_mode(server):
+    alone = Regression(peak_lr=0.2)
+    alone.train_plain()
+    assert alone.blew_up(), "the problem must diverge without the client, or this test proves nothing"
+    assert not math.isfinite(alone.losses[-1])
+
+    run = Regression(peak_lr=0.2)
+    applied = []
+    with gradguard.watch(
+        run.model,
+        run.optimizer,
+        job="diverging",
+        server=server.addr,
+        scheduler=run.scheduler,
+        on_rollback=run.restore,
+        on_advice=lambda a, ok: applied.append((a.WhichOneof("action"), ok)),
+    ) as guard:
+        run.train_guarded(guard)
+        stats = guard.stats
+    assert all(math.isfinite(v) for v in run.losses), "enforce mode keeps every loss finite"
+    assert run.losses[-1] < run.losses[0] / 100, f"and the run trains: {run.losses[0]} -> {run.losses[-1]}"
+    # Which rungs it takes depends on when the advice lands (it is asynchronous).
+    assert applied and all(ok for _, ok in applied), applied
+    assert stats.sent == STEPS and stats.dropped == 0
+
+    stored = server.advice("diverging")
+    assert len(stored) == len(applied)
+    assert all(a.applied == 1 for a in stored), "every advice acknowledged as applied"
+    job = server.wait_for_step("diverging", STEPS)
+    assert job.layers == 3
+
+
+def test_observe_mode_leaves_training_bit_identical(server):
+    plain = Regression(peak_lr=0.05)
+    plain.train_plain()
+
+    observed = Regression(peak_lr=0.05)
+    with gradguard.watch(observed.model, observed.optimizer, job="observed", server=server.addr, mode="observe") as g:
+        observed.train_guarded(g)
+    assert observed.losses == plain.losses
+    for a, b in zip(observed.params(), plain.params()):
+        assert torch.equal(a, b)
+    assert server.wait_for_step("observed", STEPS).last_step == STEPS
+
+
+def test_observe_mode_reports_advice_without_applying_it(server):
+    run = Regression(peak_lr=0.2)
+    seen = []
+    with gradguard.watch(
+        run.model, run.optimizer, job="observe-diverging", server=server.addr, mode="observe",
+        on_advice=lambda a, ok: seen.append(ok),
+    ) as guard:
+        run.train_guarded(guard)
+    assert run.blew_up(), "nothing applied: it diverges as without the client"
+    # Advice decided before the last steps reached the loop, each declined.
+    assert seen and not any(seen)
+    stored = server.advice("observe-diverging")
+    assert stored and sum(a.declined for a in stored) >= len(seen)
+
+
+def test_with_the_server_down_the_loop_runs_to_the_end():
+    run = Regression(peak_lr=0.05)
+    plain = Regression(peak_lr=0.05)
+    plain.train_plain(200)
+    with gradguard.watch(run.model, run.optimizer, job="nobody-listens", server=f"127.0.0.1:{free_port()}", buffer=16) as g:
+        run.train_guarded(g, steps=200)
+        stats = g.stats
+    assert run.losses == plain.losses, "no advice, no change"
+    assert not stats.connected and stats.connects == 0
+    assert stats.dropped == 200 - 16, "the bounded buffer keeps the newest 16 summaries"
+    assert "UNAVAILABLE" in stats.last_error
+
+
+def test_a_server_killed_and_restarted_mid_run_gets_the_stream_back(make_server):
+    server = make_server(grpc_port=free_port())
+    run = Regression(peak_lr=0.05)
+    with gradguard.watch(run.model, run.optimizer, job="restarted", server=server.addr) as guard:
+        run.train_guarded(guard, steps=100)
+        server.wait_for_step("restarted", 100)
+        server.kill()
+        run.train_guarded(guard, steps=100)  # buffered meanwhile
+        server.start()  # same port, same data directory
+        deadline = time.monotonic() + 30
+        while guard.stats.connects < 2:
+            assert time.monotonic() < deadline, f"no reconnect: {guard.stats}"
+            run.train_guarded(guard, steps=1)
+        steps = guard.stats.steps
+    job = server.wait_for_step("restarted", steps)
+    assert job.last_step == steps
+    assert guard.stats.dropped == 0
+
+
+def test_rollback_without_a_callback_raises_and_the_restored_checkpoint_acknowledges_it(server):
+    run = Regression(peak_lr=0.05)
+    run.poisoned = range(100, 130)  # a bad shard: NaN inputs
+    before = None
+    guard = gradguard.watch(run.model, run.optimizer, job="raise-rollback", server=server.addr)
+    with pytest.raises(gradguard.RollbackRequested) as raised:
+        for s in range(300):
+            if s % 25 == 0:
+                run.checkpoint(s)
+            loss = run.loss()
+            if s == 100:
+                before = run.params()
+            if guard.step(loss):
+                run.optimizer.step()
+    assert 100 < guard.stats.steps < 130 and raised.value.to_step < 100
+    for a, b in zip(run.params(), before):
+        assert torch.equal(a, b), "non-finite steps are skipped locally: the NaNs never reach the weights"
+    assert all(p.grad is None for p in run.model.parameters()), "raised at the step boundary, gradients cleared"
+
+    restored = run.restore(raised.value.to_step)
+    guard.load_state_dict({**guard.state_dict(), "step": restored})
+    run.poisoned = range(0)
+    run.train_guarded(guard, steps=50)
+    guard.close()
+    assert math.isfinite(run.losses[-1])
+    rollback = [a for a in server.advice("raise-rollback") if a.advice.WhichOneof("action") == "rollback"]
+    assert len(rollback) == 1 and rollback[0].applied == 1, rollback
