@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -132,3 +136,18 @@ def test_rollback_without_a_callback_raises_and_the_restored_checkpoint_acknowle
     assert math.isfinite(run.losses[-1])
     rollback = [a for a in server.advice("raise-rollback") if a.advice.WhichOneof("action") == "rollback"]
     assert len(rollback) == 1 and rollback[0].applied == 1, rollback
+
+
+def test_the_example_script_runs_as_is(server):
+    script = Path(__file__).resolve().parents[1] / "examples" / "train_mlp.py"
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # see conftest
+    out = subprocess.run(
+        [sys.executable, str(script), "--server", server.addr, "--steps", "300"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "finished with a finite loss" in out.stdout, out.stdout
+    alone = subprocess.run(
+        [sys.executable, str(script), "--no-guard", "--steps", "300"], capture_output=True, text=True, env=env
+    )
+    assert "the run diverged" in alone.stdout, alone.stdout
