@@ -20,6 +20,7 @@ gradguard/clip (target <= 1.02) and gradguard/naive (target < 1).
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import subprocess
@@ -39,7 +40,7 @@ def model() -> torch.nn.Module:
     torch.manual_seed(0)
     widths = [512, 1024, 1024, 1024, 512, 10]
     layers: list[torch.nn.Module] = []
-    for a, b in zip(widths, widths[1:]):
+    for a, b in itertools.pairwise(widths):
         layers += [torch.nn.Linear(a, b), torch.nn.GELU()]
     return torch.nn.Sequential(*layers[:-1])
 
@@ -80,13 +81,12 @@ class Loop:
         elif self.name == "naive":
             for i, p in enumerate(self.params):
                 norm = torch.norm(p.grad)
-                if norm > 1e6:
+                if norm > 1e6:  # a host sync per parameter
                     print(f"step: gradient norm of parameter {i} is {norm}")
-        elif self.name == "gradguard":
-            if not self.guard.step(loss):
-                sync()
-                self.times.append(time.perf_counter() - t)
-                return
+        elif self.name == "gradguard" and not self.guard.step(loss):
+            sync()
+            self.times.append(time.perf_counter() - t)
+            return
         self.opt.step()
         sync()
         self.times.append(time.perf_counter() - t)
@@ -132,8 +132,10 @@ def main() -> None:
         server.wait()
 
     params = sum(p.numel() for p in loops[0].params)
-    print(f"model: MLP, {params / 1e6:.1f} M parameters, batch {args.batch}, AdamW, torch {torch.__version__}, "
-          f"{args.device}, {args.threads} thread(s); {args.rounds} rounds x {args.steps} steps per loop")
+    print(
+        f"model: MLP, {params / 1e6:.1f} M parameters, batch {args.batch}, AdamW, torch {torch.__version__}, "
+        f"{args.device}, {args.threads} thread(s); {args.rounds} rounds x {args.steps} steps per loop"
+    )
     median = {loop.name: statistics.median(loop.times) * 1e3 for loop in loops}
     for name, ms in median.items():
         print(f"{name:>10}: median {ms:7.2f} ms/step   ({ms / median['plain']:.3f}x plain)")

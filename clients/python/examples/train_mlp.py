@@ -62,8 +62,13 @@ def main() -> None:
     if not args.no_guard:
         # The three lines: watch, then guard.step(loss) between backward() and step().
         guard = gradguard.watch(
-            model, optimizer, job=args.job, server=args.server, mode=args.mode,
-            scheduler=scheduler, on_rollback=rollback,
+            model,
+            optimizer,
+            job=args.job,
+            server=args.server,
+            mode=args.mode,
+            scheduler=scheduler,
+            on_rollback=rollback,
         )
     for step in range(args.steps):
         if step % 25 == 0:

@@ -6,9 +6,9 @@ from __future__ import annotations
 import math
 
 import torch
+from problems import Regression
 
 import gradguard
-from problems import Regression
 
 
 def test_lightning_callback_streams_every_optimizer_step(server, tmp_path):
@@ -84,7 +84,10 @@ def test_kafka_transport_gets_advice_with_no_grpc(broker, make_server):
     run.poisoned = range(60, 61)
     applied = []
     with gradguard.watch(
-        run.model, run.optimizer, job="over-kafka", kafka_brokers=broker,
+        run.model,
+        run.optimizer,
+        job="over-kafka",
+        kafka_brokers=broker,
         on_advice=lambda a, ok: applied.append(a.WhichOneof("action")),
     ) as guard:
         run.train_guarded(guard, steps=60)

@@ -6,16 +6,17 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import Server, free_port
+from problems import Regression
 
 import gradguard
-from conftest import Server, free_port
 from gradguard.v1 import gradguard_pb2 as pb
-from problems import Regression
 
 
 def dead_server() -> str:
@@ -41,8 +42,9 @@ def test_scale_lr_rides_on_top_of_the_scheduler():
     model, opt = linear(lr=1.0)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     acks = []
-    with gradguard.watch(model, opt, job="lr", server=dead_server(), scheduler=sched,
-                         on_advice=lambda a, ok: acks.append(ok)) as g:
+    with gradguard.watch(
+        model, opt, job="lr", server=dead_server(), scheduler=sched, on_advice=lambda a, ok: acks.append(ok)
+    ) as g:
         advise(g, 1, 1, scale_lr=pb.ScaleLr(factor=0.1))
         for lr in (1.0, 0.5, 0.25):
             before = model.weight.detach().clone()
@@ -75,8 +77,9 @@ def test_clip_advice_stays_until_replaced_and_max_norm_is_a_standing_clip():
 def test_skip_advice_for_this_step_skips_it_and_late_skip_advice_is_declined():
     model, opt = linear()
     acks = []
-    with gradguard.watch(model, opt, job="skip", server=dead_server(),
-                         on_advice=lambda a, ok: acks.append((a.id, ok))) as g:
+    with gradguard.watch(
+        model, opt, job="skip", server=dead_server(), on_advice=lambda a, ok: acks.append((a.id, ok))
+    ) as g:
         advise(g, 1, 1, skip_step=pb.SkipStep())
         backward(model)
         assert g.step() is False and model.weight.grad is None
@@ -155,7 +158,12 @@ def _ddp_rank(rank: int, world: int, port: int, server: str, out: str) -> None:
     ddp = torch.nn.parallel.DistributedDataParallel(run.model)
     applied = []
     with gradguard.watch(
-        ddp, run.optimizer, job="ddp", server=server, scheduler=run.scheduler, on_rollback=run.restore,
+        ddp,
+        run.optimizer,
+        job="ddp",
+        server=server,
+        scheduler=run.scheduler,
+        on_rollback=run.restore,
         on_advice=lambda a, ok: applied.append([a.id, guard.stats.steps, ok]),
     ) as guard:
         for s in range(300):
@@ -185,7 +193,7 @@ def test_every_ddp_rank_applies_the_same_advice_at_the_same_step(tmp_path):
         for p in procs:
             p.join(120)
             assert p.exitcode == 0
-        results = [json.load(open(o)) for o in outs]
+        results = [json.loads(Path(o).read_text()) for o in outs]
         assert results[0]["applied"], "the diverging run got advice"
         assert results[0]["applied"] == results[1]["applied"], "same advice, same steps, on both ranks"
         assert results[0]["layers"] == ["0", "2", "4"], "DDP's module. prefix is not part of the layer names"

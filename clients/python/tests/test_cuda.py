@@ -22,7 +22,10 @@ pytestmark = [
 def mlp() -> torch.nn.Module:
     torch.manual_seed(0)
     return torch.nn.Sequential(
-        torch.nn.Linear(256, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 1024), torch.nn.GELU(),
+        torch.nn.Linear(256, 1024),
+        torch.nn.GELU(),
+        torch.nn.Linear(1024, 1024),
+        torch.nn.GELU(),
         torch.nn.Linear(1024, 10),
     ).cuda()
 
@@ -49,6 +52,7 @@ def test_a_guarded_amp_step_syncs_with_the_host_once(server):
     x = torch.randn(512, 256, device="cuda")
     y = torch.randint(0, 10, (512,), device="cuda")
     with gradguard.watch(model, opt, job="cuda-syncs", server=server.addr, scaler=scaler, max_norm=1.0) as guard:
+
         def forward_backward():
             opt.zero_grad(set_to_none=True)
             with torch.autocast("cuda", dtype=torch.float16):
@@ -95,8 +99,9 @@ def test_a_diverging_bf16_run_on_the_gpu_stays_finite_with_the_guard(server):
         r.x, r.y = r.x.cuda(), r.y.cuda()
         guard = None
         if guarded:
-            guard = gradguard.watch(r.model, r.optimizer, job="cuda-bf16", server=server.addr,
-                                    scheduler=r.scheduler, on_rollback=r.restore)
+            guard = gradguard.watch(
+                r.model, r.optimizer, job="cuda-bf16", server=server.addr, scheduler=r.scheduler, on_rollback=r.restore
+            )
         losses = []
         for s in range(400):
             if s % 25 == 0:

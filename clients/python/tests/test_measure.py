@@ -150,5 +150,5 @@ def test_clipping_with_the_measured_norm_matches_clip_grad_norm():
 def test_committed_stubs_match_the_proto():
     pytest.importorskip("grpc_tools", reason="the stub check needs the test extra (grpcio-tools)")
     tool = Path(__file__).resolve().parents[1] / "tools" / "generate_stubs.py"
-    out = subprocess.run([sys.executable, str(tool), "--check"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, str(tool), "--check"], capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stdout + out.stderr

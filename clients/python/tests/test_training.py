@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import gradguard
 from conftest import free_port
 from problems import STEPS, Regression
+
+import gradguard
 
 
 def test_a_diverging_run_blows_up_alone_and_is_brought_back_in_enforce_mode(server):
@@ -66,7 +66,11 @@ def test_observe_mode_reports_advice_without_applying_it(server):
     run = Regression(peak_lr=0.2)
     seen = []
     with gradguard.watch(
-        run.model, run.optimizer, job="observe-diverging", server=server.addr, mode="observe",
+        run.model,
+        run.optimizer,
+        job="observe-diverging",
+        server=server.addr,
+        mode="observe",
         on_advice=lambda a, ok: seen.append(ok),
     ) as guard:
         run.train_guarded(guard)
@@ -81,7 +85,9 @@ def test_with_the_server_down_the_loop_runs_to_the_end():
     run = Regression(peak_lr=0.05)
     plain = Regression(peak_lr=0.05)
     plain.train_plain(200)
-    with gradguard.watch(run.model, run.optimizer, job="nobody-listens", server=f"127.0.0.1:{free_port()}", buffer=16) as g:
+    with gradguard.watch(
+        run.model, run.optimizer, job="nobody-listens", server=f"127.0.0.1:{free_port()}", buffer=16
+    ) as g:
         run.train_guarded(g, steps=200)
         stats = g.stats
     assert run.losses == plain.losses, "no advice, no change"
@@ -143,11 +149,35 @@ def test_the_example_script_runs_as_is(server):
     env = dict(os.environ, OMP_NUM_THREADS="1")  # see conftest
     out = subprocess.run(
         [sys.executable, str(script), "--server", server.addr, "--steps", "300"],
-        capture_output=True, text=True, timeout=300, env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        check=False,
     )
     assert out.returncode == 0, out.stderr
     assert "finished with a finite loss" in out.stdout, out.stdout
     alone = subprocess.run(
-        [sys.executable, str(script), "--no-guard", "--steps", "300"], capture_output=True, text=True, env=env
+        [sys.executable, str(script), "--no-guard", "--steps", "300"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
     )
     assert "the run diverged" in alone.stdout, alone.stdout
+
+
+def test_a_restarted_worker_without_a_checkpoint_continues_past_what_the_service_holds(server):
+    run = Regression(peak_lr=0.05)
+    with gradguard.watch(run.model, run.optimizer, job="restarted-worker", server=server.addr) as first:
+        run.train_guarded(first, steps=30)
+    server.wait_for_step("restarted-worker", 30)
+    # A new process: its step counter starts at 0.
+    with gradguard.watch(run.model, run.optimizer, job="restarted-worker", server=server.addr) as second:
+        deadline = time.monotonic() + 30
+        while second.stats.connects == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        run.train_guarded(second, steps=20)
+    assert second.stats.steps == 50
+    assert server.wait_for_step("restarted-worker", 50).last_step == 50

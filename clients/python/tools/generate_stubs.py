@@ -21,9 +21,8 @@ STUBS = ("gradguard_pb2.py", "gradguard_pb2.pyi", "gradguard_pb2_grpc.py")
 
 
 def generate(out: Path) -> None:
-    from grpc_tools import protoc
-
     import grpc_tools
+    from grpc_tools import protoc
 
     include = Path(grpc_tools.__file__).parent / "_proto"
     code = protoc.main(
@@ -61,7 +60,7 @@ def main() -> int:
     if args.check:
         names = stale()
         if names:
-            print(f"stale stubs: {', '.join(names)}; run python {Path(__file__).relative_to(Path.cwd()) if Path.cwd() in Path(__file__).parents else __file__}")
+            print(f"stale stubs: {', '.join(names)}; regenerate them: python {__file__}")
             return 1
         print("stubs match proto/")
         return 0

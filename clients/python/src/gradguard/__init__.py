@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:
     from ._guard import Guard
 
-__all__ = ["watch", "Guard", "GradGuardError", "RollbackRequested", "TrainingHalted", "__version__"]
+__all__ = ["GradGuardError", "Guard", "RollbackRequested", "TrainingHalted", "__version__", "watch"]
 
 
 def watch(
@@ -33,7 +33,7 @@ def watch(
     scaler: Any = None,
     scheduler: Any = None,
     **options: Any,
-) -> "Guard":
+) -> Guard:
     """Starts guarding a training job; returns the `Guard` whose `step(loss)`
     goes between `loss.backward()` and `optimizer.step()`.
 

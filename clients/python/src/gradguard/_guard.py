@@ -8,8 +8,9 @@ import math
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -95,7 +96,9 @@ class Guard:
             raise ValueError(f"job must be a non-empty string, got {job!r}")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if max_norm is not None and not (isinstance(max_norm, (int, float)) and max_norm > 0 and math.isfinite(max_norm)):
+        if max_norm is not None and not (
+            isinstance(max_norm, (int, float)) and max_norm > 0 and math.isfinite(max_norm)
+        ):
             raise ValueError(f"max_norm must be a positive number, got {max_norm!r}")
         if scheduler is not None and getattr(scheduler, "optimizer", optimizer) is not optimizer:
             raise ValueError("scheduler drives a different optimizer than the one given")
@@ -116,9 +119,11 @@ class Guard:
         self._group = process_group
         self._dist = dist if dist is not None and dist.is_initialized() else None
         if rank is None:
-            rank = self._dist.get_rank(process_group) if self._dist else int(os.environ.get("RANK", 0))
+            rank = self._dist.get_rank(process_group) if self._dist else int(os.environ.get("RANK", "0"))
         if world_size is None:
-            world_size = self._dist.get_world_size(process_group) if self._dist else int(os.environ.get("WORLD_SIZE", 1))
+            world_size = (
+                self._dist.get_world_size(process_group) if self._dist else int(os.environ.get("WORLD_SIZE", "1"))
+            )
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         self.rank, self.world_size = rank, world_size
@@ -153,7 +158,7 @@ class Guard:
             client_version=f"gradguard-python/{__version__}",
             rule_profile=rule_profile,
         )
-        common = dict(hello=hello, outbox=self._outbox, stats=self._stats, on_advice=self._receive)
+        common = {"hello": hello, "outbox": self._outbox, "stats": self._stats, "on_advice": self._receive}
         if kafka_brokers is not None:
             self._conn = KafkaConnection(kafka_brokers, kafka_topics, kafka_properties or {}, **common)
         else:
@@ -173,8 +178,9 @@ class Guard:
         Raises `RollbackRequested` or `TrainingHalted` when so advised."""
         if self._closed:
             raise RuntimeError("this guard is closed")
-        self._step += 1
-        step = self._step
+        with self._lock:  # the connection thread may move it (see _welcome)
+            self._step += 1
+            step = self._step
         if self.scaler is not None:
             _unscale_once(self.scaler, self.optimizer)
         agree = self._agreement()
@@ -199,7 +205,7 @@ class Guard:
             hook.remove()
         self._conn.stop(flush_timeout)
 
-    def __enter__(self) -> "Guard":
+    def __enter__(self) -> Guard:  # noqa: PYI034 -- typing.Self needs Python 3.11
         return self
 
     def __exit__(self, *exc) -> None:
@@ -297,7 +303,13 @@ class Guard:
     def _welcome(self, welcome: pb.Welcome) -> None:
         """On the connection thread: a service that already holds later steps
         of this rank (a restarted worker) moves the step counter past them."""
-        if welcome.HasField("last_step") and welcome.last_step >= self._step:
+        if not welcome.HasField("last_step"):
+            return
+        with self._lock:
+            behind = welcome.last_step > self._step
+            if behind:
+                self._step = welcome.last_step
+        if behind:
             log.warning(
                 "gradguard: the service already holds step %d of %s rank %d; continuing from step %d",
                 welcome.last_step,
@@ -305,7 +317,6 @@ class Guard:
                 self.rank,
                 welcome.last_step + 1,
             )
-            self._step = welcome.last_step
 
     def _agreement(self) -> torch.Tensor | None:
         """With several ranks, the highest job-wide advice id that every rank

@@ -14,8 +14,8 @@ import logging
 import random
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 from .v1 import gradguard_pb2 as pb
 
@@ -125,7 +125,7 @@ class Connection(threading.Thread):
             started = time.monotonic()
             try:
                 self.session()
-            except Exception as e:  # a transport must never take the job down
+            except Exception as e:  # noqa: BLE001 -- a transport must never take the job down
                 self._error(f"{type(e).__name__}: {e}")
             self.stats.connected = False
             if self._halt.is_set():
@@ -247,7 +247,9 @@ class KafkaConnection(Connection):
             consumer.assign([TopicPartition(self.advice_topic, p, OFFSET_END) for p in topic.partitions])
 
             def produce(msg: pb.WorkerMessage) -> None:
-                producer.produce(self.summaries_topic, msg.SerializeToString(), key, headers=headers, on_delivery=delivered)
+                producer.produce(
+                    self.summaries_topic, msg.SerializeToString(), key, headers=headers, on_delivery=delivered
+                )
 
             produce(pb.WorkerMessage(hello=self.hello))
             producer.flush(5)
