@@ -447,6 +447,7 @@ impl Detector {
             touched: HashSet::new(),
             tombstones: Vec::new(),
             out: Output::default(),
+            wire: proto::Summary::default(),
             scratch: Summary::default(),
             stop: stop.clone(),
             last_offset: HashMap::new(),
@@ -495,6 +496,8 @@ struct Worker {
     /// Jobs that expired in the batch in progress, with their partitions.
     tombstones: Vec<(JobId, i32)>,
     out: Output,
+    /// The last summary decoded, kept for its vectors' capacity.
+    wire: proto::Summary,
     scratch: Summary,
     stop: Arc<AtomicBool>,
     /// Offset of the latest record seen per partition.
@@ -696,9 +699,22 @@ impl Worker {
         let Some(rank) = rank_of(m) else {
             return self.skip("rank", "record has no numeric rank header", partition, offset);
         };
-        let message = match proto::WorkerMessage::decode(m.payload().unwrap_or_default()) {
-            Ok(msg) => msg,
-            Err(e) => return self.skip("decode", &e.to_string(), partition, offset),
+        let payload = m.payload().unwrap_or_default();
+        let body = match lone_summary(payload) {
+            // Decoded into the previous summary's vectors (put back below):
+            // the common record allocates nothing.
+            Some(bytes) => {
+                let mut s = std::mem::take(&mut self.wire);
+                s.clear();
+                if let Err(e) = s.merge(bytes) {
+                    return self.skip("decode", &e.to_string(), partition, offset);
+                }
+                Some(worker_message::Body::Summary(s))
+            }
+            None => match proto::WorkerMessage::decode(payload) {
+                Ok(msg) => msg.body,
+                Err(e) => return self.skip("decode", &e.to_string(), partition, offset),
+            },
         };
         let id: JobId = match self.jobs.get_key_value(job) {
             Some((id, _)) => id.clone(),
@@ -711,7 +727,7 @@ impl Worker {
                 last_seen: Instant::now(),
             },
         );
-        let result = match message.body {
+        let result = match body {
             Some(worker_message::Body::Hello(h)) => {
                 let profile = (!h.rule_profile.is_empty()).then_some(h.rule_profile.as_str());
                 let spec = JobSpec {
@@ -722,7 +738,9 @@ impl Worker {
                 self.engine.declare(job, &spec)
             }
             Some(worker_message::Body::Summary(s)) => {
-                if let Err(e) = wire::summary_into(&s, rank, s.layer_l2.len(), &mut self.scratch) {
+                let converted = wire::summary_into(&s, rank, s.layer_l2.len(), &mut self.scratch);
+                self.wire = s;
+                if let Err(e) = converted {
                     return self.skip("layers", &e.to_string(), partition, offset);
                 }
                 let observed = self.engine.observe(job, &self.scratch, &mut self.out);
@@ -871,5 +889,57 @@ impl Worker {
             None,
             Some(&msg.encode_to_vec()),
         );
+    }
+}
+
+/// The encoded `Summary` of a summaries-topic record that is exactly one
+/// `WorkerMessage.summary` field (what workers send every step), so it can be
+/// decoded into a reused message; `None` for anything else.
+fn lone_summary(payload: &[u8]) -> Option<&[u8]> {
+    // Field 2, length-delimited: (2 << 3) | 2.
+    const SUMMARY_KEY: u8 = 0x12;
+    let rest = payload.strip_prefix(&[SUMMARY_KEY])?;
+    let mut buf = rest;
+    let len = prost::decode_length_delimiter(&mut buf).ok()?;
+    (len == buf.len()).then_some(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lone_summary_is_found_and_anything_else_is_left_to_the_full_decode() {
+        let summary = proto::Summary {
+            step: 7,
+            loss: Some(1.5),
+            layer_l2: vec![0.5; 300],
+            layer_nonfinite: vec![0; 300],
+            ..Default::default()
+        };
+        let record = proto::WorkerMessage {
+            body: Some(worker_message::Body::Summary(summary.clone())),
+        }
+        .encode_to_vec();
+        let mut reused = proto::Summary {
+            step: 1,
+            layer_l2: vec![9.0; 5],
+            ..Default::default()
+        };
+        reused.clear();
+        reused.merge(lone_summary(&record).expect("a lone summary")).unwrap();
+        assert_eq!(reused, summary);
+
+        let hello = proto::WorkerMessage {
+            body: Some(worker_message::Body::Hello(proto::Hello::default())),
+        }
+        .encode_to_vec();
+        assert_eq!(lone_summary(&hello), None);
+        assert_eq!(lone_summary(&[]), None);
+        // A second field after the summary (the last oneof field wins): not lone.
+        let mut two = record.clone();
+        two.extend_from_slice(&hello);
+        assert_eq!(lone_summary(&two), None);
+        assert_eq!(lone_summary(&record[..record.len() - 1]), None);
     }
 }
