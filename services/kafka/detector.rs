@@ -2,22 +2,26 @@
 //! summaries topic, running the engine on the jobs of its partitions.
 //!
 //! A loop on its own thread: poll a batch of records, run them through the
-//! engine, produce the anomalies and the advice, wait until the broker has
-//! them, then produce a snapshot of every job the batch touched, wait again,
-//! and only then commit the batch's offsets. A crash anywhere before the
-//! commit replays the batch; the replay is harmless because the restored
-//! snapshots already hold those steps (the engine refuses a step it has seen,
-//! and the snapshot is only written once the advice of those steps is out)
-//! or, when the snapshot was not written, recomputes the same findings under
-//! the same ids.
+//! engine, produce the anomalies and the advice, and take a snapshot of every
+//! job the batch touched. The batch then waits in a short pipeline while the
+//! next one is processed: once the broker has acknowledged its anomalies and
+//! advice (and those of every batch before it), its snapshots are produced;
+//! once those are acknowledged too, its offsets are committed. A crash
+//! anywhere before the commit replays the batch; the replay is harmless
+//! because the restored snapshots already hold those steps (the engine
+//! refuses a step it has seen, and a snapshot is only written once the advice
+//! of its steps is out) or, when the snapshot was not written, recomputes the
+//! same findings under the same ids.
 //!
-//! Partitions change hands in rebalances: a revoked partition's jobs leave the
-//! engine (their state is in the state topic already), an assigned one's are
-//! restored from the state topic before any of its records is processed.
+//! Partitions change hands in rebalances: before a partition is revoked the
+//! pipeline is drained (snapshots written, offsets committed), then the
+//! partition's jobs leave the engine (their state is in the state topic
+//! already); an assigned one's are restored from the state topic before any
+//! of its records is processed.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -39,9 +43,15 @@ use rdkafka::{Offset, TopicPartitionList};
 use super::{KafkaConfig, RECORD_INDEX_LIMIT, rank_of, record_id};
 use crate::serve::metrics::Metrics;
 
-/// Records processed before their effects are flushed and committed.
+/// Records processed before a batch is closed (snapshots taken) and queued
+/// for its acknowledgements and commit.
 const MAX_BATCH: usize = 2000;
-/// How long a stopping detector waits for the brokers to take its last batch.
+/// Closed batches waiting for their acknowledgements while the next one is
+/// processed; a detector that has this many waits for the oldest.
+const MAX_IN_FLIGHT: usize = 3;
+/// Records processed between two looks at the producer's acknowledgements.
+const ADVANCE_EVERY: usize = 128;
+/// How long a stopping detector waits for the brokers to take its last batches.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 /// How often silent ranks are judged (the stall rule) and idle jobs expire.
 const TICK: Duration = Duration::from_secs(1);
@@ -120,33 +130,50 @@ impl ClientContext for Ctx {
 
 impl ConsumerContext for Ctx {}
 
-/// The detector consumer's context: its rebalances move jobs.
-pub struct DetectorCtx(Ctx);
+/// The detector consumer's context: its rebalances move jobs, and a revoke
+/// first drains the pipeline so the batches processed so far are written and
+/// committed while the partitions are still this replica's.
+pub struct DetectorCtx {
+    ctx: Ctx,
+    pipeline: Arc<Pipeline>,
+}
 
 impl ClientContext for DetectorCtx {
     fn stats(&self, stats: Statistics) {
-        self.0.stats(stats);
+        self.ctx.stats(stats);
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        self.0.error(error, reason);
+        self.ctx.error(error, reason);
     }
 }
 
 impl ConsumerContext for DetectorCtx {
-    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
-            let partitions = self.0.0.summaries_partitions(tpl);
-            self.0.0.changes.lock().unwrap().push(Change::Revoked(partitions));
+            let in_flight = self.pipeline.in_flight();
+            if consumer.assignment_lost() {
+                // Another member may own the partitions already: a snapshot
+                // written now could land after its newer ones.
+                self.pipeline.abandon("the assignment was lost");
+            } else if self.pipeline.drain(consumer, 0, CommitMode::Async) {
+                if in_flight > 0 {
+                    tracing::info!(batches = in_flight, "batches in flight committed before the revoke");
+                }
+            } else {
+                self.pipeline.abandon("stopping before the brokers took them");
+            }
+            let partitions = self.ctx.0.summaries_partitions(tpl);
+            self.ctx.0.changes.lock().unwrap().push(Change::Revoked(partitions));
         }
     }
 
     fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
             // Counted even when empty: the replica is in the group.
-            self.0.0.metrics.kafka_rebalances.inc();
-            let partitions = self.0.0.summaries_partitions(tpl);
-            self.0.0.changes.lock().unwrap().push(Change::Assigned(partitions));
+            self.ctx.0.metrics.kafka_rebalances.inc();
+            let partitions = self.ctx.0.summaries_partitions(tpl);
+            self.ctx.0.changes.lock().unwrap().push(Change::Assigned(partitions));
         }
     }
 }
@@ -162,6 +189,211 @@ impl ProducerContext for Ctx {
     }
 }
 
+/// The detector producer's context: every record carries the sequence number
+/// of the batch that produced it, and its acknowledgement is counted there.
+pub struct ProduceCtx {
+    ctx: Ctx,
+    /// Records produced and acknowledged (or failed) per batch.
+    counts: Mutex<HashMap<usize, Count>>,
+}
+
+#[derive(Default, Clone, Copy)]
+struct Count {
+    sent: usize,
+    acked: usize,
+}
+
+impl ClientContext for ProduceCtx {
+    fn stats(&self, stats: Statistics) {
+        self.ctx.stats(stats);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.ctx.error(error, reason);
+    }
+}
+
+impl ProducerContext for ProduceCtx {
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, batch: usize) {
+        // A failed record counts as settled, as it always has: it is counted
+        // in the producer errors, and waiting on it would stall the partition.
+        self.ctx.delivery(result, ());
+        self.counts.lock().unwrap().entry(batch).or_default().acked += 1;
+    }
+}
+
+/// A closed batch waiting for the broker.
+struct Batch {
+    seq: usize,
+    /// Next offset to commit, per partition.
+    positions: HashMap<i32, i64>,
+    /// Snapshots (a tombstone when `None`) taken when the batch closed, to
+    /// produce once the batch's anomalies and advice are acknowledged.
+    state: Vec<StateRecord>,
+    /// The state records are produced; the commit waits for them.
+    state_sent: bool,
+}
+
+struct StateRecord {
+    job: JobId,
+    partition: i32,
+    bytes: Option<Vec<u8>>,
+}
+
+/// The detector's producer and its batches in flight, oldest first. Shared
+/// by the detector thread and the consumer's rebalance callback (which runs
+/// on that thread, inside a consumer poll).
+struct Pipeline {
+    producer: BaseProducer<ProduceCtx>,
+    summaries: String,
+    state: String,
+    stop: Arc<AtomicBool>,
+    /// When the detector was first seen stopping: the grace runs from there.
+    stopping_since: OnceLock<Instant>,
+    batches: Mutex<VecDeque<Batch>>,
+}
+
+impl Pipeline {
+    /// Queues one record for `batch`, waiting while the producer's queue is full.
+    fn send(&self, batch: usize, topic: &str, key: &str, partition: Option<i32>, payload: Option<&[u8]>) {
+        let mut record = BaseRecord::with_opaque_to(topic, batch).key(key);
+        if let Some(payload) = payload {
+            record = record.payload(payload);
+        }
+        if let Some(p) = partition {
+            record = record.partition(p);
+        }
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => {
+                    self.producer
+                        .context()
+                        .counts
+                        .lock()
+                        .unwrap()
+                        .entry(batch)
+                        .or_default()
+                        .sent += 1;
+                    return;
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    record = r;
+                    self.producer.poll(Duration::from_millis(50));
+                }
+                Err((e, _)) => {
+                    self.producer.context().ctx.0.metrics.kafka_producer_errors.inc();
+                    tracing::error!(error = %e, topic, "kafka produce failed");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Whether a batch has produced anything.
+    fn produced(&self, batch: usize) -> bool {
+        self.producer.context().counts.lock().unwrap().contains_key(&batch)
+    }
+
+    fn in_flight(&self) -> usize {
+        self.batches.lock().unwrap().len()
+    }
+
+    /// Queues a closed batch behind the others.
+    fn push(&self, batch: Batch) {
+        self.batches.lock().unwrap().push_back(batch);
+    }
+
+    /// Takes the acknowledgements that came in and moves the oldest batches
+    /// on: once all a batch produced is acknowledged, its snapshots go out;
+    /// once those are acknowledged too, its offsets are committed. Only the
+    /// oldest batch moves, so commits keep the batches' order and a snapshot
+    /// never goes out before the advice of an earlier batch.
+    fn advance(&self, consumer: &BaseConsumer<DetectorCtx>, mode: CommitMode) {
+        self.producer.poll(Duration::ZERO);
+        let mut batches = self.batches.lock().unwrap();
+        while let Some(front) = batches.front_mut() {
+            let settled = {
+                let counts = self.producer.context().counts.lock().unwrap();
+                counts.get(&front.seq).is_none_or(|c| c.acked >= c.sent)
+            };
+            if !settled {
+                return;
+            }
+            if !front.state_sent {
+                front.state_sent = true;
+                for r in std::mem::take(&mut front.state) {
+                    self.send(front.seq, &self.state, &r.job, Some(r.partition), r.bytes.as_deref());
+                }
+                continue;
+            }
+            let batch = batches.pop_front().expect("the front batch");
+            // Older numbers are those of abandoned batches, whose late
+            // acknowledgements would otherwise stay counted forever.
+            self.producer
+                .context()
+                .counts
+                .lock()
+                .unwrap()
+                .retain(|&seq, _| seq > batch.seq);
+            if batch.positions.is_empty() {
+                continue;
+            }
+            let mut tpl = TopicPartitionList::new();
+            for (&p, &next) in &batch.positions {
+                let _ = tpl.add_partition_offset(&self.summaries, p, Offset::Offset(next));
+            }
+            if let Err(e) = consumer.commit(&tpl, mode) {
+                tracing::warn!(error = %e, "kafka offset commit failed; the batch may be redelivered");
+            }
+        }
+    }
+
+    /// Moves the batches on until at most `keep` are in flight. While the
+    /// brokers are away this waits for them; once the replica is stopping,
+    /// until [`STOP_GRACE`] after it began to. False when it gave up.
+    fn drain(&self, consumer: &BaseConsumer<DetectorCtx>, keep: usize, mode: CommitMode) -> bool {
+        let mut warned = Instant::now();
+        loop {
+            self.advance(consumer, mode);
+            if self.in_flight() <= keep {
+                return true;
+            }
+            // Short polls: rdkafka's own flush polls in 100 ms slices, which
+            // would add up to 100 ms to every batch.
+            self.producer.poll(Duration::from_millis(1));
+            if warned.elapsed() >= Duration::from_secs(5) {
+                warned = Instant::now();
+                tracing::warn!(
+                    in_flight = self.producer.in_flight_count(),
+                    batches = self.in_flight(),
+                    "waiting for the Kafka brokers to take the detector's records"
+                );
+            }
+            if self.stop.load(Ordering::Relaxed)
+                && self.stopping_since.get_or_init(Instant::now).elapsed() >= STOP_GRACE
+            {
+                return false;
+            }
+        }
+    }
+
+    /// Forgets the batches in flight, uncommitted: their records are
+    /// redelivered to the partitions' next owner, and their snapshots that
+    /// are not out yet never go out.
+    fn abandon(&self, why: &str) {
+        let abandoned = std::mem::take(&mut *self.batches.lock().unwrap());
+        if !abandoned.is_empty() {
+            tracing::warn!(
+                batches = abandoned.len(),
+                why,
+                "uncommitted batches left for redelivery"
+            );
+        }
+    }
+}
+
 /// The running detector; stops (after committing what it processed) on drop.
 pub struct Detector {
     stop: Arc<AtomicBool>,
@@ -171,34 +403,51 @@ pub struct Detector {
 impl Detector {
     /// Joins the detectors' group and starts processing on a thread of its own.
     pub fn start(config: &KafkaConfig, engine: Engine, link: Arc<Link>, ttl: Duration) -> anyhow::Result<Self> {
+        // Deliveries wait for a broker that is away instead of failing: a
+        // batch's offsets stay uncommitted until everything it produced is in.
+        let producer: BaseProducer<ProduceCtx> = config
+            .producer_config()
+            .set("message.timeout.ms", "0")
+            .create_with_context(ProduceCtx {
+                ctx: Ctx(link.clone()),
+                counts: Mutex::new(HashMap::new()),
+            })
+            .context("cannot create the detectors' Kafka producer")?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let pipeline = Arc::new(Pipeline {
+            producer,
+            summaries: config.topics.summaries.clone(),
+            state: config.topics.state.clone(),
+            stop: stop.clone(),
+            stopping_since: OnceLock::new(),
+            batches: Mutex::new(VecDeque::new()),
+        });
         let mut c = config.consumer_config();
         c.set("group.id", &config.group)
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
             .set("statistics.interval.ms", "1000");
         let consumer: BaseConsumer<DetectorCtx> = c
-            .create_with_context(DetectorCtx(Ctx(link.clone())))
+            .create_with_context(DetectorCtx {
+                ctx: Ctx(link.clone()),
+                pipeline: pipeline.clone(),
+            })
             .context("cannot create the detectors' Kafka consumer")?;
         consumer
             .subscribe(&[&config.topics.summaries])
             .context("cannot subscribe to the summaries topic")?;
-        // Deliveries wait for a broker that is away instead of failing: the
-        // batch's offsets stay uncommitted until everything it produced is in.
-        let producer: BaseProducer<Ctx> = config
-            .producer_config()
-            .set("message.timeout.ms", "0")
-            .create_with_context(Ctx(link.clone()))
-            .context("cannot create the detectors' Kafka producer")?;
-        let stop = Arc::new(AtomicBool::new(false));
         let mut worker = Worker {
             config: config.clone(),
             engine,
-            producer,
+            pipeline,
+            seq: 0,
             metrics: link.metrics.clone(),
             jobs: HashMap::new(),
             positions: HashMap::new(),
             touched: HashSet::new(),
+            tombstones: Vec::new(),
             out: Output::default(),
+            wire: proto::Summary::default(),
             scratch: Summary::default(),
             stop: stop.clone(),
             last_offset: HashMap::new(),
@@ -236,13 +485,19 @@ struct Owned {
 struct Worker {
     config: KafkaConfig,
     engine: Engine,
-    producer: BaseProducer<Ctx>,
+    pipeline: Arc<Pipeline>,
+    /// Sequence number of the batch in progress.
+    seq: usize,
     metrics: Metrics,
     jobs: HashMap<JobId, Owned>,
     /// Next offset to commit, per partition, for the batch in progress.
     positions: HashMap<i32, i64>,
     touched: HashSet<JobId>,
+    /// Jobs that expired in the batch in progress, with their partitions.
+    tombstones: Vec<(JobId, i32)>,
     out: Output,
+    /// The last summary decoded, kept for its vectors' capacity.
+    wire: proto::Summary,
     scratch: Summary,
     stop: Arc<AtomicBool>,
     /// Offset of the latest record seen per partition.
@@ -265,7 +520,12 @@ impl Worker {
         let mut next_tick = Instant::now() + TICK;
         while !self.stop.load(Ordering::Relaxed) {
             let mut n = 0;
-            let mut wait = Duration::from_millis(100);
+            // With batches in flight, come back soon to move them on.
+            let mut wait = if self.pipeline.in_flight() > 0 {
+                Duration::from_millis(1)
+            } else {
+                Duration::from_millis(100)
+            };
             while n < MAX_BATCH {
                 let polled = consumer.poll(wait);
                 self.apply_changes(consumer);
@@ -279,21 +539,63 @@ impl Worker {
                 }
                 n += 1;
                 wait = Duration::ZERO;
+                if n % ADVANCE_EVERY == 0 {
+                    self.pipeline.advance(consumer, CommitMode::Async);
+                }
             }
             if Instant::now() >= next_tick {
                 next_tick = Instant::now() + TICK;
                 self.tick();
             }
-            self.flush(consumer, CommitMode::Async);
+            self.close_batch();
+            // The commit is asynchronous while running (its order after the
+            // broker's acknowledgements is what makes it safe); a lost
+            // commit only means a redelivery.
+            self.pipeline.drain(consumer, MAX_IN_FLIGHT - 1, CommitMode::Async);
         }
         // Leaving: the last commit must land before the group moves on.
-        self.flush(consumer, CommitMode::Sync);
+        self.close_batch();
+        if !self.pipeline.drain(consumer, 0, CommitMode::Sync) {
+            self.pipeline.abandon("stopping before the brokers took them");
+        }
         consumer.unsubscribe();
+    }
+
+    /// Ends the batch in progress: takes a snapshot of every job it touched
+    /// (the state of its steps, not of the next batch's) and queues it with
+    /// its offsets behind the batches in flight.
+    fn close_batch(&mut self) {
+        let mut state: Vec<StateRecord> = Vec::with_capacity(self.touched.len() + self.tombstones.len());
+        for job in self.touched.drain() {
+            let Some(owned) = self.jobs.get(&job) else { continue };
+            if let Some(bytes) = self.engine.snapshot(&job) {
+                state.push(StateRecord {
+                    partition: owned.partition,
+                    job,
+                    bytes: Some(bytes),
+                });
+            }
+        }
+        state.extend(self.tombstones.drain(..).map(|(job, partition)| StateRecord {
+            job,
+            partition,
+            bytes: None,
+        }));
+        if self.positions.is_empty() && state.is_empty() && !self.pipeline.produced(self.seq) {
+            return; // nothing to wait for: the next batch keeps the number
+        }
+        self.pipeline.push(Batch {
+            seq: self.seq,
+            positions: std::mem::take(&mut self.positions),
+            state,
+            state_sent: false,
+        });
+        self.seq += 1;
     }
 
     /// Drops the jobs of revoked partitions; restores those of assigned ones.
     fn apply_changes(&mut self, consumer: &BaseConsumer<DetectorCtx>) {
-        let changes = std::mem::take(&mut *consumer.context().0.0.changes.lock().unwrap());
+        let changes = std::mem::take(&mut *consumer.context().ctx.0.changes.lock().unwrap());
         for change in changes {
             match change {
                 Change::Revoked(partitions) => {
@@ -397,9 +699,22 @@ impl Worker {
         let Some(rank) = rank_of(m) else {
             return self.skip("rank", "record has no numeric rank header", partition, offset);
         };
-        let message = match proto::WorkerMessage::decode(m.payload().unwrap_or_default()) {
-            Ok(msg) => msg,
-            Err(e) => return self.skip("decode", &e.to_string(), partition, offset),
+        let payload = m.payload().unwrap_or_default();
+        let body = match lone_summary(payload) {
+            // Decoded into the previous summary's vectors (put back below):
+            // the common record allocates nothing.
+            Some(bytes) => {
+                let mut s = std::mem::take(&mut self.wire);
+                s.clear();
+                if let Err(e) = s.merge(bytes) {
+                    return self.skip("decode", &e.to_string(), partition, offset);
+                }
+                Some(worker_message::Body::Summary(s))
+            }
+            None => match proto::WorkerMessage::decode(payload) {
+                Ok(msg) => msg.body,
+                Err(e) => return self.skip("decode", &e.to_string(), partition, offset),
+            },
         };
         let id: JobId = match self.jobs.get_key_value(job) {
             Some((id, _)) => id.clone(),
@@ -412,7 +727,7 @@ impl Worker {
                 last_seen: Instant::now(),
             },
         );
-        let result = match message.body {
+        let result = match body {
             Some(worker_message::Body::Hello(h)) => {
                 let profile = (!h.rule_profile.is_empty()).then_some(h.rule_profile.as_str());
                 let spec = JobSpec {
@@ -423,7 +738,9 @@ impl Worker {
                 self.engine.declare(job, &spec)
             }
             Some(worker_message::Body::Summary(s)) => {
-                if let Err(e) = wire::summary_into(&s, rank, s.layer_l2.len(), &mut self.scratch) {
+                let converted = wire::summary_into(&s, rank, s.layer_l2.len(), &mut self.scratch);
+                self.wire = s;
+                if let Err(e) = converted {
                     return self.skip("layers", &e.to_string(), partition, offset);
                 }
                 let observed = self.engine.observe(job, &self.scratch, &mut self.out);
@@ -502,13 +819,9 @@ impl Worker {
             self.jobs.remove(&job);
             self.rollbacks.remove(&job);
             self.touched.remove(&job);
-            let record: BaseRecord<'_, str, [u8]> = BaseRecord::to(&self.config.topics.state)
-                .key(&*job)
-                .partition(partition);
-            if let Err((e, _)) = self.producer.send(record) {
-                tracing::warn!(error = %e, job = &*job, "cannot write the tombstone of an expired job");
-            }
+            // Written with the batch's snapshots, after those of earlier batches.
             tracing::info!(job = &*job, "job expired");
+            self.tombstones.push((job, partition));
         }
     }
 
@@ -547,12 +860,12 @@ impl Worker {
         let mut a = wire::finding_to_proto(f);
         a.id = id;
         self.metrics.anomaly(&f.job, f.rule, f.severity);
-        send(
-            &self.producer,
+        self.pipeline.send(
+            self.seq,
             &self.config.topics.anomalies,
             &f.job,
             None,
-            &a.encode_to_vec(),
+            Some(&a.encode_to_vec()),
         );
     }
 
@@ -569,100 +882,64 @@ impl Worker {
         let msg = proto::ServerMessage {
             body: Some(proto::server_message::Body::Advice(wire::advice_to_proto(&advice))),
         };
-        send(
-            &self.producer,
+        self.pipeline.send(
+            self.seq,
             &self.config.topics.advice,
             &advice.job,
             None,
-            &msg.encode_to_vec(),
+            Some(&msg.encode_to_vec()),
         );
-    }
-
-    /// Writes the touched jobs' snapshots, waits until the broker holds all
-    /// the batch produced, then commits the batch's offsets.
-    /// The commit is asynchronous while running (its order after the
-    /// broker's acknowledgements is what makes it safe); a lost commit only
-    /// means a redelivery.
-    fn flush(&mut self, consumer: &BaseConsumer<DetectorCtx>, mode: CommitMode) {
-        // Two steps, so that a snapshot is never in the state topic without
-        // the anomalies and advice of the steps it holds: a restored job
-        // refuses those steps, and would never send that advice again.
-        if !self.wait_delivered() {
-            return; // uncommitted, no snapshot: the next owner replays the batch
-        }
-        for job in self.touched.drain() {
-            let Some(owned) = self.jobs.get(&job) else { continue };
-            if let Some(bytes) = self.engine.snapshot(&job) {
-                send(
-                    &self.producer,
-                    &self.config.topics.state,
-                    &job,
-                    Some(owned.partition),
-                    &bytes,
-                );
-            }
-        }
-        if !self.wait_delivered() {
-            return;
-        }
-        if self.positions.is_empty() {
-            return;
-        }
-        let mut tpl = TopicPartitionList::new();
-        for (&p, &next) in &self.positions {
-            let _ = tpl.add_partition_offset(&self.config.topics.summaries, p, Offset::Offset(next));
-        }
-        if let Err(e) = consumer.commit(&tpl, mode) {
-            tracing::warn!(error = %e, "kafka offset commit failed; the batch may be redelivered");
-        }
-        self.positions.clear();
-    }
-
-    /// Waits until the brokers acknowledged every record produced so far.
-    /// While the brokers are away this waits for them; once the replica is
-    /// stopping, for at most [`STOP_GRACE`]. False when it gave up.
-    fn wait_delivered(&self) -> bool {
-        let mut warned = Instant::now();
-        let mut stopping_since: Option<Instant> = None;
-        while self.producer.in_flight_count() > 0 {
-            // Short polls: rdkafka's own flush polls in 100 ms slices, which
-            // would add up to 100 ms to every advice.
-            self.producer.poll(Duration::from_millis(1));
-            if warned.elapsed() >= Duration::from_secs(5) {
-                warned = Instant::now();
-                tracing::warn!(
-                    in_flight = self.producer.in_flight_count(),
-                    "waiting for the Kafka brokers to take the batch's records"
-                );
-            }
-            if self.stop.load(Ordering::Relaxed)
-                && stopping_since.get_or_insert_with(Instant::now).elapsed() >= STOP_GRACE
-            {
-                return false;
-            }
-        }
-        true
     }
 }
 
-/// Queues one record, waiting while the producer's queue is full.
-fn send(producer: &BaseProducer<Ctx>, topic: &str, key: &str, partition: Option<i32>, payload: &[u8]) {
-    let mut record = BaseRecord::to(topic).key(key).payload(payload);
-    if let Some(p) = partition {
-        record = record.partition(p);
-    }
-    loop {
-        match producer.send(record) {
-            Ok(()) => return,
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                record = r;
-                producer.poll(Duration::from_millis(50));
-            }
-            Err((e, _)) => {
-                producer.context().0.metrics.kafka_producer_errors.inc();
-                tracing::error!(error = %e, topic, "kafka produce failed");
-                return;
-            }
+/// The encoded `Summary` of a summaries-topic record that is exactly one
+/// `WorkerMessage.summary` field (what workers send every step), so it can be
+/// decoded into a reused message; `None` for anything else.
+fn lone_summary(payload: &[u8]) -> Option<&[u8]> {
+    // Field 2, length-delimited: (2 << 3) | 2.
+    const SUMMARY_KEY: u8 = 0x12;
+    let rest = payload.strip_prefix(&[SUMMARY_KEY])?;
+    let mut buf = rest;
+    let len = prost::decode_length_delimiter(&mut buf).ok()?;
+    (len == buf.len()).then_some(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lone_summary_is_found_and_anything_else_is_left_to_the_full_decode() {
+        let summary = proto::Summary {
+            step: 7,
+            loss: Some(1.5),
+            layer_l2: vec![0.5; 300],
+            layer_nonfinite: vec![0; 300],
+            ..Default::default()
+        };
+        let record = proto::WorkerMessage {
+            body: Some(worker_message::Body::Summary(summary.clone())),
         }
+        .encode_to_vec();
+        let mut reused = proto::Summary {
+            step: 1,
+            layer_l2: vec![9.0; 5],
+            ..Default::default()
+        };
+        reused.clear();
+        reused.merge(lone_summary(&record).expect("a lone summary")).unwrap();
+        assert_eq!(reused, summary);
+
+        let hello = proto::WorkerMessage {
+            body: Some(worker_message::Body::Hello(proto::Hello::default())),
+        }
+        .encode_to_vec();
+        assert_eq!(lone_summary(&hello), None);
+        assert_eq!(lone_summary(&[]), None);
+        // A second field after the summary (the last oneof field wins): not lone.
+        let mut two = record.clone();
+        two.extend_from_slice(&hello);
+        assert_eq!(lone_summary(&two), None);
+        assert_eq!(lone_summary(&record[..record.len() - 1]), None);
     }
 }
