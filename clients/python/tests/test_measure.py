@@ -70,7 +70,7 @@ def test_per_layer_norms_match_a_per_parameter_reference(device):
     net = Net().to(device)
     backward(net, device)
     layers = Layers(net)
-    m = layers.measure(loss=torch.tensor(2.5, device=device))
+    m = layers.measure(loss=torch.tensor(2.5, device=device), max_abs=True)
     l2, mx, bad = reference(net, layers)
     assert m.layer_l2 == pytest.approx(l2, rel=1e-5)
     assert m.layer_max_abs == pytest.approx(mx, rel=1e-6)
@@ -86,8 +86,16 @@ def test_half_precision_gradients_are_accumulated_in_float32(dtype):
     p.grad = torch.full_like(p, 1000.0)
     net = torch.nn.Module()
     net.w = p
-    m = Layers(net).measure()
+    m = Layers(net).measure(max_abs=True)
     assert m.grad_norm == pytest.approx(1e5, rel=1e-3) and m.layer_max_abs == [1000.0]
+
+
+def test_max_abs_is_measured_on_accelerators_and_asked_for_on_the_cpu():
+    net = Net()
+    backward(net, "cpu")
+    layers = Layers(net)
+    assert layers.measure().layer_max_abs == [], "a second pass over memory on the CPU: off by default"
+    assert len(layers.measure(max_abs=True).layer_max_abs) == len(layers.names)
 
 
 def test_non_finite_values_are_counted_per_layer():
@@ -129,7 +137,7 @@ def test_one_host_copy_per_step_and_never_item(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "item", counting_item)
     monkeypatch.setattr(torch.Tensor, "__float__", lambda self: pytest.fail("float() of a tensor: a host sync"))
     for _ in range(3):
-        layers.measure(loss=torch.tensor(1.0), loss_scale=torch.tensor(65536.0))
+        layers.measure(loss=torch.tensor(1.0), loss_scale=torch.tensor(65536.0), max_abs=True)
     assert calls == {"tolist": 3, "item": 0}
 
 

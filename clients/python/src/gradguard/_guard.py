@@ -56,6 +56,7 @@ class Stats:
 
     steps: int
     skipped: int
+    clipped: int
     sent: int
     dropped: int
     connects: int
@@ -90,6 +91,7 @@ class Guard:
         kafka_topics: tuple[str, str] = ("gradguard.summaries", "gradguard.advice"),
         kafka_properties: dict | None = None,
         buffer: int = 4096,
+        max_abs: bool | None = None,
         process_group: Any = None,
     ):
         if not isinstance(job, str) or not job.strip():
@@ -111,6 +113,7 @@ class Guard:
         self.scaler = scaler if scaler is not None and getattr(scaler, "is_enabled", lambda: True)() else None
         self.scheduler = scheduler
         self.max_norm = float(max_norm) if max_norm is not None else None
+        self.max_abs = max_abs
         self.on_rollback = on_rollback
         self.on_advice = on_advice
         self.layers = Layers(model)
@@ -131,6 +134,7 @@ class Guard:
         # What advice did to this run; saved in checkpoints.
         self._step = 0
         self._skipped = 0
+        self._clipped = 0
         self._advised_clip: float | None = None
         self._lr_scale = 1.0
         self._applied = 0
@@ -185,7 +189,7 @@ class Guard:
             _unscale_once(self.scaler, self.optimizer)
         agree = self._agreement()
         scale = getattr(self.scaler, "_scale", None) if self.scaler is not None else None
-        m = self.layers.measure(loss, loss_scale=scale, agree=agree)
+        m = self.layers.measure(loss, loss_scale=scale, agree=agree, max_abs=self.max_abs)
         self._send(step, m)
 
         advice = self._due(m.agreed)
@@ -217,6 +221,7 @@ class Guard:
         return Stats(
             steps=self._step,
             skipped=self._skipped,
+            clipped=self._clipped,
             sent=s.sent,
             dropped=s.dropped,
             connects=s.connects,
@@ -400,6 +405,7 @@ class Guard:
 
         limit = self._clip_norm()
         if limit is not None and m.grad_norm > limit:
+            self._clipped += 1
             self.layers.scale_grads(limit / (m.grad_norm + 1e-6))
         return True
 

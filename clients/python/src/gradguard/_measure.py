@@ -1,9 +1,10 @@
 """Per-layer gradient statistics of a model, measured once per optimizer step.
 
-Cost model: two reductions over the gradients (L2 and max |g| per parameter;
-the L2 fused across tensors and accumulated in float32 whatever the gradient
-dtype, the max fused on accelerators and one vectorised min/max per tensor on
-the CPU, where the fused inf-norm is slow), a
+Cost model: one fused reduction over the gradients (L2 per parameter,
+accumulated in float32 whatever the gradient dtype), a second for max |g|
+on accelerators (fused; on the CPU it is off by default: a second pass over
+memory, and one vectorised min/max per tensor when asked for, since the fused
+inf-norm is slow there), a
 scatter of those per-parameter values into layers (float64, so squares of huge
 norms do not overflow), and ONE device-to-host copy of a packed vector. Only a
 step whose gradients hold NaN or Inf pays a second pass to count them.
@@ -46,6 +47,7 @@ class Measurement:
 
     grad_norm: float
     layer_l2: list[float]
+    # Empty when not measured (see Layers.measure).
     layer_max_abs: list[float]
     layer_nonfinite: list[int]
     loss: float | None = None
@@ -105,34 +107,44 @@ class Layers:
         loss: torch.Tensor | float | None = None,
         loss_scale: torch.Tensor | float | None = None,
         agree: torch.Tensor | None = None,
+        max_abs: bool | None = None,
     ) -> Measurement:
         """Measures the gradients as they are now (call after unscaling).
 
         `loss` and `loss_scale` may be device tensors: they travel in the same
         copy. `agree` is a one-element tensor (already reduced across ranks)
-        that rides along too.
+        that rides along too. `max_abs`: measure max |g| per layer; by default
+        on accelerators (fused, nearly free) but not on the CPU, where it is a
+        second pass over the gradients (a NaN or Inf shows in the L2 norm all
+        the same).
         """
         grads, present = self.grads()
         n = len(self.names)
         if not grads:
             zeros = [0.0] * n
-            return Measurement(0.0, zeros, list(zeros), [0] * n, _host(loss), _host(loss_scale), _host_int(agree))
+            return Measurement(0.0, zeros, [], [0] * n, _host(loss), _host(loss_scale), _host_int(agree))
         device = grads[0].device
+        if max_abs is None:
+            max_abs = device.type != "cpu"
         l2 = _stack_on(_norm(grads, ord=2.0, dtype=torch.float32), device)
-        mx = _max_abs(grads, device)
         idx = self._index(present, device)
         sq = torch.zeros(n, dtype=torch.float64, device=device).index_add_(0, idx, l2.double().square())
-        layer_max = torch.zeros(n, dtype=torch.float64, device=device).scatter_reduce_(
-            0, idx, mx.double(), reduce="amax", include_self=True
-        )
+        columns = [sq.sqrt()]
+        if max_abs:
+            columns.append(
+                torch.zeros(n, dtype=torch.float64, device=device).scatter_reduce_(
+                    0, idx, _max_abs(grads, device).double(), reduce="amax", include_self=True
+                )
+            )
         tail = [sq.sum().sqrt().reshape(1), _scalar(loss, device), _scalar(loss_scale, device)]
         # The int64 rides bit for bit (a view, not a conversion): ids use all 63 bits.
         tail.append(torch.zeros(1, dtype=torch.float64, device=device) if agree is None else _bits(agree, device))
-        packed = torch.cat([sq.sqrt(), layer_max, *tail]).tolist()  # the one device-to-host copy
-        layer_l2, layer_max_abs = packed[:n], packed[n : 2 * n]
-        total, loss_v, scale_v, agreed = packed[2 * n :]
+        packed = torch.cat([*columns, *tail]).tolist()  # the one device-to-host copy
+        layer_l2 = packed[:n]
+        layer_max_abs = packed[n : 2 * n] if max_abs else []
+        total, loss_v, scale_v, agreed = packed[len(columns) * n :]
         nonfinite = [0] * n
-        if not math.isfinite(total) or any(not math.isfinite(v) for v in layer_max_abs):
+        if not math.isfinite(total) or any(not math.isfinite(v) for v in layer_l2 + layer_max_abs):
             nonfinite = self._count_nonfinite(grads, idx, device)
         return Measurement(
             grad_norm=total,
