@@ -19,13 +19,12 @@
 //!
 //! Prints `ratio: X.XX` (gradguard over the bare consumer).
 
-#[path = "../tests/common/kafka.rs"]
-#[allow(dead_code)]
-mod broker;
+// The integration tests' harness: a real `gradguard serve` and a tansu broker.
+#[path = "../tests/common/mod.rs"]
+mod common;
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use gradguard::proto::{self, worker_message};
@@ -46,7 +45,7 @@ const SUMMARIES: &str = "gradguard.summaries";
 const ADVICE: &str = "gradguard.advice";
 
 fn main() {
-    let broker = broker::Broker::start();
+    let broker = common::kafka::Broker::start();
     let brokers = broker.brokers();
     let mut config = tempfile::NamedTempFile::new().unwrap();
     write!(
@@ -61,8 +60,7 @@ fn main() {
 
     // The replica creates the topics; it is stopped before the fill, so the
     // fill is measured from a standing start.
-    let server = Replica::start(&brokers, &config_path);
-    drop(server);
+    replica(&brokers, &config_path).stop();
 
     let produced = fill(&brokers);
     let bare = bare_consumer(&brokers, produced);
@@ -72,8 +70,9 @@ fn main() {
         bare.as_secs_f64()
     );
 
-    let replica = Replica::start(&brokers, &config_path);
-    let run = follow_commits(&brokers, "bench-detectors", produced, || replica.summaries());
+    let replica = replica(&brokers, &config_path);
+    let summaries = || replica.sample("gradguard_summaries_total").unwrap_or(0.0) as usize;
+    let run = follow_commits(&brokers, "bench-detectors", produced, summaries);
     let elapsed = run.elapsed.as_secs_f64();
     let gradguard = run.processed as f64 / elapsed;
     println!(
@@ -93,62 +92,12 @@ fn main() {
         latencies.last().copied().unwrap_or(0.0) * 1e3,
         latencies.len()
     );
-    drop(replica);
+    replica.stop();
 }
 
-struct Replica {
-    child: Child,
-    metrics: String,
-}
-
-impl Replica {
-    fn start(brokers: &str, config: &str) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_gradguard"))
-            .args([
-                "serve",
-                "--grpc-addr",
-                "127.0.0.1:0",
-                "--metrics-addr",
-                "127.0.0.1:0",
-                "--no-store",
-            ])
-            .args(["--kafka-brokers", brokers, "--config", config])
-            .env("RUST_LOG", "error")
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start gradguard serve");
-        let mut line = String::new();
-        std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
-        assert!(line.starts_with("listening"), "{line}");
-        let metrics = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("metrics="))
-            .unwrap_or_else(|| panic!("no metrics address in {line:?}"))
-            .to_owned();
-        Self { child, metrics }
-    }
-
-    /// Summaries the replica has processed (its `/metrics` counter).
-    fn summaries(&self) -> usize {
-        let text = ureq::get(&format!("http://{}/metrics", self.metrics))
-            .call()
-            .expect("scrape /metrics")
-            .body_mut()
-            .read_to_string()
-            .expect("metrics text");
-        text.lines()
-            .find_map(|l| l.strip_prefix("gradguard_summaries_total ")?.trim().parse::<f64>().ok())
-            .unwrap_or(0.0) as usize
-    }
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let _ = self.child.wait();
-    }
+/// One cluster-mode replica with no store: the detector is what is measured.
+fn replica(brokers: &str, config: &str) -> common::Server {
+    common::Server::start_with(&["--no-store", "--kafka-brokers", brokers, "--config", config])
 }
 
 fn client(brokers: &str) -> ClientConfig {
