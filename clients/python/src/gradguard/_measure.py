@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -54,7 +54,6 @@ class Measurement:
     loss_scale: float | None = None
     # The cross-rank agreement (an int64) that rode along with the copy.
     agreed: int | None = None
-    extra: dict = field(default_factory=dict)
 
     @property
     def finite(self) -> bool:
