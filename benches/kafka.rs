@@ -170,6 +170,7 @@ fn fill(brokers: &str) -> usize {
                 layer_names: names.clone(),
                 client_version: "bench".into(),
                 rule_profile: String::new(),
+                report_progress: false,
             };
             send(
                 &producer,

@@ -449,6 +449,7 @@ async fn measure(args: &LoadgenArgs, target: &str, memory: MemorySource) -> Resu
                 layer_names: (0..args.layers).map(|l| format!("layer{l}")).collect(),
                 client_version: "loadgen".to_owned(),
                 rule_profile: String::new(),
+                report_progress: false,
             };
             tokio::spawn(async move {
                 let mut client = client::connect(&target).await?;

@@ -310,6 +310,7 @@ fn hello(scenario: &Scenario, layer_names: &[String], rank: u32) -> proto::Hello
         layer_names: layer_names.to_vec(),
         client_version: format!("simulate/{}", env!("CARGO_PKG_VERSION")),
         rule_profile: String::new(),
+        report_progress: false,
     }
 }
 

@@ -91,6 +91,7 @@ impl Ingest for Sink {
                     body: Some(server_message::Body::Welcome(Welcome {
                         server_version: env!("CARGO_PKG_VERSION").to_owned(),
                         last_step: None,
+                        reports_progress: false,
                     })),
                 }),
                 Ok(None) => return,

@@ -133,6 +133,12 @@ pub struct StreamReceiver {
 }
 
 impl StreamReceiver {
+    /// The next server message of any kind (advice, progress); `Ok(None)`
+    /// when the server ended the stream cleanly.
+    pub async fn message(&mut self) -> Result<Option<proto::ServerMessage>, Status> {
+        self.inner.message().await
+    }
+
     /// The next advice; `Ok(None)` when the server ended the stream cleanly,
     /// `Err` with the status that ended it otherwise.
     pub async fn advice(&mut self) -> Result<Option<proto::Advice>, Status> {

@@ -567,3 +567,57 @@ async fn a_rank_that_applied_a_rollback_reports_its_steps_again() {
         assert_eq!(sample(&text, &series).unwrap_or(0.0), 0.0, "{text}");
     }
 }
+
+/// A worker that asks for progress hears, after each summary, that the step
+/// is decided on, and only after the advice that step caused: with a store
+/// (advice waits for its commit) and without.
+#[tokio::test(flavor = "multi_thread")]
+async fn progress_follows_each_summary_after_its_advice() {
+    use proto::server_message::Body;
+    for flags in [&[][..], &["--no-store"][..]] {
+        let server = Server::start_with(flags);
+        let cfg = config("progress", Fault::NanGradients, 1);
+        let mut scenario = gradguard::scenario::Scenario::new(cfg.clone());
+        let mut c = client::connect(&server.url()).await.unwrap();
+        let stream = WorkerStream::open(
+            &mut c,
+            proto::Hello {
+                layer_names: scenario.layer_names(),
+                report_progress: true,
+                ..hello("progress", 0, 1, 0)
+            },
+        )
+        .await
+        .unwrap();
+        assert!(stream.welcome.reports_progress, "{flags:?}");
+        let (sender, mut receiver) = (stream.sender, stream.receiver);
+        let mut advised = Vec::new();
+        while let Some(step) = scenario.next_step() {
+            let s = wire::summary_to_proto(&step[0]);
+            let at = s.step;
+            sender.summary(s).await.unwrap();
+            // Lock-step: nothing is sent until this step's progress is back.
+            loop {
+                match receiver.message().await.unwrap().expect("the stream stays open").body {
+                    Some(Body::Advice(a)) => advised.push((at, a)),
+                    Some(Body::Progress(p)) => {
+                        assert_eq!(p.step, at, "{flags:?}");
+                        break;
+                    }
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+        }
+        let plan = scenario.plan();
+        let (at, skip) = advised
+            .iter()
+            .find(|(_, a)| action(a) == Action::SkipStep)
+            .unwrap_or_else(|| panic!("no skip_step in {advised:?}"));
+        assert_eq!(
+            (*at, skip.apply_from_step),
+            (plan.at, plan.at),
+            "in force at the step itself"
+        );
+        assert!(advised.iter().all(|(at, a)| a.decided_at_step == *at), "{advised:?}");
+    }
+}

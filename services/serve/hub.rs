@@ -85,6 +85,8 @@ pub struct Attachment {
     layer_names: Arc<[String]>,
     world_size: Option<u32>,
     profile: Option<String>,
+    /// Each summary is answered with a Progress once its advice is sent.
+    progress: bool,
 }
 
 impl Attachment {
@@ -222,7 +224,9 @@ impl Hub {
     /// (replacing an older stream of the same rank), and queues the Welcome.
     pub fn hello(&self, stream: u64, outbox: &Outbox, hello: proto::Hello) -> Result<Attachment, Rejection> {
         let forwarded = self.forward.as_ref().map(|_| hello.clone());
-        let at = validate_hello(stream, hello)?;
+        let mut at = validate_hello(stream, hello)?;
+        // Forwarded summaries are decided on elsewhere, later.
+        at.progress &= self.forward.is_none();
         let mut core = self.core();
         let core = &mut *core;
         self.ensure_job(core, &at)?;
@@ -246,6 +250,7 @@ impl Hub {
         let welcome = proto::Welcome {
             server_version: env!("CARGO_PKG_VERSION").to_owned(),
             last_step,
+            reports_progress: at.progress,
         };
         // A fresh queue always has room; the Welcome goes first because any
         // advice for this stream is queued under the same lock, later.
@@ -346,7 +351,13 @@ impl Hub {
         job.last_seen = s.time.unwrap_or(job.last_seen);
         job.dirty = true;
         update_gauges(&job.gauges, s, core.engine.health(&at.job));
-        self.publish(core, &out, received);
+        let progress = at.progress.then(|| Delivery {
+            message: proto::ServerMessage {
+                body: Some(server_message::Body::Progress(proto::Progress { step: p.step })),
+            },
+            outboxes: vec![outbox.clone()],
+        });
+        self.publish(core, &out, progress, received);
         core.out = out;
         Ok(())
     }
@@ -381,9 +392,11 @@ impl Hub {
     }
 
     /// Metrics for the findings; the advice to the job's streams, through
-    /// the store when there is one (durable before it leaves).
-    fn publish(&self, core: &mut Core, out: &Output, received: Instant) {
-        if out.is_empty() {
+    /// the store when there is one (durable before it leaves), then the
+    /// stream's Progress, if it asked for one: the same path keeps it behind
+    /// every advice before it.
+    fn publish(&self, core: &mut Core, out: &Output, progress: Option<Delivery>, received: Instant) {
+        if out.is_empty() && progress.is_none() {
             return;
         }
         for f in &out.findings {
@@ -401,6 +414,7 @@ impl Hub {
                 outboxes,
             });
         }
+        deliveries.extend(progress);
         match &self.recorder {
             Some(recorder) => {
                 let now = unix_now();
@@ -586,7 +600,7 @@ impl Hub {
         let mut out = std::mem::take(&mut core.out);
         out.clear();
         core.engine.tick(unix_now(), &mut out);
-        self.publish(core, &out, now);
+        self.publish(core, &out, None, now);
         core.out = out;
 
         // Cluster mode: job rows come from the job's owner (the state topic).
@@ -652,12 +666,17 @@ pub struct Delivery {
 /// worker that does not read) loses it, a closed one is a stream ending.
 pub fn deliver(metrics: &Metrics, deliveries: &[Delivery], received: Option<Instant>) {
     for d in deliveries {
+        let advice = matches!(d.message.body, Some(server_message::Body::Advice(_)));
         for outbox in &d.outboxes {
-            if let Err(mpsc::error::TrySendError::Full(_)) = outbox.try_send(Ok(d.message.clone())) {
+            if let Err(mpsc::error::TrySendError::Full(_)) = outbox.try_send(Ok(d.message.clone()))
+                && advice
+            {
                 metrics.advice_dropped.inc();
             }
         }
-        if let Some(received) = received {
+        if let Some(received) = received
+            && advice
+        {
             metrics.advice_latency.observe(received.elapsed().as_secs_f64());
         }
     }
@@ -709,6 +728,7 @@ fn validate_hello(stream: u64, h: proto::Hello) -> Result<Attachment, Rejection>
         layer_names: h.layer_names.into(),
         world_size: (h.world_size > 0).then_some(h.world_size),
         profile: (!h.rule_profile.is_empty()).then_some(h.rule_profile),
+        progress: h.report_progress,
     })
 }
 

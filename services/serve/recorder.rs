@@ -123,27 +123,30 @@ fn run(mut store: Store, retention: Retention, metrics: Metrics, watchers: Watch
             batch.advice.append(&mut r.advice);
             batch.acks.append(&mut r.acks);
         }
-        let started = Instant::now();
-        match store.write(&batch) {
-            Ok(ids) => {
-                metrics.store_commit.observe(started.elapsed().as_secs_f64());
-                if watchers.receiver_count() > 0 {
-                    let (local, keyed) = ids.split_at(batch.anomalies.len());
-                    for (f, &id) in batch.anomalies.iter().zip(local) {
-                        let _ = watchers.send(Arc::new(proto::Anomaly {
-                            id,
-                            ..wire::finding_to_proto(f)
-                        }));
-                    }
-                    // Only the new ones: a redelivered anomaly was announced.
-                    for a in batch.keyed.iter().filter(|a| keyed.contains(&a.id)) {
-                        let _ = watchers.send(Arc::new(wire::stored_anomaly_to_proto(a)));
+        // Records with nothing to store (flushes, progress) need no commit.
+        if !batch.is_empty() {
+            let started = Instant::now();
+            match store.write(&batch) {
+                Ok(ids) => {
+                    metrics.store_commit.observe(started.elapsed().as_secs_f64());
+                    if watchers.receiver_count() > 0 {
+                        let (local, keyed) = ids.split_at(batch.anomalies.len());
+                        for (f, &id) in batch.anomalies.iter().zip(local) {
+                            let _ = watchers.send(Arc::new(proto::Anomaly {
+                                id,
+                                ..wire::finding_to_proto(f)
+                            }));
+                        }
+                        // Only the new ones: a redelivered anomaly was announced.
+                        for a in batch.keyed.iter().filter(|a| keyed.contains(&a.id)) {
+                            let _ = watchers.send(Arc::new(wire::stored_anomaly_to_proto(a)));
+                        }
                     }
                 }
-            }
-            Err(e) => {
-                metrics.store_errors.inc();
-                tracing::error!(error = %e, rows = batch.anomalies.len() + batch.advice.len(), "store write failed");
+                Err(e) => {
+                    metrics.store_errors.inc();
+                    tracing::error!(error = %e, rows = batch.anomalies.len() + batch.advice.len(), "store write failed");
+                }
             }
         }
         for r in group.drain(..) {

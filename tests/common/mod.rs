@@ -193,6 +193,7 @@ pub fn hello(job: &str, rank: u32, world_size: u32, layers: usize) -> proto::Hel
         layer_names: (0..layers).map(|i| format!("layer{i}")).collect(),
         client_version: "test".into(),
         rule_profile: String::new(),
+        report_progress: false,
     }
 }
 

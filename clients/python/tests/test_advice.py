@@ -145,6 +145,12 @@ def test_bad_arguments_name_the_argument():
         gradguard.watch(model, opt, job=" ")
     with pytest.raises(ValueError, match="max_norm"):
         gradguard.watch(model, opt, job="x", max_norm=-1.0)
+    with pytest.raises(ValueError, match="max_lag"):
+        gradguard.watch(model, opt, job="x", max_lag=-1)
+    with pytest.raises(ValueError, match="max_lag needs the gRPC transport"):
+        gradguard.watch(model, opt, job="x", max_lag=0, kafka_brokers="localhost:9092")
+    with pytest.raises(ValueError, match="lag_timeout"):
+        gradguard.watch(model, opt, job="x", max_lag=0, lag_timeout=-1)
 
 
 # ------------------------------------------------------------------ DDP
@@ -165,6 +171,7 @@ def _ddp_rank(rank: int, world: int, port: int, server: str, out: str) -> None:
         scheduler=run.scheduler,
         on_rollback=run.restore,
         on_advice=lambda a, ok: applied.append([a.id, guard.stats.steps, ok]),
+        max_lag=0,  # advice in force within a step or two, however slow the machine
     ) as guard:
         for s in range(300):
             if s % 25 == 0:

@@ -15,6 +15,7 @@ from conftest import free_port
 from problems import STEPS, Regression
 
 import gradguard
+from gradguard._transport import Progress
 
 
 def test_a_diverging_run_blows_up_alone_and_is_brought_back_in_enforce_mode(server):
@@ -32,15 +33,18 @@ def test_a_diverging_run_blows_up_alone_and_is_brought_back_in_enforce_mode(serv
         server=server.addr,
         scheduler=run.scheduler,
         on_rollback=run.restore,
-        on_advice=lambda a, ok: applied.append((a.WhichOneof("action"), ok)),
+        on_advice=lambda a, ok: applied.append((a.WhichOneof("action"), ok, a.decided_at_step, guard.stats.steps)),
+        # Lock-step with the service: this problem goes from fine to NaN in a
+        # dozen steps of about a millisecond each, faster than advice travels.
+        max_lag=0,
     ) as guard:
         run.train_guarded(guard)
         stats = guard.stats
     assert all(math.isfinite(v) for v in run.losses), "enforce mode keeps every loss finite"
     assert run.losses[-1] < run.losses[0] / 100, f"and the run trains: {run.losses[0]} -> {run.losses[-1]}"
-    # Which rungs it takes depends on when the advice lands (it is asynchronous).
-    assert applied and all(ok for _, ok in applied), applied
-    assert stats.sent == STEPS and stats.dropped == 0
+    assert applied and all(ok for _, ok, _, _ in applied), applied
+    assert all(decided == at for _, _, decided, at in applied), "each advice is in force at the step that caused it"
+    assert stats.sent == STEPS and stats.dropped == 0 and stats.lag_timeouts == 0
 
     stored = server.advice("diverging")
     assert len(stored) == len(applied)
@@ -86,14 +90,35 @@ def test_with_the_server_down_the_loop_runs_to_the_end():
     plain = Regression(peak_lr=0.05)
     plain.train_plain(200)
     with gradguard.watch(
-        run.model, run.optimizer, job="nobody-listens", server=f"127.0.0.1:{free_port()}", buffer=16
+        run.model,
+        run.optimizer,
+        job="nobody-listens",
+        server=f"127.0.0.1:{free_port()}",
+        buffer=16,
+        max_lag=0,
+        lag_timeout=0.5,
     ) as g:
         run.train_guarded(g, steps=200)
         stats = g.stats
     assert run.losses == plain.losses, "no advice, no change"
     assert not stats.connected and stats.connects == 0
+    assert stats.lag_timeouts == 0, "max_lag never waits for a service that is down"
     assert stats.dropped == 200 - 16, "the bounded buffer keeps the newest 16 summaries"
     assert "UNAVAILABLE" in stats.last_error
+
+
+def test_max_lag_waits_for_progress_only_while_a_stream_reports_it():
+    p = Progress()
+    assert p.wait(1, timeout=60), "no stream yet: no wait"
+    p.start(active=True, step=5)  # welcomed: the service holds steps through 5
+    assert p.wait(5, timeout=60)
+    assert not p.wait(6, timeout=0.01), "step 6 is not decided on yet"
+    p.advance(6)
+    assert p.wait(6, timeout=60)
+    p.stop()  # the stream broke
+    assert p.wait(100, timeout=60), "nobody waits for a service that is down"
+    p.start(active=False, step=0)  # a server that does not report progress
+    assert p.wait(100, timeout=60)
 
 
 def test_a_server_killed_and_restarted_mid_run_gets_the_stream_back(make_server):
@@ -119,7 +144,7 @@ def test_rollback_without_a_callback_raises_and_the_restored_checkpoint_acknowle
     run = Regression(peak_lr=0.05)
     run.poisoned = range(100, 130)  # a bad shard: NaN inputs
     before = None
-    guard = gradguard.watch(run.model, run.optimizer, job="raise-rollback", server=server.addr)
+    guard = gradguard.watch(run.model, run.optimizer, job="raise-rollback", server=server.addr, max_lag=0)
     with pytest.raises(gradguard.RollbackRequested) as raised:
         for s in range(300):
             if s % 25 == 0:

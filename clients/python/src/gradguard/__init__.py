@@ -54,7 +54,9 @@ def watch(
     `rule_profile`, `on_rollback(to_step, advice)` (else `RollbackRequested` is
     raised), `on_advice(advice, applied)`, `kafka_brokers` (send through Kafka
     instead of gRPC; needs `gradguard[kafka]`), `buffer` (summaries kept while
-    the service is unreachable, default 4096).
+    the service is unreachable, default 4096), `max_lag` (steps the loop may
+    run ahead of the service's decisions; default None, never wait; 0 is
+    lock-step) and `lag_timeout` (seconds it waits at most, default 10).
     """
     from ._guard import Guard
 

@@ -16,7 +16,7 @@ import torch
 
 from . import __version__
 from ._measure import Layers, Measurement
-from ._transport import GrpcConnection, KafkaConnection, Outbox, TransportStats
+from ._transport import GrpcConnection, KafkaConnection, Outbox, Progress, TransportStats
 from .v1 import gradguard_pb2 as pb
 
 log = logging.getLogger("gradguard")
@@ -66,6 +66,7 @@ class Stats:
     clip_norm: float | None
     lr_scale: float
     last_error: str
+    lag_timeouts: int
 
 
 class Guard:
@@ -93,6 +94,8 @@ class Guard:
         buffer: int = 4096,
         max_abs: bool | None = None,
         process_group: Any = None,
+        max_lag: int | None = None,
+        lag_timeout: float = 10.0,
     ):
         if not isinstance(job, str) or not job.strip():
             raise ValueError(f"job must be a non-empty string, got {job!r}")
@@ -106,6 +109,12 @@ class Guard:
             raise ValueError("scheduler drives a different optimizer than the one given")
         if server is not None and kafka_brokers is not None:
             raise ValueError("give server (gRPC) or kafka_brokers, not both")
+        if max_lag is not None and not (isinstance(max_lag, int) and max_lag >= 0):
+            raise ValueError(f"max_lag must be a whole number of steps >= 0, got {max_lag!r}")
+        if max_lag is not None and kafka_brokers is not None:
+            raise ValueError("max_lag needs the gRPC transport (server=); the Kafka transport does not report progress")
+        if not (isinstance(lag_timeout, (int, float)) and lag_timeout >= 0):
+            raise ValueError(f"lag_timeout must be seconds >= 0, got {lag_timeout!r}")
 
         self.job = job
         self.mode = mode
@@ -116,6 +125,9 @@ class Guard:
         self.max_abs = max_abs
         self.on_rollback = on_rollback
         self.on_advice = on_advice
+        self.max_lag = max_lag
+        self.lag_timeout = float(lag_timeout)
+        self._lag_timeouts = 0
         self.layers = Layers(model)
 
         dist = torch.distributed if torch.distributed.is_available() else None
@@ -161,8 +173,16 @@ class Guard:
             layer_names=self.layers.names,
             client_version=f"gradguard-python/{__version__}",
             rule_profile=rule_profile,
+            report_progress=max_lag is not None,
         )
-        common = {"hello": hello, "outbox": self._outbox, "stats": self._stats, "on_advice": self._receive}
+        self._progress = Progress()
+        common = {
+            "hello": hello,
+            "outbox": self._outbox,
+            "stats": self._stats,
+            "on_advice": self._receive,
+            "progress": self._progress,
+        }
         if kafka_brokers is not None:
             self._conn = KafkaConnection(kafka_brokers, kafka_topics, kafka_properties or {}, **common)
         else:
@@ -191,6 +211,8 @@ class Guard:
         scale = getattr(self.scaler, "_scale", None) if self.scaler is not None else None
         m = self.layers.measure(loss, loss_scale=scale, agree=agree, max_abs=self.max_abs)
         self._send(step, m)
+        if self.max_lag is not None:
+            self._keep_up(step)
 
         advice = self._due(m.agreed)
         if self.mode == "observe":
@@ -231,6 +253,7 @@ class Guard:
             clip_norm=self._clip_norm(),
             lr_scale=self._lr_scale,
             last_error=s.last_error,
+            lag_timeouts=self._lag_timeouts,
         )
 
     def state_dict(self) -> dict:
@@ -280,6 +303,21 @@ class Guard:
         if any(m.layer_nonfinite):
             summary.layer_nonfinite.extend(m.layer_nonfinite)
         self._outbox.put_summary(summary)
+
+    def _keep_up(self, step: int) -> None:
+        """Waits until the service has decided on `step - max_lag`, so advice
+        is in force at most `max_lag` steps after the step that caused it.
+        Never waits on a service that is down or does not report progress."""
+        if self._progress.wait(step - self.max_lag, self.lag_timeout):
+            return
+        self._lag_timeouts += 1
+        if self._lag_timeouts == 1:
+            log.warning(
+                "gradguard: the service has not decided on step %d after %.1f s (max_lag %d); going on without it",
+                step - self.max_lag,
+                self.lag_timeout,
+                self.max_lag,
+            )
 
     def _ack(self, advice: pb.Advice, step: int, applied: bool, note: str) -> None:
         self._applied += applied

@@ -95,17 +95,60 @@ class Outbox:
         return self._closed
 
 
+class Progress:
+    """How far the service has decided on this stream's summaries, when its
+    Welcome said it reports that (gRPC, `Hello.report_progress`). Lets the
+    training loop wait until it is at most `max_lag` steps ahead."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._step = 0
+        self._active = False
+
+    def start(self, active: bool, step: int) -> None:
+        """A new stream was welcomed: the service holds steps through `step`."""
+        with self._cond:
+            self._active, self._step = active, step
+            self._cond.notify_all()
+
+    def advance(self, step: int) -> None:
+        with self._cond:
+            self._step = max(self._step, step)
+            self._cond.notify_all()
+
+    def stop(self) -> None:
+        """The stream is gone: nobody waits for a service that is down."""
+        with self._cond:
+            self._active = False
+            self._cond.notify_all()
+
+    def wait(self, step: int, timeout: float) -> bool:
+        """Until the service has decided on `step`, or no stream reports
+        progress; False after `timeout` seconds without either."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._active or self._step >= step, timeout)
+
+
 class Connection(threading.Thread):
     """Base of the transports: a daemon thread that keeps one connection up
     and feeds the outbox into it until closed."""
 
-    def __init__(self, hello: pb.Hello, outbox: Outbox, stats: TransportStats, on_advice: Callable, on_welcome=None):
+    def __init__(
+        self,
+        hello: pb.Hello,
+        outbox: Outbox,
+        stats: TransportStats,
+        on_advice: Callable,
+        on_welcome=None,
+        progress: Progress | None = None,
+    ):
         super().__init__(name=f"gradguard-{hello.job}-{hello.rank}", daemon=True)
         self.hello = hello
         self.outbox = outbox
         self.stats = stats
         self.on_advice = on_advice
         self.on_welcome = on_welcome or (lambda welcome: None)
+        self.progress = progress or Progress()
         self._halt = threading.Event()
         self._quiet_errors: set[str] = set()
 
@@ -116,6 +159,7 @@ class Connection(threading.Thread):
         while self.stats.connected and not self.outbox.empty() and time.monotonic() < deadline:
             time.sleep(0.005)
         self._halt.set()
+        self.progress.stop()
         self.outbox.close()
         self.join(timeout=max(0.5, deadline - time.monotonic()))
 
@@ -128,6 +172,7 @@ class Connection(threading.Thread):
             except Exception as e:  # noqa: BLE001 -- a transport must never take the job down
                 self._error(f"{type(e).__name__}: {e}")
             self.stats.connected = False
+            self.progress.stop()
             if self._halt.is_set():
                 break
             if time.monotonic() - started > 5 * BACKOFF_MAX:
@@ -174,6 +219,7 @@ class GrpcConnection(Connection):
                         if msg.welcome.HasField("last_step"):
                             self.outbox.forget_through(msg.welcome.last_step)
                         self.on_welcome(msg.welcome)
+                        self.progress.start(msg.welcome.reports_progress, msg.welcome.last_step)
                         self.stats.connects += 1
                         self.stats.connected = True
                         self._quiet_errors.clear()
@@ -182,6 +228,8 @@ class GrpcConnection(Connection):
                     elif kind == "advice":
                         self.stats.advice += 1
                         self.on_advice(msg.advice)
+                    elif kind == "progress":
+                        self.progress.advance(msg.progress.step)
             except grpc.RpcError as e:
                 if not self._halt.is_set():
                     self._error(f"{e.code().name}: {e.details()}")

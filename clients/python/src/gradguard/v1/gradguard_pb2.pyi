@@ -42,36 +42,48 @@ class WorkerMessage(_message.Message):
     def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., summary: _Optional[_Union[Summary, _Mapping]] = ..., ack: _Optional[_Union[AdviceAck, _Mapping]] = ...) -> None: ...
 
 class ServerMessage(_message.Message):
-    __slots__ = ("welcome", "advice")
+    __slots__ = ("welcome", "advice", "progress")
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     ADVICE_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
     welcome: Welcome
     advice: Advice
-    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., advice: _Optional[_Union[Advice, _Mapping]] = ...) -> None: ...
+    progress: Progress
+    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., advice: _Optional[_Union[Advice, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("job", "rank", "world_size", "layer_names", "client_version", "rule_profile")
+    __slots__ = ("job", "rank", "world_size", "layer_names", "client_version", "rule_profile", "report_progress")
     JOB_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     LAYER_NAMES_FIELD_NUMBER: _ClassVar[int]
     CLIENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     RULE_PROFILE_FIELD_NUMBER: _ClassVar[int]
+    REPORT_PROGRESS_FIELD_NUMBER: _ClassVar[int]
     job: str
     rank: int
     world_size: int
     layer_names: _containers.RepeatedScalarFieldContainer[str]
     client_version: str
     rule_profile: str
-    def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., layer_names: _Optional[_Iterable[str]] = ..., client_version: _Optional[str] = ..., rule_profile: _Optional[str] = ...) -> None: ...
+    report_progress: bool
+    def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., layer_names: _Optional[_Iterable[str]] = ..., client_version: _Optional[str] = ..., rule_profile: _Optional[str] = ..., report_progress: _Optional[bool] = ...) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("server_version", "last_step")
+    __slots__ = ("server_version", "last_step", "reports_progress")
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     LAST_STEP_FIELD_NUMBER: _ClassVar[int]
+    REPORTS_PROGRESS_FIELD_NUMBER: _ClassVar[int]
     server_version: str
     last_step: int
-    def __init__(self, server_version: _Optional[str] = ..., last_step: _Optional[int] = ...) -> None: ...
+    reports_progress: bool
+    def __init__(self, server_version: _Optional[str] = ..., last_step: _Optional[int] = ..., reports_progress: _Optional[bool] = ...) -> None: ...
+
+class Progress(_message.Message):
+    __slots__ = ("step",)
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    def __init__(self, step: _Optional[int] = ...) -> None: ...
 
 class Summary(_message.Message):
     __slots__ = ("step", "time", "loss", "lr", "loss_scale", "grad_norm", "layer_l2", "layer_max_abs", "layer_nonfinite", "layer_param_norm", "layer_update_norm")
