@@ -389,6 +389,27 @@ fn growth_with_falling_loss_is_info_but_with_rising_loss_cuts_lr() {
 }
 
 #[test]
+fn early_growth_while_the_loss_falls_from_the_first_step_gets_no_advice() {
+    // Common at the start of training: the norm grows several-fold while the
+    // loss falls. The growth window fills a step before the loss's does; the
+    // loss must still count (it did not: "no loss reported", scale_lr).
+    let mut run = Run::new();
+    run.feed_all((0..150).map(|s| {
+        let t = s.min(60) as f64;
+        summary(0, s, 1.04f64.powf(t) * noise(s, 0.02), 3.0 - 0.01 * s as f64)
+    }));
+    let out = run.take();
+    let g: Vec<_> = out.findings.iter().filter(|f| f.rule == RuleId::GradGrowth).collect();
+    assert!(!g.is_empty(), "the growth is seen");
+    assert!(
+        g.iter()
+            .all(|f| f.severity == Severity::Info && f.message.contains("loss keeps falling")),
+        "{g:#?}"
+    );
+    assert!(out.advice.is_empty(), "{:?}", actions(&out));
+}
+
+#[test]
 fn vanishing_trend_and_depth_ratio() {
     let mut run = Run::new();
     run.feed_all((0..100).map(healthy));

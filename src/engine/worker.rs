@@ -31,7 +31,7 @@ impl WorkerState {
             &mut self.grad,
             obs,
             rules,
-            self.loss.falling(rules.grad_growth.loss_fall),
+            self.loss.trend(rules.grad_growth.loss_fall),
             em,
         );
         loss::check(&mut self.loss, s.step, s.loss, self.grad.last_spike, rules, em);

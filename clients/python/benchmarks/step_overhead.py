@@ -3,7 +3,7 @@
     python benchmarks/step_overhead.py [--steps 40] [--rounds 5] [--threads N] [--device cuda]
 
 One model (an MLP of a few million parameters, batch 256, on the CPU unless
-`--device cuda`; GPU steps are timed to completion), four loops taking
+`--device cuda`; GPU steps are timed to completion), five loops taking
 steps in turn so that machine noise hits them alike:
 
 - plain:   forward, backward, optimizer.step
@@ -12,9 +12,12 @@ steps in turn so that machine noise hits them alike:
            posts show (each comparison is a host sync)
 - gradguard: gradguard.watch(..., mode="enforce", max_norm=1.0) replacing the
            clip, streaming to a real `gradguard serve` started here
+- lockstep: the same with max_lag=0: each step waits for the service's
+           decision on it (one round trip)
 
 Prints each loop's median step time and the ratios the client is held to:
-gradguard/clip (target <= 1.02) and gradguard/naive (target < 1).
+gradguard/clip (target <= 1.02) and gradguard/naive (target < 1), and what
+lock-step costs on top (lockstep - gradguard, per step).
 """
 
 from __future__ import annotations
@@ -83,7 +86,7 @@ class Loop:
                 norm = torch.norm(p.grad)
                 if norm > 1e6:  # a host sync per parameter
                     print(f"step: gradient norm of parameter {i} is {norm}")
-        elif self.name == "gradguard" and not self.guard.step(loss):
+        elif self.guard is not None and not self.guard.step(loss):
             sync()
             self.times.append(time.perf_counter() - t)
             return
@@ -131,9 +134,12 @@ def main() -> None:
         x = torch.randn(args.batch, 512, generator=gen)
         y = (x @ torch.randn(512, 10, generator=gen)).argmax(1)
         x, y = x.to(args.device), y.to(args.device)
-        loops = [Loop(n, x, y) for n in ("plain", "clip", "naive", "gradguard")]
-        guarded = loops[-1]
+        loops = [Loop(n, x, y) for n in ("plain", "clip", "naive", "gradguard", "lockstep")]
+        guarded, lockstep = loops[-2:]
         guarded.guard = gradguard.watch(guarded.model, guarded.opt, job="bench", server=addr, max_norm=1.0)
+        lockstep.guard = gradguard.watch(
+            lockstep.model, lockstep.opt, job="bench-lockstep", server=addr, max_norm=1.0, max_lag=0
+        )
         for loop in loops:  # warm-up, not counted
             for _ in range(5):
                 loop.step()
@@ -144,7 +150,9 @@ def main() -> None:
             for loop in loops:
                 loop.step()
         stats = guarded.guard.stats
+        lock_stats = lockstep.guard.stats
         guarded.guard.close()
+        lockstep.guard.close()
     finally:
         server.terminate()
         server.wait()
@@ -163,6 +171,10 @@ def main() -> None:
     )
     print(f"ratio gradguard/clip: {median['gradguard'] / median['clip']:.3f} (target <= 1.02)")
     print(f"ratio gradguard/naive: {median['gradguard'] / median['naive']:.3f} (target < 1)")
+    print(
+        f"lock-step (max_lag=0) costs {median['lockstep'] - median['gradguard']:+.3f} ms/step "
+        f"({median['lockstep'] / median['gradguard']:.3f}x gradguard); lag timeouts {lock_stats.lag_timeouts}"
+    )
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 //! vanishing trends (least-squares slope of log-norm), static ceiling and floor.
 
 use super::Obs;
+use super::loss::LossTrend;
 use crate::config::Rules;
 use crate::engine::hit::{Emitter, Latch, Proposal};
 use crate::engine::stats::{Ema, Window};
@@ -44,9 +45,8 @@ impl State {
     }
 }
 
-/// `loss_falling`: whether the smoothed loss is lower than a trend window ago
-/// (`None` when the job reports no loss).
-pub(crate) fn check(state: &mut State, obs: &Obs, rules: &Rules, loss_falling: Option<bool>, em: &mut Emitter) {
+/// `loss`: whether the smoothed loss is lower than a trend window ago.
+pub(crate) fn check(state: &mut State, obs: &Obs, rules: &Rules, loss: LossTrend, em: &mut Emitter) {
     let Some(norm) = obs.global_norm.filter(|n| n.is_finite()) else {
         return;
     };
@@ -95,7 +95,7 @@ pub(crate) fn check(state: &mut State, obs: &Obs, rules: &Rules, loss_falling: O
     if let Some(w) = state.vanish_log_norm.as_mut() {
         w.push(step as f64, ln);
     }
-    trends(state, step, rules, loss_falling, em);
+    trends(state, step, rules, loss, em);
 }
 
 fn spike(state: &mut State, norm: f64, step: u64, rules: &Rules, em: &mut Emitter) {
@@ -131,7 +131,12 @@ fn spike(state: &mut State, norm: f64, step: u64, rules: &Rules, em: &mut Emitte
     state.ema.push(norm.min(bound), cfg.alpha, cfg.warmup);
 }
 
-fn trends(state: &mut State, step: u64, rules: &Rules, loss_falling: Option<bool>, em: &mut Emitter) {
+fn trends(state: &mut State, step: u64, rules: &Rules, loss: LossTrend, em: &mut Emitter) {
+    // A job that reports its loss is judged with it: the trends wait until
+    // the loss has a window of its own (it fills a step after the norm's).
+    if loss == LossTrend::Unknown {
+        return;
+    }
     let remind = rules.policy.cooldown_steps;
     let growth_fit = state.log_norm.is_full().then(|| state.log_norm.fit()).flatten();
     let span = state.log_norm.span();
@@ -142,10 +147,10 @@ fn trends(state: &mut State, step: u64, rules: &Rules, loss_falling: Option<bool
     if state.growth.update_worse(growing.is_some(), step, remind, factor) {
         // Trends alone are weak evidence: healthy runs often see the norm grow
         // several-fold early on while the loss keeps falling.
-        let (severity, context) = match loss_falling {
-            Some(true) => (Severity::Info, "while the loss keeps falling"),
-            Some(false) => (Severity::Warning, "and the loss is not falling"),
-            None => (Severity::Warning, "(no loss reported)"),
+        let (severity, context) = match loss {
+            LossTrend::Falling => (Severity::Info, "while the loss keeps falling"),
+            LossTrend::NotFalling => (Severity::Warning, "and the loss is not falling"),
+            LossTrend::Unreported | LossTrend::Unknown => (Severity::Warning, "(no loss reported)"),
         };
         let hit = em.hit(
             RuleId::GradGrowth,
@@ -167,7 +172,7 @@ fn trends(state: &mut State, step: u64, rules: &Rules, loss_falling: Option<bool
     let vanishing = vfit.filter(|f| v.enabled && f.r2 >= v.min_r2 && -f.slope * vspan >= v.drop.ln());
     let drop = vanishing.map_or(0.0, |f| (-f.slope * vspan).exp());
     if state.vanishing.update_worse(vanishing.is_some(), step, remind, drop) {
-        let severity = if loss_falling == Some(true) {
+        let severity = if loss == LossTrend::Falling {
             Severity::Info
         } else {
             Severity::Warning

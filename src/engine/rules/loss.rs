@@ -22,6 +22,17 @@ pub(crate) struct State {
     diverging: Latch,
 }
 
+/// What the loss did over the trend window, for the gradient trend rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LossTrend {
+    Falling,
+    NotFalling,
+    /// Reported, but not for a whole window yet.
+    Unknown,
+    /// The job reports no (finite) loss.
+    Unreported,
+}
+
 impl State {
     pub fn new(rules: &Rules) -> Self {
         Self {
@@ -36,11 +47,16 @@ impl State {
     }
 
     /// Whether the smoothed loss fell by at least `by` (relative) over the
-    /// trend window; `None` until the window has filled (or with no loss).
-    pub fn falling(&self, by: f64) -> Option<bool> {
-        let now = self.smooth?;
-        let then = self.history.oldest().filter(|_| self.history.is_full())?;
-        Some(now < then - by * then.abs())
+    /// trend window.
+    pub fn trend(&self, by: f64) -> LossTrend {
+        let Some(now) = self.smooth else {
+            return LossTrend::Unreported;
+        };
+        match self.history.oldest().filter(|_| self.history.is_full()) {
+            None => LossTrend::Unknown,
+            Some(then) if now < then - by * then.abs() => LossTrend::Falling,
+            Some(_) => LossTrend::NotFalling,
+        }
     }
 
     pub fn heap_bytes(&self) -> usize {
