@@ -454,7 +454,6 @@ impl Detector {
             tick_index: HashMap::new(),
             ttl,
             owned: HashSet::new(),
-            rollbacks: HashMap::new(),
         };
         let thread = std::thread::Builder::new()
             .name("detector".into())
@@ -508,12 +507,7 @@ struct Worker {
     ttl: Duration,
     /// Partitions of the summaries topic assigned to this replica.
     owned: HashSet<i32>,
-    /// Rollback advice per job (id, to step), to act on its acknowledgement.
-    rollbacks: HashMap<JobId, VecDeque<(u64, u64)>>,
 }
-
-/// Rollback advice remembered per job.
-const RECENT_ROLLBACKS: usize = 8;
 
 impl Worker {
     fn run(&mut self, consumer: &BaseConsumer<DetectorCtx>) {
@@ -603,7 +597,6 @@ impl Worker {
                         let keep = !partitions.contains(&owned.partition);
                         if !keep {
                             self.engine.remove_job(job);
-                            self.rollbacks.remove(job);
                         }
                         keep
                     });
@@ -751,13 +744,10 @@ impl Worker {
             }
             Some(worker_message::Body::Ack(ack)) => {
                 // A rank that applied a rollback reports again from the
-                // checkpoint: the engine rewinds it.
-                let rollback = self.rollbacks.get(job).and_then(|r| {
-                    r.iter()
-                        .find_map(|&(id, to_step)| (id == ack.advice_id && ack.applied).then_some(to_step))
-                });
-                if let Some(to_step) = rollback
-                    && self.engine.rewind(job, rank, to_step)
+                // checkpoint: the engine rewinds it (it remembers the advice
+                // in the job's state, so this works after a hand-over too).
+                if ack.applied
+                    && let Some(to_step) = self.engine.rollback_applied(job, rank, ack.advice_id)
                 {
                     tracing::info!(job, rank, to_step, "rank rolled back");
                 }
@@ -817,7 +807,6 @@ impl Worker {
         for (job, partition) in expired {
             self.engine.remove_job(&job);
             self.jobs.remove(&job);
-            self.rollbacks.remove(&job);
             self.touched.remove(&job);
             // Written with the batch's snapshots, after those of earlier batches.
             tracing::info!(job = &*job, "job expired");
@@ -872,11 +861,7 @@ impl Worker {
     fn send_advice(&mut self, mut advice: Advice, id: u64) {
         advice.id = id;
         if let Action::Rollback { to_step } = advice.action {
-            let recent = self.rollbacks.entry(advice.job.clone()).or_default();
-            if recent.len() == RECENT_ROLLBACKS {
-                recent.pop_front();
-            }
-            recent.push_back((id, to_step));
+            self.engine.note_rollback(&advice.job, id, to_step);
         }
         self.metrics.advice(&advice.job, &advice.action);
         let msg = proto::ServerMessage {

@@ -145,7 +145,6 @@ struct Job {
 /// An advice remembered for acknowledgements.
 struct Recent {
     id: u64,
-    action: Action,
     /// Some rank acknowledged it (applied or not).
     acked: bool,
 }
@@ -162,15 +161,11 @@ impl Job {
 
     /// Remembers an advice for its acknowledgements, and returns the queues
     /// of the streams it goes to (its target rank, or all).
-    fn advised(&mut self, id: u64, action: Action, target: Option<u32>) -> Vec<Outbox> {
+    fn advised(&mut self, id: u64, target: Option<u32>) -> Vec<Outbox> {
         if self.recent.len() == RECENT_ADVICE {
             self.recent.pop_front();
         }
-        self.recent.push_back(Recent {
-            id,
-            action,
-            acked: false,
-        });
+        self.recent.push_back(Recent { id, acked: false });
         self.set_unacked();
         self.streams
             .iter()
@@ -405,8 +400,11 @@ impl Hub {
         let mut deliveries = Vec::with_capacity(out.advice.len());
         for a in &out.advice {
             self.metrics.advice(&a.job, &a.action);
+            if let Action::Rollback { to_step } = a.action {
+                core.engine.note_rollback(&a.job, a.id, to_step);
+            }
             let Some(job) = core.jobs.get_mut(&a.job) else { continue };
-            let outboxes = job.advised(a.id, a.action, a.target);
+            let outboxes = job.advised(a.id, a.target);
             deliveries.push(Delivery {
                 message: proto::ServerMessage {
                     body: Some(server_message::Body::Advice(wire::advice_to_proto(a))),
@@ -443,21 +441,17 @@ impl Hub {
         {
             let mut core = self.core();
             let core = &mut *core;
-            let mut rollback = None;
             if let Some(job) = core.jobs.get_mut(&at.job)
                 && let Some(r) = job.recent.iter_mut().find(|r| r.id == ack.advice_id)
             {
                 r.acked = true;
-                if let (true, Action::Rollback { to_step }) = (ack.applied, r.action) {
-                    rollback = Some(to_step);
-                }
                 job.set_unacked();
             }
             if let Some(forward) = &self.forward {
                 // The job's owner acts on it (a rollback rewinds its engine).
                 forward.send(&at.job, at.rank, worker_message::Body::Ack(ack.clone()));
-            } else if let Some(to_step) = rollback
-                && core.engine.rewind(&at.job, at.rank, to_step)
+            } else if ack.applied
+                && let Some(to_step) = core.engine.rollback_applied(&at.job, at.rank, ack.advice_id)
             {
                 tracing::info!(job = &*at.job, rank = at.rank, to_step, "rank rolled back");
             }
@@ -535,10 +529,10 @@ impl Hub {
         if job.recent.iter().any(|r| r.id == advice.id) {
             return;
         }
-        let Some(action) = advice.action.as_ref().map(wire::action_from_proto) else {
+        if advice.action.is_none() {
             return;
-        };
-        let outboxes = job.advised(advice.id, action, advice.target_rank);
+        }
+        let outboxes = job.advised(advice.id, advice.target_rank);
         drop(core);
         let delivery = Delivery {
             message: proto::ServerMessage {

@@ -19,7 +19,7 @@ mod rules;
 pub mod stats;
 mod worker;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use crate::config::{ConfigError, RuleBook, Rules};
@@ -33,7 +33,9 @@ pub const MAX_RANKS: u32 = 1 << 16;
 /// Findings remembered per job for cross-rank dedupe, at most.
 const MAX_REPORTED: usize = 4096;
 /// First byte of a snapshot: bumped whenever the state's layout changes.
-const SNAPSHOT_VERSION: u8 = 1;
+const SNAPSHOT_VERSION: u8 = 2;
+/// Rollback advice remembered per job, to act on its acknowledgement.
+const RECENT_ROLLBACKS: usize = 8;
 /// Largest accepted number of layers per job.
 pub const MAX_LAYERS: usize = 1 << 16;
 
@@ -246,6 +248,37 @@ impl Engine {
         state.rewind(rank, to_step)
     }
 
+    /// Remembers rollback advice `advice_id` (as published: cluster mode
+    /// numbers advice itself) to `to_step`, so that a rank acknowledging it
+    /// is rewound by [`Engine::rollback_applied`], on whichever engine holds
+    /// the job by then: the memory is part of the job's snapshot.
+    pub fn note_rollback(&mut self, job: &str, advice_id: u64, to_step: u64) {
+        let Some(state) = self.jobs.get_mut(job) else { return };
+        if state.rollbacks.len() == RECENT_ROLLBACKS {
+            state.rollbacks.pop_front();
+        }
+        state.rollbacks.push_back(NotedRollback {
+            id: advice_id,
+            to_step,
+            applied_by: Vec::new(),
+        });
+    }
+
+    /// A rank acknowledged advice `advice_id` as applied. When it is a
+    /// rollback noted by [`Engine::note_rollback`], the rank reports again
+    /// from the checkpoint: it is rewound ([`Engine::rewind`]) and the step
+    /// is returned. Once per rank: a repeated ack does not rewind again.
+    pub fn rollback_applied(&mut self, job: &str, rank: u32, advice_id: u64) -> Option<u64> {
+        let state = self.jobs.get_mut(job)?;
+        let noted = state.rollbacks.iter_mut().find(|r| r.id == advice_id)?;
+        if noted.applied_by.contains(&rank) {
+            return None;
+        }
+        noted.applied_by.push(rank);
+        let to_step = noted.to_step;
+        state.rewind(rank, to_step).then_some(to_step)
+    }
+
     /// The job's whole detection state as bytes, for [`Engine::restore`] on
     /// another engine (cluster mode hands jobs between replicas this way).
     /// `None` when the job is unknown.
@@ -356,6 +389,16 @@ struct JobState {
     /// Findings reported recently (step, rule, layer, rank), so ranks sharing
     /// a signal report it once.
     reported: Vec<(u64, RuleId, Option<Arc<str>>, u32)>,
+    /// Recent rollback advice, for its acknowledgements.
+    rollbacks: VecDeque<NotedRollback>,
+}
+
+/// A rollback advice as published, and the ranks that applied it.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct NotedRollback {
+    id: u64,
+    to_step: u64,
+    applied_by: Vec<u32>,
 }
 
 impl JobState {
@@ -373,6 +416,7 @@ impl JobState {
             policy: policy::Policy::default(),
             hits: Vec::new(),
             reported: Vec::new(),
+            rollbacks: VecDeque::new(),
         }
     }
 

@@ -652,6 +652,25 @@ fn a_rewound_rank_reports_its_steps_again_with_fresh_statistics() {
 }
 
 #[test]
+fn a_rollback_acknowledged_after_a_hand_over_rewinds_the_rank() {
+    let mut run = Run::new();
+    run.feed_all((0..200).map(healthy));
+    run.take();
+    // Published as advice 7001 (cluster mode numbers advice itself).
+    run.engine.note_rollback("job", 7001, 149);
+    let bytes = run.engine.snapshot("job").unwrap();
+
+    let mut owner = Engine::default();
+    owner.restore("job", &bytes).unwrap();
+    assert_eq!(owner.rollback_applied("job", 0, 7000), None, "not a rollback it knows");
+    assert_eq!(owner.rollback_applied("job", 0, 7001), Some(149));
+    assert_eq!(owner.last_step("job", 0), Some(149));
+    let mut out = Output::default();
+    owner.observe("job", &healthy(150), &mut out).unwrap();
+    assert_eq!(owner.rollback_applied("job", 0, 7001), None, "a second ack does nothing");
+}
+
+#[test]
 fn only_one_rank_non_finite_is_an_outlier() {
     let mut run = Run::new();
     run.feed_all(ranks(4, 0..30, |r, s| {
