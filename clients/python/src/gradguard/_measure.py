@@ -125,6 +125,8 @@ class Layers:
         device = grads[0].device
         if max_abs is None:
             max_abs = device.type != "cpu"
+        if device.type == "cpu":
+            return self._measure_on_host(grads, present, loss, loss_scale, agree, max_abs)
         l2 = _stack_on(_norm(grads, ord=2.0, dtype=torch.float32), device)
         idx = self._index(present, device)
         sq = torch.zeros(n, dtype=torch.float64, device=device).index_add_(0, idx, l2.double().square())
@@ -154,6 +156,53 @@ class Layers:
             loss_scale=None if loss_scale is None else scale_v,
             agreed=None if agree is None else _unbits(agreed),
         )
+
+    def _measure_on_host(self, grads, present, loss, loss_scale, agree, max_abs) -> Measurement:
+        """The CPU path: the same fused norms and one copy of the
+        per-parameter values, then the grouping into layers in Python. Each
+        small tensor op costs 5-20 us on the CPU (dispatch, not math), so the
+        device path's dozen of them cost more than the loop over a few hundred
+        floats that replaces them. Accelerators keep the grouping on the
+        device, where small ops are asynchronous."""
+        k = len(grads)
+        cpu = torch.device("cpu")
+        values = list(_norm(grads, ord=2.0, dtype=torch.float32))
+        scalars: list[float | None] = []  # loss, loss scale given on the host (tensors ride in `values`)
+        for v in (loss, loss_scale):
+            if isinstance(v, torch.Tensor):
+                values.append(v.detach().reshape(-1)[0].float())  # float32, as losses are
+                scalars.append(None)
+            else:
+                scalars.append(None if v is None else float(v))
+        packed_t = torch.stack(values)
+        if max_abs:
+            packed_t = torch.cat([packed_t, _max_abs(grads, cpu)])
+        if agree is not None:  # an int64 that needs all its bits: float64, bit-cast
+            packed_t = torch.cat([packed_t.double(), _bits(agree, cpu)])
+        packed = packed_t.tolist()  # the one copy
+
+        n = len(self.names)
+        layer_of = [self._layer_of[i] for i in present]
+        sq = [0.0] * n
+        for j, v in zip(layer_of, packed[:k]):
+            sq[j] += v * v  # in float64, as on the device
+        layer_l2 = [math.sqrt(v) for v in sq]
+        total = math.sqrt(sum(sq))
+        rest = iter(packed[k:])
+        loss_v, scale_v = [
+            next(rest) if isinstance(v, torch.Tensor) else h for h, v in zip(scalars, (loss, loss_scale))
+        ]
+        layer_max_abs: list[float] = []
+        if max_abs:
+            layer_max_abs = [0.0] * n
+            for j, v in zip(layer_of, rest):
+                if math.isnan(v) or v > layer_max_abs[j]:  # NaN wins, as amax does
+                    layer_max_abs[j] = v
+        agreed = _unbits(packed[-1]) if agree is not None else None
+        nonfinite = [0] * n
+        if not math.isfinite(total) or any(not math.isfinite(v) for v in layer_max_abs):
+            nonfinite = self._count_nonfinite(grads, self._index(present, cpu), cpu)
+        return Measurement(total, layer_l2, layer_max_abs, nonfinite, loss_v, scale_v, agreed)
 
     def _count_nonfinite(self, grads, idx, device) -> list[int]:
         counts = torch.stack([(~torch.isfinite(g)).sum().to(device) for g in grads])
