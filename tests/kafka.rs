@@ -409,6 +409,57 @@ fn a_broker_outage_loses_no_accepted_summary() {
     assert_eq!(health(&replica), "Serving");
 }
 
+#[test]
+fn a_broker_restart_loses_no_accepted_summary() {
+    let _turn = common::turn();
+    let data = tempfile::tempdir().expect("a directory for the broker's data");
+    let mut cluster = Cluster::on(Broker::start_on_disk(data.path()), 4);
+    let replica = cluster.replica();
+    replica.wait_for("the detector to own the partitions", |t| {
+        common::sample(t, "gradguard_kafka_partitions_owned") == Some(4.0)
+    });
+    let child = Command::new(BIN)
+        .args(["simulate", "--server", &replica.url(), "--json", "--job", "restart"])
+        .args([
+            "--scenario",
+            "healthy",
+            "--workers",
+            "2",
+            "--steps",
+            "600",
+            "--step-interval",
+            "10ms",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start gradguard simulate");
+    wait_for_progress(&[&replica], 200.0);
+
+    // kill -9 of the broker; it starts again on the same port and data. The
+    // replica holds the workers' summaries meanwhile.
+    cluster.broker.stop();
+    replica.wait_for("the replica to see the broker down", |t| {
+        common::sample(t, "gradguard_kafka_up") == Some(0.0)
+    });
+    let during = summaries(&replica);
+    cluster.broker.restart();
+
+    let run = Run::from(child.wait_with_output().expect("simulate ends"));
+    let summary = run.json().pop().expect("a summary line");
+    assert_eq!(summary["summaries_sent"], 1200, "{summary}");
+    assert!(
+        during < 1200.0,
+        "the restart came too late to test anything ({during} processed)"
+    );
+    replica.wait_for("all 1200 summaries processed once the broker is back", |t| {
+        common::sample(t, "gradguard_summaries_total") == Some(1200.0)
+            && common::sample(t, "gradguard_kafka_up") == Some(1.0)
+    });
+    assert_eq!(replica.sample("gradguard_kafka_dropped_total"), Some(0.0));
+    assert_eq!(health(&replica), "Serving");
+}
+
 /// The gRPC health status of the whole server (service "").
 fn health(server: &common::Server) -> String {
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};

@@ -1,5 +1,5 @@
 //! A real Kafka-compatible broker (tansu) on loopback for cluster-mode tests.
-//! `.ci/run` installs it (`cargo install tansu --locked --features dynostore`);
+//! `.ci/run` installs it (`cargo install tansu --locked --features dynostore,libsql`);
 //! a test that needs it fails with that hint when it is missing.
 
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -16,6 +16,11 @@ pub struct Broker {
     /// Where clients connect (the proxy when there is one).
     advertised: SocketAddr,
     proxy: Option<Proxy>,
+    /// tansu's `--storage-engine`.
+    storage: String,
+    /// tansu's working directory (its SQLite file and stderr log), when it
+    /// keeps its data on disk.
+    dir: Option<PathBuf>,
 }
 
 /// The tansu binary: `$TANSU`, else on the PATH, else in cargo's bin directory.
@@ -35,7 +40,7 @@ fn tansu() -> PathBuf {
     on_path.or(cargo_bin.filter(|p| p.is_file())).unwrap_or_else(|| {
         panic!(
             "the cluster-mode tests need a Kafka-compatible broker: install tansu with \
-                 `cargo install tansu --locked --features dynostore` (.ci/run does), or set TANSU"
+                 `cargo install tansu --locked --features dynostore,libsql` (.ci/run does), or set TANSU"
         )
     })
 }
@@ -50,9 +55,36 @@ impl Broker {
             addr,
             advertised: addr,
             proxy: None,
+            storage: "memory://tansu/".into(),
+            dir: None,
         };
         broker.spawn();
         broker
+    }
+
+    /// A broker that keeps its topics in a SQLite file under `dir`, so that
+    /// it can be stopped and started again ([`Broker::restart`]) with its
+    /// data. Needs tansu built with the `libsql` feature.
+    pub fn start_on_disk(dir: &std::path::Path) -> Self {
+        let addr = free_addr();
+        let mut broker = Self {
+            child: None,
+            addr,
+            advertised: addr,
+            proxy: None,
+            // tansu reads the path relative to its working directory.
+            storage: "sqlite://tansu.db".into(),
+            dir: Some(dir.to_owned()),
+        };
+        broker.spawn();
+        broker
+    }
+
+    /// Kills the broker (SIGKILL) and starts it again on the same port and
+    /// storage.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
     }
 
     /// A broker that clients reach through a TCP proxy the test can cut
@@ -66,6 +98,8 @@ impl Broker {
             addr,
             advertised: proxy.addr,
             proxy: Some(proxy),
+            storage: "memory://tansu/".into(),
+            dir: None,
         };
         broker.spawn();
         broker
@@ -84,20 +118,41 @@ impl Broker {
     fn spawn(&mut self) {
         let listener = format!("tcp://{}", self.addr);
         let advertised = format!("tcp://{}", self.advertised);
-        let child = Command::new(tansu())
-            .args(["broker", "--storage-engine", "memory://tansu/"])
+        let log = self.dir.as_ref().map(|d| d.join("tansu.log"));
+        let stderr = match &log {
+            Some(path) => Stdio::from(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .expect("open the broker's log"),
+            ),
+            None => Stdio::null(),
+        };
+        let mut command = Command::new(tansu());
+        if let Some(dir) = &self.dir {
+            command.current_dir(dir);
+        }
+        let child = command
+            .args(["broker", "--storage-engine", &self.storage])
             .env("LISTENER_URL", &listener)
             .env("ADVERTISED_LISTENER_URL", &advertised)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .expect("start tansu");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         while TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_err() {
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("tansu exited at start: {status}");
+                let log = log.as_ref().and_then(|p| std::fs::read_to_string(p).ok());
+                panic!(
+                    "tansu exited at start ({status}) with storage {}: {}\n(a sqlite:// storage needs tansu \
+                     installed with `--features dynostore,libsql`)",
+                    self.storage,
+                    log.unwrap_or_default()
+                );
             }
             assert!(
                 Instant::now() < deadline,
