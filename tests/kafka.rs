@@ -346,16 +346,22 @@ fn every_replica_answers_queries_about_every_job() {
     );
 }
 
-#[test]
-fn a_broker_outage_loses_no_accepted_summary() {
-    let _turn = common::turn();
-    let mut cluster = Cluster::on(Broker::start_behind_proxy(), 4);
+/// Plays a healthy two-rank job of 1,200 summaries over gRPC into a replica
+/// that owns every partition, runs `disrupt` once 200 are processed (it gets
+/// the cluster and the replica, and returns with the brokers reachable
+/// again), then checks that every summary the replica accepted was processed
+/// once, none lost, none twice.
+fn a_disrupted_run_loses_no_summary(
+    cluster: &mut Cluster,
+    job: &str,
+    disrupt: impl FnOnce(&mut Cluster, &common::Server),
+) {
     let replica = cluster.replica();
     replica.wait_for("the detector to own the partitions", |t| {
         common::sample(t, "gradguard_kafka_partitions_owned") == Some(4.0)
     });
     let child = Command::new(BIN)
-        .args(["simulate", "--server", &replica.url(), "--json", "--job", "outage"])
+        .args(["simulate", "--server", &replica.url(), "--json", "--job", job])
         .args([
             "--scenario",
             "healthy",
@@ -371,42 +377,45 @@ fn a_broker_outage_loses_no_accepted_summary() {
         .spawn()
         .expect("start gradguard simulate");
     wait_for_progress(&[&replica], 200.0);
-
-    // The brokers go away mid-run: the replica says so, and keeps the
-    // workers' streams open, their summaries queued.
-    cluster.broker.cut();
-    replica.wait_for("the replica to see the brokers down", |t| {
-        common::sample(t, "gradguard_kafka_up") == Some(0.0)
-    });
+    disrupt(cluster, &replica);
     let during = summaries(&replica);
-    let last_summary = "gradguard_job_last_summary_timestamp_seconds{job=\"outage\"}";
-    let at_cut = replica.sample(last_summary).expect("the job's last-summary time");
-    replica.wait_for("the replica to accept summaries with the brokers away", |t| {
-        common::sample(t, last_summary).is_some_and(|ts| ts > at_cut + 0.5)
-            && common::sample(t, "gradguard_active_streams") == Some(2.0)
-            && common::sample(t, "gradguard_kafka_up") == Some(0.0)
-    });
-    assert_eq!(health(&replica), "NotServing", "gRPC health with the brokers away");
-    cluster.broker.restore();
 
     let run = Run::from(child.wait_with_output().expect("simulate ends"));
-    let lines = run.json();
-    let summary = lines.last().expect("a summary line");
+    let summary = run.json().pop().expect("a summary line");
     assert_eq!(summary["summaries_sent"], 1200, "{summary}");
     assert!(
         during < 1200.0,
-        "the outage came too late to test anything ({during} processed)"
+        "the disruption came too late to test anything ({during} processed)"
     );
-    // Every summary the replica accepted was processed once the brokers
-    // were back, none twice.
-    replica.wait_for("all 1200 summaries processed", |t| {
+    replica.wait_for("all 1200 summaries processed once the brokers are back", |t| {
         common::sample(t, "gradguard_summaries_total") == Some(1200.0)
-    });
-    replica.wait_for("the brokers back up", |t| {
-        common::sample(t, "gradguard_kafka_up") == Some(1.0)
+            && common::sample(t, "gradguard_kafka_up") == Some(1.0)
     });
     assert_eq!(replica.sample("gradguard_kafka_dropped_total"), Some(0.0));
     assert_eq!(health(&replica), "Serving");
+}
+
+#[test]
+fn a_broker_outage_loses_no_accepted_summary() {
+    let _turn = common::turn();
+    let mut cluster = Cluster::on(Broker::start_behind_proxy(), 4);
+    a_disrupted_run_loses_no_summary(&mut cluster, "outage", |cluster, replica| {
+        // The brokers go away mid-run: the replica says so, and keeps the
+        // workers' streams open, their summaries queued.
+        cluster.broker.cut();
+        replica.wait_for("the replica to see the brokers down", |t| {
+            common::sample(t, "gradguard_kafka_up") == Some(0.0)
+        });
+        let last_summary = "gradguard_job_last_summary_timestamp_seconds{job=\"outage\"}";
+        let at_cut = replica.sample(last_summary).expect("the job's last-summary time");
+        replica.wait_for("the replica to accept summaries with the brokers away", |t| {
+            common::sample(t, last_summary).is_some_and(|ts| ts > at_cut + 0.5)
+                && common::sample(t, "gradguard_active_streams") == Some(2.0)
+                && common::sample(t, "gradguard_kafka_up") == Some(0.0)
+        });
+        assert_eq!(health(replica), "NotServing", "gRPC health with the brokers away");
+        cluster.broker.restore();
+    });
 }
 
 #[test]
@@ -414,50 +423,15 @@ fn a_broker_restart_loses_no_accepted_summary() {
     let _turn = common::turn();
     let data = tempfile::tempdir().expect("a directory for the broker's data");
     let mut cluster = Cluster::on(Broker::start_on_disk(data.path()), 4);
-    let replica = cluster.replica();
-    replica.wait_for("the detector to own the partitions", |t| {
-        common::sample(t, "gradguard_kafka_partitions_owned") == Some(4.0)
+    a_disrupted_run_loses_no_summary(&mut cluster, "restart", |cluster, replica| {
+        // kill -9 of the broker; it starts again on the same port and data.
+        // The replica holds the workers' summaries meanwhile.
+        cluster.broker.stop();
+        replica.wait_for("the replica to see the broker down", |t| {
+            common::sample(t, "gradguard_kafka_up") == Some(0.0)
+        });
+        cluster.broker.restart();
     });
-    let child = Command::new(BIN)
-        .args(["simulate", "--server", &replica.url(), "--json", "--job", "restart"])
-        .args([
-            "--scenario",
-            "healthy",
-            "--workers",
-            "2",
-            "--steps",
-            "600",
-            "--step-interval",
-            "10ms",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start gradguard simulate");
-    wait_for_progress(&[&replica], 200.0);
-
-    // kill -9 of the broker; it starts again on the same port and data. The
-    // replica holds the workers' summaries meanwhile.
-    cluster.broker.stop();
-    replica.wait_for("the replica to see the broker down", |t| {
-        common::sample(t, "gradguard_kafka_up") == Some(0.0)
-    });
-    let during = summaries(&replica);
-    cluster.broker.restart();
-
-    let run = Run::from(child.wait_with_output().expect("simulate ends"));
-    let summary = run.json().pop().expect("a summary line");
-    assert_eq!(summary["summaries_sent"], 1200, "{summary}");
-    assert!(
-        during < 1200.0,
-        "the restart came too late to test anything ({during} processed)"
-    );
-    replica.wait_for("all 1200 summaries processed once the broker is back", |t| {
-        common::sample(t, "gradguard_summaries_total") == Some(1200.0)
-            && common::sample(t, "gradguard_kafka_up") == Some(1.0)
-    });
-    assert_eq!(replica.sample("gradguard_kafka_dropped_total"), Some(0.0));
-    assert_eq!(health(&replica), "Serving");
 }
 
 /// The gRPC health status of the whole server (service "").

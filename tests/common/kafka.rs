@@ -49,32 +49,33 @@ impl Broker {
     /// Starts a broker with in-memory storage on a free loopback port and
     /// waits until it accepts connections.
     pub fn start() -> Self {
-        let addr = free_addr();
-        let mut broker = Self {
-            child: None,
-            addr,
-            advertised: addr,
-            proxy: None,
-            storage: "memory://tansu/".into(),
-            dir: None,
-        };
-        broker.spawn();
-        broker
+        Self::launch(free_addr(), None, "memory://tansu/", None)
     }
 
     /// A broker that keeps its topics in a SQLite file under `dir`, so that
     /// it can be stopped and started again ([`Broker::restart`]) with its
     /// data. Needs tansu built with the `libsql` feature.
     pub fn start_on_disk(dir: &std::path::Path) -> Self {
+        // tansu reads the path relative to its working directory.
+        Self::launch(free_addr(), None, "sqlite://tansu.db", Some(dir.to_owned()))
+    }
+
+    /// A broker that clients reach through a TCP proxy the test can cut
+    /// ([`Broker::cut`]) and restore: a network outage that keeps the
+    /// broker's data.
+    pub fn start_behind_proxy() -> Self {
         let addr = free_addr();
+        Self::launch(addr, Some(Proxy::start(free_addr(), addr)), "memory://tansu/", None)
+    }
+
+    fn launch(addr: SocketAddr, proxy: Option<Proxy>, storage: &str, dir: Option<PathBuf>) -> Self {
         let mut broker = Self {
             child: None,
             addr,
-            advertised: addr,
-            proxy: None,
-            // tansu reads the path relative to its working directory.
-            storage: "sqlite://tansu.db".into(),
-            dir: Some(dir.to_owned()),
+            advertised: proxy.as_ref().map_or(addr, |p| p.addr),
+            proxy,
+            storage: storage.into(),
+            dir,
         };
         broker.spawn();
         broker
@@ -85,24 +86,6 @@ impl Broker {
     pub fn restart(&mut self) {
         self.stop();
         self.spawn();
-    }
-
-    /// A broker that clients reach through a TCP proxy the test can cut
-    /// ([`Broker::cut`]) and restore: a network outage that keeps the
-    /// broker's data.
-    pub fn start_behind_proxy() -> Self {
-        let addr = free_addr();
-        let proxy = Proxy::start(free_addr(), addr);
-        let mut broker = Self {
-            child: None,
-            addr,
-            advertised: proxy.addr,
-            proxy: Some(proxy),
-            storage: "memory://tansu/".into(),
-            dir: None,
-        };
-        broker.spawn();
-        broker
     }
 
     /// Cuts every connection to the broker and refuses new ones.
