@@ -239,6 +239,20 @@ fn a_grpc_worker_on_one_replica_is_advised_by_the_jobs_owner_on_another() {
         relay.sample("gradguard_job_advice_unacked{job=\"grpc-via-relay\"}"),
         Some(0.0)
     );
+    // A relay cannot say when the owner has decided on a step: asked for
+    // progress, its Welcome declines.
+    let welcome = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let mut c = gradguard::client::connect(&relay.url()).await.expect("connect");
+        let hello = gradguard::proto::Hello {
+            report_progress: true,
+            ..common::hello("progress-via-relay", 0, 1, 2)
+        };
+        gradguard::client::WorkerStream::open(&mut c, hello)
+            .await
+            .expect("open")
+            .welcome
+    });
+    assert!(!welcome.reports_progress);
 }
 
 /// A query command against a replica, as JSON lines.
