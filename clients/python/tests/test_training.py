@@ -15,7 +15,8 @@ from conftest import free_port
 from problems import STEPS, Regression
 
 import gradguard
-from gradguard._transport import Progress
+from gradguard._transport import Outbox, Progress, TransportStats
+from gradguard.v1 import gradguard_pb2 as pb
 
 
 def test_a_diverging_run_blows_up_alone_and_is_brought_back_in_enforce_mode(server):
@@ -119,6 +120,19 @@ def test_max_lag_waits_for_progress_only_while_a_stream_reports_it():
     assert p.wait(100, timeout=60), "nobody waits for a service that is down"
     p.start(active=False, step=0)  # a server that does not report progress
     assert p.wait(100, timeout=60)
+
+
+def test_a_new_stream_waits_only_for_summaries_it_will_send():
+    outbox = Outbox(8, TransportStats())
+    assert outbox.settled_through() == 0
+    for step in (1, 2, 3):
+        outbox.put_summary(pb.Summary(step=step))
+    assert outbox.settled_through() == 0, "all three are still to be sent"
+    outbox.take(timeout=0)  # step 1 went out on a stream that then broke
+    assert outbox.settled_through() == 1, "its progress may never come"
+    outbox.take(timeout=0)
+    outbox.take(timeout=0)
+    assert outbox.settled_through() == 3
 
 
 def test_a_server_killed_and_restarted_mid_run_gets_the_stream_back(make_server):

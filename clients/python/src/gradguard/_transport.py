@@ -50,6 +50,7 @@ class Outbox:
         self._stats = stats
         self._cond = threading.Condition()
         self._closed = False
+        self._last_put = 0  # the newest summary's step
 
     def put_summary(self, summary: pb.Summary) -> None:
         with self._cond:
@@ -57,6 +58,7 @@ class Outbox:
                 self._summaries.popleft()
                 self._stats.dropped += 1
             self._summaries.append(summary)
+            self._last_put = max(self._last_put, summary.step)
             self._cond.notify()
 
     def put_ack(self, ack: pb.AdviceAck) -> None:
@@ -80,6 +82,13 @@ class Outbox:
         with self._cond:
             while self._summaries and self._summaries[0].step <= step:
                 self._summaries.popleft()
+
+    def settled_through(self) -> int:
+        """On a new stream: steps up to this one will not be sent any more
+        (sent on an earlier stream, whether the service got them or not);
+        those queued will."""
+        with self._cond:
+            return self._summaries[0].step - 1 if self._summaries else self._last_put
 
     def empty(self) -> bool:
         with self._cond:
@@ -219,7 +228,10 @@ class GrpcConnection(Connection):
                         if msg.welcome.HasField("last_step"):
                             self.outbox.forget_through(msg.welcome.last_step)
                         self.on_welcome(msg.welcome)
-                        self.progress.start(msg.welcome.reports_progress, msg.welcome.last_step)
+                        # A summary lost with the old stream never gets its
+                        # progress: nobody waits for it.
+                        settled = max(msg.welcome.last_step, self.outbox.settled_through())
+                        self.progress.start(msg.welcome.reports_progress, settled)
                         self.stats.connects += 1
                         self.stats.connected = True
                         self._quiet_errors.clear()
