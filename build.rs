@@ -1,5 +1,11 @@
 //! Generates the `gradguard.v1` protobuf and gRPC code with a vendored protoc,
 //! so no system protoc is needed.
+//!
+//! `gradguard serve` answers `gradguard.v1.Ingest` with a second, hand-declared
+//! server for the same route (`gradguard.v1.Ingest/Stream`): it takes each
+//! worker message still encoded, so a stream can decode every summary into the
+//! vectors of the one before (see `proto::frames`). The wire contract is the
+//! proto's; only the server-side Rust types differ.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
@@ -9,6 +15,25 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .file_descriptor_set_path(out_dir.join("gradguard_descriptor.bin"))
         .compile_with_config(config, &["proto/gradguard/v1/gradguard.proto"], &["proto"])?;
+
+    let ingest_frames = tonic_build::manual::Service::builder()
+        .name("Ingest")
+        .package("gradguard.v1")
+        .method(
+            tonic_build::manual::Method::builder()
+                .name("stream")
+                .route_name("Stream")
+                .input_type("crate::proto::frames::Frame")
+                .output_type("crate::proto::ServerMessage")
+                .codec_path("crate::proto::frames::FrameCodec")
+                .client_streaming()
+                .server_streaming()
+                .build(),
+        )
+        .build();
+    tonic_build::manual::Builder::new()
+        .build_client(false)
+        .compile(&[ingest_frames]);
     println!("cargo:rerun-if-changed=proto");
     Ok(())
 }

@@ -70,6 +70,18 @@ pub fn summary_into(p: &proto::Summary, rank: u32, layers: usize, out: &mut Summ
     Ok(())
 }
 
+/// The encoded `Summary` inside an encoded `WorkerMessage` that is exactly one
+/// `summary` field (what workers send every step), so a reader can decode it
+/// into a reused message (`clear`, then `merge`: the vectors keep their
+/// capacity); `None` for anything else, which takes the full decode.
+pub fn lone_summary(message: &[u8]) -> Option<&[u8]> {
+    // Field 2, length-delimited: (2 << 3) | 2.
+    const SUMMARY_KEY: u8 = 0x12;
+    let mut rest = message.strip_prefix(&[SUMMARY_KEY])?;
+    let len = prost::decode_length_delimiter(&mut rest).ok()?;
+    (len == rest.len()).then_some(rest)
+}
+
 /// The wire form of a domain summary (the worker side: simulator, clients).
 pub fn summary_to_proto(s: &Summary) -> proto::Summary {
     let has = |f: fn(&LayerStats) -> Option<f32>| s.layers.iter().any(|l| f(l).is_some());
@@ -382,6 +394,42 @@ mod tests {
                 .collect(),
             ..Summary::default()
         }
+    }
+
+    #[test]
+    fn a_lone_summary_is_found_and_anything_else_is_left_to_the_full_decode() {
+        use prost::Message as _;
+        let summary = proto::Summary {
+            step: 7,
+            loss: Some(1.5),
+            layer_l2: vec![0.5; 300],
+            layer_nonfinite: vec![0; 300],
+            ..Default::default()
+        };
+        let record = proto::WorkerMessage {
+            body: Some(proto::worker_message::Body::Summary(summary.clone())),
+        }
+        .encode_to_vec();
+        let mut reused = proto::Summary {
+            step: 1,
+            layer_l2: vec![9.0; 5],
+            ..Default::default()
+        };
+        reused.clear();
+        reused.merge(lone_summary(&record).expect("a lone summary")).unwrap();
+        assert_eq!(reused, summary);
+
+        let hello = proto::WorkerMessage {
+            body: Some(proto::worker_message::Body::Hello(proto::Hello::default())),
+        }
+        .encode_to_vec();
+        assert_eq!(lone_summary(&hello), None);
+        assert_eq!(lone_summary(&[]), None);
+        // A second field after the summary (the last oneof field wins): not lone.
+        let mut two = record.clone();
+        two.extend_from_slice(&hello);
+        assert_eq!(lone_summary(&two), None);
+        assert_eq!(lone_summary(&record[..record.len() - 1]), None);
     }
 
     #[test]

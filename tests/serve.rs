@@ -287,6 +287,104 @@ async fn bad_input_ends_only_its_own_stream_with_invalid_argument() {
     assert_eq!(sample(&text, "gradguard_summaries_total"), Some(42.0));
 }
 
+/// Sends each message as the bytes given: what no prost client can send.
+#[derive(Debug, Default)]
+struct RawCodec;
+
+struct RawEncoder;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = proto::ServerMessage;
+    type Encoder = RawEncoder;
+    type Decoder = tonic_prost::ProstDecoder<proto::ServerMessage>;
+
+    fn encoder(&mut self) -> RawEncoder {
+        RawEncoder
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        tonic_prost::ProstDecoder::new(Default::default())
+    }
+}
+
+impl tonic::codec::Encoder for RawEncoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn encode(&mut self, item: Vec<u8>, buf: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        use bytes::BufMut as _;
+        buf.put_slice(&item);
+        Ok(())
+    }
+}
+
+/// The status that ends an `Ingest.Stream` that sent `frames`, or `None` if it
+/// ended cleanly.
+async fn raw_stream(url: &str, frames: Vec<Vec<u8>>) -> Option<tonic::Status> {
+    use tonic::codegen::http::uri::PathAndQuery;
+    let channel = Channel::from_shared(url.to_owned()).unwrap().connect().await.unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let path = PathAndQuery::from_static("/gradguard.v1.Ingest/Stream");
+    let call = async {
+        let mut inbound = match grpc
+            .streaming(tonic::Request::new(tokio_stream::iter(frames)), path, RawCodec)
+            .await
+        {
+            Ok(r) => r.into_inner(),
+            Err(status) => return Some(status),
+        };
+        loop {
+            match inbound.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => return None,
+                Err(status) => return Some(status),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), call)
+        .await
+        .expect("server answered")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bytes_that_are_not_a_worker_message_are_refused_and_counted() {
+    use prost::Message as _;
+    let server = Server::start();
+    let hello = |job| msg(worker_message::Body::Hello(hello(job, 0, 1, 4))).encode_to_vec();
+    let step = |n| msg(worker_message::Body::Summary(summary(n, 4))).encode_to_vec();
+    // The bytes of the summary field cut short: decoded on the fast path, into
+    // the stream's reused summary, after a good one.
+    let mut cut = step(3);
+    cut.truncate(cut.len() - 2);
+    cut[1] -= 2;
+    let cases = [
+        (vec![vec![0xff, 0xff, 0xff]], "3 bytes"),
+        (vec![hello("cut"), step(1), step(2), cut], "WorkerMessage"),
+    ];
+    for (frames, expected) in cases {
+        let status = raw_stream(&server.url(), frames).await.expect("refused");
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(
+            status.message().contains("not a gradguard.v1.WorkerMessage"),
+            "{status:?}"
+        );
+        assert!(status.message().contains(expected), "{status:?}");
+    }
+    // The same bytes, whole, are a healthy stream.
+    let whole = raw_stream(&server.url(), vec![hello("whole"), step(1), step(2), step(3)]).await;
+    assert!(whole.is_none(), "{whole:?}");
+
+    let text = server.scrape();
+    assert_eq!(
+        sample(&text, "gradguard_summaries_rejected_total{reason=\"undecodable\"}"),
+        Some(2.0)
+    );
+    // Steps 1 and 2 of the refused stream, and the three of the healthy one.
+    assert_eq!(sample(&text, "gradguard_summaries_total"), Some(5.0));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn streams_that_vanish_mid_run_leak_nothing() {
     let server = Server::start();

@@ -693,7 +693,7 @@ impl Worker {
             return self.skip("rank", "record has no numeric rank header", partition, offset);
         };
         let payload = m.payload().unwrap_or_default();
-        let body = match lone_summary(payload) {
+        let body = match wire::lone_summary(payload) {
             // Decoded into the previous summary's vectors (put back below):
             // the common record allocates nothing.
             Some(bytes) => {
@@ -874,57 +874,5 @@ impl Worker {
             None,
             Some(&msg.encode_to_vec()),
         );
-    }
-}
-
-/// The encoded `Summary` of a summaries-topic record that is exactly one
-/// `WorkerMessage.summary` field (what workers send every step), so it can be
-/// decoded into a reused message; `None` for anything else.
-fn lone_summary(payload: &[u8]) -> Option<&[u8]> {
-    // Field 2, length-delimited: (2 << 3) | 2.
-    const SUMMARY_KEY: u8 = 0x12;
-    let rest = payload.strip_prefix(&[SUMMARY_KEY])?;
-    let mut buf = rest;
-    let len = prost::decode_length_delimiter(&mut buf).ok()?;
-    (len == buf.len()).then_some(buf)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_lone_summary_is_found_and_anything_else_is_left_to_the_full_decode() {
-        let summary = proto::Summary {
-            step: 7,
-            loss: Some(1.5),
-            layer_l2: vec![0.5; 300],
-            layer_nonfinite: vec![0; 300],
-            ..Default::default()
-        };
-        let record = proto::WorkerMessage {
-            body: Some(worker_message::Body::Summary(summary.clone())),
-        }
-        .encode_to_vec();
-        let mut reused = proto::Summary {
-            step: 1,
-            layer_l2: vec![9.0; 5],
-            ..Default::default()
-        };
-        reused.clear();
-        reused.merge(lone_summary(&record).expect("a lone summary")).unwrap();
-        assert_eq!(reused, summary);
-
-        let hello = proto::WorkerMessage {
-            body: Some(worker_message::Body::Hello(proto::Hello::default())),
-        }
-        .encode_to_vec();
-        assert_eq!(lone_summary(&hello), None);
-        assert_eq!(lone_summary(&[]), None);
-        // A second field after the summary (the last oneof field wins): not lone.
-        let mut two = record.clone();
-        two.extend_from_slice(&hello);
-        assert_eq!(lone_summary(&two), None);
-        assert_eq!(lone_summary(&record[..record.len() - 1]), None);
     }
 }

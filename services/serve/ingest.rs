@@ -1,7 +1,10 @@
 //! `gradguard.v1.Ingest`: one task per worker stream.
 //!
 //! The task reads the worker's messages in order and hands each to the hub
-//! right away, so advice is on its way before the next message is read. A
+//! right away, so advice is on its way before the next message is read. It
+//! decodes them itself (tonic hands them over encoded, `proto::frames`): a
+//! summary, what a worker sends every step, is decoded into the vectors of the
+//! stream's previous one, so the common message allocates nothing. A
 //! refused message ends that stream with its status (`InvalidArgument` naming
 //! the field and value); other streams never notice. However the stream ends,
 //! dropping the session detaches it from its job.
@@ -10,7 +13,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use gradguard::model::Summary;
-use gradguard::proto::{self, ingest_server::Ingest, worker_message};
+use gradguard::proto::frames::{Frame, ingest_server::Ingest};
+use gradguard::proto::{self, worker_message};
+use gradguard::wire;
+use prost::Message as _;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status, Streaming};
@@ -38,10 +44,7 @@ impl IngestService {
 impl Ingest for IngestService {
     type StreamStream = ReceiverStream<Result<proto::ServerMessage, Status>>;
 
-    async fn stream(
-        &self,
-        request: Request<Streaming<proto::WorkerMessage>>,
-    ) -> Result<Response<Self::StreamStream>, Status> {
+    async fn stream(&self, request: Request<Streaming<Frame>>) -> Result<Response<Self::StreamStream>, Status> {
         let (outbox, rx) = mpsc::channel(self.queue);
         let session = Session {
             id: self.hub.next_stream_id(),
@@ -49,6 +52,7 @@ impl Ingest for IngestService {
             outbox,
             attachment: None,
             max_message_bytes: self.max_message_bytes,
+            wire: proto::Summary::default(),
             scratch: Summary::default(),
         };
         tokio::spawn(session.run(request.into_inner()));
@@ -63,14 +67,16 @@ struct Session {
     outbox: Outbox,
     attachment: Option<Attachment>,
     max_message_bytes: usize,
-    /// Reused for every summary of the stream.
+    /// Every summary of the stream is decoded into this one, then converted
+    /// into `scratch`: both keep their capacity from step to step.
+    wire: proto::Summary,
     scratch: Summary,
 }
 
 impl Session {
-    async fn run(mut self, mut inbound: Streaming<proto::WorkerMessage>) {
+    async fn run(mut self, mut inbound: Streaming<Frame>) {
         loop {
-            let message = match inbound.message().await {
+            let frame = match inbound.message().await {
                 Ok(Some(m)) => m,
                 Ok(None) => {
                     // The worker closed its half. Its stream ends once all it
@@ -96,15 +102,32 @@ impl Session {
                     break; // otherwise the transport failed: the worker is gone
                 }
             };
-            if let Err(rejection) = self.handle(message, Instant::now()) {
+            if let Err(rejection) = self.handle(&frame, Instant::now()) {
                 self.refuse(rejection).await;
                 break;
             }
         }
     }
 
-    fn handle(&mut self, message: proto::WorkerMessage, received: Instant) -> Result<(), Rejection> {
+    fn handle(&mut self, frame: &[u8], received: Instant) -> Result<(), Rejection> {
         use worker_message::Body;
+        let undecodable = |e: prost::DecodeError| {
+            Rejection::invalid(
+                "undecodable",
+                format!(
+                    "the message ({} bytes) is not a gradguard.v1.WorkerMessage: {e}",
+                    frame.len()
+                ),
+            )
+        };
+        if let (Some(summary), Some(at)) = (wire::lone_summary(frame), &self.attachment) {
+            self.wire.clear();
+            self.wire.merge(summary).map_err(undecodable)?;
+            return self
+                .hub
+                .summary(at, &self.outbox, &self.wire, &mut self.scratch, received);
+        }
+        let message = proto::WorkerMessage::decode(frame).map_err(undecodable)?;
         match (message.body, &self.attachment) {
             (Some(Body::Hello(hello)), None) => {
                 self.attachment = Some(self.hub.hello(self.id, &self.outbox, hello)?);

@@ -381,7 +381,8 @@ impl Metrics {
 const ALERTED_SEVERITIES: [Severity; 2] = [Severity::Warning, Severity::Critical];
 
 /// Every `reason` label of rejected messages, so each series exists from the start.
-pub const REJECT_REASONS: [&str; 14] = [
+pub const REJECT_REASONS: [&str; 15] = [
+    "undecodable",
     "empty_message",
     "replaced",
     "no_hello",
