@@ -52,14 +52,25 @@ pub fn summary_into(p: &proto::Summary, rank: u32, layers: usize, out: &mut Summ
     check("layer_param_norm", p.layer_param_norm.len())?;
     check("layer_update_norm", p.layer_update_norm.len())?;
 
+    // Column by column (each array is empty or as long as layer_l2, checked
+    // above): straight loops without a bounds check per value.
     out.layers.clear();
-    out.layers.extend((0..p.layer_l2.len()).map(|i| LayerStats {
-        l2: p.layer_l2[i],
-        max_abs: p.layer_max_abs.get(i).copied().unwrap_or(0.0),
-        nonfinite: p.layer_nonfinite.get(i).copied().unwrap_or(0),
-        param_norm: p.layer_param_norm.get(i).copied(),
-        update_norm: p.layer_update_norm.get(i).copied(),
+    out.layers.extend(p.layer_l2.iter().map(|&l2| LayerStats {
+        l2,
+        ..LayerStats::default()
     }));
+    for (l, &v) in out.layers.iter_mut().zip(&p.layer_max_abs) {
+        l.max_abs = v;
+    }
+    for (l, &v) in out.layers.iter_mut().zip(&p.layer_nonfinite) {
+        l.nonfinite = v;
+    }
+    for (l, &v) in out.layers.iter_mut().zip(&p.layer_param_norm) {
+        l.param_norm = Some(v);
+    }
+    for (l, &v) in out.layers.iter_mut().zip(&p.layer_update_norm) {
+        l.update_norm = Some(v);
+    }
     out.worker = rank;
     out.step = p.step;
     out.time = (p.time != 0.0).then_some(p.time);
