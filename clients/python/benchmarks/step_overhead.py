@@ -1,10 +1,13 @@
 """What the client costs per training step, against what people do today.
 
-    python benchmarks/step_overhead.py [--steps 40] [--rounds 5] [--threads N] [--device cuda]
+    python benchmarks/step_overhead.py [--model mlp|transformer] [--steps 40] [--rounds 5] [--threads N] [--device cuda]
 
-One model (an MLP of a few million parameters, batch 256, on the CPU unless
-`--device cuda`; GPU steps are timed to completion), five loops taking
-steps in turn so that machine noise hits them alike:
+One model of a few million parameters, on the CPU unless `--device cuda` (GPU
+steps are timed to completion): `mlp`, 6 linear layers (12 parameter tensors)
+at batch 256; or `transformer`, a 12-layer pre-norm decoder (d=128, 150
+parameter tensors, as many per million parameters as a GPT) predicting the
+next token of 8 sequences of 32. Five loops take steps in turn so that machine
+noise hits them alike:
 
 - plain:   forward, backward, optimizer.step
 - clip:    plus clip_grad_norm_(params, 1.0), the common practice
@@ -39,13 +42,58 @@ import gradguard
 ROOT = Path(__file__).resolve().parents[3]
 
 
-def model() -> torch.nn.Module:
-    torch.manual_seed(0)
+VOCAB = 1024
+CONTEXT = 32
+
+
+def mlp() -> torch.nn.Module:
     widths = [512, 1024, 1024, 1024, 512, 10]
     layers: list[torch.nn.Module] = []
     for a, b in itertools.pairwise(widths):
         layers += [torch.nn.Linear(a, b), torch.nn.GELU()]
     return torch.nn.Sequential(*layers[:-1])
+
+
+class Transformer(torch.nn.Module):
+    """A small GPT-style decoder: token and position embeddings, pre-norm
+    blocks with causal self-attention, a final norm and the output head."""
+
+    def __init__(self, d: int = 128, layers: int = 12):
+        super().__init__()
+        self.embed = torch.nn.Embedding(VOCAB, d)
+        self.position = torch.nn.Parameter(torch.zeros(CONTEXT, d))
+        block = torch.nn.TransformerEncoderLayer(d, 4, 4 * d, dropout=0.0, batch_first=True, norm_first=True)
+        self.blocks = torch.nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
+        self.norm = torch.nn.LayerNorm(d)
+        self.head = torch.nn.Linear(d, VOCAB)
+        self.register_buffer("causal", torch.nn.Transformer.generate_square_subsequent_mask(CONTEXT))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        n = tokens.shape[1]
+        h = self.embed(tokens) + self.position[:n]
+        h = self.blocks(h, mask=self.causal[:n, :n], is_causal=True)
+        return self.head(self.norm(h)).flatten(0, 1)
+
+
+def model(kind: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return Transformer() if kind == "transformer" else mlp()
+
+
+def task(kind: str, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A learnable task, so that a healthy run gets no advice and every loop
+    does the same work: labels from a fixed random teacher (mlp), or sequences
+    that follow a fixed rule, x[t+1] = (5 x[t] + 3) mod VOCAB (transformer)."""
+    gen = torch.Generator().manual_seed(1)
+    if kind == "transformer":
+        start = torch.randint(0, VOCAB, (batch, 1), generator=gen)
+        seq = [start]
+        for _ in range(CONTEXT):
+            seq.append((seq[-1] * 5 + 3) % VOCAB)
+        tokens = torch.cat(seq, 1)
+        return tokens[:, :-1], tokens[:, 1:].flatten()
+    x = torch.randn(batch, 512, generator=gen)
+    return x, (x @ torch.randn(512, 10, generator=gen)).argmax(1)
 
 
 def server_bin() -> str:
@@ -64,13 +112,14 @@ def sync() -> None:
 
 
 class Loop:
-    def __init__(self, name: str, x: torch.Tensor, y: torch.Tensor):
+    def __init__(self, name: str, kind: str, x: torch.Tensor, y: torch.Tensor):
         self.name = name
-        self.model = model().to(x.device)
+        self.model = model(kind).to(x.device)
         self.params = list(self.model.parameters())
         self.opt = torch.optim.AdamW(self.params, lr=1e-4)
         self.x, self.y = x, y
         self.times: list[float] = []
+        self.block: list[float] = []
         self.guard = None
 
     def step(self) -> None:
@@ -79,6 +128,10 @@ class Loop:
         self.opt.zero_grad(set_to_none=True)
         loss = torch.nn.functional.cross_entropy(self.model(self.x), self.y)
         loss.backward()
+        # What each loop adds to the plain step, timed on its own (CPU only:
+        # on a GPU it would need a sync here, which changes the step).
+        b = time.perf_counter()
+        go = True
         if self.name == "clip":
             torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         elif self.name == "naive":
@@ -86,23 +139,26 @@ class Loop:
                 norm = torch.norm(p.grad)
                 if norm > 1e6:  # a host sync per parameter
                     print(f"step: gradient norm of parameter {i} is {norm}")
-        elif self.guard is not None and not self.guard.step(loss):
-            sync()
-            self.times.append(time.perf_counter() - t)
-            return
-        self.opt.step()
+        elif self.guard is not None:
+            go = self.guard.step(loss)
+        self.block.append(time.perf_counter() - b)
+        if go:
+            self.opt.step()
         sync()
         self.times.append(time.perf_counter() - t)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=("mlp", "transformer"), default="mlp")
     ap.add_argument("--steps", type=int, default=40, help="steps per loop per round")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
-    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--batch", type=int, help="default: 256 (mlp), 8 sequences (transformer)")
     args = ap.parse_args()
+    if args.batch is None:
+        args.batch = 8 if args.model == "transformer" else 256
     torch.set_num_threads(args.threads)
 
     data = tempfile.mkdtemp(prefix="gradguard-bench-")
@@ -128,13 +184,8 @@ def main() -> None:
     )
     addr = server.stdout.readline().split("grpc=")[1].split()[0]
     try:
-        # A learnable task (labels from a fixed random teacher), so that a
-        # healthy run gets no advice and the loops do the same work.
-        gen = torch.Generator().manual_seed(1)
-        x = torch.randn(args.batch, 512, generator=gen)
-        y = (x @ torch.randn(512, 10, generator=gen)).argmax(1)
-        x, y = x.to(args.device), y.to(args.device)
-        loops = [Loop(n, x, y) for n in ("plain", "clip", "naive", "gradguard", "lockstep")]
+        x, y = (t.to(args.device) for t in task(args.model, args.batch))
+        loops = [Loop(n, args.model, x, y) for n in ("plain", "clip", "naive", "gradguard", "lockstep")]
         guarded, lockstep = loops[-2:]
         guarded.guard = gradguard.watch(guarded.model, guarded.opt, job="bench", server=addr, max_norm=1.0)
         lockstep.guard = gradguard.watch(
@@ -144,6 +195,7 @@ def main() -> None:
             for _ in range(5):
                 loop.step()
             loop.times.clear()
+            loop.block.clear()
         # Step by step in turn, so that drift in the machine's speed (shared,
         # noisy) lands on every loop alike.
         for _ in range(args.rounds * args.steps):
@@ -159,7 +211,7 @@ def main() -> None:
 
     params = sum(p.numel() for p in loops[0].params)
     print(
-        f"model: MLP, {params / 1e6:.1f} M parameters, batch {args.batch}, AdamW, torch {torch.__version__}, "
+        f"model: {args.model}, {params / 1e6:.1f} M parameters in {len(loops[0].params)} tensors, batch {args.batch}, AdamW, torch {torch.__version__}, "
         f"{args.device}, {args.threads} thread(s); {args.rounds} rounds x {args.steps} steps per loop"
     )
     median = {loop.name: statistics.median(loop.times) * 1e3 for loop in loops}
@@ -171,6 +223,13 @@ def main() -> None:
     )
     print(f"ratio gradguard/clip: {median['gradguard'] / median['clip']:.3f} (target <= 1.02)")
     print(f"ratio gradguard/naive: {median['gradguard'] / median['naive']:.3f} (target < 1)")
+    if args.device == "cpu":
+        added = {loop.name: statistics.median(loop.block) * 1e3 for loop in loops[1:4]}
+        print(
+            "added to the step (median, between backward and optimizer.step): "
+            + ", ".join(f"{name} {ms:.3f} ms" for name, ms in added.items())
+            + f"; gradguard/naive {added['gradguard'] / added['naive']:.3f}"
+        )
     print(
         f"lock-step (max_lag=0) costs {median['lockstep'] - median['gradguard']:+.3f} ms/step "
         f"({median['lockstep'] / median['gradguard']:.3f}x gradguard); lag timeouts {lock_stats.lag_timeouts}"
