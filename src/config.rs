@@ -415,6 +415,12 @@ impl Rules {
             "must be at least 1",
         )?;
         check(
+            self.norm_floor.patience >= 1,
+            "norm_floor.patience",
+            self.norm_floor.patience,
+            "must be at least 1",
+        )?;
+        check(
             self.grad_growth.window >= 3,
             "grad_growth.window",
             self.grad_growth.window,
@@ -760,6 +766,15 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "invalid rule setting jobs.a.grad_spike.alpha = 1.5: must be between 0 and 1"
+        );
+    }
+
+    #[test]
+    fn a_floor_without_patience_is_rejected() {
+        let err = RuleBook::parse_str("[norm_floor]\npatience = 0\n", "t").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid rule setting norm_floor.patience = 0: must be at least 1"
         );
     }
 
