@@ -20,6 +20,9 @@
 //! the share of the transport's ceiling the real server achieves. `--compare
 //! URL` does the same against another running server instead, e.g. the
 //! service with `--no-store`, to read the cost of storing as a ratio.
+//! `--rounds N` repeats the pair N times, taking turns, and prints the median
+//! of the rounds' ratios: on a shared machine one pair can land on a fast and
+//! a slow moment.
 
 use std::io::{self, BufRead, BufReader, Write};
 use std::process::{Child, Command, ExitCode, Stdio};
@@ -95,7 +98,12 @@ pub struct LoadgenArgs {
     #[arg(long, value_name = "URL", value_parser = parse_server, conflicts_with = "baseline")]
     pub compare: Option<String>,
 
-    /// Print one JSON object instead of text.
+    /// With --baseline or --compare: run the pair this many times, taking turns,
+    /// and finish with the median of the rounds' ratios.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub rounds: u32,
+
+    /// Print one JSON object instead of text (one per round, then the median).
     #[arg(long)]
     pub json: bool,
 }
@@ -143,6 +151,12 @@ pub fn run(args: &LoadgenArgs) -> Result<ExitCode, Failure> {
         None => default_metrics_url(&args.server),
     };
     if !args.baseline && args.compare.is_none() {
+        if args.rounds > 1 {
+            return Err(Failure::usage(anyhow!(
+                "--rounds {}: needs --baseline or --compare",
+                args.rounds
+            )));
+        }
         let report = runtime.block_on(measure(args, &args.server, MemorySource::Metrics(metrics_url)))?;
         print(&if args.json {
             json_line(&report)
@@ -156,44 +170,72 @@ pub fn run(args: &LoadgenArgs) -> Result<ExitCode, Failure> {
     runtime
         .block_on(client::connect(&args.server))
         .map_err(|e| Failure::input(anyhow!("cannot reach --server: {}", error_chain(&e))))?;
-    let (label, key, sink_report) = match &args.compare {
-        Some(url) => {
-            let memory = MemorySource::Metrics(default_metrics_url(url));
-            ("baseline: ", "baseline", runtime.block_on(measure(args, url, memory))?)
-        }
+    // The sink, if it is the baseline, lives for every round.
+    let mut sink = None;
+    let (label, key, base_url, base_memory) = match &args.compare {
+        Some(url) => (
+            "baseline: ",
+            "baseline",
+            url.clone(),
+            MemorySource::Metrics(default_metrics_url(url)),
+        ),
         None => {
-            let sink = SinkChild::spawn().map_err(Failure::input)?;
-            let report = runtime.block_on(measure(args, &sink.url, MemorySource::Process(sink.child.id())))?;
-            drop(sink);
-            ("sink: ", "sink", report)
+            let child = sink.insert(SinkChild::spawn().map_err(Failure::input)?);
+            (
+                "sink: ",
+                "sink",
+                child.url.clone(),
+                MemorySource::Process(child.child.id()),
+            )
         }
     };
-    if !args.json {
-        print(&human(&sink_report, label))?;
-    }
-    if let Err(failure) = sink_report.verdict() {
+    // Rounds alternate baseline and server, so drift in the machine's speed
+    // lands on both; each round's ratio compares neighbouring runs.
+    let mut ratios = Vec::new();
+    for _ in 0..args.rounds {
+        let base = runtime.block_on(measure(args, &base_url, base_memory.clone()))?;
+        if !args.json {
+            print(&human(&base, label))?;
+        }
+        if let Err(failure) = base.verdict() {
+            if args.json {
+                print(&json_line(&base))?;
+            }
+            return Err(failure);
+        }
+        let report = runtime.block_on(measure(args, &args.server, MemorySource::Metrics(metrics_url.clone())))?;
+        let ratio = (base.summaries_per_s > 0.0).then(|| report.summaries_per_s / base.summaries_per_s);
         if args.json {
-            print(&json_line(&sink_report))?;
+            print(&json_line(&serde_json::json!({
+                key: base,
+                "gradguard": report,
+                "ratio": ratio,
+            })))?;
+        } else {
+            let ratio = ratio.map_or_else(|| "n/a".to_owned(), |r| format!("{r:.2}"));
+            print(&format!("{}ratio: {ratio}\n", human(&report, "gradguard: ")))?;
         }
-        return Err(failure);
+        report.verdict()?;
+        ratios.extend(ratio);
     }
-    let report = runtime.block_on(measure(args, &args.server, MemorySource::Metrics(metrics_url)))?;
-    let ratio = if sink_report.summaries_per_s > 0.0 {
-        Some(report.summaries_per_s / sink_report.summaries_per_s)
-    } else {
-        None
-    };
-    if args.json {
-        print(&json_line(&serde_json::json!({
-            key: sink_report,
-            "gradguard": report,
-            "ratio": ratio,
-        })))?;
-    } else {
-        let ratio = ratio.map_or_else(|| "n/a".to_owned(), |r| format!("{r:.2}"));
-        print(&format!("{}ratio: {ratio}\n", human(&report, "gradguard: ")))?;
+    if args.rounds > 1 {
+        let each: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
+        ratios.sort_by(f64::total_cmp);
+        let median = (!ratios.is_empty()).then(|| ratios[ratios.len() / 2]);
+        if args.json {
+            print(&json_line(
+                &serde_json::json!({ "rounds": args.rounds, "median_ratio": median }),
+            ))?;
+        } else {
+            let median = median.map_or_else(|| "n/a".to_owned(), |r| format!("{r:.2}"));
+            print(&format!(
+                "median ratio over {} rounds: {median} ({})\n",
+                args.rounds,
+                each.join(", ")
+            ))?;
+        }
     }
-    report.verdict()
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `http://HOST:9464/metrics`, HOST taken from the (already validated) server URL.

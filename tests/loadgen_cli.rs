@@ -144,6 +144,38 @@ fn baseline_compares_against_a_spawned_sink() {
 }
 
 #[test]
+fn rounds_take_turns_and_end_with_the_median_ratio() {
+    let (base, server) = (Sink::start(), Sink::start());
+    let out = loadgen(&[
+        "--compare",
+        &format!("http://{}", base.addr),
+        "--rounds",
+        "3",
+        "--streams",
+        "2",
+        "--duration",
+        "300ms",
+        "--server",
+        &format!("http://{}", server.addr),
+        "--json",
+    ]);
+    let text = stdout(&out);
+    assert!(out.status.success(), "{text}{}", stderr(&out));
+    let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 4, "{text}");
+    let mut ratios: Vec<f64> = lines[..3].iter().map(|v| v["ratio"].as_f64().unwrap()).collect();
+    ratios.sort_by(f64::total_cmp);
+    assert_eq!(lines[3]["rounds"], 3, "{text}");
+    assert_eq!(lines[3]["median_ratio"].as_f64(), Some(ratios[1]), "{text}");
+
+    for bad in [&["--rounds", "0", "--baseline"][..], &["--rounds", "2"]] {
+        let out = loadgen(&[bad, &["--server", "http://127.0.0.1:1"]].concat());
+        assert_eq!(out.status.code(), Some(2), "{bad:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains("--rounds"), "{}", stderr(&out));
+    }
+}
+
+#[test]
 fn compare_runs_the_same_load_against_another_server_first() {
     let (base, server) = (Sink::start(), Sink::start());
     let out = loadgen(&[
