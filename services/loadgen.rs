@@ -82,6 +82,13 @@ pub struct LoadgenArgs {
     #[arg(long, value_name = "K", default_value_t = 200)]
     pub spike_every: u64,
 
+    /// When the jobs spike: `staggered` spreads them over the K steps (job j
+    /// of J at steps j*K/J + K, + 2K, ...), as independent jobs do; `aligned`
+    /// spikes every job at the same steps, the worst case for the server (all
+    /// advice at once).
+    #[arg(long, value_enum, default_value_t = Spikes::Staggered)]
+    pub spikes: Spikes,
+
     /// Prometheus endpoint of the server, read for its resident memory
     /// [default: http://HOST:9464/metrics, HOST from --server].
     #[arg(long, value_name = "URL")]
@@ -106,6 +113,13 @@ pub struct LoadgenArgs {
     /// Print one JSON object instead of text (one per round, then the median).
     #[arg(long)]
     pub json: bool,
+}
+
+/// `--spikes`: how the jobs' spikes line up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Spikes {
+    Staggered,
+    Aligned,
 }
 
 /// `--server`: an http URL with a host; `host:port` gets `http://`.
@@ -386,6 +400,8 @@ struct Report {
     duration_s: f64,
     /// Target summaries/s; `None` for as fast as possible.
     rate: Option<f64>,
+    /// How the jobs' spikes line up (`--spikes`).
+    spikes: &'static str,
     summaries: u64,
     /// From the first summary sent to the last stream ended by the server.
     elapsed_s: f64,
@@ -459,7 +475,7 @@ fn human(r: &Report, prefix: &str) -> String {
         (None, reason) => format!("unknown ({})", reason.as_deref().unwrap_or("not read")),
     };
     format!(
-        "{prefix}target: {}  streams: {}  layers: {}  world size: {}  duration: {}  rate: {rate}\n\
+        "{prefix}target: {}  streams: {}  layers: {}  world size: {}  duration: {}  rate: {rate}  spikes: {}\n\
          {prefix}summaries/s: {:.0}  layer-stats/s: {:.0}  advice: {}  {latency}  errors: {}\n\
          {prefix}server resident memory: {memory}\n",
         r.target,
@@ -467,6 +483,7 @@ fn human(r: &Report, prefix: &str) -> String {
         r.layers,
         r.world_size,
         humantime::format_duration(Duration::from_secs_f64(r.duration_s)),
+        r.spikes,
         r.summaries_per_s,
         r.layer_stats_per_s,
         r.advice,
@@ -535,7 +552,11 @@ async fn measure(args: &LoadgenArgs, target: &str, memory: MemorySource) -> Resu
     let mut tasks = Vec::with_capacity(opened.len());
     for (i, stream) in opened {
         let first_step = stream.welcome.last_step.map_or(1, |s| s.saturating_add(1));
-        let generator = Generator::new(i, args.layers as usize, first_step, args.spike_every);
+        let spike_offset = match args.spikes {
+            Spikes::Aligned => 0,
+            Spikes::Staggered => spike_offset(i / w, args.streams.div_ceil(w), args.spike_every),
+        };
+        let generator = Generator::new(i, args.layers as usize, first_step, args.spike_every, spike_offset);
         let ring = Arc::new(Ring::new());
         // Paced streams start spread over one period, not all on the same tick.
         let first_tick = period.map(|p| start + p.mul_f64(f64::from(i) / n as f64));
@@ -624,6 +645,10 @@ async fn measure(args: &LoadgenArgs, target: &str, memory: MemorySource) -> Resu
         world_size: args.world_size,
         duration_s: args.duration.as_secs_f64(),
         rate: (args.rate > 0.0).then_some(args.rate),
+        spikes: match args.spikes {
+            Spikes::Staggered => "staggered",
+            Spikes::Aligned => "aligned",
+        },
         summaries,
         elapsed_s: elapsed,
         summaries_per_s: per_s,
@@ -773,6 +798,12 @@ impl Ring {
     }
 }
 
+/// Where job `job` of `jobs` places its spikes among every `spike_every`
+/// steps: spread evenly, so that independent jobs do not spike at once.
+fn spike_offset(job: u32, jobs: u32, spike_every: u64) -> u64 {
+    u64::from(job) * spike_every / u64::from(jobs.max(1))
+}
+
 /// Summaries of one healthy rank, cheaply: per-layer values come from a fixed
 /// template scaled by one noisy factor per step (plus a wobble on one layer), so
 /// a summary costs its three vectors and a few random numbers.
@@ -780,6 +811,8 @@ struct Generator {
     step: u64,
     rng: u64,
     spike_every: u64,
+    /// Spikes fall on steps `spike_offset + m * spike_every`, m >= 1.
+    spike_offset: u64,
     /// Per-layer L2 of a step with global norm 1.
     l2: Vec<f32>,
     max_abs: Vec<f32>,
@@ -793,12 +826,13 @@ impl Generator {
     /// Norm multiplier on a spike step.
     const SPIKE: f64 = 50.0;
 
-    fn new(stream: u32, layers: usize, first_step: u64, spike_every: u64) -> Self {
+    fn new(stream: u32, layers: usize, first_step: u64, spike_every: u64, spike_offset: u64) -> Self {
         let mut generator = Self {
             step: first_step,
             // xorshift needs a non-zero state; mix the stream index in.
             rng: 0x9E37_79B9_7F4A_7C15 ^ (u64::from(stream) + 1).wrapping_mul(0xBF58_476D_1CE4_E5B9),
             spike_every,
+            spike_offset,
             l2: Vec::with_capacity(layers),
             max_abs: Vec::with_capacity(layers),
         };
@@ -828,7 +862,9 @@ impl Generator {
     fn next(&mut self, time: f64) -> proto::Summary {
         let step = self.step;
         self.step += 1;
-        let spike = self.spike_every != 0 && step.is_multiple_of(self.spike_every);
+        let spike = self.spike_every != 0
+            && step > self.spike_offset
+            && (step - self.spike_offset).is_multiple_of(self.spike_every);
         let noise = 1.0 + Self::NOISE * self.uniform();
         let scale = if spike { noise * Self::SPIKE } else { noise };
         let s = scale as f32;
@@ -897,7 +933,7 @@ mod tests {
 
     #[test]
     fn generator_is_healthy_with_spikes() {
-        let mut g = Generator::new(0, 100, 1, 200);
+        let mut g = Generator::new(0, 100, 1, 200, 0);
         for _ in 1..200 {
             let s = g.next(0.0);
             let norm = s.grad_norm.unwrap();
@@ -909,6 +945,22 @@ mod tests {
         let spike = g.next(0.0);
         assert_eq!(spike.step, 200);
         assert!(spike.grad_norm.unwrap() > 40.0);
+    }
+
+    #[test]
+    fn staggered_jobs_spike_at_their_own_steps() {
+        let offsets: Vec<u64> = (0..25).map(|j| spike_offset(j, 25, 200)).collect();
+        assert_eq!(offsets[..4], [0, 8, 16, 24]);
+        assert_eq!(offsets[24], 192);
+        assert_eq!(spike_offset(0, 0, 200), 0);
+        let mut g = Generator::new(5, 10, 1, 200, 8);
+        let spikes: Vec<u64> = (1..=700)
+            .map(|_| g.next(0.0))
+            .filter(|s| s.grad_norm.unwrap() > 40.0)
+            .map(|s| s.step)
+            .collect();
+        // Not at step 8, inside the rules' warm-up: from one period on.
+        assert_eq!(spikes, [208, 408, 608]);
     }
 
     /// The load is what it claims: the real engine finds a healthy run with a
@@ -926,7 +978,7 @@ mod tests {
             profile: None,
         };
         engine.declare("loadgen-0", &spec).unwrap();
-        let mut ranks: Vec<Generator> = (0..4).map(|r| Generator::new(r, 100, 1, 200)).collect();
+        let mut ranks: Vec<Generator> = (0..4).map(|r| Generator::new(r, 100, 1, 200, 0)).collect();
         let mut out = Output::default();
         for step in 1..=1000u64 {
             for (rank, generator) in ranks.iter_mut().enumerate() {

@@ -112,6 +112,7 @@ fn paced_json_report() {
     let report: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
     assert_eq!(report["errors"], 0);
     assert_eq!(report["rate"], 200.0);
+    assert_eq!(report["spikes"], "staggered");
     // Open loop at 200/s for 1 s: about 200, whatever the machine's speed.
     let sent = report["summaries"].as_u64().unwrap();
     assert!((150..=210).contains(&sent), "{report}");
