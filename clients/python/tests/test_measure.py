@@ -90,6 +90,40 @@ def test_half_precision_gradients_are_accumulated_in_float32(dtype):
     assert m.grad_norm == pytest.approx(1e5, rel=1e-3) and m.layer_max_abs == [1000.0]
 
 
+def test_large_cpu_gradients_take_a_dot_and_match_the_reference():
+    from gradguard._measure import DOT_MIN_NUMEL
+
+    net = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Tanh(), torch.nn.Linear(256, 4))
+    assert net[0].weight.numel() >= DOT_MIN_NUMEL > net[2].weight.numel()
+    layers = Layers(net)
+    for seed in range(2):  # the second step reuses the cached split
+        torch.manual_seed(seed)
+        net.zero_grad(set_to_none=True)
+        net(torch.randn(32, 256)).square().mean().backward()
+        m = layers.measure()
+        l2, _, _ = reference(net, layers)
+        assert m.layer_l2 == pytest.approx(l2, rel=1e-5)
+        assert m.grad_norm == pytest.approx(math.sqrt(sum(v * v for v in l2)), rel=1e-5)
+
+    # A sum of squares beyond float32 (a norm over 1.8e19) is not reported as Inf.
+    net[0].weight.grad.fill_(1e19)
+    m = layers.measure()
+    assert m.finite and m.layer_l2[0] == pytest.approx(math.sqrt(256 * 256 + 0.0) * 1e19, rel=1e-5)
+
+    # The same parameter in half precision on a later step (allowed by
+    # grad_dtype = None): accumulated in float32 all the same.
+    net[0].weight.grad_dtype = None
+    net[0].weight.grad = torch.full((256, 256), 1000.0, dtype=torch.float16)
+    assert layers.measure().layer_l2[0] == pytest.approx(256 * 1000.0, rel=1e-3)
+
+    # NaN and Inf in a large gradient are still counted.
+    net[0].weight.grad = torch.zeros(256, 256)
+    net[0].weight.grad[3, :2] = math.inf
+    net[0].weight.grad[4, 0] = math.nan
+    m = layers.measure()
+    assert not m.finite and m.layer_nonfinite == [3, 0]
+
+
 def test_max_abs_is_measured_on_accelerators_and_asked_for_on_the_cpu():
     net = Net()
     backward(net, "cpu")

@@ -1,7 +1,9 @@
 """Per-layer gradient statistics of a model, measured once per optimizer step.
 
 Cost model: one fused reduction over the gradients (L2 per parameter,
-accumulated in float32 whatever the gradient dtype), a second for max |g|
+accumulated in float32 whatever the gradient dtype; on the CPU, large float32
+gradients take a BLAS dot instead, twice as fast as the norm kernel there), a
+second for max |g|
 on accelerators (fused; on the CPU it is off by default: a second pass over
 memory, and one vectorised min/max per tensor when asked for, since the fused
 inf-norm is slow there), a
@@ -21,6 +23,12 @@ import torch
 _foreach = getattr(torch, "foreach", None)  # public since torch 2.15
 _norm = _foreach.norm if _foreach is not None else torch._foreach_norm
 _mul_ = _foreach.mul_ if _foreach is not None else torch._foreach_mul_
+
+# On the CPU, float32 gradients from this many elements up get their sum of
+# squares from a BLAS dot (8 us for 64 Ki elements against 17 us for the norm
+# kernel, which is neither vectorised as well nor threaded); smaller ones stay
+# in the one fused call, where each costs under 2 us.
+DOT_MIN_NUMEL = 16_384
 
 # Prefixes that wrappers add to parameter names (DDP, FSDP, torch.compile).
 _WRAPPERS = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
@@ -81,6 +89,8 @@ class Layers:
             raise ValueError("model has no trainable parameters (none with requires_grad=True)")
         # Scatter indices per (device, which parameters have gradients).
         self._index_cache: dict[tuple, torch.Tensor] = {}
+        # CPU: which of the present gradients take a dot (see _host_squares).
+        self._dot_cache: dict[tuple, tuple[list[int], list[int]]] = {}
 
     def grads(self) -> tuple[list[torch.Tensor], list[int]]:
         """The gradients present this step, and the position of each parameter."""
@@ -166,7 +176,18 @@ class Layers:
         device, where small ops are asynchronous."""
         k = len(grads)
         cpu = torch.device("cpu")
-        values = list(_norm(grads, ord=2.0, dtype=torch.float32))
+        fused, dotted = self._dot_split(grads, present)
+        values = [None] * k
+        if fused:
+            for i, v in zip(fused, _norm([grads[i] for i in fused], ord=2.0, dtype=torch.float32)):
+                values[i] = v
+        for i in dotted:  # sums of squares, not norms
+            g = grads[i]
+            if g.dtype is torch.float32:
+                flat = g.reshape(-1)
+                values[i] = torch.dot(flat, flat)
+            else:  # the same parameter in another dtype this step
+                values[i] = _norm([g], ord=2.0, dtype=torch.float32)[0].square()
         scalars: list[float | None] = []  # loss, loss scale given on the host (tensors ride in `values`)
         for v in (loss, loss_scale):
             if isinstance(v, torch.Tensor):
@@ -183,9 +204,14 @@ class Layers:
 
         n = len(self.names)
         layer_of = [self._layer_of[i] for i in present]
+        squares = [v * v for v in packed[:k]]  # in float64, as on the device
+        for i in dotted:
+            squares[i] = packed[i]
+            if math.isinf(packed[i]):  # a float32 sum of squares overflows at norms of 1.8e19
+                squares[i] = float(torch.linalg.vector_norm(grads[i], dtype=torch.float64).square())
         sq = [0.0] * n
-        for j, v in zip(layer_of, packed[:k]):
-            sq[j] += v * v  # in float64, as on the device
+        for j, v in zip(layer_of, squares):
+            sq[j] += v
         layer_l2 = [math.sqrt(v) for v in sq]
         total = math.sqrt(sum(sq))
         rest = iter(packed[k:])
@@ -203,6 +229,18 @@ class Layers:
         if not math.isfinite(total) or any(not math.isfinite(v) for v in layer_max_abs):
             nonfinite = self._count_nonfinite(grads, self._index(present, cpu), cpu)
         return Measurement(total, layer_l2, layer_max_abs, nonfinite, loss_v, scale_v, agreed)
+
+    def _dot_split(self, grads, present) -> tuple[list[int], list[int]]:
+        """Positions (in `grads`) measured by the fused norm, and by a dot."""
+        key = tuple(present)
+        split = self._dot_cache.get(key)
+        if split is None:
+            fused, dotted = [], []
+            for i, g in enumerate(grads):
+                big = g.dtype is torch.float32 and g.numel() >= DOT_MIN_NUMEL
+                (dotted if big else fused).append(i)
+            split = self._dot_cache[key] = (fused, dotted)
+        return split
 
     def _count_nonfinite(self, grads, idx, device) -> list[int]:
         counts = torch.stack([(~torch.isfinite(g)).sum().to(device) for g in grads])
