@@ -19,8 +19,10 @@ noise hits them alike:
            decision on it (one round trip)
 
 Prints each loop's median step time and the ratios the client is held to:
-gradguard/clip (target <= 1.02) and gradguard/naive (target < 1), and what
-lock-step costs on top (lockstep - gradguard, per step).
+gradguard/clip (target <= 1.02) and gradguard/naive (target < 1), the same
+ratios paired step by step (the median of the k-th steps' ratios, which
+cancels the machine's drift), and what lock-step costs on top (lockstep -
+gradguard, per step).
 """
 
 from __future__ import annotations
@@ -223,6 +225,18 @@ def main() -> None:
     )
     print(f"ratio gradguard/clip: {median['gradguard'] / median['clip']:.3f} (target <= 1.02)")
     print(f"ratio gradguard/naive: {median['gradguard'] / median['naive']:.3f} (target < 1)")
+    # The loops take their k-th steps one after another, so the k-th steps
+    # share the machine's state of the moment: the median of their ratios
+    # cancels drift that the ratio of two medians keeps.
+    by_name = {loop.name: loop.times for loop in loops}
+
+    def paired(a: str, b: str) -> float:
+        return statistics.median(x / y for x, y in zip(by_name[a], by_name[b]))
+
+    print(
+        f"paired (median of step-by-step ratios): gradguard/clip {paired('gradguard', 'clip'):.3f}, "
+        f"gradguard/naive {paired('gradguard', 'naive'):.3f}, lockstep/gradguard {paired('lockstep', 'gradguard'):.3f}"
+    )
     if args.device == "cpu":
         added = {loop.name: statistics.median(loop.block) * 1e3 for loop in loops[1:4]}
         print(
