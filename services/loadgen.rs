@@ -122,6 +122,15 @@ pub enum Spikes {
     Aligned,
 }
 
+impl Spikes {
+    fn name(self) -> &'static str {
+        match self {
+            Spikes::Staggered => "staggered",
+            Spikes::Aligned => "aligned",
+        }
+    }
+}
+
 /// `--server`: an http URL with a host; `host:port` gets `http://`.
 fn parse_server(s: &str) -> Result<String, String> {
     let url = if s.contains("://") {
@@ -645,10 +654,7 @@ async fn measure(args: &LoadgenArgs, target: &str, memory: MemorySource) -> Resu
         world_size: args.world_size,
         duration_s: args.duration.as_secs_f64(),
         rate: (args.rate > 0.0).then_some(args.rate),
-        spikes: match args.spikes {
-            Spikes::Staggered => "staggered",
-            Spikes::Aligned => "aligned",
-        },
+        spikes: args.spikes.name(),
         summaries,
         elapsed_s: elapsed,
         summaries_per_s: per_s,
