@@ -235,14 +235,17 @@ pub fn run(args: &LoadgenArgs) -> Result<ExitCode, Failure> {
                 "ratio": ratio,
             })))?;
         } else {
-            let ratio = ratio.map_or_else(|| "n/a".to_owned(), |r| format!("{r:.2}"));
-            print(&format!("{}ratio: {ratio}\n", human(&report, "gradguard: ")))?;
+            print(&format!(
+                "{}ratio: {}\n",
+                human(&report, "gradguard: "),
+                ratio_text(ratio)
+            ))?;
         }
         report.verdict()?;
         ratios.extend(ratio);
     }
     if args.rounds > 1 {
-        let each: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
+        let each: Vec<String> = ratios.iter().map(|&r| ratio_text(Some(r))).collect();
         ratios.sort_by(f64::total_cmp);
         let median = (!ratios.is_empty()).then(|| ratios[ratios.len() / 2]);
         if args.json {
@@ -250,15 +253,20 @@ pub fn run(args: &LoadgenArgs) -> Result<ExitCode, Failure> {
                 &serde_json::json!({ "rounds": args.rounds, "median_ratio": median }),
             ))?;
         } else {
-            let median = median.map_or_else(|| "n/a".to_owned(), |r| format!("{r:.2}"));
             print(&format!(
-                "median ratio over {} rounds: {median} ({})\n",
+                "median ratio over {} rounds: {} ({})\n",
                 args.rounds,
+                ratio_text(median),
                 each.join(", ")
             ))?;
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A throughput ratio as printed: two decimals, or `n/a` when undefined.
+fn ratio_text(ratio: Option<f64>) -> String {
+    ratio.map_or_else(|| "n/a".to_owned(), |r| format!("{r:.2}"))
 }
 
 /// `http://HOST:9464/metrics`, HOST taken from the (already validated) server URL.
