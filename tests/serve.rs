@@ -99,6 +99,50 @@ async fn exploding_run_gets_clip_advice_then_an_escalation() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_batch_is_judged_as_its_summaries_would_be_alone() {
+    let server = Server::start();
+    let (alone, plan) = play(&server.url(), config("alone", Fault::AbruptExplosion, 1)).await;
+
+    // The same run, its summaries sent seven at a time (a lingering worker).
+    let (mut scenario, senders, mut receivers) =
+        open_job(&server.url(), &config("batched", Fault::AbruptExplosion, 1)).await;
+    let mut receiver = receivers.remove(0);
+    let reader = tokio::spawn(async move { receiver.drain().await });
+    let mut pending = Vec::new();
+    let mut batches = 0;
+    while let Some(step) = scenario.next_step() {
+        pending.push(wire::summary_to_proto(&step[0]));
+        if pending.len() == 7 {
+            let summaries = std::mem::take(&mut pending);
+            senders[0]
+                .send(worker_message::Body::Batch(proto::SummaryBatch { summaries }))
+                .await
+                .unwrap();
+            batches += 1;
+        }
+    }
+    let summaries = std::mem::take(&mut pending);
+    senders[0]
+        .send(worker_message::Body::Batch(proto::SummaryBatch { summaries }))
+        .await
+        .unwrap();
+    drop(senders);
+    let batched = reader.await.unwrap().expect("stream ended cleanly");
+    assert!(batches >= 50);
+
+    let decided = |advice: &[proto::Advice]| -> Vec<_> {
+        advice
+            .iter()
+            .map(|a| (action(a).name(), a.decided_at_step, a.apply_from_step, a.rules.clone()))
+            .collect()
+    };
+    assert!(!alone[0].is_empty() && alone[0][0].decided_at_step >= plan.at);
+    assert_eq!(decided(&batched), decided(&alone[0]));
+    let text = server.scrape();
+    assert_eq!(sample(&text, "gradguard_summaries_total"), Some(800.0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn nan_gradients_get_skip_step_advice() {
     let server = Server::start();
     let (received, plan) = play(&server.url(), config("nan", Fault::NanGradients, 2)).await;
@@ -192,7 +236,7 @@ fn summary(step: u64, layers: usize) -> proto::Summary {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_input_ends_only_its_own_stream_with_invalid_argument() {
-    use worker_message::Body::{Ack, Hello, Summary};
+    use worker_message::Body::{Ack, Batch, Hello, Summary};
     let server = Server::start_with(&["--max-message-bytes", "65536"]);
     let mut c = client::connect(&server.url()).await.unwrap();
 
@@ -225,6 +269,21 @@ async fn bad_input_ends_only_its_own_stream_with_invalid_argument() {
         (
             vec![h(3), msg(Summary(summary(5, 4))), msg(Summary(summary(5, 4)))],
             &["field step", "step 5", "already accepted"],
+        ),
+        (
+            vec![
+                h(7),
+                msg(Batch(proto::SummaryBatch {
+                    summaries: vec![summary(1, 4), summary(2, 4), summary(3, 3), summary(4, 4)],
+                })),
+            ],
+            &["batch.summaries[2] (step 3)", "layer_l2", "3 values", "4 layers"],
+        ),
+        (
+            vec![msg(Batch(proto::SummaryBatch {
+                summaries: vec![summary(1, 4)],
+            }))],
+            &["field batch", "1 summaries", "before the Hello"],
         ),
         (
             vec![msg(Hello(hello("", 0, 1, 4)))],
@@ -282,9 +341,10 @@ async fn bad_input_ends_only_its_own_stream_with_invalid_argument() {
         );
         assert!(n >= Some(1.0), "{reason}: {n:?}");
     }
-    // Accepted: 40 from the healthy rank and one first step of each of the
-    // ranks whose second summary was refused.
-    assert_eq!(sample(&text, "gradguard_summaries_total"), Some(42.0));
+    // Accepted: 40 from the healthy rank, one first step of each of the ranks
+    // whose second summary was refused, and the two summaries of a batch
+    // before its refused third.
+    assert_eq!(sample(&text, "gradguard_summaries_total"), Some(44.0));
 }
 
 /// Sends each message as the bytes given: what no prost client can send.

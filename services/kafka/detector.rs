@@ -736,11 +736,26 @@ impl Worker {
                 if let Err(e) = converted {
                     return self.skip("layers", &e.to_string(), partition, offset);
                 }
-                let observed = self.engine.observe(job, &self.scratch, &mut self.out);
-                if observed.is_ok() {
-                    self.metrics.summary(self.scratch.layers.len());
+                self.observe(job)
+            }
+            Some(worker_message::Body::Batch(batch)) => {
+                // Each as if it had come in a record of its own, in order; the
+                // record's ids number the output of all of them.
+                let mut accepted = false;
+                for s in &batch.summaries {
+                    if let Err(e) = wire::summary_into(s, rank, s.layer_l2.len(), &mut self.scratch) {
+                        self.skip("layers", &format!("step {}: {e}", s.step), partition, offset);
+                        continue;
+                    }
+                    match self.observe(job) {
+                        Ok(()) => accepted = true,
+                        Err(e) => self.refused(job, rank, offset, &e),
+                    }
                 }
-                observed
+                if !accepted {
+                    return;
+                }
+                Ok(())
             }
             Some(worker_message::Body::Ack(ack)) => {
                 // A rank that applied a rollback reports again from the
@@ -755,21 +770,33 @@ impl Worker {
             }
             None => Ok(()),
         };
-        match result {
-            Ok(()) => {}
-            Err(EngineError::DuplicateStep { .. } | EngineError::StepBackwards { .. }) => {
-                // Processed before this record was redelivered: its effects are out.
-                self.metrics.kafka_redelivered.inc();
-                return;
-            }
-            Err(e) => {
-                self.metrics.rejected(e.reason());
-                tracing::debug!(job, rank, offset, error = %e, "summary refused");
-                return;
-            }
+        if let Err(e) = result {
+            return self.refused(job, rank, offset, &e);
         }
         self.touched.insert(id);
         self.emit(partition, offset);
+    }
+
+    /// Judges the summary in `scratch`; its output joins `out`.
+    fn observe(&mut self, job: &str) -> Result<(), EngineError> {
+        let observed = self.engine.observe(job, &self.scratch, &mut self.out);
+        if observed.is_ok() {
+            self.metrics.summary(self.scratch.layers.len());
+        }
+        observed
+    }
+
+    fn refused(&self, job: &str, rank: u32, offset: i64, e: &EngineError) {
+        match e {
+            EngineError::DuplicateStep { .. } | EngineError::StepBackwards { .. } => {
+                // Processed before this record was redelivered: its effects are out.
+                self.metrics.kafka_redelivered.inc();
+            }
+            e => {
+                self.metrics.rejected(e.reason());
+                tracing::debug!(job, rank, offset, error = %e, "summary refused");
+            }
+        }
     }
 
     fn skip(&self, reason: &'static str, why: &str, partition: i32, offset: i64) {

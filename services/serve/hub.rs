@@ -62,6 +62,12 @@ impl Rejection {
         }
     }
 
+    /// The same refusal, its message prefixed with where in the message it
+    /// happened (an element of a batch).
+    pub fn within(self, place: &str) -> Self {
+        Self::invalid(self.reason, format!("{place}: {}", self.status.message()))
+    }
+
     fn engine(e: &EngineError) -> Self {
         let field = match e {
             EngineError::EmptyJob => "job",

@@ -141,6 +141,16 @@ impl Session {
                 ),
             )),
             (Some(Body::Summary(s)), Some(at)) => self.hub.summary(at, &self.outbox, &s, &mut self.scratch, received),
+            (Some(Body::Batch(batch)), Some(at)) => {
+                // In order, each as if it had come alone: a refused one ends
+                // the stream, and those before it stay accepted.
+                for (i, s) in batch.summaries.iter().enumerate() {
+                    self.hub
+                        .summary(at, &self.outbox, s, &mut self.scratch, received)
+                        .map_err(|r| r.within(&format!("batch.summaries[{i}] (step {})", s.step)))?;
+                }
+                Ok(())
+            }
             (Some(Body::Ack(ack)), Some(at)) => {
                 self.hub.ack(at, &ack);
                 Ok(())
@@ -152,13 +162,20 @@ impl Session {
                     s.step
                 ),
             )),
+            (Some(Body::Batch(b)), None) => Err(Rejection::invalid(
+                "no_hello",
+                format!(
+                    "field batch: {} summaries arrived before the Hello; open the stream with a Hello",
+                    b.summaries.len()
+                ),
+            )),
             (Some(Body::Ack(_)), None) => Err(Rejection::invalid(
                 "no_hello",
                 "field ack: arrived before the Hello; open the stream with a Hello",
             )),
             (None, _) => Err(Rejection::invalid(
                 "empty_message",
-                "field body: the message carries no hello, summary or ack",
+                "field body: the message carries no hello, summary, batch or ack",
             )),
         }
     }

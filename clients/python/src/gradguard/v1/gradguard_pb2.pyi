@@ -32,14 +32,22 @@ HEALTH_WARNING: Health
 HEALTH_CRITICAL: Health
 
 class WorkerMessage(_message.Message):
-    __slots__ = ("hello", "summary", "ack")
+    __slots__ = ("hello", "summary", "ack", "batch")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     SUMMARY_FIELD_NUMBER: _ClassVar[int]
     ACK_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     summary: Summary
     ack: AdviceAck
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., summary: _Optional[_Union[Summary, _Mapping]] = ..., ack: _Optional[_Union[AdviceAck, _Mapping]] = ...) -> None: ...
+    batch: SummaryBatch
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., summary: _Optional[_Union[Summary, _Mapping]] = ..., ack: _Optional[_Union[AdviceAck, _Mapping]] = ..., batch: _Optional[_Union[SummaryBatch, _Mapping]] = ...) -> None: ...
+
+class SummaryBatch(_message.Message):
+    __slots__ = ("summaries",)
+    SUMMARIES_FIELD_NUMBER: _ClassVar[int]
+    summaries: _containers.RepeatedCompositeFieldContainer[Summary]
+    def __init__(self, summaries: _Optional[_Iterable[_Union[Summary, _Mapping]]] = ...) -> None: ...
 
 class ServerMessage(_message.Message):
     __slots__ = ("welcome", "advice", "progress")

@@ -45,7 +45,8 @@ class IngestServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Stream(self, request_iterator, context):
-        """The worker opens with Hello, then sends Summary and AdviceAck messages.
+        """The worker opens with Hello, then sends Summary (alone or in a
+        SummaryBatch) and AdviceAck messages.
         The server answers Welcome once, then Advice whenever it decides some.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
