@@ -99,4 +99,5 @@ def test_kafka_transport_gets_advice_with_no_grpc(broker, make_server):
             run.train_guarded(guard, steps=1)
     assert applied[0] == "skip_step"
     assert guard.stats.connects == 1 and guard.stats.dropped == 0
+    assert guard.stats.messages < guard.stats.sent / 2, "the summaries went in batches"
     assert server.wait_for_step("over-kafka", guard.stats.steps).layers == 3

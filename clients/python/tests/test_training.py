@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import subprocess
 import sys
 import time
@@ -15,6 +16,8 @@ from conftest import free_port
 from problems import STEPS, Regression
 
 import gradguard
+from gradguard._guard import Urgency
+from gradguard._measure import Measurement
 from gradguard._transport import Outbox, Progress, TransportStats
 from gradguard.v1 import gradguard_pb2 as pb
 
@@ -65,6 +68,8 @@ def test_observe_mode_leaves_training_bit_identical(server):
     for a, b in zip(observed.params(), plain.params()):
         assert torch.equal(a, b)
     assert server.wait_for_step("observed", STEPS).last_step == STEPS
+    # Steps of a millisecond linger and go to the service together.
+    assert g.stats.sent == STEPS and g.stats.messages < STEPS / 4, g.stats
 
 
 def test_observe_mode_reports_advice_without_applying_it(server):
@@ -125,14 +130,62 @@ def test_max_lag_waits_for_progress_only_while_a_stream_reports_it():
 def test_a_new_stream_waits_only_for_summaries_it_will_send():
     outbox = Outbox(8, TransportStats())
     assert outbox.settled_through() == 0
-    for step in (1, 2, 3):
+    outbox.put_summary(pb.Summary(step=1))
+    assert outbox.settled_through() == 0, "step 1 is still to be sent"
+    assert outbox.take(timeout=0).summary.step == 1  # it went out on a stream that then broke
+    for step in (2, 3):
         outbox.put_summary(pb.Summary(step=step))
-    assert outbox.settled_through() == 0, "all three are still to be sent"
-    outbox.take(timeout=0)  # step 1 went out on a stream that then broke
     assert outbox.settled_through() == 1, "its progress may never come"
-    outbox.take(timeout=0)
-    outbox.take(timeout=0)
+    assert [s.step for s in outbox.take(timeout=0).batch.summaries] == [2, 3]
     assert outbox.settled_through() == 3
+
+
+def test_summaries_linger_and_leave_together_unless_urgent():
+    outbox = Outbox(100, TransportStats(), linger=60.0, max_batch=4)
+    outbox.put_summary(pb.Summary(step=1))
+    outbox.put_summary(pb.Summary(step=2))
+    assert outbox.take(timeout=0.05) is None, "not due for a minute"
+    outbox.put_ack(pb.AdviceAck(advice_id=9))
+    assert outbox.take(timeout=0).ack.advice_id == 9, "acknowledgements never wait"
+    outbox.put_summary(pb.Summary(step=3), urgent=True)
+    assert [s.step for s in outbox.take(timeout=0).batch.summaries] == [1, 2, 3]
+    assert outbox.take(timeout=0) is None
+
+    for step in range(4, 10):
+        outbox.put_summary(pb.Summary(step=step))
+    full = outbox.take(timeout=0)
+    assert [s.step for s in full.batch.summaries] == [4, 5, 6, 7], "a full batch goes at once"
+    assert outbox.take(timeout=0) is None, "the rest lingers"
+    outbox.flush()
+    assert [s.step for s in outbox.take(timeout=0).batch.summaries] == [8, 9]
+
+    outbox.put_summary(pb.Summary(step=10))
+    outbox.close()
+    assert outbox.take().summary.step == 10, "closing sends what is queued"
+    assert outbox.take() is None
+
+    short = Outbox(100, TransportStats(), linger=0.05)
+    short.put_summary(pb.Summary(step=1))
+    started = time.monotonic()
+    assert short.take(timeout=30).summary.step == 1
+    assert 0.04 < time.monotonic() - started < 10, "it left when its linger was over"
+
+
+def test_only_steps_that_look_anomalous_are_urgent():
+    urgency = Urgency()
+
+    def step(norm, loss=2.0, nonfinite=0):
+        return urgency(
+            Measurement(grad_norm=norm, layer_l2=[norm], layer_max_abs=[], layer_nonfinite=[nonfinite], loss=loss)
+        )
+
+    rng = random.Random(0)
+    calm = [step(1.0 + 0.05 * rng.gauss(0, 1), 2.0 - 0.001 * i) for i in range(200)]
+    assert sum(calm[20:]) <= 4, f"a calm run lingers: {sum(calm[20:])} urgent of 180"
+    assert step(3.0), "a gradient spike goes at once"
+    assert not step(1.0), "and the baseline did not take it in"
+    assert step(1.0, loss=2.6), "a loss 30% over its average goes at once"
+    assert step(float("nan")) and step(1.0, nonfinite=3) and step(1.0, loss=float("inf"))
 
 
 def test_a_server_killed_and_restarted_mid_run_gets_the_stream_back(make_server):

@@ -56,7 +56,10 @@ def watch(
     instead of gRPC; needs `gradguard[kafka]`), `buffer` (summaries kept while
     the service is unreachable, default 4096), `max_lag` (steps the loop may
     run ahead of the service's decisions; default None, never wait; 0 is
-    lock-step) and `lag_timeout` (seconds it waits at most, default 10).
+    lock-step), `lag_timeout` (seconds it waits at most, default 10) and
+    `linger` (seconds a summary may wait for the next ones to go with it in
+    one message, default 0.25; a step that looks anomalous goes at once with
+    those queued, and 0 sends every step on its own).
     """
     from ._guard import Guard
 

@@ -58,6 +58,7 @@ class Stats:
     skipped: int
     clipped: int
     sent: int
+    messages: int  # that carried the summaries sent (several linger into one)
     dropped: int
     connects: int
     connected: bool
@@ -96,6 +97,7 @@ class Guard:
         process_group: Any = None,
         max_lag: int | None = None,
         lag_timeout: float = 10.0,
+        linger: float = 0.25,
     ):
         if not isinstance(job, str) or not job.strip():
             raise ValueError(f"job must be a non-empty string, got {job!r}")
@@ -115,6 +117,8 @@ class Guard:
             raise ValueError("max_lag needs the gRPC transport (server=); the Kafka transport does not report progress")
         if not (isinstance(lag_timeout, (int, float)) and lag_timeout >= 0):
             raise ValueError(f"lag_timeout must be seconds >= 0, got {lag_timeout!r}")
+        if not (isinstance(linger, (int, float)) and 0 <= linger < math.inf):
+            raise ValueError(f"linger must be seconds >= 0, got {linger!r}")
 
         self.job = job
         self.mode = mode
@@ -165,7 +169,8 @@ class Guard:
         ]
 
         self._stats = TransportStats()
-        self._outbox = Outbox(buffer, self._stats)
+        self._outbox = Outbox(buffer, self._stats, linger=float(linger))
+        self._urgency = Urgency()
         hello = pb.Hello(
             job=job,
             rank=rank,
@@ -245,6 +250,7 @@ class Guard:
             skipped=self._skipped,
             clipped=self._clipped,
             sent=s.sent,
+            messages=s.messages,
             dropped=s.dropped,
             connects=s.connects,
             connected=s.connected,
@@ -302,12 +308,15 @@ class Guard:
             summary.loss_scale = m.loss_scale
         if any(m.layer_nonfinite):
             summary.layer_nonfinite.extend(m.layer_nonfinite)
-        self._outbox.put_summary(summary)
+        self._outbox.put_summary(summary, urgent=self._urgency(m))
 
     def _keep_up(self, step: int) -> None:
         """Waits until the service has decided on `step - max_lag`, so advice
         is in force at most `max_lag` steps after the step that caused it.
         Never waits on a service that is down or does not report progress."""
+        if self._progress.wait(step - self.max_lag, 0):
+            return
+        self._outbox.flush()  # the step waited for may be lingering here
         if self._progress.wait(step - self.max_lag, self.lag_timeout):
             return
         self._lag_timeouts += 1
@@ -478,6 +487,42 @@ class Guard:
         for g, lr in zip(optimizer.param_groups, self._lr_saved):
             g["lr"] = lr
         self._lr_saved = None
+
+
+class Urgency:
+    """Which summaries go at once rather than linger: the first tests of the
+    service's default rules, run on the worker. A false alarm costs one
+    message; a miss delays that step's advice by at most `linger` seconds."""
+
+    ALPHA = 0.97  # grad_spike.alpha, loss_spike.alpha
+    Z = 2.5  # grad_spike.z
+    RISE = 0.2  # loss_spike.min_rise
+
+    def __init__(self) -> None:
+        self._mean: float | None = None
+        self._var = 0.0
+        self._loss: float | None = None
+
+    def __call__(self, m: Measurement) -> bool:
+        if not m.finite or (m.loss is not None and not math.isfinite(m.loss)):
+            return True
+        a, n = self.ALPHA, m.grad_norm
+        urgent = False
+        if self._mean is None:
+            self._mean = n
+        else:
+            bound = self._mean + self.Z * math.sqrt(self._var)
+            urgent = n > bound
+            d = min(n, bound) - self._mean  # a spike does not inflate the baseline (ZClip)
+            self._mean += (1 - a) * d
+            self._var = a * (self._var + (1 - a) * d * d)
+        if m.loss is not None:
+            if self._loss is None:
+                self._loss = m.loss
+            else:
+                urgent |= self._loss > 0 and m.loss > self._loss * (1 + self.RISE)
+                self._loss += (1 - a) * (m.loss - self._loss)
+        return urgent
 
 
 def _unscale_once(scaler, optimizer) -> None:

@@ -29,7 +29,8 @@ BACKOFF_FACTOR = 2.0
 
 @dataclass
 class TransportStats:
-    sent: int = 0
+    sent: int = 0  # summaries
+    messages: int = 0  # that carried them
     dropped: int = 0
     connects: int = 0
     advice: int = 0
@@ -39,43 +40,86 @@ class TransportStats:
 
 class Outbox:
     """Messages waiting for the connection: acknowledgements first (few, and
-    never dropped), then summaries (bounded; the oldest goes when full)."""
+    never dropped), then summaries (bounded; the oldest goes when full).
 
-    def __init__(self, capacity: int, stats: TransportStats):
+    Summaries linger: the first one queued waits up to `linger` seconds for
+    others to join it, and they leave together in one `SummaryBatch` (at most
+    `max_batch`). An urgent summary, a full batch, `flush` and `close` send
+    what is queued at once. Each message costs the sending process a few
+    thread wake-ups in gRPC, whatever its size."""
+
+    def __init__(self, capacity: int, stats: TransportStats, linger: float = 0.0, max_batch: int = 64):
         if capacity < 1:
             raise ValueError(f"buffer must be at least 1, got {capacity}")
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self._summaries: collections.deque[pb.Summary] = collections.deque()
         self._acks: collections.deque[pb.AdviceAck] = collections.deque()
         self._capacity = capacity
+        self._linger = linger
+        self._max_batch = max_batch
         self._stats = stats
         self._cond = threading.Condition()
         self._closed = False
+        self._woken = False
+        self._due = 0.0  # when the queued summaries must leave (time.monotonic)
         self._last_put = 0  # the newest summary's step
 
-    def put_summary(self, summary: pb.Summary) -> None:
+    def put_summary(self, summary: pb.Summary, urgent: bool = False) -> None:
         with self._cond:
             if len(self._summaries) >= self._capacity:
                 self._summaries.popleft()
                 self._stats.dropped += 1
+            if urgent or self._linger <= 0:
+                self._due = 0.0
+            elif not self._summaries:
+                self._due = time.monotonic() + self._linger
             self._summaries.append(summary)
             self._last_put = max(self._last_put, summary.step)
-            self._cond.notify()
+            if self._due == 0.0 or len(self._summaries) == 1:
+                self._cond.notify()
 
     def put_ack(self, ack: pb.AdviceAck) -> None:
         with self._cond:
             self._acks.append(ack)
             self._cond.notify()
 
-    def take(self, timeout: float) -> pb.WorkerMessage | None:
-        """The next message, or None after `timeout` with nothing to send."""
+    def flush(self) -> None:
+        """The queued summaries leave now."""
         with self._cond:
-            if not self._acks and not self._summaries and not self._closed:
-                self._cond.wait(timeout)
-            if self._acks:
-                return pb.WorkerMessage(ack=self._acks.popleft())
-            if self._summaries:
-                return pb.WorkerMessage(summary=self._summaries.popleft())
-            return None
+            self._due = 0.0
+            self._cond.notify()
+
+    def take(self, timeout: float | None = None) -> pb.WorkerMessage | None:
+        """The next message once one is due; None after `timeout` seconds
+        without one, after `wake`, or when closed and empty."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while True:
+                if self._acks:
+                    return pb.WorkerMessage(ack=self._acks.popleft())
+                now = time.monotonic()
+                queued = len(self._summaries)
+                if queued and (self._closed or self._due <= now or queued >= self._max_batch):
+                    return self._batch()
+                if self._woken or self._closed or (deadline is not None and now >= deadline):
+                    self._woken = False
+                    return None
+                waits = [t - now for t in (deadline, self._due if queued else None) if t is not None]
+                self._cond.wait(min(waits) if waits else None)
+
+    def _batch(self) -> pb.WorkerMessage:
+        if len(self._summaries) == 1:
+            return pb.WorkerMessage(summary=self._summaries.popleft())
+        n = min(len(self._summaries), self._max_batch)
+        batch = pb.SummaryBatch(summaries=[self._summaries.popleft() for _ in range(n)])
+        return pb.WorkerMessage(batch=batch)
+
+    def wake(self) -> None:
+        """Makes a `take` waiting now (or the next one) return None."""
+        with self._cond:
+            self._woken = True
+            self._cond.notify_all()
 
     def forget_through(self, step: int) -> None:
         """Drops summaries the service already holds (a resumed stream)."""
@@ -102,6 +146,12 @@ class Outbox:
     @property
     def closed(self) -> bool:
         return self._closed
+
+
+def summaries_in(msg: pb.WorkerMessage) -> int:
+    """How many summaries a message carries."""
+    kind = msg.WhichOneof("body")
+    return 1 if kind == "summary" else len(msg.batch.summaries) if kind == "batch" else 0
 
 
 class Progress:
@@ -165,6 +215,7 @@ class Connection(threading.Thread):
         """Sends what is buffered (for at most `flush_timeout` seconds while
         connected), then ends the stream and the thread."""
         deadline = time.monotonic() + flush_timeout
+        self.outbox.flush()
         while self.stats.connected and not self.outbox.empty() and time.monotonic() < deadline:
             time.sleep(0.005)
         self._halt.set()
@@ -191,6 +242,11 @@ class Connection(threading.Thread):
 
     def session(self) -> None:
         raise NotImplementedError
+
+    def _count(self, msg: pb.WorkerMessage) -> None:
+        n = summaries_in(msg)
+        self.stats.sent += n
+        self.stats.messages += n > 0
 
     def _error(self, message: str) -> None:
         self.stats.last_error = message
@@ -247,6 +303,7 @@ class GrpcConnection(Connection):
                     self._error(f"{e.code().name}: {e.details()}")
             finally:
                 done.set()
+                self.outbox.wake()  # gRPC's thread may wait in `take` for the next message
                 call.cancel()
 
     def _requests(self, welcomed: threading.Event, done: threading.Event) -> Iterator[pb.WorkerMessage]:
@@ -257,9 +314,9 @@ class GrpcConnection(Connection):
             if done.is_set() or self._halt.is_set():
                 return
         while not done.is_set():
-            msg = self.outbox.take(timeout=0.05)
+            msg = self.outbox.take()  # None: woken because the stream ended, or closed
             if msg is not None:
-                self.stats.sent += msg.WhichOneof("body") == "summary"
+                self._count(msg)
                 yield msg
             elif self.outbox.closed:
                 return  # half-close: the service ends the stream
@@ -323,7 +380,7 @@ class KafkaConnection(Connection):
                 msg = self.outbox.take(timeout=0.01)
                 if msg is not None:
                     produce(msg)
-                    self.stats.sent += msg.WhichOneof("body") == "summary"
+                    self._count(msg)
                 producer.poll(0)
                 if errors:
                     raise KafkaException(errors[-1])
