@@ -1,13 +1,14 @@
 """What the client costs per training step, against what people do today.
 
-    python benchmarks/step_overhead.py [--model mlp|transformer] [--steps 40] [--rounds 5] [--threads N] [--device cuda]
+    python benchmarks/step_overhead.py [--model mlp|transformer] [--steps 40] [--rounds 5] [--block 10] [--threads N] [--device cuda]
 
 One model of a few million parameters, on the CPU unless `--device cuda` (GPU
 steps are timed to completion): `mlp`, 6 linear layers (12 parameter tensors)
 at batch 256; or `transformer`, a 12-layer pre-norm decoder (d=128, 150
 parameter tensors, as many per million parameters as a GPT) predicting the
-next token of 8 sequences of 32. Five loops take steps in turn so that machine
-noise hits them alike:
+next token of 8 sequences of 32. Five loops take turns, `--block` steps each
+(back to back, as a job takes them: the client lingers between steps to send
+several together), so that machine noise hits them alike:
 
 - plain:   forward, backward, optimizer.step
 - clip:    plus clip_grad_norm_(params, 1.0), the common practice
@@ -20,8 +21,8 @@ noise hits them alike:
 
 Prints each loop's median step time and the ratios the client is held to:
 gradguard/clip (target <= 1.02) and gradguard/naive (target < 1), the same
-ratios paired step by step (the median of the k-th steps' ratios, which
-cancels the machine's drift), and what lock-step costs on top (lockstep -
+ratios paired step by step (the median of the k-th steps' ratios: the k-th
+steps of all loops fall in the same turn, which cancels the machine's drift), and what lock-step costs on top (lockstep -
 gradguard, per step).
 """
 
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import os
 import statistics
 import subprocess
@@ -155,6 +157,7 @@ def main() -> None:
     ap.add_argument("--model", choices=("mlp", "transformer"), default="mlp")
     ap.add_argument("--steps", type=int, default=40, help="steps per loop per round")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--block", type=int, default=10, help="steps a loop takes back to back in its turn")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--batch", type=int, help="default: 256 (mlp), 8 sequences (transformer)")
@@ -198,11 +201,12 @@ def main() -> None:
                 loop.step()
             loop.times.clear()
             loop.block.clear()
-        # Step by step in turn, so that drift in the machine's speed (shared,
-        # noisy) lands on every loop alike.
-        for _ in range(args.rounds * args.steps):
+        # In turns of a few steps, so that drift in the machine's speed
+        # (shared, noisy) lands on every loop alike.
+        for _ in range(math.ceil(args.rounds * args.steps / args.block)):
             for loop in loops:
-                loop.step()
+                for _ in range(args.block):
+                    loop.step()
         stats = guarded.guard.stats
         lock_stats = lockstep.guard.stats
         guarded.guard.close()
@@ -214,18 +218,18 @@ def main() -> None:
     params = sum(p.numel() for p in loops[0].params)
     print(
         f"model: {args.model}, {params / 1e6:.1f} M parameters in {len(loops[0].params)} tensors, batch {args.batch}, AdamW, torch {torch.__version__}, "
-        f"{args.device}, {args.threads} thread(s); {args.rounds} rounds x {args.steps} steps per loop"
+        f"{args.device}, {args.threads} thread(s); {args.rounds} rounds x {args.steps} steps per loop, in turns of {args.block}"
     )
     median = {loop.name: statistics.median(loop.times) * 1e3 for loop in loops}
     for name, ms in median.items():
         print(f"{name:>10}: median {ms:7.2f} ms/step   ({ms / median['plain']:.3f}x plain)")
     print(
-        f"gradguard sent {stats.sent} summaries, dropped {stats.dropped}; advice received {stats.advice_received}; "
+        f"gradguard sent {stats.sent} summaries in {stats.messages} messages ({guarded.guard._stats.urgent} urgent), dropped {stats.dropped}; advice received {stats.advice_received}; "
         f"clipped {stats.clipped} of {stats.steps} steps at {stats.clip_norm}"
     )
     print(f"ratio gradguard/clip: {median['gradguard'] / median['clip']:.3f} (target <= 1.02)")
     print(f"ratio gradguard/naive: {median['gradguard'] / median['naive']:.3f} (target < 1)")
-    # The loops take their k-th steps one after another, so the k-th steps
+    # The loops take their k-th steps in the same turn, so the k-th steps
     # share the machine's state of the moment: the median of their ratios
     # cancels drift that the ratio of two medians keeps.
     by_name = {loop.name: loop.times for loop in loops}

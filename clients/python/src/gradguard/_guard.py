@@ -489,39 +489,62 @@ class Guard:
         self._lr_saved = None
 
 
-class Urgency:
-    """Which summaries go at once rather than linger: the first tests of the
-    service's default rules, run on the worker. A false alarm costs one
-    message; a miss delays that step's advice by at most `linger` seconds."""
+class _Ema:
+    """The service's moving mean and spread (`engine/stats.rs`): Welford's
+    over the warm-up, exponential after it."""
 
-    ALPHA = 0.97  # grad_spike.alpha, loss_spike.alpha
-    Z = 2.5  # grad_spike.z
-    RISE = 0.2  # loss_spike.min_rise
+    def __init__(self, alpha: float, warmup: int):
+        self.alpha, self.warmup = alpha, max(warmup, 2)
+        self.n, self.mean, self.var = 0, 0.0, 0.0
+
+    @property
+    def ready(self) -> bool:
+        return self.n >= self.warmup
+
+    def std(self) -> float:
+        return max(math.sqrt(self.var), abs(self.mean) * 1e-3)
+
+    def push(self, x: float) -> None:
+        self.n += 1
+        d = x - self.mean
+        if self.n <= self.warmup:
+            self.mean += d / self.n
+            self.var += (d * (x - self.mean) - self.var) / self.n
+        else:
+            self.mean += (1 - self.alpha) * d
+            self.var = self.alpha * (self.var + (1 - self.alpha) * d * d)
+
+
+class Urgency:
+    """Which summaries go at once rather than linger: those on which the
+    service's default rules would advise something, judged on the worker the
+    way the service judges them (non-finite values, a gradient spike worth
+    clipping, a loss spike). A false alarm costs one message; a miss delays
+    that step's advice by at most `linger` seconds."""
+
+    # The service's defaults (config.rs): grad_spike and loss_spike.
+    ALPHA, WARMUP = 0.97, 25
+    Z, SEVERE_Z, MIN_CLIP_RATIO = 2.5, 6.0, 1.25
+    RISE = 0.2
 
     def __init__(self) -> None:
-        self._mean: float | None = None
-        self._var = 0.0
-        self._loss: float | None = None
+        self._norm = _Ema(self.ALPHA, self.WARMUP)
+        self._loss = _Ema(self.ALPHA, self.WARMUP)
 
     def __call__(self, m: Measurement) -> bool:
         if not m.finite or (m.loss is not None and not math.isfinite(m.loss)):
             return True
-        a, n = self.ALPHA, m.grad_norm
-        urgent = False
-        if self._mean is None:
-            self._mean = n
-        else:
-            bound = self._mean + self.Z * math.sqrt(self._var)
-            urgent = n > bound
-            d = min(n, bound) - self._mean  # a spike does not inflate the baseline (ZClip)
-            self._mean += (1 - a) * d
-            self._var = a * (self._var + (1 - a) * d * d)
+        urgent, n, ema = False, m.grad_norm, self._norm
+        if ema.ready:
+            bound = ema.mean + self.Z * ema.std()
+            z = (n - ema.mean) / ema.std()
+            urgent = n >= self.MIN_CLIP_RATIO * bound or z >= self.SEVERE_Z
+            n = min(n, bound)  # ZClip: a spike does not inflate the baseline
+        ema.push(n)
         if m.loss is not None:
-            if self._loss is None:
-                self._loss = m.loss
-            else:
-                urgent |= self._loss > 0 and m.loss > self._loss * (1 + self.RISE)
-                self._loss += (1 - a) * (m.loss - self._loss)
+            ema = self._loss
+            urgent |= ema.ready and ema.mean > 0 and m.loss > ema.mean * (1 + self.RISE)
+            ema.push(m.loss)
         return urgent
 
 

@@ -31,6 +31,7 @@ BACKOFF_FACTOR = 2.0
 class TransportStats:
     sent: int = 0  # summaries
     messages: int = 0  # that carried them
+    urgent: int = 0  # summaries sent at once, without lingering
     dropped: int = 0
     connects: int = 0
     advice: int = 0
@@ -72,6 +73,7 @@ class Outbox:
                 self._stats.dropped += 1
             if urgent or self._linger <= 0:
                 self._due = 0.0
+                self._stats.urgent += urgent
             elif not self._summaries:
                 self._due = time.monotonic() + self._linger
             self._summaries.append(summary)
