@@ -226,7 +226,7 @@ def main() -> None:
     for name, ms in median.items():
         print(f"{name:>10}: median {ms:7.2f} ms/step   ({ms / median['plain']:.3f}x plain)")
     print(
-        f"gradguard sent {stats.sent} summaries in {stats.messages} messages ({guarded.guard._stats.urgent} urgent), dropped {stats.dropped}; advice received {stats.advice_received}; "
+        f"gradguard sent {stats.sent} summaries in {stats.messages} messages ({stats.urgent} urgent), dropped {stats.dropped}; advice received {stats.advice_received}; "
         f"clipped {stats.clipped} of {stats.steps} steps at {stats.clip_norm}"
     )
     print(f"ratio gradguard/clip: {median['gradguard'] / median['clip']:.3f} (target <= 1.02)")

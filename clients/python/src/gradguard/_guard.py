@@ -59,6 +59,7 @@ class Stats:
     clipped: int
     sent: int
     messages: int  # that carried the summaries sent (several linger into one)
+    urgent: int  # summaries sent at once, without lingering
     dropped: int
     connects: int
     connected: bool
@@ -251,6 +252,7 @@ class Guard:
             clipped=self._clipped,
             sent=s.sent,
             messages=s.messages,
+            urgent=s.urgent,
             dropped=s.dropped,
             connects=s.connects,
             connected=s.connected,
