@@ -1,6 +1,7 @@
 """What the client costs per training step, against what people do today.
 
-    python benchmarks/step_overhead.py [--model mlp|transformer] [--steps 40] [--rounds 5] [--block 10] [--threads N] [--device cuda]
+    python benchmarks/step_overhead.py [--model mlp|transformer] [--steps 40] [--rounds 5] [--block 10]
+                                       [--loops plain,clip,naive,gradguard,lockstep] [--threads N] [--device cuda]
 
 One model of a few million parameters, on the CPU unless `--device cuda` (GPU
 steps are timed to completion): `mlp`, 6 linear layers (12 parameter tensors)
@@ -20,10 +21,12 @@ several together), so that machine noise hits them alike:
            decision on it (one round trip)
 
 Prints each loop's median step time and the ratios the client is held to:
-gradguard/clip (target <= 1.02) and gradguard/naive (target < 1), the same
-ratios paired step by step (the median of the k-th steps' ratios: the k-th
-steps of all loops fall in the same turn, which cancels the machine's drift), and what lock-step costs on top (lockstep -
-gradguard, per step).
+gradguard/clip (target <= 1.02) and gradguard/naive (target < 1), each as the
+ratio of the medians, paired by turn (the median of the ratios of the turns'
+mean steps) and paired step by step (the median of the k-th steps' ratios);
+the pairings cancel the machine's drift. Also what lock-step costs on top,
+and the service's CPU per summary. `--loops naive,gradguard` runs only those,
+for more steps each in the same time.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ import gradguard
 ROOT = Path(__file__).resolve().parents[3]
 
 
+LOOPS = ("plain", "clip", "naive", "gradguard", "lockstep")
 VOCAB = 1024
 CONTEXT = 32
 
@@ -158,10 +162,18 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40, help="steps per loop per round")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--block", type=int, default=10, help="steps a loop takes back to back in its turn")
+    ap.add_argument(
+        "--loops",
+        type=lambda v: v.split(","),
+        default=LOOPS,
+        help=f"which loops, comma-separated (default all: {','.join(LOOPS)}); fewer give each more steps",
+    )
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--batch", type=int, help="default: 256 (mlp), 8 sequences (transformer)")
     args = ap.parse_args()
+    if unknown := set(args.loops) - set(LOOPS):
+        ap.error(f"--loops: unknown {', '.join(sorted(unknown))} (known: {', '.join(LOOPS)})")
     if args.batch is None:
         args.batch = 8 if args.model == "transformer" else 256
     torch.set_num_threads(args.threads)
@@ -190,29 +202,33 @@ def main() -> None:
     addr = server.stdout.readline().split("grpc=")[1].split()[0]
     try:
         x, y = (t.to(args.device) for t in task(args.model, args.batch))
-        loops = [Loop(n, args.model, x, y) for n in ("plain", "clip", "naive", "gradguard", "lockstep")]
-        guarded, lockstep = loops[-2:]
-        guarded.guard = gradguard.watch(guarded.model, guarded.opt, job="bench", server=addr, max_norm=1.0)
-        lockstep.guard = gradguard.watch(
-            lockstep.model, lockstep.opt, job="bench-lockstep", server=addr, max_norm=1.0, max_lag=0
-        )
+        loops = [Loop(n, args.model, x, y) for n in args.loops]
+        named = {loop.name: loop for loop in loops}
+        if "gradguard" in named:
+            g = named["gradguard"]
+            g.guard = gradguard.watch(g.model, g.opt, job="bench", server=addr, max_norm=1.0)
+        if "lockstep" in named:
+            g = named["lockstep"]
+            g.guard = gradguard.watch(g.model, g.opt, job="bench-lockstep", server=addr, max_norm=1.0, max_lag=0)
         for loop in loops:  # warm-up, not counted
             for _ in range(5):
                 loop.step()
             loop.times.clear()
             loop.block.clear()
+        server_cpu = process_cpu(server.pid)
         # In turns of a few steps, so that drift in the machine's speed
-        # (shared, noisy) lands on every loop alike.
-        # The order rotates from turn to turn: a loop whose turn follows
-        # another's starts with that one's model in the caches.
+        # (shared, noisy) lands on every loop alike. The order rotates from
+        # turn to turn: a loop whose turn follows another's starts with that
+        # one's model in the caches.
         for turn in range(math.ceil(args.rounds * args.steps / args.block)):
             for loop in loops[turn % len(loops) :] + loops[: turn % len(loops)]:
                 for _ in range(args.block):
                     loop.step()
-        stats = guarded.guard.stats
-        lock_stats = lockstep.guard.stats
-        guarded.guard.close()
-        lockstep.guard.close()
+        stats = {loop.name: loop.guard.stats for loop in loops if loop.guard is not None}
+        for loop in loops:
+            if loop.guard is not None:
+                loop.guard.close()
+        server_cpu = process_cpu(server.pid) - server_cpu
     finally:
         server.terminate()
         server.wait()
@@ -223,14 +239,18 @@ def main() -> None:
         f"{args.device}, {args.threads} thread(s); {args.rounds} rounds x {args.steps} steps per loop, in turns of {args.block}"
     )
     median = {loop.name: statistics.median(loop.times) * 1e3 for loop in loops}
+    first = loops[0].name
     for name, ms in median.items():
-        print(f"{name:>10}: median {ms:7.2f} ms/step   ({ms / median['plain']:.3f}x plain)")
-    print(
-        f"gradguard sent {stats.sent} summaries in {stats.messages} messages ({stats.urgent} urgent), dropped {stats.dropped}; advice received {stats.advice_received}; "
-        f"clipped {stats.clipped} of {stats.steps} steps at {stats.clip_norm}"
-    )
-    print(f"ratio gradguard/clip: {median['gradguard'] / median['clip']:.3f} (target <= 1.02)")
-    print(f"ratio gradguard/naive: {median['gradguard'] / median['naive']:.3f} (target < 1)")
+        print(f"{name:>10}: median {ms:7.2f} ms/step   ({ms / median[first]:.3f}x {first})")
+    for name, st in stats.items():
+        print(
+            f"{name} sent {st.sent} summaries in {st.messages} messages ({st.urgent} urgent), dropped {st.dropped}; "
+            f"advice received {st.advice_received}; clipped {st.clipped} of {st.steps} steps at {st.clip_norm}"
+        )
+    summaries = sum(st.sent for st in stats.values())
+    if summaries:
+        print(f"the service (nice 19, same CPUs) used {server_cpu / summaries * 1e3:.3f} ms of CPU per summary")
+
     # The loops take their k-th steps in the same turn, so the k-th steps
     # share the machine's state of the moment: the median of their ratios
     # cancels drift that the ratio of two medians keeps.
@@ -246,25 +266,40 @@ def main() -> None:
             statistics.mean(by_name[a][i : i + k]) / statistics.mean(by_name[b][i : i + k]) for i in turns
         )
 
-    print(
-        f"paired by turn (median of the ratios of the turns' mean steps): gradguard/clip {by_turn('gradguard', 'clip'):.3f}, "
-        f"gradguard/naive {by_turn('gradguard', 'naive'):.3f}"
-    )
-    print(
-        f"paired (median of step-by-step ratios): gradguard/clip {paired('gradguard', 'clip'):.3f}, "
-        f"gradguard/naive {paired('gradguard', 'naive'):.3f}, lockstep/gradguard {paired('lockstep', 'gradguard'):.3f}"
-    )
+    targets = {("gradguard", "clip"): "<= 1.02", ("gradguard", "naive"): "< 1", ("lockstep", "gradguard"): ""}
+    for (a, b), target in targets.items():
+        if a in median and b in median:
+            print(
+                f"{a}/{b}: medians {median[a] / median[b]:.3f}, paired by turn {by_turn(a, b):.3f}, "
+                f"step by step {paired(a, b):.3f}" + (f" (target {target})" if target else "")
+            )
     if args.device == "cpu":
-        added = {loop.name: statistics.median(loop.block) * 1e3 for loop in loops[1:4]}
+        added = {
+            loop.name: statistics.median(loop.block) * 1e3
+            for loop in loops
+            if loop.name in ("clip", "naive", "gradguard")
+        }
+        if added:
+            print(
+                "added to the step (median, between backward and optimizer.step): "
+                + ", ".join(f"{name} {ms:.3f} ms" for name, ms in added.items())
+                + (
+                    f"; gradguard/naive {added['gradguard'] / added['naive']:.3f}"
+                    if {"gradguard", "naive"} <= added.keys()
+                    else ""
+                )
+            )
+    if {"lockstep", "gradguard"} <= median.keys():
         print(
-            "added to the step (median, between backward and optimizer.step): "
-            + ", ".join(f"{name} {ms:.3f} ms" for name, ms in added.items())
-            + f"; gradguard/naive {added['gradguard'] / added['naive']:.3f}"
+            f"lock-step (max_lag=0) costs {median['lockstep'] - median['gradguard']:+.3f} ms/step "
+            f"({median['lockstep'] / median['gradguard']:.3f}x gradguard); lag timeouts {stats['lockstep'].lag_timeouts}"
         )
-    print(
-        f"lock-step (max_lag=0) costs {median['lockstep'] - median['gradguard']:+.3f} ms/step "
-        f"({median['lockstep'] / median['gradguard']:.3f}x gradguard); lag timeouts {lock_stats.lag_timeouts}"
-    )
+
+
+def process_cpu(pid: int) -> float:
+    """Seconds of CPU a process has used (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from .v1 import gradguard_pb2 as pb
 log = logging.getLogger("gradguard")
 
 MODES = ("enforce", "observe")
+BATCH_BYTES = 1 << 20
 STATE_VERSION = 1
 
 
@@ -170,7 +171,10 @@ class Guard:
         ]
 
         self._stats = TransportStats()
-        self._outbox = Outbox(buffer, self._stats, linger=float(linger))
+        # A batch stays well under the 4 MiB a gRPC message may have: a
+        # summary is at most ~13 bytes per layer (three packed arrays).
+        max_batch = max(1, min(64, BATCH_BYTES // (20 * len(self.layers.names) + 64)))
+        self._outbox = Outbox(buffer, self._stats, linger=float(linger), max_batch=max_batch)
         self._urgency = Urgency()
         hello = pb.Hello(
             job=job,
