@@ -23,7 +23,7 @@ several together), so that machine noise hits them alike:
 Prints each loop's median step time and the ratios the client is held to:
 gradguard/clip (target <= 1.02) and gradguard/naive (target < 1), each as the
 ratio of the medians, paired by turn (the median of the ratios of the turns'
-mean steps) and paired step by step (the median of the k-th steps' ratios);
+mean steps, with a bootstrap 95% interval) and paired step by step (the median of the k-th steps' ratios);
 the pairings cancel the machine's drift. Also what lock-step costs on top,
 and the service's CPU per summary. `--loops naive,gradguard` runs only those,
 for more steps each in the same time.
@@ -35,6 +35,7 @@ import argparse
 import itertools
 import math
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -114,6 +115,21 @@ def server_bin() -> str:
     sys.exit("no gradguard binary: cargo build --release (or set GRADGUARD_BIN)")
 
 
+def start_server(*flags: str, nice: bool = False) -> tuple[subprocess.Popen, str]:
+    """`gradguard serve` on free loopback ports (a fresh data directory), and
+    its gRPC address."""
+    data = tempfile.mkdtemp(prefix="gradguard-bench-")
+    command = [server_bin(), "serve", "--grpc-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0"]
+    command += ["--data-dir", data, *flags]
+    server = subprocess.Popen(
+        ["nice", "-n", "19", *command] if nice else command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    return server, server.stdout.readline().split("grpc=")[1].split()[0]
+
+
 def sync() -> None:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
@@ -178,28 +194,9 @@ def main() -> None:
         args.batch = 8 if args.model == "transformer" else 256
     torch.set_num_threads(args.threads)
 
-    data = tempfile.mkdtemp(prefix="gradguard-bench-")
     # The service normally runs on another machine; here it shares the CPU,
     # so it runs at the lowest priority, taking only what the job leaves.
-    server = subprocess.Popen(
-        [
-            "nice",
-            "-n",
-            "19",
-            server_bin(),
-            "serve",
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--metrics-addr",
-            "127.0.0.1:0",
-            "--data-dir",
-            data,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    addr = server.stdout.readline().split("grpc=")[1].split()[0]
+    server, addr = start_server(nice=True)
     try:
         x, y = (t.to(args.device) for t in task(args.model, args.batch))
         loops = [Loop(n, args.model, x, y) for n in args.loops]
@@ -259,18 +256,21 @@ def main() -> None:
     def paired(a: str, b: str) -> float:
         return statistics.median(x / y for x, y in zip(by_name[a], by_name[b]))
 
-    def by_turn(a: str, b: str) -> float:
+    def by_turn(a: str, b: str) -> str:
+        """The median of the turns' ratios, with a bootstrap 95% interval."""
         k = args.block
         turns = range(0, len(by_name[a]) - k + 1, k)
-        return statistics.median(
-            statistics.mean(by_name[a][i : i + k]) / statistics.mean(by_name[b][i : i + k]) for i in turns
-        )
+        ratios = [statistics.mean(by_name[a][i : i + k]) / statistics.mean(by_name[b][i : i + k]) for i in turns]
+        rng = random.Random(0)
+        resampled = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(2000))
+        low, high = resampled[50], resampled[1949]
+        return f"{statistics.median(ratios):.3f} [{low:.3f}, {high:.3f}] over {len(ratios)} turns"
 
     targets = {("gradguard", "clip"): "<= 1.02", ("gradguard", "naive"): "< 1", ("lockstep", "gradguard"): ""}
     for (a, b), target in targets.items():
         if a in median and b in median:
             print(
-                f"{a}/{b}: medians {median[a] / median[b]:.3f}, paired by turn {by_turn(a, b):.3f}, "
+                f"{a}/{b}: medians {median[a] / median[b]:.3f}, paired by turn {by_turn(a, b)}, "
                 f"step by step {paired(a, b):.3f}" + (f" (target {target})" if target else "")
             )
     if args.device == "cpu":

@@ -17,14 +17,12 @@ from __future__ import annotations
 import argparse
 import resource
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_overhead import server_bin
+from step_overhead import start_server
 
 from gradguard._transport import GrpcConnection, Outbox, TransportStats
 from gradguard.v1 import gradguard_pb2 as pb
@@ -79,24 +77,7 @@ def main() -> None:
     args = ap.parse_args()
     lingers = [float(x) for x in args.lingers.split(",")]
 
-    data = tempfile.mkdtemp(prefix="gradguard-transport-")
-    server = subprocess.Popen(
-        [
-            server_bin(),
-            "serve",
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--metrics-addr",
-            "127.0.0.1:0",
-            "--data-dir",
-            data,
-            "--no-store",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    addr = server.stdout.readline().split("grpc=")[1].split()[0]
+    server, addr = start_server("--no-store")
     used: dict[float, list[float]] = {x: [] for x in lingers}
     messages: dict[float, int] = {}
     try:
