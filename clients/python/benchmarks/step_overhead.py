@@ -1,7 +1,7 @@
 """What the client costs per training step, against what people do today.
 
     python benchmarks/step_overhead.py [--model mlp|transformer] [--steps 40] [--rounds 5] [--block 10]
-                                       [--loops plain,clip,naive,gradguard,lockstep] [--threads N] [--device cuda]
+                                       [--loops plain,clip,naive,gradguard,lockstep] [--linger S] [--threads N] [--device cuda]
 
 One model of a few million parameters, on the CPU unless `--device cuda` (GPU
 steps are timed to completion): `mlp`, 6 linear layers (12 parameter tensors)
@@ -19,6 +19,8 @@ several together), so that machine noise hits them alike:
            clip, streaming to a real `gradguard serve` started here
 - lockstep: the same with max_lag=0: each step waits for the service's
            decision on it (one round trip)
+- eager (only when named in --loops): the same with linger=0, a message
+           per step
 
 Prints each loop's median step time and the ratios the client is held to:
 gradguard/clip (target <= 1.02) and gradguard/naive (target < 1), each as the
@@ -51,6 +53,8 @@ ROOT = Path(__file__).resolve().parents[3]
 
 
 LOOPS = ("plain", "clip", "naive", "gradguard", "lockstep")
+# Not run by default: the client sending every step on its own (linger=0).
+EXTRA_LOOPS = ("eager",)
 VOCAB = 1024
 CONTEXT = 32
 
@@ -178,18 +182,20 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40, help="steps per loop per round")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--block", type=int, default=10, help="steps a loop takes back to back in its turn")
+    ap.add_argument("--linger", type=float, help="the gradguard loop's linger (default: the client's)")
     ap.add_argument(
         "--loops",
         type=lambda v: v.split(","),
         default=LOOPS,
-        help=f"which loops, comma-separated (default all: {','.join(LOOPS)}); fewer give each more steps",
+        help=f"which loops, comma-separated (default: {','.join(LOOPS)}; also eager, the client with "
+        "linger=0); fewer give each more steps",
     )
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--batch", type=int, help="default: 256 (mlp), 8 sequences (transformer)")
     args = ap.parse_args()
-    if unknown := set(args.loops) - set(LOOPS):
-        ap.error(f"--loops: unknown {', '.join(sorted(unknown))} (known: {', '.join(LOOPS)})")
+    if unknown := set(args.loops) - set(LOOPS + EXTRA_LOOPS):
+        ap.error(f"--loops: unknown {', '.join(sorted(unknown))} (known: {', '.join(LOOPS + EXTRA_LOOPS)})")
     if args.batch is None:
         args.batch = 8 if args.model == "transformer" else 256
     torch.set_num_threads(args.threads)
@@ -203,10 +209,14 @@ def main() -> None:
         named = {loop.name: loop for loop in loops}
         if "gradguard" in named:
             g = named["gradguard"]
-            g.guard = gradguard.watch(g.model, g.opt, job="bench", server=addr, max_norm=1.0)
+            options = {} if args.linger is None else {"linger": args.linger}
+            g.guard = gradguard.watch(g.model, g.opt, job="bench", server=addr, max_norm=1.0, **options)
         if "lockstep" in named:
             g = named["lockstep"]
             g.guard = gradguard.watch(g.model, g.opt, job="bench-lockstep", server=addr, max_norm=1.0, max_lag=0)
+        if "eager" in named:
+            g = named["eager"]
+            g.guard = gradguard.watch(g.model, g.opt, job="bench-eager", server=addr, max_norm=1.0, linger=0)
         for loop in loops:  # warm-up, not counted
             for _ in range(5):
                 loop.step()
@@ -266,7 +276,13 @@ def main() -> None:
         low, high = resampled[50], resampled[1949]
         return f"{statistics.median(ratios):.3f} [{low:.3f}, {high:.3f}] over {len(ratios)} turns"
 
-    targets = {("gradguard", "clip"): "<= 1.02", ("gradguard", "naive"): "< 1", ("lockstep", "gradguard"): ""}
+    targets = {
+        ("gradguard", "clip"): "<= 1.02",
+        ("gradguard", "naive"): "< 1",
+        ("lockstep", "gradguard"): "",
+        ("eager", "naive"): "",
+        ("gradguard", "eager"): "",
+    }
     for (a, b), target in targets.items():
         if a in median and b in median:
             print(
@@ -277,7 +293,7 @@ def main() -> None:
         added = {
             loop.name: statistics.median(loop.block) * 1e3
             for loop in loops
-            if loop.name in ("clip", "naive", "gradguard")
+            if loop.name in ("clip", "naive", "gradguard", "eager")
         }
         if added:
             print(
