@@ -1,13 +1,14 @@
 """What the client costs per training step, against what people do today.
 
     python benchmarks/step_overhead.py [--model mlp|transformer] [--steps 40] [--rounds 5] [--block 10]
-                                       [--loops plain,clip,naive,gradguard,lockstep] [--linger S] [--threads N] [--device cuda]
+                                       [--loops plain,clip,naive,gradguard] [--linger S] [--threads N]
+                                       [--device cuda]
 
 One model of a few million parameters, on the CPU unless `--device cuda` (GPU
 steps are timed to completion): `mlp`, 6 linear layers (12 parameter tensors)
 at batch 256; or `transformer`, a 12-layer pre-norm decoder (d=128, 150
 parameter tensors, as many per million parameters as a GPT) predicting the
-next token of 8 sequences of 32. Five loops take turns, `--block` steps each
+next token of 8 sequences of 32. The loops take turns, `--block` steps each
 (back to back, as a job takes them: the client lingers between steps to send
 several together), so that machine noise hits them alike:
 
@@ -17,17 +18,17 @@ several together), so that machine noise hits them alike:
            posts show (each comparison is a host sync)
 - gradguard: gradguard.watch(..., mode="enforce", max_norm=1.0) replacing the
            clip, streaming to a real `gradguard serve` started here
-- lockstep: the same with max_lag=0: each step waits for the service's
-           decision on it (one round trip)
+- lockstep (only when named in --loops): the same with max_lag=0: each step
+           waits for the service's decision on it (one round trip)
 - eager (only when named in --loops): the same with linger=0, a message
            per step
 
 Prints each loop's median step time and the ratios the client is held to:
 gradguard/clip (target <= 1.02) and gradguard/naive (target < 1), each as the
 ratio of the medians, paired by turn (the median of the ratios of the turns'
-mean steps, with a bootstrap 95% interval) and paired step by step (the median of the k-th steps' ratios);
-the pairings cancel the machine's drift. Also what lock-step costs on top,
-and the service's CPU per summary. `--loops naive,gradguard` runs only those,
+mean steps, with a bootstrap 95% interval) and paired step by step (the
+median of the k-th steps' ratios); the pairings cancel the machine's drift.
+Also what lock-step costs on top, and the service's CPU per summary. `--loops naive,gradguard` runs only those,
 for more steps each in the same time.
 """
 
@@ -52,9 +53,9 @@ import gradguard
 ROOT = Path(__file__).resolve().parents[3]
 
 
-LOOPS = ("plain", "clip", "naive", "gradguard", "lockstep")
-# Not run by default: the client sending every step on its own (linger=0).
-EXTRA_LOOPS = ("eager",)
+LOOPS = ("plain", "clip", "naive", "gradguard")
+# Run when named: the client in lock-step, and sending every step on its own.
+EXTRA_LOOPS = ("lockstep", "eager")
 VOCAB = 1024
 CONTEXT = 32
 
@@ -187,8 +188,8 @@ def main() -> None:
         "--loops",
         type=lambda v: v.split(","),
         default=LOOPS,
-        help=f"which loops, comma-separated (default: {','.join(LOOPS)}; also eager, the client with "
-        "linger=0); fewer give each more steps",
+        help=f"which loops, comma-separated (default: {','.join(LOOPS)}; also lockstep and eager, the client "
+        "with max_lag=0 or linger=0); fewer give each more steps",
     )
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
