@@ -89,6 +89,12 @@ pub struct LoadgenArgs {
     #[arg(long, value_enum, default_value_t = Spikes::Staggered)]
     pub spikes: Spikes,
 
+    /// Summaries per message: each stream sends its summaries N at a time in
+    /// one `SummaryBatch` (as a lingering worker does); 1 sends each alone.
+    /// Advice latency then counts from a summary's step, batching wait included.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub batch: u32,
+
     /// Prometheus endpoint of the server, read for its resident memory
     /// [default: http://HOST:9464/metrics, HOST from --server].
     #[arg(long, value_name = "URL")]
@@ -419,6 +425,8 @@ struct Report {
     rate: Option<f64>,
     /// How the jobs' spikes line up (`--spikes`).
     spikes: &'static str,
+    /// Summaries per message (`--batch`).
+    batch: u32,
     summaries: u64,
     /// From the first summary sent to the last stream ended by the server.
     elapsed_s: f64,
@@ -492,7 +500,7 @@ fn human(r: &Report, prefix: &str) -> String {
         (None, reason) => format!("unknown ({})", reason.as_deref().unwrap_or("not read")),
     };
     format!(
-        "{prefix}target: {}  streams: {}  layers: {}  world size: {}  duration: {}  rate: {rate}  spikes: {}\n\
+        "{prefix}target: {}  streams: {}  layers: {}  world size: {}  duration: {}  rate: {rate}  spikes: {}  batch: {}\n\
          {prefix}summaries/s: {:.0}  layer-stats/s: {:.0}  advice: {}  {latency}  errors: {}\n\
          {prefix}server resident memory: {memory}\n",
         r.target,
@@ -501,6 +509,7 @@ fn human(r: &Report, prefix: &str) -> String {
         r.world_size,
         humantime::format_duration(Duration::from_secs_f64(r.duration_s)),
         r.spikes,
+        r.batch,
         r.summaries_per_s,
         r.layer_stats_per_s,
         r.advice,
@@ -578,15 +587,14 @@ async fn measure(args: &LoadgenArgs, target: &str, memory: MemorySource) -> Resu
         // Paced streams start spread over one period, not all on the same tick.
         let first_tick = period.map(|p| start + p.mul_f64(f64::from(i) / n as f64));
         let pace = period.zip(first_tick);
-        let send = tokio::spawn(send_loop(
-            stream.sender,
-            generator,
-            ring.clone(),
+        let plan = SendPlan {
             start,
             epoch,
             deadline,
             pace,
-        ));
+            batch: args.batch as usize,
+        };
+        let send = tokio::spawn(send_loop(stream.sender, generator, ring.clone(), plan));
         let receive = tokio::spawn(receive_loop(stream.receiver, ring, start));
         tasks.push((i, send, receive));
     }
@@ -663,6 +671,7 @@ async fn measure(args: &LoadgenArgs, target: &str, memory: MemorySource) -> Resu
         duration_s: args.duration.as_secs_f64(),
         rate: (args.rate > 0.0).then_some(args.rate),
         spikes: args.spikes.name(),
+        batch: args.batch,
         summaries,
         elapsed_s: elapsed,
         summaries_per_s: per_s,
@@ -692,17 +701,33 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     message
 }
 
+/// When and how one stream sends.
+struct SendPlan {
+    start: Instant,
+    /// Seconds since the Unix epoch at `start` (the summaries' wall time).
+    epoch: f64,
+    deadline: Instant,
+    /// The period and the first tick, when paced.
+    pace: Option<(Duration, Instant)>,
+    /// Summaries per message.
+    batch: usize,
+}
+
 /// Sends summaries until the deadline, then drops the sender, which ends the
 /// stream. Returns how many were handed to the stream, and whether it stayed open.
 async fn send_loop(
     sender: StreamSender,
     mut generator: Generator,
     ring: Arc<Ring>,
-    start: Instant,
-    epoch: f64,
-    deadline: Instant,
-    pace: Option<(Duration, Instant)>,
+    plan: SendPlan,
 ) -> (u64, Result<(), ClientError>) {
+    let SendPlan {
+        start,
+        epoch,
+        deadline,
+        pace,
+        batch,
+    } = plan;
     // Open loop: a tick per summary, and when the stream fell behind (the server
     // pushed back), the missed ticks are sent at once so the rate is kept.
     let mut ticks = pace.map(|(period, first)| {
@@ -711,23 +736,37 @@ async fn send_loop(
         ticks
     });
     let mut sent = 0u64;
+    let mut pending = Vec::with_capacity(batch);
     loop {
         if let Some(ticks) = ticks.as_mut() {
             ticks.tick().await;
         }
         let now = Instant::now();
-        if now >= deadline {
+        let over = now >= deadline;
+        if !over {
+            let since_start = now - start;
+            let summary = generator.next(epoch + since_start.as_secs_f64());
+            // Recorded before the send: the advice may come back before it returns.
+            ring.record(summary.step, since_start);
+            pending.push(summary);
+        }
+        if pending.len() == batch || (over && !pending.is_empty()) {
+            let n = pending.len() as u64;
+            let body = if batch == 1 {
+                proto::worker_message::Body::Summary(pending.pop().expect("one summary"))
+            } else {
+                let summaries = std::mem::replace(&mut pending, Vec::with_capacity(batch));
+                proto::worker_message::Body::Batch(proto::SummaryBatch { summaries })
+            };
+            // Closed loop when unpaced: this waits while the send queue is full.
+            if let Err(e) = sender.send(body).await {
+                return (sent, Err(e));
+            }
+            sent += n;
+        }
+        if over {
             return (sent, Ok(()));
         }
-        let since_start = now - start;
-        let summary = generator.next(epoch + since_start.as_secs_f64());
-        // Recorded before the send: the advice may come back before it returns.
-        ring.record(summary.step, since_start);
-        // Closed loop when unpaced: this waits while the send queue is full.
-        if let Err(e) = sender.summary(summary).await {
-            return (sent, Err(e));
-        }
-        sent += 1;
     }
 }
 

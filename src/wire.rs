@@ -93,6 +93,37 @@ pub fn lone_summary(message: &[u8]) -> Option<&[u8]> {
     (len == rest.len()).then_some(rest)
 }
 
+/// The places of the encoded summaries inside an encoded `WorkerMessage` that
+/// is exactly one `batch` field holding only summaries, written to `out`, so
+/// each can be decoded into a reused message as [`lone_summary`] allows; false
+/// for anything else (or a batch with any other content), which takes the full
+/// decode.
+pub fn batch_summaries(message: &[u8], out: &mut Vec<std::ops::Range<usize>>) -> bool {
+    // Field 4 of WorkerMessage and field 1 of SummaryBatch, length-delimited.
+    const BATCH_KEY: u8 = 0x22;
+    const SUMMARY_KEY: u8 = 0x0a;
+    out.clear();
+    let Some(mut rest) = message.strip_prefix(&[BATCH_KEY]) else {
+        return false;
+    };
+    match prost::decode_length_delimiter(&mut rest) {
+        Ok(len) if len == rest.len() => {}
+        _ => return false,
+    }
+    while let Some(mut after_key) = rest.strip_prefix(&[SUMMARY_KEY]) {
+        let Ok(len) = prost::decode_length_delimiter(&mut after_key) else {
+            return false;
+        };
+        if len > after_key.len() {
+            return false;
+        }
+        let at = message.len() - after_key.len();
+        out.push(at..at + len);
+        rest = &after_key[len..];
+    }
+    rest.is_empty()
+}
+
 /// The wire form of a domain summary (the worker side: simulator, clients).
 pub fn summary_to_proto(s: &Summary) -> proto::Summary {
     let has = |f: fn(&LayerStats) -> Option<f32>| s.layers.iter().any(|l| f(l).is_some());
@@ -441,6 +472,46 @@ mod tests {
         two.extend_from_slice(&hello);
         assert_eq!(lone_summary(&two), None);
         assert_eq!(lone_summary(&record[..record.len() - 1]), None);
+    }
+
+    #[test]
+    fn a_batch_of_summaries_is_found_and_anything_else_is_left_to_the_full_decode() {
+        use prost::Message as _;
+        let summaries: Vec<proto::Summary> = (1..=3)
+            .map(|step| proto::Summary {
+                step,
+                layer_l2: vec![0.5; 300], // a length that needs two varint bytes
+                ..Default::default()
+            })
+            .collect();
+        let batch = |summaries: Vec<proto::Summary>| {
+            proto::WorkerMessage {
+                body: Some(proto::worker_message::Body::Batch(proto::SummaryBatch { summaries })),
+            }
+            .encode_to_vec()
+        };
+        let mut places = Vec::new();
+        let encoded = batch(summaries.clone());
+        assert!(batch_summaries(&encoded, &mut places));
+        let decoded: Vec<proto::Summary> = places
+            .iter()
+            .map(|r| proto::Summary::decode(&encoded[r.clone()]).unwrap())
+            .collect();
+        assert_eq!(decoded, summaries);
+
+        assert!(batch_summaries(&batch(Vec::new()), &mut places) && places.is_empty());
+        let lone = proto::WorkerMessage {
+            body: Some(proto::worker_message::Body::Summary(summaries[0].clone())),
+        }
+        .encode_to_vec();
+        assert!(!batch_summaries(&lone, &mut places));
+        assert!(
+            !batch_summaries(&encoded[..encoded.len() - 1], &mut places),
+            "cut short"
+        );
+        let mut trailing = encoded.clone();
+        trailing.extend_from_slice(&[0x08, 0x01]); // another field after the batch
+        assert!(!batch_summaries(&trailing, &mut places));
     }
 
     #[test]

@@ -1,6 +1,9 @@
 //! `gradguard loadgen` against `gradguard sink`, both as the real binary: the
 //! load really flows over gRPC, every stream ends cleanly, and bad flags or an
-//! unreachable server fail with a message and a non-zero status.
+//! unreachable server fail with a message and a non-zero status. Batches go to
+//! a real `gradguard serve`, which counts every summary in them.
+
+mod common;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Output, Stdio};
@@ -118,6 +121,42 @@ fn paced_json_report() {
     assert!((150..=210).contains(&sent), "{report}");
     assert!(report["server_resident_memory_bytes"].is_null());
     assert!(report["server_resident_memory_unknown"].is_string());
+}
+
+#[test]
+fn batches_reach_a_real_server_whole() {
+    let server = common::Server::start_with(&["--no-store"]);
+    let metrics = format!("http://{}/metrics", server.metrics);
+    let out = loadgen(&[
+        "--streams",
+        "2",
+        "--layers",
+        "4",
+        "--duration",
+        "2s",
+        "--rate",
+        "400",
+        "--batch",
+        "8",
+        "--spike-every",
+        "50",
+        "--json",
+        "--server",
+        &server.url(),
+        "--metrics-url",
+        &metrics,
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(report["errors"], 0, "{report}");
+    assert_eq!(report["batch"], 8);
+    let sent = report["summaries"].as_u64().unwrap();
+    assert!(sent >= 600, "{report}");
+    // Every summary of every batch, the last short one included, was judged.
+    assert_eq!(server.sample("gradguard_summaries_total"), Some(sent as f64));
+    // The spikes drew advice, timed from their steps.
+    assert!(report["advice"].as_u64().unwrap() > 0, "{report}");
+    assert!(report["latency_samples"].as_u64().unwrap() > 0, "{report}");
 }
 
 #[test]

@@ -4,7 +4,8 @@
 //! right away, so advice is on its way before the next message is read. It
 //! decodes them itself (tonic hands them over encoded, `proto::frames`): a
 //! summary, what a worker sends every step, is decoded into the vectors of the
-//! stream's previous one, so the common message allocates nothing. A
+//! stream's previous one, so the common message allocates nothing, and so is
+//! each summary of a batch. A
 //! refused message ends that stream with its status (`InvalidArgument` naming
 //! the field and value); other streams never notice. However the stream ends,
 //! dropping the session detaches it from its job.
@@ -54,6 +55,7 @@ impl Ingest for IngestService {
             max_message_bytes: self.max_message_bytes,
             wire: proto::Summary::default(),
             scratch: Summary::default(),
+            places: Vec::new(),
         };
         tokio::spawn(session.run(request.into_inner()));
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -71,6 +73,8 @@ struct Session {
     /// into `scratch`: both keep their capacity from step to step.
     wire: proto::Summary,
     scratch: Summary,
+    /// Where each summary of a batch lies in its message.
+    places: Vec<std::ops::Range<usize>>,
 }
 
 impl Session {
@@ -127,6 +131,22 @@ impl Session {
                 .hub
                 .summary(at, &self.outbox, &self.wire, &mut self.scratch, received);
         }
+        if let Some(at) = &self.attachment
+            && wire::batch_summaries(frame, &mut self.places)
+        {
+            // In order, each as if it had come alone: a refused one ends the
+            // stream, and those before it stay accepted.
+            for (i, place) in self.places.iter().enumerate() {
+                self.wire.clear();
+                self.wire
+                    .merge(&frame[place.clone()])
+                    .map_err(|e| undecodable(e).within(&format!("batch.summaries[{i}]")))?;
+                self.hub
+                    .summary(at, &self.outbox, &self.wire, &mut self.scratch, received)
+                    .map_err(|r| r.within(&format!("batch.summaries[{i}] (step {})", self.wire.step)))?;
+            }
+            return Ok(());
+        }
         let message = proto::WorkerMessage::decode(frame).map_err(undecodable)?;
         match (message.body, &self.attachment) {
             (Some(Body::Hello(hello)), None) => {
@@ -142,8 +162,8 @@ impl Session {
             )),
             (Some(Body::Summary(s)), Some(at)) => self.hub.summary(at, &self.outbox, &s, &mut self.scratch, received),
             (Some(Body::Batch(batch)), Some(at)) => {
-                // In order, each as if it had come alone: a refused one ends
-                // the stream, and those before it stay accepted.
+                // Taken apart above unless it holds more than summaries (an
+                // unknown field, say): the same, from the full decode.
                 for (i, s) in batch.summaries.iter().enumerate() {
                     self.hub
                         .summary(at, &self.outbox, s, &mut self.scratch, received)
