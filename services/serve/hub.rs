@@ -62,10 +62,14 @@ impl Rejection {
         }
     }
 
-    /// The same refusal, its message prefixed with where in the message it
-    /// happened (an element of a batch).
-    pub fn within(self, place: &str) -> Self {
-        Self::invalid(self.reason, format!("{place}: {}", self.status.message()))
+    /// The same refusal of the `index`-th summary of a batch, its message
+    /// prefixed with that place (and the summary's step, once decoded).
+    pub fn in_batch(self, index: usize, step: Option<u64>) -> Self {
+        let step = step.map_or_else(String::new, |s| format!(" (step {s})"));
+        Self::invalid(
+            self.reason,
+            format!("batch.summaries[{index}]{step}: {}", self.status.message()),
+        )
     }
 
     fn engine(e: &EngineError) -> Self {

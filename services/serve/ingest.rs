@@ -140,10 +140,10 @@ impl Session {
                 self.wire.clear();
                 self.wire
                     .merge(&frame[place.clone()])
-                    .map_err(|e| undecodable(e).within(&format!("batch.summaries[{i}]")))?;
+                    .map_err(|e| undecodable(e).in_batch(i, None))?;
                 self.hub
                     .summary(at, &self.outbox, &self.wire, &mut self.scratch, received)
-                    .map_err(|r| r.within(&format!("batch.summaries[{i}] (step {})", self.wire.step)))?;
+                    .map_err(|r| r.in_batch(i, Some(self.wire.step)))?;
             }
             return Ok(());
         }
@@ -167,7 +167,7 @@ impl Session {
                 for (i, s) in batch.summaries.iter().enumerate() {
                     self.hub
                         .summary(at, &self.outbox, s, &mut self.scratch, received)
-                        .map_err(|r| r.within(&format!("batch.summaries[{i}] (step {})", s.step)))?;
+                        .map_err(|r| r.in_batch(i, Some(s.step)))?;
                 }
                 Ok(())
             }

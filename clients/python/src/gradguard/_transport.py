@@ -150,12 +150,6 @@ class Outbox:
         return self._closed
 
 
-def summaries_in(msg: pb.WorkerMessage) -> int:
-    """How many summaries a message carries."""
-    kind = msg.WhichOneof("body")
-    return 1 if kind == "summary" else len(msg.batch.summaries) if kind == "batch" else 0
-
-
 class Progress:
     """How far the service has decided on this stream's summaries, when its
     Welcome said it reports that (gRPC, `Hello.report_progress`). Lets the
@@ -246,7 +240,9 @@ class Connection(threading.Thread):
         raise NotImplementedError
 
     def _count(self, msg: pb.WorkerMessage) -> None:
-        n = summaries_in(msg)
+        """Counts the summaries a message carries, and the message if any."""
+        kind = msg.WhichOneof("body")
+        n = 1 if kind == "summary" else len(msg.batch.summaries) if kind == "batch" else 0
         self.stats.sent += n
         self.stats.messages += n > 0
 
