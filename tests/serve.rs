@@ -467,6 +467,10 @@ async fn a_newer_stream_of_the_same_rank_replaces_the_older() {
     let mut c = client::connect(&server.url()).await.unwrap();
     let old = WorkerStream::open(&mut c, hello("again", 0, 1, 2)).await.unwrap();
     old.sender.summary(summary(1, 2)).await.unwrap();
+    // Sent is not yet accepted: the new stream's Hello could overtake it.
+    server.wait_for("step 1 accepted", |text| {
+        sample(text, "gradguard_summaries_total") == Some(1.0)
+    });
     let mut old_rx = old.receiver;
     let new = WorkerStream::open(&mut c, hello("again", 0, 1, 2)).await.unwrap();
     let status = old_rx.drain().await.expect_err("the old stream is ended");
