@@ -33,6 +33,7 @@ pub struct Rules {
     pub nonfinite: Nonfinite,
     pub norm_ceiling: NormCeiling,
     pub norm_floor: NormFloor,
+    pub blowup: Blowup,
     pub grad_spike: GradSpike,
     pub grad_growth: GradGrowth,
     pub vanishing: Vanishing,
@@ -77,14 +78,20 @@ pub struct NormCeiling {
     pub layer_max: Option<f64>,
 }
 
-/// Norms below a floor for `patience` consecutive steps: a dead layer, or a
-/// model that stopped learning (SageMaker Debugger VanishingGradient: 1e-7).
+/// Norms that collapse for `patience` consecutive records: a dead layer, or a
+/// model that stopped learning. Relative, so a converged model whose gradients
+/// all shrank together is not called dead: a layer is dead when its norm is
+/// below `relative` × both the layers' typical norm at that step (their RMS)
+/// and its own early level; the global norm when it is below `relative` × its
+/// early level while the loss is not falling. The absolute floors are optional
+/// extra conditions (SageMaker Debugger's VanishingGradient uses 1e-7).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NormFloor {
     pub enabled: bool,
-    pub global_min: f64,
-    pub layer_min: f64,
+    pub relative: f64,
+    pub global_min: Option<f64>,
+    pub layer_min: Option<f64>,
     pub patience: u32,
 }
 
@@ -92,9 +99,42 @@ impl Default for NormFloor {
     fn default() -> Self {
         Self {
             enabled: true,
-            global_min: 1e-7,
-            layer_min: 1e-7,
+            relative: 1e-4,
+            global_min: None,
+            layer_min: None,
             patience: 5,
+        }
+    }
+}
+
+/// Growth by orders of magnitude against the first records' values, judged
+/// from the second record on, with no statistics to warm up: a learning rate
+/// or an initialisation far off (the commonest failure) explodes within a few
+/// steps. The reference is the median of the first `reference` finite,
+/// non-zero values of the gradient norm and of the loss.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Blowup {
+    pub enabled: bool,
+    pub reference: u32,
+    /// The gradient norm at this multiple of its reference: clip advice at
+    /// the scale of the early norms (warning).
+    pub norm_factor: f64,
+    /// The loss at this multiple of its reference: cut the learning rate
+    /// (critical).
+    pub loss_factor: f64,
+    /// ... or at this smaller multiple while the norm has blown up too.
+    pub loss_follows: f64,
+}
+
+impl Default for Blowup {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            reference: 5,
+            norm_factor: 100.0,
+            loss_factor: 10.0,
+            loss_follows: 2.0,
         }
     }
 }
@@ -142,6 +182,11 @@ pub struct GradGrowth {
     /// The loss counts as falling (growth is then benign, info only) when its
     /// smoothed value dropped by at least this fraction over the window.
     pub loss_fall: f64,
+    /// Growth this fast over one window is a warning even while the loss
+    /// still falls (healthy runs grow a few-fold over hundreds of steps, an
+    /// explosion tenfold within a window), unless a learning-rate warm-up
+    /// that rose as much explains it.
+    pub fast_factor: f64,
 }
 
 impl Default for GradGrowth {
@@ -152,6 +197,7 @@ impl Default for GradGrowth {
             factor: 4.0,
             min_r2: 0.6,
             loss_fall: 0.005,
+            fast_factor: 10.0,
         }
     }
 }
@@ -166,6 +212,9 @@ pub struct Vanishing {
     pub drop: f64,
     pub min_r2: f64,
     pub depth_ratio: f64,
+    /// A slow collapse: the smoothed log-norm this far below its peak while
+    /// the loss is not falling (however long it took).
+    pub long_drop: f64,
 }
 
 impl Default for Vanishing {
@@ -176,37 +225,39 @@ impl Default for Vanishing {
             drop: 10.0,
             min_r2: 0.6,
             depth_ratio: 1e-4,
+            long_drop: 100.0,
         }
     }
 }
 
-/// Loss z-score against its EMA, or the loss at `ratio_to_min`× its recent minimum.
+/// A loss jump judged against the run's own noise at its own logging
+/// interval: the median and MAD of the last `window` records. A jump is `z`
+/// robust deviations and `min_rise` above the median. A jump that comes back
+/// at the next record is noise (info); one that persists is a warning, and
+/// with a gradient spike within `link_records` records it is critical.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LossSpike {
     pub enabled: bool,
-    pub alpha: f64,
+    pub window: u32,
+    /// Records needed before jumps are judged.
     pub warmup: u32,
     pub z: f64,
-    /// A spike must also be this far above the moving mean, relative to it:
-    /// batch-to-batch loss noise is heavy-tailed, and a bump of a few percent
-    /// can clear a z-score on a quiet stretch without being a spike.
+    /// A jump must also be this far above the median, relative to it.
     pub min_rise: f64,
-    pub ratio_to_min: f64,
-    /// Steps a loss spike stays "recent" when judging a gradient spike with it.
-    pub link_steps: u64,
+    /// Records between a gradient spike and a loss jump that link them.
+    pub link_records: u32,
 }
 
 impl Default for LossSpike {
     fn default() -> Self {
         Self {
             enabled: true,
-            alpha: 0.97,
-            warmup: 25,
+            window: 64,
+            warmup: 16,
             z: 6.0,
             min_rise: 0.2,
-            ratio_to_min: 10.0,
-            link_steps: 3,
+            link_records: 1,
         }
     }
 }
@@ -221,6 +272,10 @@ pub struct LossDivergence {
     pub alpha: f64,
     /// Relative rise of the smoothed loss above its minimum within the window.
     pub rise: f64,
+    /// ... that is also this many times the smoothed loss's own noise (the
+    /// loss's robust spread, shrunk by the smoothing): a noisy plateau
+    /// wanders by 25% without diverging.
+    pub z: f64,
 }
 
 impl Default for LossDivergence {
@@ -230,6 +285,7 @@ impl Default for LossDivergence {
             window: 200,
             alpha: 0.98,
             rise: 0.25,
+            z: 6.0,
         }
     }
 }
@@ -276,17 +332,27 @@ impl Default for LossScaleFloor {
     }
 }
 
-/// At one step, a rank whose norm is far from its peers' median (k·MAD), or the
-/// only rank with non-finite values.
+/// A rank whose norm stays outside the job's normal spread between ranks.
+/// Data-parallel ranks see different micro-batches, so their local norms
+/// differ: the spread (of log-norms around the step's median) is learned from
+/// the job's own history. A rank is an outlier when it is `k` spreads away on
+/// `persist` of the last `of` judged steps, or `far` × `k` spreads away once;
+/// or when it is the only non-finite rank.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RankOutlier {
     pub enabled: bool,
     pub k: f64,
     pub min_ranks: u32,
-    /// The spread never counts as smaller than this fraction of the median, so
-    /// ranks with all-reduced (identical) gradients do not flag rounding noise.
+    /// The spread never counts as smaller than this (a relative deviation),
+    /// so ranks with all-reduced, identical gradients do not flag rounding.
     pub min_rel_spread: f64,
+    /// Steps judged before the learned spread is trusted; until then only a
+    /// far outlier is reported.
+    pub warmup: u32,
+    pub persist: u32,
+    pub of: u32,
+    pub far: f64,
 }
 
 impl Default for RankOutlier {
@@ -296,6 +362,10 @@ impl Default for RankOutlier {
             k: 6.0,
             min_ranks: 4,
             min_rel_spread: 0.05,
+            warmup: 20,
+            persist: 3,
+            of: 5,
+            far: 3.0,
         }
     }
 }
@@ -445,10 +515,10 @@ impl Rules {
             "must be above 1",
         )?;
         check(
-            unit(self.loss_spike.alpha),
-            "loss_spike.alpha",
-            self.loss_spike.alpha,
-            "must be between 0 and 1",
+            self.loss_spike.window >= 8,
+            "loss_spike.window",
+            self.loss_spike.window,
+            "must be at least 8",
         )?;
         check(
             positive(self.loss_spike.z),
@@ -457,10 +527,39 @@ impl Rules {
             "must be positive",
         )?;
         check(
-            self.loss_spike.ratio_to_min > 1.0,
-            "loss_spike.ratio_to_min",
-            self.loss_spike.ratio_to_min,
-            "must be above 1",
+            self.blowup.reference >= 1,
+            "blowup.reference",
+            self.blowup.reference,
+            "must be at least 1",
+        )?;
+        for (field, value) in [
+            ("blowup.norm_factor", self.blowup.norm_factor),
+            ("blowup.loss_factor", self.blowup.loss_factor),
+            ("blowup.loss_follows", self.blowup.loss_follows),
+            ("grad_growth.fast_factor", self.grad_growth.fast_factor),
+            ("vanishing.long_drop", self.vanishing.long_drop),
+        ] {
+            check(value > 1.0, field, value, "must be above 1")?;
+        }
+        check(
+            self.norm_floor.relative > 0.0 && self.norm_floor.relative < 1.0,
+            "norm_floor.relative",
+            self.norm_floor.relative,
+            "must be between 0 and 1",
+        )?;
+        check(
+            self.rank_outlier.persist >= 1
+                && self.rank_outlier.persist <= self.rank_outlier.of
+                && self.rank_outlier.of <= 32,
+            "rank_outlier.persist",
+            self.rank_outlier.persist,
+            "must be between 1 and rank_outlier.of (at most 32)",
+        )?;
+        check(
+            self.rank_outlier.far >= 1.0,
+            "rank_outlier.far",
+            self.rank_outlier.far,
+            "must be at least 1",
         )?;
         check(
             self.loss_divergence.window >= 3,

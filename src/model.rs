@@ -95,6 +95,7 @@ pub enum RuleId {
     Nonfinite,
     NormCeiling,
     NormFloor,
+    Blowup,
     GradSpike,
     GradGrowth,
     Vanishing,
@@ -108,10 +109,11 @@ pub enum RuleId {
 }
 
 impl RuleId {
-    pub const ALL: [RuleId; 13] = [
+    pub const ALL: [RuleId; 14] = [
         RuleId::Nonfinite,
         RuleId::NormCeiling,
         RuleId::NormFloor,
+        RuleId::Blowup,
         RuleId::GradSpike,
         RuleId::GradGrowth,
         RuleId::Vanishing,
@@ -129,6 +131,7 @@ impl RuleId {
             RuleId::Nonfinite => "nonfinite",
             RuleId::NormCeiling => "norm_ceiling",
             RuleId::NormFloor => "norm_floor",
+            RuleId::Blowup => "blowup",
             RuleId::GradSpike => "grad_spike",
             RuleId::GradGrowth => "grad_growth",
             RuleId::Vanishing => "vanishing",
@@ -154,6 +157,7 @@ impl RuleId {
         match self {
             RuleId::Nonfinite => Family::Nonfinite,
             RuleId::NormCeiling
+            | RuleId::Blowup
             | RuleId::GradSpike
             | RuleId::GradGrowth
             | RuleId::LossSpike

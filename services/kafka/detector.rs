@@ -762,7 +762,7 @@ impl Worker {
                 // checkpoint: the engine rewinds it (it remembers the advice
                 // in the job's state, so this works after a hand-over too).
                 if ack.applied
-                    && let Some(to_step) = self.engine.rollback_applied(job, rank, ack.advice_id)
+                    && let Some(to_step) = self.engine.advice_applied(job, rank, ack.advice_id)
                 {
                     tracing::info!(job, rank, to_step, "rank rolled back");
                 }

@@ -461,7 +461,7 @@ impl Hub {
                 // The job's owner acts on it (a rollback rewinds its engine).
                 forward.send(&at.job, at.rank, worker_message::Body::Ack(ack.clone()));
             } else if ack.applied
-                && let Some(to_step) = core.engine.rollback_applied(&at.job, at.rank, ack.advice_id)
+                && let Some(to_step) = core.engine.advice_applied(&at.job, at.rank, ack.advice_id)
             {
                 tracing::info!(job = &*at.job, rank = at.rank, to_step, "rank rolled back");
             }

@@ -105,6 +105,11 @@ pub(crate) struct Latch {
 }
 
 impl Latch {
+    /// Whether the condition held at the last update.
+    pub fn active(&self) -> bool {
+        self.since.is_some()
+    }
+
     /// Updates the condition at `step`; true when it should be reported now.
     pub fn update(&mut self, active: bool, step: u64, remind: u64) -> bool {
         if !active {
@@ -142,9 +147,39 @@ impl Latch {
     }
 }
 
+/// A value for a message: four significant digits, in scientific notation
+/// when very large or small (a norm of 3e11 or 4e-9 stays readable).
+pub(crate) fn num(x: f64) -> String {
+    let a = x.abs();
+    if !x.is_finite() || a == 0.0 {
+        return format!("{x}");
+    }
+    if !(1e-3..1e5).contains(&a) {
+        return format!("{x:.3e}");
+    }
+    let decimals = (3 - a.log10().floor() as i32).max(0) as usize;
+    let s = format!("{x:.decimals$}");
+    if s.contains('.') {
+        s.trim_end_matches('0').trim_end_matches('.').to_owned()
+    } else {
+        s
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn numbers_keep_four_significant_digits() {
+        assert_eq!(num(0.28731), "0.2873");
+        assert_eq!(num(15.2), "15.2");
+        assert_eq!(num(1234.56), "1235");
+        assert_eq!(num(3.2e11), "3.200e11");
+        assert_eq!(num(4e-9), "4.000e-9");
+        assert_eq!(num(0.0), "0");
+        assert_eq!(num(f64::INFINITY), "inf");
+    }
 
     #[test]
     fn latch_reports_on_entry_then_reminds() {

@@ -33,7 +33,7 @@ pub const MAX_RANKS: u32 = 1 << 16;
 /// Findings remembered per job for cross-rank dedupe, at most.
 const MAX_REPORTED: usize = 4096;
 /// First byte of a snapshot: bumped whenever the state's layout changes.
-const SNAPSHOT_VERSION: u8 = 2;
+const SNAPSHOT_VERSION: u8 = 3;
 /// Rollback advice remembered per job, to act on its acknowledgement.
 const RECENT_ROLLBACKS: usize = 8;
 /// Largest accepted number of layers per job.
@@ -250,7 +250,7 @@ impl Engine {
 
     /// Remembers rollback advice `advice_id` (as published: cluster mode
     /// numbers advice itself) to `to_step`, so that a rank acknowledging it
-    /// is rewound by [`Engine::rollback_applied`], on whichever engine holds
+    /// is rewound by [`Engine::advice_applied`], on whichever engine holds
     /// the job by then: the memory is part of the job's snapshot.
     pub fn note_rollback(&mut self, job: &str, advice_id: u64, to_step: u64) {
         let Some(state) = self.jobs.get_mut(job) else { return };
@@ -264,18 +264,22 @@ impl Engine {
         });
     }
 
-    /// A rank acknowledged advice `advice_id` as applied. When it is a
-    /// rollback noted by [`Engine::note_rollback`], the rank reports again
-    /// from the checkpoint: it is rewound ([`Engine::rewind`]) and the step
-    /// is returned. Once per rank: a repeated ack does not rewind again.
-    pub fn rollback_applied(&mut self, job: &str, rank: u32, advice_id: u64) -> Option<u64> {
+    /// A rank acknowledged advice `advice_id` as applied. Its episode then
+    /// knows a remedy was tried: if the problem comes back, the ladder may go
+    /// on to halt. When it is a rollback noted by [`Engine::note_rollback`],
+    /// the rank reports again from the checkpoint: it is rewound
+    /// ([`Engine::rewind`]) and the step is returned. Once per rank: a
+    /// repeated ack does not rewind again.
+    pub fn advice_applied(&mut self, job: &str, rank: u32, advice_id: u64) -> Option<u64> {
         let state = self.jobs.get_mut(job)?;
+        state.policy.applied(advice_id);
         let noted = state.rollbacks.iter_mut().find(|r| r.id == advice_id)?;
         if noted.applied_by.contains(&rank) {
             return None;
         }
         noted.applied_by.push(rank);
         let to_step = noted.to_step;
+        state.policy.rolled_back();
         state.rewind(rank, to_step).then_some(to_step)
     }
 
@@ -482,6 +486,7 @@ impl JobState {
             self.peers[rank] = Some(ranks::Peer::default());
             self.ranks_seen += 1;
         }
+        self.policy.saw_lr(s.step, s.lr, &self.rules);
         let peer = self.peers[rank].as_mut().expect("created above");
         peer.last_step = Some(s.step);
         peer.last_time = s.time.filter(|t| t.is_finite()).or(peer.last_time);

@@ -6,9 +6,14 @@
 //!   nothing is repeated; only a stronger remedy gets through.
 //! - Escalation: when the problem is still there after the cooldown (the advice
 //!   had time to act), the next rung of clip → scale LR → rollback → halt.
-//!   Strong (warning or critical) evidence escalates on any recurrence; weak
-//!   evidence (a lone gradient spike) only when it fired on at least half the
-//!   steps since the advice, so isolated spikes stay at clip advice.
+//!   Only strong (warning or critical) evidence escalates: gradient spikes
+//!   alone stay at clip advice however often they come, since a healthy run
+//!   whose norm grows as it learns fires the spike rule on step after step.
+//! - Halt only when escalation demonstrably failed: an advice of the episode
+//!   was applied (acknowledged as applied, a rollback that rewound the rank,
+//!   or a learning rate seen to fall after `scale_lr`) and the problem came
+//!   back. Without that, the ladder stops at rollback, which stands.
+//! - A rank under suspicion gets one `inspect_worker` per episode.
 //! - An episode ends after `healthy_steps` steps without a hit of its family.
 //! - A rank under suspicion (an open rank-outlier, straggler or stalled
 //!   episode) is its own problem: its gradient and loss hits get clip advice at
@@ -30,7 +35,16 @@ struct Episode {
     hits_since_advice: u64,
     /// Worst severity seen in the episode (its hits and its advice).
     severity: Severity,
+    /// Ids of the episode's latest advice, to recognise their acks.
+    advice_ids: Vec<u64>,
+    /// The step `scale_lr` was advised at, until the cut is seen applied.
+    lr_cut_at: Option<u64>,
+    /// An advice of the episode was applied: a recurrence means it failed.
+    applied: bool,
 }
+
+/// Advice ids remembered per episode.
+const EPISODE_ADVICE_IDS: usize = 8;
 
 /// A job's open episodes.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
@@ -38,6 +52,8 @@ pub(crate) struct Policy {
     episodes: Vec<Episode>,
     /// Halt was advised: the job stays critical whatever follows.
     halted: bool,
+    /// The latest learning rate reported.
+    lr: Option<f64>,
 }
 
 const SCALE_LR: u8 = 2;
@@ -86,6 +102,47 @@ impl Policy {
         self.episodes.iter().map(|e| e.severity).max()
     }
 
+    /// Advice `id` was applied by a worker: its episode's next recurrence
+    /// shows the remedy failed. True when the advice belongs to an open episode.
+    pub fn applied(&mut self, id: u64) -> bool {
+        let ep = self.episodes.iter_mut().find(|e| e.advice_ids.contains(&id));
+        ep.map(|e| e.applied = true).is_some()
+    }
+
+    /// A rank applied a rollback: the episodes that advised one tried it.
+    pub fn rolled_back(&mut self) {
+        for ep in self
+            .episodes
+            .iter_mut()
+            .filter(|e| e.rung.is_some_and(|r| r >= ROLLBACK))
+        {
+            ep.applied = true;
+        }
+    }
+
+    /// Takes in a reported learning rate: one that drops at once to about
+    /// the advised factor, within two cooldowns of `scale_lr`, shows the
+    /// advice was applied (a schedule's own decay is gradual).
+    pub fn saw_lr(&mut self, step: u64, lr: Option<f64>, rules: &Rules) {
+        let Some(lr) = lr.filter(|l| l.is_finite() && *l >= 0.0) else {
+            return;
+        };
+        let factor = rules.policy.lr_factor;
+        let window = 2 * rules.policy.cooldown_steps;
+        let cut = self.lr.is_some_and(|before| lr <= before * (1.0 + factor) / 2.0);
+        self.lr = Some(lr);
+        for ep in &mut self.episodes {
+            match ep.lr_cut_at {
+                Some(at) if step > at.saturating_add(window) => ep.lr_cut_at = None,
+                Some(at) if cut && step > at => {
+                    ep.lr_cut_at = None;
+                    ep.applied = true;
+                }
+                _ => {}
+            }
+        }
+    }
+
     pub fn decide(&mut self, hits: &[Hit], step: u64, rules: &Rules, next_id: &mut u64, out: &mut Vec<Advice>) {
         // Group by episode key, in first-seen order, keeping the strongest hit.
         let mut groups: Vec<Group> = Vec::new();
@@ -132,6 +189,9 @@ impl Policy {
                         last_advice: step,
                         hits_since_advice: 0,
                         severity: Severity::Info,
+                        advice_ids: Vec::new(),
+                        lr_cut_at: None,
+                        applied: false,
                     });
                     self.episodes.last_mut().expect("just pushed")
                 }
@@ -197,6 +257,13 @@ impl Policy {
             ep.severity = ep.severity.max(severity);
             self.halted |= action == Action::Halt;
             *next_id += 1;
+            if ep.advice_ids.len() == EPISODE_ADVICE_IDS {
+                ep.advice_ids.remove(0);
+            }
+            ep.advice_ids.push(*next_id);
+            if matches!(action, Action::ScaleLr { .. }) {
+                ep.lr_cut_at = Some(step);
+            }
             out.push(Advice {
                 id: *next_id,
                 job: hit.finding.job.clone(),
@@ -241,6 +308,9 @@ fn choose(
     if top >= HALT {
         return None; // halted: repeating it helps no one
     }
+    if family == Family::Rank {
+        return None; // one inspect_worker per rank and episode
+    }
     let since = step.saturating_sub(ep.last_advice);
     if rung > top {
         return Some((rung, false));
@@ -248,9 +318,14 @@ fn choose(
     if since < rules.policy.cooldown_steps {
         return None;
     }
-    let persistent = ep.hits_since_advice * 2 >= since;
-    if family != Family::Rank && !local && (hit.confirmed || persistent) {
-        Some((next_rung(top), true))
+    if !local && hit.confirmed {
+        let next = next_rung(top);
+        // Halting throws the run away: only once a remedy was applied and
+        // failed. Until then the rollback advice stands.
+        if next == HALT && !ep.applied {
+            return None;
+        }
+        Some((next, true))
     } else {
         Some((rung, false))
     }

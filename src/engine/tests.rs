@@ -662,16 +662,12 @@ fn a_rollback_acknowledged_after_a_hand_over_rewinds_the_rank() {
 
     let mut owner = Engine::default();
     owner.restore("job", &bytes).unwrap();
-    assert_eq!(owner.rollback_applied("job", 0, 7000), None, "not a rollback it knows");
-    assert_eq!(owner.rollback_applied("job", 0, 7001), Some(149));
+    assert_eq!(owner.advice_applied("job", 0, 7000), None, "not a rollback it knows");
+    assert_eq!(owner.advice_applied("job", 0, 7001), Some(149));
     assert_eq!(owner.last_step("job", 0), Some(149));
     let mut out = Output::default();
     owner.observe("job", &healthy(150), &mut out).unwrap();
-    assert_eq!(
-        owner.rollback_applied("job", 0, 7001),
-        None,
-        "a second ack does nothing"
-    );
+    assert_eq!(owner.advice_applied("job", 0, 7001), None, "a second ack does nothing");
 }
 
 #[test]

@@ -1,14 +1,21 @@
 //! Per-layer rules: layer ceiling and floor (dead layers), vanishing across
 //! depth (first/last layer ratio), and the update ratio ‖Δw‖/‖w‖.
+//!
+//! A dead layer is judged against its peers and its own past, never against
+//! an absolute number alone: a converged small model has every layer's
+//! gradient far below 1e-7, all together, and none of them is dead.
 
 use super::Obs;
 use crate::config::Rules;
-use crate::engine::hit::{Emitter, Latch, Proposal};
+use crate::engine::hit::{Emitter, Latch, Proposal, num};
 use crate::model::{RuleId, Severity};
 
 /// One layer's state: a few counters and latches, well under 1 KiB.
 #[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
 pub(crate) struct LayerState {
+    /// The layer's largest norm over its first records, and how many were seen.
+    early: f32,
+    seen: u8,
     floor_run: u32,
     floor: Latch,
     ceiling: Latch,
@@ -40,6 +47,14 @@ pub(crate) fn check(state: &mut State, obs: &Obs, rules: &Rules, em: &mut Emitte
     let remind = rules.policy.cooldown_steps;
     let (ceiling, floor, update) = (&rules.norm_ceiling, &rules.norm_floor, &rules.update_ratio);
     let layer_max = ceiling.layer_max.filter(|_| ceiling.enabled);
+    // The layers' typical norm at this step: their root mean square.
+    let (sum, finite) = layers
+        .iter()
+        .map(|l| f64::from(l.l2))
+        .filter(|x| x.is_finite())
+        .fold((0.0, 0usize), |(s, n), x| (s + x * x, n + 1));
+    let typical = if finite > 0 { (sum / finite as f64).sqrt() } else { 0.0 };
+    let early_records = rules.blowup.reference.min(u32::from(u8::MAX)) as u8;
 
     for (i, (l, st)) in layers.iter().zip(state.layers.iter_mut()).enumerate() {
         let l2 = f64::from(l.l2);
@@ -62,22 +77,28 @@ pub(crate) fn check(state: &mut State, obs: &Obs, rules: &Rules, em: &mut Emitte
             .on_layer(name)
             .propose(Proposal::Clip { max_norm });
         }
+        if st.seen < early_records {
+            st.seen += 1;
+            st.early = st.early.max(l.l2);
+        }
         if floor.enabled {
-            st.floor_run = if l2 < floor.layer_min {
-                st.floor_run.saturating_add(1)
-            } else {
-                0
-            };
+            let limit = floor.relative * typical.min(f64::from(st.early));
+            let dead = st.seen >= early_records && l2 < limit && floor.layer_min.is_none_or(|m| l2 < m);
+            st.floor_run = if dead { st.floor_run.saturating_add(1) } else { 0 };
             if st.floor.update(st.floor_run >= floor.patience, step, remind) {
                 let name = em.layer_name(i);
                 em.hit(
                     RuleId::NormFloor,
                     Severity::Warning,
                     l2,
-                    floor.layer_min,
+                    limit,
                     format!(
-                        "dead layer {name}: gradient norm {l2:.3e} below {:e} for {} steps",
-                        floor.layer_min, st.floor_run
+                        "dead layer {name}: gradient norm {} for {} records, below {}× both the layers' typical {} and its own early {}",
+                        num(l2),
+                        st.floor_run,
+                        floor.relative,
+                        num(typical),
+                        num(f64::from(st.early))
                     ),
                 )
                 .on_layer(name);

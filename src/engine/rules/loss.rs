@@ -1,25 +1,48 @@
-//! Loss rules: spike (z-score on an EMA, or a multiple of the recent minimum)
-//! and divergence (the smoothed loss rises over a window).
+//! Loss rules: a jump judged against the run's own noise, and divergence (the
+//! smoothed loss rises over a window).
 //!
-//! A loss spike within `link_steps` of a gradient spike is the classic
-//! instability: critical, roll back. A loss spike alone (a bad batch) is a
-//! warning: skip the step.
+//! Everything is counted in records, not steps: a log written every 10 steps
+//! averages its loss over them, and its noise is what its records show. A
+//! jump is `z` robust deviations (median and MAD of the last `window` records)
+//! above the median. On a noisy small-batch run a jump that comes back at the
+//! next record is noise: info. One that persists is a warning; with a gradient
+//! spike at the jump it is the classic instability: critical, roll back.
 
 use crate::config::Rules;
-use crate::engine::hit::{Emitter, Latch, Proposal};
-use crate::engine::stats::{Ema, SlidingMin, Window};
+use crate::engine::hit::{Emitter, Latch, Proposal, num};
+use crate::engine::stats::{SlidingMin, Window};
 use crate::model::{RuleId, Severity};
+
+/// MAD to standard deviation for normal data.
+const MAD_SIGMA: f64 = 1.4826;
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub(crate) struct State {
-    ema: Ema,
-    recent_min: SlidingMin,
+    /// The last `window` finite losses, oldest first once full (a ring).
+    recent: Vec<f64>,
+    head: usize,
+    records: u64,
+    /// The median of the recent losses at the last record that judged them.
+    median: Option<f64>,
+    /// A jump seen at an earlier record, waiting to be confirmed or dismissed.
+    pending: Option<Jump>,
+    elevated: Latch,
     smooth: Option<f64>,
-    smooth_n: u32,
     smooth_min: SlidingMin,
     /// Smoothed loss over the growth window, to tell whether the loss is falling.
     history: Window,
     diverging: Latch,
+    #[serde(skip)]
+    scratch: Vec<f64>,
+}
+
+/// A loss jump and the baseline it was judged against.
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+struct Jump {
+    record: u64,
+    step: u64,
+    median: f64,
+    sigma: f64,
 }
 
 /// What the loss did over the trend window, for the gradient trend rules.
@@ -36,13 +59,17 @@ pub(crate) enum LossTrend {
 impl State {
     pub fn new(rules: &Rules) -> Self {
         Self {
-            ema: Ema::default(),
-            recent_min: SlidingMin::default(),
+            recent: Vec::new(),
+            head: 0,
+            records: 0,
+            median: None,
+            pending: None,
+            elevated: Latch::default(),
             smooth: None,
-            smooth_n: 0,
             smooth_min: SlidingMin::default(),
             history: Window::new(rules.grad_growth.window as usize),
             diverging: Latch::default(),
+            scratch: Vec::new(),
         }
     }
 
@@ -59,8 +86,36 @@ impl State {
         }
     }
 
+    /// The run's moving loss level, once the jump rule has its window.
+    pub fn level(&self) -> Option<f64> {
+        self.median
+    }
+
     pub fn heap_bytes(&self) -> usize {
-        self.history.heap_bytes()
+        self.history.heap_bytes() + 2 * self.recent.capacity() * std::mem::size_of::<f64>()
+    }
+
+    fn push(&mut self, loss: f64, window: usize) {
+        if self.recent.len() < window {
+            self.recent.push(loss);
+        } else {
+            self.recent[self.head] = loss;
+            self.head = (self.head + 1) % window;
+        }
+    }
+
+    /// Median and robust standard deviation of the recent losses.
+    fn robust(&mut self) -> (f64, f64) {
+        self.scratch.clear();
+        self.scratch.extend_from_slice(&self.recent);
+        let mid = self.scratch.len() / 2;
+        let median = *self.scratch.select_nth_unstable_by(mid, f64::total_cmp).1;
+        for x in &mut self.scratch {
+            *x = (*x - median).abs();
+        }
+        let mad = *self.scratch.select_nth_unstable_by(mid, f64::total_cmp).1;
+        let floor = (median.abs() * 1e-3).max(f64::MIN_POSITIVE);
+        (median, (MAD_SIGMA * mad).max(floor))
     }
 }
 
@@ -69,6 +124,7 @@ pub(crate) fn check(
     step: u64,
     loss: Option<f64>,
     last_grad_spike: Option<u64>,
+    record: u64,
     rules: &Rules,
     em: &mut Emitter,
 ) {
@@ -77,73 +133,38 @@ pub(crate) fn check(
     };
     let cfg = &rules.loss_spike;
     let div = &rules.loss_divergence;
-
-    let mut clipped = loss;
-    if cfg.enabled && state.ema.ready(cfg.warmup) {
-        let z = state.ema.z(loss);
-        let bound = state.ema.mean() + cfg.z * state.ema.std();
-        let min = state.recent_min.min().map(|(_, m)| m).filter(|m| *m > 0.0);
-        let ratio = min.map(|m| loss / m);
-        let by_ratio = ratio.is_some_and(|r| r >= cfg.ratio_to_min);
-        let mean = state.ema.mean();
-        let by_z = z >= cfg.z && loss - mean >= cfg.min_rise * mean.abs();
-        if by_z || by_ratio {
-            let linked = last_grad_spike.is_some_and(|g| g.saturating_add(cfg.link_steps) >= step);
-            let (value, threshold, why) = if by_z {
-                (
-                    z,
-                    cfg.z,
-                    format!("{z:.1}σ above its moving mean {:.4}", state.ema.mean()),
-                )
-            } else {
-                let r = ratio.unwrap_or(f64::NAN);
-                (r, cfg.ratio_to_min, format!("{r:.1}× its recent minimum"))
-            };
-            if linked {
-                em.hit(
-                    RuleId::LossSpike,
-                    Severity::Critical,
-                    value,
-                    threshold,
-                    format!("loss {loss:.4} is {why}, right after a gradient spike"),
-                )
-                .propose(Proposal::Rollback);
-            } else {
-                em.hit(
-                    RuleId::LossSpike,
-                    Severity::Warning,
-                    value,
-                    threshold,
-                    format!("loss {loss:.4} is {why}"),
-                )
-                .propose(Proposal::SkipStep);
-            }
-        }
-        clipped = loss.min(bound);
+    let ready = state.recent.len() >= cfg.warmup.max(3) as usize;
+    let (median, sigma) = if ready { state.robust() } else { (loss, 0.0) };
+    if ready {
+        state.median = Some(median);
     }
-    if cfg.enabled {
-        state.ema.push(clipped, cfg.alpha, cfg.warmup);
-    }
-    state.recent_min.push(step, loss, u64::from(div.window));
 
-    // Divergence looks at a smoothed loss that takes in the spike-clipped value,
-    // so a one-step spike does not read as a trend.
+    if cfg.enabled && ready {
+        judge_jump(state, step, loss, median, sigma, last_grad_spike, record, rules, em);
+    }
+    state.push(loss, cfg.window as usize);
+    state.records += 1;
+
+    // Divergence looks at a smoothed loss that takes in values no higher
+    // than a jump's threshold, so one noisy record does not read as a trend.
+    let clipped = if ready { loss.min(median + cfg.z * sigma) } else { loss };
     let smooth = match state.smooth {
         Some(s) => div.alpha * s + (1.0 - div.alpha) * clipped,
         None => clipped,
     };
     state.smooth = Some(smooth);
-    state.smooth_n = state.smooth_n.saturating_add(1);
     state.history.push(step as f64, smooth);
-    state.smooth_min.push(step, smooth, u64::from(div.window));
-    if !div.enabled || state.smooth_n < cfg.warmup.max(div.window / 4) {
+    state.smooth_min.push(state.records, smooth, u64::from(div.window));
+    if !div.enabled || !ready || state.records < u64::from(cfg.warmup.max(div.window / 4)) {
         return;
     }
-    let Some((min_step, min)) = state.smooth_min.min() else {
+    let Some((min_record, min)) = state.smooth_min.min() else {
         return;
     };
+    // The smoothed loss's own noise: the loss's spread shrunk by the EMA.
+    let noise = sigma * ((1.0 - div.alpha) / (1.0 + div.alpha)).sqrt();
     let rise = (smooth - min) / min.abs().max(f64::MIN_POSITIVE);
-    let active = rise >= div.rise && min_step < step;
+    let active = rise >= div.rise && smooth - min >= div.z * noise && min_record < state.records;
     if state
         .diverging
         .update_worse(active, step, rules.policy.cooldown_steps, rise)
@@ -154,10 +175,86 @@ pub(crate) fn check(
             rise,
             div.rise,
             format!(
-                "loss is diverging: smoothed loss {smooth:.4} is {:.0}% above its minimum {min:.4} at step {min_step}",
-                rise * 100.0
+                "loss is diverging: smoothed loss {} is {:.0}% above its minimum {} of the last {} records",
+                num(smooth),
+                rise * 100.0,
+                num(min),
+                div.window
             ),
         )
         .propose(Proposal::ScaleLr);
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn judge_jump(
+    state: &mut State,
+    step: u64,
+    loss: f64,
+    median: f64,
+    sigma: f64,
+    last_grad_spike: Option<u64>,
+    record: u64,
+    rules: &Rules,
+    em: &mut Emitter,
+) {
+    let cfg = &rules.loss_spike;
+    let remind = rules.policy.cooldown_steps;
+    if let Some(jump) = state.pending {
+        // Still at least half as far up as a jump must be, against the
+        // baseline from before it.
+        let persisted = loss >= jump.median + 0.5 * cfg.z * jump.sigma
+            && loss - jump.median >= 0.5 * cfg.min_rise * jump.median.abs();
+        if !persisted {
+            state.pending = None;
+            state.elevated.update(false, step, remind);
+            return;
+        }
+        if state.elevated.update(true, step, remind) {
+            let link = u64::from(cfg.link_records);
+            let linked = last_grad_spike.is_some_and(|g| g + link >= jump.record && g <= record);
+            let rise = (loss - jump.median) / jump.median.abs().max(f64::MIN_POSITIVE);
+            let what = format!(
+                "loss {} stays {:.0}% above its median {} since step {}",
+                num(loss),
+                rise * 100.0,
+                num(jump.median),
+                jump.step
+            );
+            if linked {
+                em.hit(
+                    RuleId::LossSpike,
+                    Severity::Critical,
+                    rise,
+                    cfg.min_rise,
+                    format!("{what}, which came with a gradient spike"),
+                )
+                .propose(Proposal::Rollback);
+            } else {
+                em.hit(RuleId::LossSpike, Severity::Warning, rise, cfg.min_rise, what);
+            }
+        }
+        return;
+    }
+    let z = (loss - median) / sigma;
+    if z >= cfg.z && loss - median >= cfg.min_rise * median.abs() {
+        state.pending = Some(Jump {
+            record,
+            step,
+            median,
+            sigma,
+        });
+        em.hit(
+            RuleId::LossSpike,
+            Severity::Info,
+            z,
+            cfg.z,
+            format!(
+                "loss {} jumped {z:.1}σ above its median {} of the last {} records",
+                num(loss),
+                num(median),
+                state.recent.len()
+            ),
+        );
     }
 }

@@ -2,6 +2,7 @@
 //! per-rank rules run in [`crate::engine::worker`], the cross-rank rules in
 //! [`ranks`].
 
+pub(crate) mod blowup;
 pub(crate) mod grad;
 pub(crate) mod layers;
 pub(crate) mod loss;

@@ -1,6 +1,12 @@
-//! Cross-rank rules: a rank whose norm disagrees with its peers at the same step
-//! (rank outlier), a rank that lags the leader (straggler), and a rank that went
-//! silent while its peers did not (stalled).
+//! Cross-rank rules: a rank whose norm disagrees with its peers (rank outlier),
+//! a rank that lags the leader (straggler), and a rank that went silent while
+//! its peers did not (stalled).
+//!
+//! Data-parallel ranks see different micro-batches, so their local norms
+//! differ every step. The outlier rule learns the job's normal spread (the
+//! median absolute deviation of log-norms around each step's median, averaged
+//! over steps) and calls a rank an outlier when it stays outside it (`persist`
+//! of the last `of` steps) or is far beyond it once.
 //!
 //! They judge by the records' own steps and times, never a wall clock; the
 //! service calls [`scan_stalled`] with its clock through `Engine::tick`.
@@ -8,7 +14,7 @@
 use std::collections::BTreeMap;
 
 use crate::config::Rules;
-use crate::engine::hit::{Emitter, Latch, Proposal};
+use crate::engine::hit::{Emitter, Latch, Proposal, num};
 use crate::engine::stats::median;
 use crate::model::{RuleId, Severity};
 
@@ -17,6 +23,9 @@ use crate::model::{RuleId, Severity};
 pub(crate) struct Peer {
     pub last_step: Option<u64>,
     pub last_time: Option<f64>,
+    /// Whether the rank was outside the spread, one bit per judged step
+    /// (newest lowest).
+    outside: u32,
     outlier: Latch,
     straggler: Latch,
     stalled: Latch,
@@ -28,7 +37,16 @@ pub(crate) struct State {
     pending: BTreeMap<u64, Pending>,
     pub max_step: Option<u64>,
     last_stall_scan: Option<f64>,
+    /// The learned spread (MAD of log-norms across ranks) and the steps
+    /// it has seen.
+    spread: f64,
+    judged: u32,
 }
+
+/// MAD to standard deviation for normal data.
+const MAD_SIGMA: f64 = 1.4826;
+/// Smoothing of the learned spread once warmed up.
+const SPREAD_ALPHA: f64 = 0.95;
 
 /// One step's norms so far, and the time of the first.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
@@ -76,7 +94,7 @@ pub(crate) fn record_norm(
     entry.norms.push((rank, if norm.is_finite() { norm } else { f64::NAN }));
     if entry.norms.len() >= expected {
         let entry = state.pending.remove(&step).unwrap_or_default();
-        judge(step, &entry.norms, peers, rules, em);
+        judge(state, step, &entry.norms, peers, rules, em);
     }
     let horizon = state.max_step.unwrap_or(step).saturating_sub(rules.straggler.lag_steps);
     let patience = rules.straggler.min_lag_secs;
@@ -90,7 +108,7 @@ pub(crate) fn record_norm(
             break;
         }
         let (old_step, entry) = entry.remove_entry();
-        judge(old_step, &entry.norms, peers, rules, em);
+        judge(state, old_step, &entry.norms, peers, rules, em);
     }
 }
 
@@ -104,14 +122,21 @@ pub(crate) fn forget_after(state: &mut State, rank: u32, step: u64) {
     state.pending.retain(|_, p| !p.norms.is_empty());
 }
 
-fn judge(step: u64, entries: &[(u32, f64)], peers: &mut [Option<Peer>], rules: &Rules, em: &mut Emitter) {
+fn judge(
+    state: &mut State,
+    step: u64,
+    entries: &[(u32, f64)],
+    peers: &mut [Option<Peer>],
+    rules: &Rules,
+    em: &mut Emitter,
+) {
     let cfg = &rules.rank_outlier;
     let remind = rules.policy.cooldown_steps;
-    let mut finite: Vec<f64> = entries.iter().map(|e| e.1).filter(|x| x.is_finite()).collect();
     let bad: Vec<u32> = entries.iter().filter(|e| !e.1.is_finite()).map(|e| e.0).collect();
+    let finite = entries.len() - bad.len();
     let min = cfg.min_ranks as usize;
 
-    if bad.len() == 1 && finite.len() + 1 >= min {
+    if bad.len() == 1 && finite + 1 >= min {
         let rank = bad[0];
         if let Some(p) = peers.get_mut(rank as usize).and_then(Option::as_mut)
             && p.outlier.update(true, step, remind)
@@ -130,31 +155,59 @@ fn judge(step: u64, entries: &[(u32, f64)], peers: &mut [Option<Peer>], rules: &
             h.finding.step = step;
         }
     }
-    if finite.len() < min {
+    if finite < min {
         return;
     }
-    let Some(med) = median(&mut finite) else {
+    let logs: Vec<(u32, f64, f64)> = entries
+        .iter()
+        .filter(|e| e.1.is_finite())
+        .map(|&(rank, x)| (rank, x, x.max(f64::MIN_POSITIVE).ln()))
+        .collect();
+    let mut values: Vec<f64> = logs.iter().map(|e| e.2).collect();
+    let Some(med) = median(&mut values) else {
         return;
     };
-    let mut dev: Vec<f64> = finite.iter().map(|x| (x - med).abs()).collect();
-    let mad = median(&mut dev).unwrap_or(0.0);
-    let spread = (1.4826 * mad)
-        .max(cfg.min_rel_spread * med.abs())
-        .max(f64::MIN_POSITIVE);
-    for &(rank, x) in entries.iter().filter(|e| e.1.is_finite()) {
-        let score = (x - med).abs() / spread;
+    let mut dev: Vec<f64> = logs.iter().map(|e| (e.2 - med).abs()).collect();
+    let step_mad = median(&mut dev).unwrap_or(0.0);
+    let warm = state.judged >= cfg.warmup;
+    let floor = cfg.min_rel_spread.ln_1p();
+    let scale = (MAD_SIGMA * state.spread.max(step_mad)).max(floor);
+    // Learn the spread; once warmed up, an unusual step counts at most 3×,
+    // so a burst of disagreement does not teach the rule to ignore it.
+    state.judged = state.judged.saturating_add(1);
+    if warm {
+        let x = step_mad.min(3.0 * state.spread.max(floor / MAD_SIGMA));
+        state.spread = SPREAD_ALPHA * state.spread + (1.0 - SPREAD_ALPHA) * x;
+    } else {
+        state.spread += (step_mad - state.spread) / f64::from(state.judged);
+    }
+    let mask = if cfg.of >= 32 { u32::MAX } else { (1u32 << cfg.of) - 1 };
+    let med_norm = med.exp();
+    for &(rank, x, lx) in &logs {
+        let score = (lx - med).abs() / scale;
         let Some(p) = peers.get_mut(rank as usize).and_then(Option::as_mut) else {
             continue;
         };
-        if p.outlier.update(score > cfg.k, step, remind) {
+        p.outside = ((p.outside << 1) | u32::from(score > cfg.k)) & mask;
+        let far = score > cfg.far * cfg.k;
+        let persistent = warm && p.outside.count_ones() >= cfg.persist;
+        if p.outlier.update(far || persistent, step, remind) {
+            let how = if far {
+                "far outside".to_owned()
+            } else {
+                format!("outside on {} of the last {} steps of", p.outside.count_ones(), cfg.of)
+            };
             let h = em.hit(
                 RuleId::RankOutlier,
                 Severity::Warning,
                 score,
                 cfg.k,
                 format!(
-                    "rank {rank} gradient norm {x:.4} is {score:.1} spreads from the median {med:.4} of {} ranks at step {step}",
-                    entries.len()
+                    "rank {rank} gradient norm {} is {score:.1} spreads from the median {} of {} ranks at step {step}, {how} the job's normal spread between ranks (±{:.0}%)",
+                    num(x),
+                    num(med_norm),
+                    entries.len(),
+                    (scale.exp() - 1.0) * 100.0
                 ),
             );
             h.about(rank).propose(Proposal::Inspect { rank });
