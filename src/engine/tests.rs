@@ -284,28 +284,60 @@ fn lone_spike_stays_at_clip_and_is_not_paged() {
 }
 
 #[test]
-fn sustained_explosion_escalates_clip_lr_rollback_halt() {
+fn sustained_explosion_escalates_to_rollback_and_halts_only_once_a_remedy_failed() {
+    let explode = |s: u64| summary(0, s, 300.0 * noise(s, 0.05), 2.98);
     let mut run = Run::new();
     run.feed_all((0..200).map(healthy));
-    // The norm jumps 100× and stays; the loss does not improve.
-    run.feed_all((200..280).map(|s| summary(0, s, 100.0 * noise(s, 0.05), 2.98)));
+    // The norm jumps 300× and stays; the loss does not improve.
+    run.feed_all((200..300).map(explode));
     let out = run.take();
     let names = actions(&out);
-    assert_eq!(
-        &names[..4],
-        ["clip_gradients", "scale_lr", "rollback", "halt"],
-        "{:#?}",
-        out.advice
-    );
+    assert_eq!(names[..3], ["clip_gradients", "scale_lr", "rollback"], "{:#?}", out.advice);
+    assert!(!names.contains(&"halt"), "halt before any remedy was applied: {names:?}");
     assert_eq!(out.advice[0].step, 200);
-    assert_eq!(out.advice[2].action, Action::Rollback { to_step: 100 });
-    assert_eq!(out.advice[3].severity, Severity::Critical);
-    assert!(out.advice[2].reason.contains("escalating"), "{}", out.advice[2].reason);
+    let rollback = &out.advice[2];
+    assert_eq!(rollback.action, Action::Rollback { to_step: 100 });
+    assert_eq!(rollback.severity, Severity::Critical);
+    assert!(rollback.reason.contains("escalating"), "{}", rollback.reason);
     // Nothing repeats within the cooldown unless it climbs the ladder.
     for pair in out.advice.windows(2) {
         let climbed = names_rank(&pair[1].action) > names_rank(&pair[0].action);
         assert!(climbed || pair[1].step >= pair[0].step + 20, "{pair:#?}");
     }
+
+    // The worker applies the rollback and the run explodes again: the remedy
+    // failed, and only now is halting the run advised.
+    run.engine.note_rollback("job", rollback.id, 100);
+    assert_eq!(run.engine.advice_applied("job", 0, rollback.id), Some(100));
+    run.feed_all((101..200).map(healthy));
+    // This time the loss climbs with it.
+    run.feed_all((200..400).map(|s| summary(0, s, 300.0 * noise(s, 0.05), 2.98 * (1.0 + 0.01 * (s - 200) as f64))));
+    let out = run.take();
+    let halt = out.advice.iter().find(|a| a.action == Action::Halt);
+    let halt = halt.unwrap_or_else(|| panic!("no halt after a failed rollback: {:#?}", out.advice));
+    assert_eq!(halt.severity, Severity::Critical);
+}
+
+#[test]
+fn a_cut_learning_rate_counts_as_applied() {
+    let mut run = Run::new();
+    run.feed_all((0..300).map(healthy));
+    let mut lr = 1e-3;
+    let mut halted = false;
+    let mut seen = Vec::new();
+    for s in 300..700 {
+        // The loss diverges, and keeps diverging with a smaller learning rate.
+        let mut x = summary(0, s, noise(s, 0.05), 2.97 * (1.0 + 0.005 * (s - 300) as f64));
+        x.lr = Some(lr);
+        run.feed(x);
+        let out = run.take();
+        if out.advice.iter().any(|a| matches!(a.action, Action::ScaleLr { .. })) {
+            lr *= 0.5; // the worker follows the advice
+        }
+        halted |= out.advice.iter().any(|a| a.action == Action::Halt);
+        seen.extend(out.advice.iter().map(|a| (a.step, a.action.name())));
+    }
+    assert!(halted, "the learning rate was cut and the explosion went on: {seen:?}");
 }
 
 fn names_rank(a: &Action) -> u8 {
@@ -319,24 +351,24 @@ fn names_rank(a: &Action) -> u8 {
 }
 
 #[test]
-fn persistent_spikes_alone_escalate_once_the_cooldown_has_passed() {
+fn spikes_alone_stay_at_clip_however_often_they_come() {
+    // Only the spike rule sees the jump (the other gradient rules are off):
+    // weak evidence, which never climbs the ladder.
     let mut run = Run::with_rules(
         "[grad_growth]
+enabled = false
+[blowup]
 enabled = false
 ",
     );
     run.feed_all((0..200).map(healthy));
     run.feed_all((200..280).map(|s| summary(0, s, 100.0 * noise(s, 0.05), 2.98)));
     let out = run.take();
-    let steps: Vec<(u64, &str)> = out.advice.iter().map(|a| (a.step, a.action.name())).collect();
-    assert_eq!(
-        steps,
-        [
-            (200, "clip_gradients"),
-            (220, "scale_lr"),
-            (240, "rollback"),
-            (260, "halt")
-        ]
+    assert!(!out.advice.is_empty());
+    assert!(
+        out.advice.iter().all(|a| matches!(a.action, Action::ClipGradients { .. })),
+        "{:?}",
+        actions(&out)
     );
 }
 
@@ -360,6 +392,8 @@ fn episode_ends_after_healthy_steps_and_restarts_at_clip() {
 
 #[test]
 fn growth_with_falling_loss_is_info_but_with_rising_loss_cuts_lr() {
+    // 3% a step: 4.4× over the window, slow enough to be a healthy run's.
+    let rate = 1.03f64;
     let growth = |rising: bool| {
         let mut run = Run::new();
         run.feed_all((0..100).map(healthy));
@@ -367,7 +401,7 @@ fn growth_with_falling_loss_is_info_but_with_rising_loss_cuts_lr() {
         run.feed_all((100..200).map(|s| {
             let t = (s - 100) as f64;
             let loss = if rising { 2.99 + 0.002 * t } else { 2.99 - 0.002 * t };
-            summary(0, s, 1.05f64.powf(t) * noise(s, 0.02), loss)
+            summary(0, s, rate.powf(t) * noise(s, 0.02), loss)
         }));
         run.take()
     };
@@ -437,22 +471,34 @@ fn vanishing_trend_and_depth_ratio() {
 }
 
 #[test]
-fn loss_spike_alone_skips_and_with_a_grad_spike_rolls_back() {
+fn a_loss_jump_that_comes_back_is_noise() {
     let mut run = Run::new();
     run.feed_all((0..300).map(healthy));
-    let out = run.feed(summary(0, 300, 1.0, 9.0)).take();
+    let out = run.feed(summary(0, 300, 1.0, 9.0)).feed(healthy(301)).take();
     assert_eq!(rules(&out), [RuleId::LossSpike]);
-    assert_eq!(actions(&out), ["skip_step"]);
-    assert_eq!(worst(&out), Some(Severity::Warning));
+    assert_eq!(worst(&out), Some(Severity::Info));
+    assert!(out.advice.is_empty(), "{:?}", actions(&out));
+}
+
+#[test]
+fn a_loss_jump_that_persists_is_a_warning_and_with_a_grad_spike_rolls_back() {
+    let mut run = Run::new();
+    run.feed_all((0..300).map(healthy));
+    let out = run.feed(summary(0, 300, 1.0, 9.0)).feed(summary(0, 301, 1.0, 8.0)).take();
+    let persisted = out.findings.last().unwrap();
+    assert_eq!((persisted.rule, persisted.step), (RuleId::LossSpike, 301));
+    assert_eq!(persisted.severity, Severity::Warning);
+    assert!(persisted.message.contains("since step 300"), "{}", persisted.message);
 
     let mut run = Run::new();
     run.feed_all((0..300).map(healthy));
-    run.feed(summary(0, 300, 30.0, 2.97));
-    let out = run.feed(summary(0, 301, 1.0, 9.0)).take();
-    let spike = first(&out, RuleId::LossSpike);
-    assert_eq!(spike.severity, Severity::Critical);
+    run.feed(summary(0, 300, 30.0, 9.0));
+    let out = run.feed(summary(0, 301, 1.0, 8.5)).take();
+    let spike = out.findings.iter().find(|f| f.rule == RuleId::LossSpike && f.step == 301);
+    assert_eq!(spike.map(|f| f.severity), Some(Severity::Critical), "{:#?}", out.findings);
     // One instability episode opened with the gradient spike at 300: roll back
     // 100 steps before it, in the same advice stream as the spike's clip.
+    assert_eq!(actions(&out), ["clip_gradients", "rollback"]);
     assert_eq!(out.advice.last().unwrap().action, Action::Rollback { to_step: 200 });
 }
 
