@@ -41,6 +41,8 @@ struct Episode {
     lr_cut_at: Option<u64>,
     /// An advice of the episode was applied: a recurrence means it failed.
     applied: bool,
+    /// The rungs advised so far, one bit each.
+    tried: u8,
 }
 
 /// Advice ids remembered per episode.
@@ -192,6 +194,7 @@ impl Policy {
                         advice_ids: Vec::new(),
                         lr_cut_at: None,
                         applied: false,
+                        tried: 0,
                     });
                     self.episodes.last_mut().expect("just pushed")
                 }
@@ -252,6 +255,7 @@ impl Policy {
 
             let severity = hit.finding.severity.max(rung_severity);
             ep.rung = Some(ep.rung.map_or(rung, |r| r.max(rung)));
+            ep.tried |= 1 << rung;
             ep.last_advice = ep.last_advice.max(step);
             ep.hits_since_advice = 0;
             ep.severity = ep.severity.max(severity);
@@ -321,9 +325,11 @@ fn choose(
     if !local && hit.confirmed {
         let next = next_rung(top);
         // Halting throws the run away: only once a remedy was applied and
-        // failed. Until then the rollback advice stands.
+        // failed. Until then the rollback advice stands, and a remedy the
+        // ladder jumped over (a rollback straight away, then a divergence
+        // that asks for a cut of the learning rate) is still worth advising.
         if next == HALT && !ep.applied {
-            return None;
+            return (ep.tried & (1 << rung) == 0).then_some((rung, false));
         }
         Some((next, true))
     } else {

@@ -25,7 +25,8 @@ const LR_RAMP: f64 = 2.0;
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub(crate) struct State {
     ema: Ema,
-    /// Record index of the last gradient spike (the loss rules link to it).
+    /// Record index of the last gradient spike worth clipping (the loss
+    /// rules link to it).
     pub last_spike: Option<u64>,
     log_norm: Window,
     /// Separate window only when the vanishing rule's window differs.
@@ -206,7 +207,6 @@ fn spike(state: &mut State, norm: f64, rules: &Rules, record: u64, em: &mut Emit
     let z = state.ema.z(norm);
     let bound = state.ema.mean() + cfg.z * state.ema.std();
     if z >= cfg.z {
-        state.last_spike = Some(record);
         let severe = if z >= cfg.severe_z { "severe " } else { "" };
         let hit = em.hit(
             RuleId::GradSpike,
@@ -221,6 +221,8 @@ fn spike(state: &mut State, norm: f64, rules: &Rules, record: u64, em: &mut Emit
         );
         if norm >= cfg.min_clip_ratio * bound {
             hit.propose(Proposal::Clip { max_norm: bound });
+            // Only a spike worth clipping corroborates a loss jump.
+            state.last_spike = Some(record);
         }
     }
     // ZClip: the statistics take in the clipped value, so a spike does not
