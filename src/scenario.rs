@@ -90,10 +90,16 @@ pub enum Fault {
     StalledRank,
     /// One step's norm is 5–20× on every rank; the loss does not follow.
     BenignSpike,
+    /// A learning rate far too high from the first step (a wrong config):
+    /// the norm grows 3–10× a step and the loss follows. Always starts at
+    /// step 0, whatever `fault_at` says.
+    LrTooHigh,
+    /// Norms decay 1–2% per step: a collapse no 50-step window sees.
+    SlowVanishing,
 }
 
 impl Fault {
-    pub const ALL: [Fault; 11] = [
+    pub const ALL: [Fault; 13] = [
         Fault::Healthy,
         Fault::AbruptExplosion,
         Fault::GradualExplosion,
@@ -105,6 +111,8 @@ impl Fault {
         Fault::RankOutlier,
         Fault::StalledRank,
         Fault::BenignSpike,
+        Fault::LrTooHigh,
+        Fault::SlowVanishing,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -120,6 +128,8 @@ impl Fault {
             Fault::RankOutlier => "rank-outlier",
             Fault::StalledRank => "stalled-rank",
             Fault::BenignSpike => "benign-spike",
+            Fault::LrTooHigh => "lr-too-high",
+            Fault::SlowVanishing => "slow-vanishing",
         }
     }
 
@@ -504,6 +514,7 @@ impl Scenario {
         let instability = ((self.lr_scale - STABLE_LR_SCALE) / (1.0 - STABLE_LR_SCALE)).clamp(0.0, 1.0);
         let (drive_x, drive_y, driven) = match plan.fault {
             Fault::GradualExplosion if active => (plan.magnitude * instability, 0.0, true),
+            Fault::LrTooHigh if active => (plan.magnitude * instability, 0.5 * plan.magnitude * instability, true),
             Fault::LossDivergence if active => (0.003 * instability, plan.magnitude * instability, true),
             _ => (0.0, 0.0, false),
         };
@@ -525,7 +536,7 @@ impl Scenario {
             s.y *= 0.99;
         }
         s.y = s.y.min((LOSS_CAP / healthy_loss(s.progress)).ln().max(0.0));
-        if plan.fault == Fault::Vanishing && active {
+        if matches!(plan.fault, Fault::Vanishing | Fault::SlowVanishing) && active {
             s.v = (s.v + plan.magnitude).min(VANISH_MAX);
         }
         s.progress += (-s.v).exp();
@@ -613,10 +624,10 @@ fn draw_plan(cfg: &ScenarioConfig, rng: &mut Rng) -> FaultPlan {
     let duration = 1 + rng.below(3);
     let mut plan = FaultPlan {
         fault: cfg.fault,
-        at: if cfg.fault == Fault::Healthy {
-            u64::MAX
-        } else {
-            cfg.fault_at
+        at: match cfg.fault {
+            Fault::Healthy => u64::MAX,
+            Fault::LrTooHigh => 0,
+            _ => cfg.fault_at,
         },
         rank: None,
         layer: None,
@@ -645,6 +656,8 @@ fn draw_plan(cfg: &ScenarioConfig, rng: &mut Rng) -> FaultPlan {
             plan.magnitude = rng.range(5.0, 20.0);
             plan.duration = 1;
         }
+        Fault::LrTooHigh => plan.magnitude = rng.range(3f64.ln(), 10f64.ln()),
+        Fault::SlowVanishing => plan.magnitude = rng.range(1.01f64.ln(), 1.02f64.ln()),
     }
     plan
 }

@@ -292,8 +292,16 @@ fn sustained_explosion_escalates_to_rollback_and_halts_only_once_a_remedy_failed
     run.feed_all((200..300).map(explode));
     let out = run.take();
     let names = actions(&out);
-    assert_eq!(names[..3], ["clip_gradients", "scale_lr", "rollback"], "{:#?}", out.advice);
-    assert!(!names.contains(&"halt"), "halt before any remedy was applied: {names:?}");
+    assert_eq!(
+        names[..3],
+        ["clip_gradients", "scale_lr", "rollback"],
+        "{:#?}",
+        out.advice
+    );
+    assert!(
+        !names.contains(&"halt"),
+        "halt before any remedy was applied: {names:?}"
+    );
     assert_eq!(out.advice[0].step, 200);
     let rollback = &out.advice[2];
     assert_eq!(rollback.action, Action::Rollback { to_step: 100 });
@@ -366,7 +374,9 @@ enabled = false
     let out = run.take();
     assert!(!out.advice.is_empty());
     assert!(
-        out.advice.iter().all(|a| matches!(a.action, Action::ClipGradients { .. })),
+        out.advice
+            .iter()
+            .all(|a| matches!(a.action, Action::ClipGradients { .. })),
         "{:?}",
         actions(&out)
     );
@@ -484,7 +494,10 @@ fn a_loss_jump_that_comes_back_is_noise() {
 fn a_loss_jump_that_persists_is_a_warning_and_with_a_grad_spike_rolls_back() {
     let mut run = Run::new();
     run.feed_all((0..300).map(healthy));
-    let out = run.feed(summary(0, 300, 1.0, 9.0)).feed(summary(0, 301, 1.0, 8.0)).take();
+    let out = run
+        .feed(summary(0, 300, 1.0, 9.0))
+        .feed(summary(0, 301, 1.0, 8.0))
+        .take();
     let persisted = out.findings.last().unwrap();
     assert_eq!((persisted.rule, persisted.step), (RuleId::LossSpike, 301));
     assert_eq!(persisted.severity, Severity::Warning);
@@ -494,8 +507,16 @@ fn a_loss_jump_that_persists_is_a_warning_and_with_a_grad_spike_rolls_back() {
     run.feed_all((0..300).map(healthy));
     run.feed(summary(0, 300, 30.0, 9.0));
     let out = run.feed(summary(0, 301, 1.0, 8.5)).take();
-    let spike = out.findings.iter().find(|f| f.rule == RuleId::LossSpike && f.step == 301);
-    assert_eq!(spike.map(|f| f.severity), Some(Severity::Critical), "{:#?}", out.findings);
+    let spike = out
+        .findings
+        .iter()
+        .find(|f| f.rule == RuleId::LossSpike && f.step == 301);
+    assert_eq!(
+        spike.map(|f| f.severity),
+        Some(Severity::Critical),
+        "{:#?}",
+        out.findings
+    );
     // One instability episode opened with the gradient spike at 300: roll back
     // 100 steps before it, in the same advice stream as the spike's clip.
     assert_eq!(actions(&out), ["clip_gradients", "rollback"]);
