@@ -11,23 +11,24 @@
 //! `gpt2-124m-llmc.log`, `hf/`, `llmc/`, `torch/`). A trace that is missing or
 //! cannot be read is a row marked unreadable.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use gradguard::quality::{evaluate, scenario_inputs, trace_inputs};
 
 fn main() {
     // `cargo bench` passes `--bench`; this harness has no options.
-    let dir = std::env::var_os("QUALITY_TRACES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/traces"));
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = std::env::var_os("QUALITY_TRACES").map_or_else(|| root.join("tests/data/traces"), PathBuf::from);
     let mut inputs = trace_inputs(&dir);
     inputs.extend(scenario_inputs());
     let started = Instant::now();
     let report = evaluate(&inputs);
+    // Relative to the repository when inside it: the same text on every checkout.
+    let shown = dir.strip_prefix(root).unwrap_or(&dir);
     println!(
         "detection quality: real traces from {}, scenario runs generated",
-        dir.display()
+        shown.display()
     );
     println!();
     print!("{report}");
