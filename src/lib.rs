@@ -17,12 +17,16 @@
 //! - [`store`]: the durable store (SQLite): jobs, anomalies, advice, acks.
 //! - [`client`]: the worker side of the gRPC ingest stream (simulator, load
 //!   generator, tests).
+//! - [`quality`]: the detection-quality harness: the engine against the anchor
+//!   detectors (ZClip, OLMo-core skip-step, Lightning, llm-foundry, the seed
+//!   ceiling) on labelled real traces and scenario runs (`QUALITY.md`).
 
 pub mod client;
 pub mod config;
 pub mod engine;
 pub mod model;
 pub mod proto;
+pub mod quality;
 pub mod scenario;
 pub mod store;
 pub mod trace;
