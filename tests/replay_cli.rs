@@ -7,7 +7,7 @@ use std::process::{Command, Output, Stdio};
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_gradguard");
-const LLMC_LOG: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/traces/gpt2-124m-llmc.log");
+const LLMC_LOG: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/traces/gpt2-124m-llmc.log");
 
 fn replay(args: &[&str]) -> Output {
     Command::new(BIN)

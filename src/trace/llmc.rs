@@ -171,8 +171,8 @@ mod tests {
 
     #[test]
     fn real_gpt2_log() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/traces/gpt2-124m-llmc.log");
-        let file = std::fs::File::open(path).expect("shared trace");
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/traces/gpt2-124m-llmc.log");
+        let file = std::fs::File::open(path).expect("vendored trace");
         let mut head = Vec::new();
         BufReader::new(file).read_until(b'\n', &mut head).unwrap();
         assert_eq!(Format::detect(std::path::Path::new(path), &head), Some(Format::Llmc));
