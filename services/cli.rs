@@ -137,9 +137,13 @@ pub struct ReplayArgs {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum FormatArg {
+    /// Detect it from the file name and first lines.
     Auto,
+    /// gradguard's trace schema, one JSON object per line.
     Jsonl,
+    /// A Hugging Face `trainer_state.json`.
     Hf,
+    /// An llm.c `main.log`, or the standard output of llm.c's training program.
     Llmc,
 }
 

@@ -9,7 +9,7 @@ use gradguard::engine::{Engine, Output};
 use gradguard::model::{Action, RuleId, Severity};
 use gradguard::trace::Reader;
 
-const LLMC_LOG: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/traces/gpt2-124m-llmc.log");
+const LLMC_LOG: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/traces/gpt2-124m-llmc.log");
 
 fn replay() -> (usize, Output) {
     let mut engine = Engine::default();

@@ -7,7 +7,17 @@ use std::process::{Command, Output, Stdio};
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_gradguard");
-const LLMC_LOG: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/traces/gpt2-124m-llmc.log");
+const LLMC_LOG: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/traces/gpt2-124m-llmc.log");
+/// llm.c's standard output of a healthy GPT-2 124M run, 19,560 steps.
+const LLMC_STDOUT: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/data/traces/llmc/gpt2-124m-stdout.log"
+);
+/// llm.c's standard output of a broken run: loss and norm are `nan` from step 1.
+const LLMC_STDOUT_NAN: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/data/traces/llmc/gpt2-124m-stdout-nan.log"
+);
 
 fn replay(args: &[&str]) -> Output {
     Command::new(BIN)
@@ -214,6 +224,56 @@ fn real_llmc_trace_replays_with_parseable_json() {
 }
 
 #[test]
+fn real_llmc_stdout_is_detected_and_replayed() {
+    let out = replay(&["--json", LLMC_STDOUT]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    // The log has all 19,560 step lines, but one is garbled: llm.c's "Error:
+    // Token out of vocabulary" message, written into the same file, cuts step
+    // 19528's line short after its norm (line 19761). That line is reported and
+    // skipped, the rest are read; the banner, validation, HellaSwag, checkpoint
+    // and generation lines yield nothing.
+    assert_eq!(
+        stderr(&out),
+        format!("{LLMC_STDOUT}:19761: unexpected field \"lError: Token out of vocabulary at train\"\n")
+    );
+    let lines = json_lines(&out);
+    let s = summary(&lines);
+    assert_eq!((s["records"].as_u64(), s["skipped"].as_u64()), (Some(19_559), Some(1)));
+    assert_eq!(s["jobs"]["gpt2-124m-stdout"]["records"], 19_559);
+    assert_eq!(s["failed_files"], 0);
+}
+
+#[test]
+fn real_llmc_stdout_with_nan_is_critical_from_step_1() {
+    let out = replay(&["--json", LLMC_STDOUT_NAN]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    // Steps 1 to 901 are read; step 902's line is cut short by the batch
+    // scheduler cancelling the job (line 976), so it is reported and skipped.
+    let err = stderr(&out);
+    assert!(
+        err.starts_with(&format!("{LLMC_STDOUT_NAN}:976: unexpected field \"slurmstepd: ")),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+    let lines = json_lines(&out);
+    let s = summary(&lines);
+    assert_eq!((s["records"].as_u64(), s["skipped"].as_u64()), (Some(901), Some(1)));
+    assert_eq!(s["jobs"]["gpt2-124m-stdout-nan"]["records"], 901);
+
+    let nonfinite: Vec<&Value> = kind(&lines, "anomaly")
+        .into_iter()
+        .filter(|a| a["rule"] == "nonfinite")
+        .collect();
+    let first = nonfinite
+        .iter()
+        .min_by_key(|a| a["step"].as_u64().unwrap())
+        .expect("nonfinite anomalies");
+    assert_eq!(first["step"], 1, "{first}");
+    assert_eq!(first["severity"], "critical", "{first}");
+    assert_eq!(first["job"], "gpt2-124m-stdout-nan");
+}
+
+#[test]
 fn table_output_has_rows_and_a_summary() {
     let out = replay(&[LLMC_LOG]);
     assert!(out.status.success());
@@ -247,6 +307,31 @@ fn stdin_is_read_with_dash() {
         kind(&lines, "anomaly")
             .iter()
             .any(|a| a["rule"] == "nonfinite" && a["job"] == "stdin")
+    );
+    assert_eq!(summary(&lines)["records"], 2);
+}
+
+#[test]
+fn llmc_stdout_on_stdin_is_detected_past_its_banner() {
+    let mut child = Command::new(BIN)
+        .args(["replay", "--json", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let text = "Multi-GPU support is disabled. Using a single GPU.\n+------+\n| resume | 0 |\nval loss 11.0\n\
+                step    1/10 | loss 11.0 (+nanz)| norm 15.1 (+nanz)| lr 8.57e-07 | 4230.95 ms | 31.9% bf16 MFU | 123917 tok/s\n\
+                step    2/10 | loss -nan (+nanz)| norm nan (+nanz)| lr 1.71e-06 | 4385.98 ms | 30.8% bf16 MFU | 119537 tok/s\n";
+    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stderr(&out), "");
+    let lines = json_lines(&out);
+    assert!(
+        kind(&lines, "anomaly")
+            .iter()
+            .any(|a| a["rule"] == "nonfinite" && a["job"] == "stdin" && a["step"] == 2)
     );
     assert_eq!(summary(&lines)["records"], 2);
 }

@@ -4,14 +4,19 @@
 //!
 //! - [`jsonl`]: the project's own trace schema, one JSON object per line;
 //! - [`hf`]: a Hugging Face `trainer_state.json` (its `log_history`);
-//! - [`llmc`]: an llm.c text log (`s:STEP trl:LOSS lr:LR norm:NORM`).
+//! - [`llmc`]: an llm.c text log, either its `main.log` (`s:STEP trl:LOSS
+//!   lr:LR norm:NORM`) or the training program's standard output (`step N/T |
+//!   loss L (z)| norm G (z)| lr LR | ...` lines amid a banner and evaluation
+//!   output).
 //!
 //! [`Reader::open`] picks the format (given, or detected from the file name and
-//! its first line) and yields one [`Entry`] per input record: a [`Record`] for
-//! the engine, or a [`Skipped`] line with a reason. Lines that carry no training
-//! step (blank lines, comments, evaluation lines) are passed over silently and
-//! yield nothing. Only failures of the input as a whole (cannot open, read error,
-//! a `trainer_state.json` that is not JSON) are [`TraceError`]s.
+//! its first lines, see [`Format::detect`]) and yields one [`Entry`] per input
+//! record: a [`Record`] for the engine, or a [`Skipped`] line with a reason.
+//! Lines that carry no training step (blank lines, comments, evaluation lines,
+//! and in llm.c's standard output every line but the step lines) are passed
+//! over silently and yield nothing. Only failures of the input as a whole
+//! (cannot open, read error, a `trainer_state.json` that is not JSON) are
+//! [`TraceError`]s.
 //!
 //! Guarantees common to every format:
 //! - line numbers are 1-based; `\n` and `\r\n` line endings are both accepted, and
@@ -37,7 +42,8 @@ use crate::model::Summary;
 /// file without newlines cannot make the reader buffer it whole.
 pub const MAX_LINE: usize = 16 << 20;
 
-/// How much of the input auto-detection may look at.
+/// How much of the input auto-detection (and the choice between llm.c's two
+/// forms, see [`llmc::dialect`]) may look at.
 const DETECT_LIMIT: usize = 64 << 10;
 
 /// A supported log format.
@@ -60,23 +66,27 @@ impl Format {
     }
 
     /// Guesses the format from the file name and the first bytes of the input
-    /// (ideally at least its first non-blank line). `None` when nothing fits.
+    /// (ideally at least its first non-blank line, and up to the first
+    /// `step N/T |` line when the first line settles nothing). `None` when
+    /// nothing fits.
     ///
     /// A file named `trainer_state.json`, a first line that is a lone `{` (a
     /// pretty-printed JSON document) or that mentions `"log_history"` is hf; any
-    /// other line starting with `{` is jsonl; `s:123 ...` is llmc. Blank lines and
-    /// `#` comments are passed over; with no content at all, the extension
-    /// decides (`.jsonl`/`.ndjson`: jsonl, `.json`: hf, `.log`: llmc).
+    /// other first line starting with `{` is jsonl; `s:123 ...` is llmc
+    /// (`main.log`). Otherwise, a `step N/T |` line anywhere in `head` is llmc
+    /// (standard output, whose first lines are a banner). Blank lines and `#`
+    /// comments are passed over; with no content at all, the extension decides
+    /// (`.jsonl`/`.ndjson`: jsonl, `.json`: hf, `.log`: llmc).
     pub fn detect(path: &Path, head: &[u8]) -> Option<Format> {
         if path.file_name().is_some_and(|n| n == "trainer_state.json") {
             return Some(Format::Hf);
         }
         let head = head.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(head);
-        let first = head
+        let mut lines = head
             .split(|&b| b == b'\n')
             .map(|l| l.trim_ascii())
-            .find(|l| !l.is_empty() && !l.starts_with(b"#"));
-        let Some(first) = first else {
+            .filter(|l| !l.is_empty() && !l.starts_with(b"#"));
+        let Some(first) = lines.next() else {
             let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
             return match ext {
                 "jsonl" | "ndjson" => Some(Format::Jsonl),
@@ -85,6 +95,15 @@ impl Format {
                 _ => None,
             };
         };
+        if let Some(format) = Format::by_first_line(first) {
+            return Some(format);
+        }
+        let stdout = llmc::looks_like_stdout(first) || lines.any(llmc::looks_like_stdout);
+        stdout.then_some(Format::Llmc)
+    }
+
+    /// The format a first line with content settles, if any.
+    fn by_first_line(first: &[u8]) -> Option<Format> {
         if first == b"{" || contains(first, b"\"log_history\"") {
             Some(Format::Hf)
         } else if first.starts_with(b"{") {
@@ -164,13 +183,17 @@ pub struct Reader {
     inner: Inner,
 }
 
+/// A line-based format's parser: the text, its 1-based number and the default
+/// job to an entry, `None` for lines that yield nothing.
+type ParseLine = fn(&str, usize, &str) -> Option<Entry>;
+
 enum Inner {
     Lines {
         input: Box<dyn BufRead>,
         line: usize,
         buf: Vec<u8>,
         job: String,
-        parse: fn(&str, usize, &str) -> Option<Entry>,
+        parse: ParseLine,
     },
     Entries(std::vec::IntoIter<Entry>),
     /// After a read error: nothing more.
@@ -195,7 +218,7 @@ impl Reader {
         let (format, input) = match format {
             Some(f) => (f, input),
             None => {
-                let (head, rest) = read_head(input).map_err(|source| TraceError::Read {
+                let (head, rest) = read_detection_head(input).map_err(|source| TraceError::Read {
                     path: name.clone(),
                     source,
                 })?;
@@ -208,16 +231,30 @@ impl Reader {
     }
 
     /// Reads `input` in `format`; `name` names it in errors, `job` is the job of
-    /// records that do not name their own.
+    /// records that do not name their own. For llmc, the first lines (up to the
+    /// first step line) tell which of llm.c's two forms it is in.
     pub fn from_input(
-        mut input: impl BufRead + 'static,
+        input: impl BufRead + 'static,
         format: Format,
         name: &str,
         job: &str,
     ) -> Result<Reader, TraceError> {
-        let parse = match format {
+        let mut input: Box<dyn BufRead> = Box::new(input);
+        let parse: ParseLine = match format {
             Format::Jsonl => jsonl::parse_line,
-            Format::Llmc => llmc::parse_line,
+            Format::Llmc => {
+                let settled = |line: &[u8]| llmc::settles(line).is_some();
+                let (head, rest) = read_head(input, settled).map_err(|source| TraceError::Read {
+                    path: name.to_owned(),
+                    source,
+                })?;
+                let dialect = llmc::dialect(&head);
+                input = Box::new(Cursor::new(head).chain(rest));
+                match dialect {
+                    llmc::Dialect::MainLog => llmc::parse_line,
+                    llmc::Dialect::Stdout => llmc::parse_stdout_line,
+                }
+            }
             Format::Hf => {
                 let mut text = String::new();
                 input.read_to_string(&mut text).map_err(|source| TraceError::Read {
@@ -237,7 +274,7 @@ impl Reader {
             }
         };
         let inner = Inner::Lines {
-            input: Box::new(input),
+            input,
             line: 0,
             buf: Vec::new(),
             job: job.to_owned(),
@@ -352,10 +389,14 @@ fn read_line(input: &mut dyn BufRead, buf: &mut Vec<u8>) -> io::Result<Line> {
     Ok(Line::TooLong)
 }
 
-/// Reads lines up to and including the first one with content (or up to
-/// [`DETECT_LIMIT`] bytes), for detection; returns them and the rest of the
-/// input. Reading no further keeps a piped stream flowing.
-fn read_head(mut input: Box<dyn BufRead>) -> io::Result<(Vec<u8>, Box<dyn BufRead>)> {
+/// Reads lines up to and including the first one with content (neither blank
+/// nor a `#` comment) that `enough` accepts, given trimmed and without a
+/// byte-order mark, or up to [`DETECT_LIMIT`] bytes or the end; returns them
+/// and the rest of the input. Reading no further keeps a piped stream flowing.
+fn read_head(
+    mut input: Box<dyn BufRead>,
+    mut enough: impl FnMut(&[u8]) -> bool,
+) -> io::Result<(Vec<u8>, Box<dyn BufRead>)> {
     let mut head = Vec::new();
     loop {
         let start = head.len();
@@ -363,10 +404,23 @@ fn read_head(mut input: Box<dyn BufRead>) -> io::Result<(Vec<u8>, Box<dyn BufRea
         let n = (&mut input).take(room).read_until(b'\n', &mut head)?;
         let line = head[start..].trim_ascii();
         let line = line.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(line);
-        if n == 0 || head.len() >= DETECT_LIMIT || (!line.is_empty() && !line.starts_with(b"#")) {
+        let content = !line.is_empty() && !line.starts_with(b"#");
+        if n == 0 || head.len() >= DETECT_LIMIT || (content && enough(line)) {
             return Ok((head, input));
         }
     }
+}
+
+/// Reads what [`Format::detect`] needs: up to the first line with content, or
+/// when that line settles nothing, on to the first llm.c standard-output step
+/// line (within [`DETECT_LIMIT`]).
+fn read_detection_head(input: Box<dyn BufRead>) -> io::Result<(Vec<u8>, Box<dyn BufRead>)> {
+    let mut first = true;
+    read_head(input, |line| {
+        let settled = (first && Format::by_first_line(line).is_some()) || llmc::looks_like_stdout(line);
+        first = false;
+        settled
+    })
 }
 
 /// The job of records that do not name one: `stdin`, or the file stem (hf: the
@@ -518,11 +572,56 @@ mod tests {
     #[test]
     fn detection_keeps_the_whole_input() {
         let text = "\n# c\n{\"step\": 1}\n{\"step\": 2}\n";
-        let (head, mut rest) = read_head(Box::new(Cursor::new(text.as_bytes().to_vec()))).unwrap();
+        let (head, mut rest) = read_head(Box::new(Cursor::new(text.as_bytes().to_vec())), |_| true).unwrap();
         assert_eq!(head, b"\n# c\n{\"step\": 1}\n");
         let mut tail = String::new();
         rest.read_to_string(&mut tail).unwrap();
         assert_eq!(tail, "{\"step\": 2}\n");
+    }
+
+    /// The start of llm.c's standard output: a banner, then step lines.
+    const STDOUT_HEAD: &str = "Multi-GPU support is disabled. Using a single GPU.\n\
+        +-----------------------+---------------+\n\
+        | Parameter             | Value         |\n\
+        | train data pattern    | dev/data/*.bin |\n\
+        +-----------------------+---------------+\n\
+        allocated 237 MiB for model parameters\n\
+        \n\
+        val loss 11.007921\n\
+        step    1/19560 | loss 11.009662 (+nanz)| norm 15.0789 (+nanz)| lr 8.57e-07 | 4230.95 ms | 31.9% bf16 MFU | 123917 tok/s\n";
+
+    #[test]
+    fn detects_llmc_stdout_by_a_step_line_after_the_banner() {
+        assert_eq!(detect("a.txt", STDOUT_HEAD), Some(Format::Llmc));
+        assert_eq!(detect("a.txt", &STDOUT_HEAD.replace("step ", "stop ")), None);
+        assert_eq!(detect("a", "step 5/10 | loss 2.0\n"), Some(Format::Llmc));
+        assert_eq!(detect("a", "hello\nstep 5/10 loss 2.0\n"), None, "no '|'");
+        // The first line still decides when it can: a step line later does not
+        // make a JSON file llm.c.
+        assert_eq!(
+            detect("a", "{\"step\": 1}\nstep 5/10 | loss 2.0\n"),
+            Some(Format::Jsonl)
+        );
+    }
+
+    #[test]
+    fn detection_reads_past_a_banner_to_the_first_stdout_step_line() {
+        let text = format!("{STDOUT_HEAD}step    2/19560 | loss 10.9 (+0.00z)| norm 15.2 (+0.00z)| lr 1.71e-06\n");
+        let (head, rest) = read_detection_head(Box::new(Cursor::new(text.into_bytes()))).unwrap();
+        assert_eq!(head, STDOUT_HEAD.as_bytes(), "no further than the first step line");
+        assert_eq!(Format::detect(Path::new("-"), &head), Some(Format::Llmc));
+        let input = Cursor::new(head).chain(rest);
+        let entries: Vec<Entry> = Reader::from_input(input, Format::Llmc, "t", "job")
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        let steps: Vec<u64> = entries.iter().map(|e| e.as_ref().unwrap().summary.step).collect();
+        assert_eq!(steps, [1, 2], "the banner yields nothing and no line is lost");
+        assert_eq!(entries[0].as_ref().unwrap().line, 9);
+
+        // A first line that settles the format stops the reading there.
+        let (head, _) = read_detection_head(Box::new(Cursor::new(b"s:0 tel:11\ns:0 trl:11\n".to_vec()))).unwrap();
+        assert_eq!(head, b"s:0 tel:11\n");
     }
 
     #[test]
@@ -561,10 +660,15 @@ mod tests {
     proptest::proptest! {
         /// No line, however odd, makes a parser panic.
         #[test]
-        fn parsers_never_panic(text in "[ -~\\t\r\u{e9}\u{feff}]{0,80}", prefix in "(s:[0-9]{1,3} |\\{\"step\": )?") {
+        fn parsers_never_panic(
+            text in "[ -~\\t\r\u{e9}\u{feff}]{0,80}",
+            prefix in "(s:[0-9]{1,3} |\\{\"step\": |step +[0-9]{1,3}/[0-9]{0,3} *\\| *(loss|norm|lr)? *)?",
+        ) {
             let line = format!("{prefix}{text}");
             let _ = jsonl::parse_line(&line, 1, "j");
             let _ = llmc::parse_line(&line, 1, "j");
+            let _ = llmc::parse_stdout_line(&line, 1, "j");
+            let _ = llmc::dialect(line.as_bytes());
             let _ = hf::parse_document(&line, "j");
             let _ = Format::detect(Path::new("x"), line.as_bytes());
         }
