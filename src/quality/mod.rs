@@ -43,16 +43,35 @@ pub struct Onset {
     pub max_delay: u64,
     /// A short name for reports.
     pub name: &'static str,
+    /// The last step the fault lasts (`u64::MAX`: it never recovers). Alarms
+    /// from the onset to here are about the fault, not false.
+    pub end: u64,
 }
 
 impl Onset {
     pub const fn new(step: u64, max_delay: u64, name: &'static str) -> Self {
-        Self { step, max_delay, name }
+        Self {
+            step,
+            max_delay,
+            name,
+            end: step.saturating_add(max_delay),
+        }
     }
 
-    /// Whether `step` lies in `[onset, onset + max delay]`.
-    pub fn covers(&self, step: u64) -> bool {
+    /// The fault lasts until `end` (inclusive).
+    pub const fn lasting(mut self, end: u64) -> Self {
+        self.end = end;
+        self
+    }
+
+    /// Whether an alarm at `step` catches the fault in time.
+    pub fn in_time(&self, step: u64) -> bool {
         step >= self.step && step - self.step <= self.max_delay
+    }
+
+    /// Whether `step` lies within the fault, `[onset, end]`.
+    pub fn covers(&self, step: u64) -> bool {
+        step >= self.step && step <= self.end.max(self.step.saturating_add(self.max_delay))
     }
 }
 
@@ -108,7 +127,10 @@ pub fn trace_labels() -> Vec<(&'static str, Label)> {
         // The same model in llm.c's stdout format: grad-only spikes seen as info.
         ("llmc/gpt2-124m-stdout.log", quiet.clone()),
         // Loss and norm are nan from step 1: critical non-finite at step 1.
-        ("llmc/gpt2-124m-stdout-nan.log", faulty(&[Onset::new(1, 0, "nan")])),
+        (
+            "llmc/gpt2-124m-stdout-nan.log",
+            faulty(&[Onset::new(1, 0, "nan").lasting(u64::MAX)]),
+        ),
         ("hf/pythia1b_tokalign_s2.json", quiet.clone()),
         ("hf/whisper_medium_bashkir.json", quiet.clone()),
         ("hf/mistral7b_translator_lora.json", quiet.clone()),
@@ -123,17 +145,18 @@ pub fn trace_labels() -> Vec<(&'static str, Label)> {
         (
             "hf/llama3_8b_mob_qlora_restart_diverge.json",
             faulty(&[
-                // Warm-up instability: grad norm 257 (~180x) at 439, loss +80%
-                // over the next steps.
-                Onset::new(439, 20, "warm-up-spike"),
-                // After the LR restart at 1501 the norm flares (1589-1623,
-                // up to ~100) and settles back (loss ~1.45, norm 1-3 by
-                // 1635-1650). From 1684 it never settles again: 31.9 at 1684,
-                // 82.5 at 1685, above 10 on nearly every step after, while
-                // the loss climbs from 1.68 (1683) to 5.5 (1696) and 8.6
-                // (1705); it eases, then blows up for good (2.2e7 at 1999).
-                // 1684 is the first step of that blow-up.
-                Onset::new(1684, 100, "restart-blow-up"),
+                // Warm-up instability from the first steps: the norm jumps
+                // from 0.07-0.19 to 20-60 by step 9-24 and the loss from 0.38
+                // to 5.2 by step 50; spikes go on through the 500s (439: norm
+                // 257, ~160x its level, the loss ~16% up for four steps).
+                Onset::new(1, 60, "warm-up-instability").lasting(600),
+                Onset::new(439, 20, "warm-up-spike").lasting(600),
+                // The LR restarts at 1501 (from 0 to 1.4e-3). The norm flares
+                // (1589-1623, up to ~100), settles briefly, and from 1684
+                // never settles again: above 10 on nearly every step while
+                // the loss climbs from 1.68 (1683) to 5.5 (1696); it blows up
+                // for good (2.2e7 at 1999). It never recovers.
+                Onset::new(1501, 200, "restart-blow-up").lasting(u64::MAX),
             ]),
         ),
         // Norm grows ~15x while the loss falls: no warning.
@@ -143,12 +166,12 @@ pub fn trace_labels() -> Vec<(&'static str, Label)> {
         // Rank 2's shard is corrupted from 350: rank_outlier soon after.
         (
             "torch/torch-bad_shard-161.jsonl",
-            faulty(&[Onset::new(350, 10, "bad-shard")]),
+            faulty(&[Onset::new(350, 10, "bad-shard").lasting(u64::MAX)]),
         ),
         // The LR jumps x40 at 350: caught at 350-351.
         (
             "torch/torch-lr_blowup-121.jsonl",
-            faulty(&[Onset::new(350, 2, "lr-x40")]),
+            faulty(&[Onset::new(350, 2, "lr-x40").lasting(u64::MAX)]),
         ),
     ]
 }
@@ -218,7 +241,8 @@ pub fn scenario_worker_counts(fault: Fault) -> Vec<u32> {
 pub fn scenario_label(fault: Fault, at: u64) -> Label {
     match fault {
         Fault::Healthy | Fault::BenignSpike => Label::Healthy { no_warning: true },
-        _ => faulty(&[Onset::new(at, SCENARIO_TAIL, fault.as_str())]),
+        // A fault lasts until the run ends (the harness does not steer it).
+        _ => faulty(&[Onset::new(at, SCENARIO_TAIL, fault.as_str()).lasting(u64::MAX)]),
     }
 }
 
@@ -540,7 +564,7 @@ pub fn score(label: &Label, events: &Events) -> Score {
         .iter()
         .map(|o| {
             let first = events.alarms.range(o.step..).next()?;
-            o.covers(*first).then(|| first - o.step)
+            o.in_time(*first).then(|| first - o.step)
         })
         .collect();
     let outside = |steps: &BTreeSet<u64>| steps.iter().filter(|&&s| !label.covers(s)).count();

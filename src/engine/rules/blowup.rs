@@ -29,7 +29,14 @@ pub(crate) struct State {
     loss_ref: Option<f64>,
     norm_latch: Latch,
     loss_latch: Latch,
+    /// A lone norm blow-up at this step (info so far): the next record tells
+    /// whether the loss responded.
+    watching: Option<(u64, f64)>,
 }
+
+/// A loss this far above its recent level right after a gradient blow-up
+/// says the blow-up reached the weights.
+const LOSS_RESPONSE: f64 = 0.1;
 
 impl State {
     /// The run's early gradient norm: the median of its first values.
@@ -79,6 +86,24 @@ pub(crate) fn check(state: &mut State, obs: &Obs, rules: &Rules, levels: &Levels
         return;
     }
     let step = obs.s.step;
+    if let Some((at, ratio)) = state.watching.take()
+        && let (Some(l), Some(r)) = (loss, levels.loss.filter(|r| *r > 0.0))
+        && l >= r * (1.0 + LOSS_RESPONSE)
+        && !norm_up
+    {
+        em.hit(
+            RuleId::Blowup,
+            Severity::Warning,
+            ratio,
+            cfg.norm_factor,
+            format!(
+                "gradient norm was {}× its recent level at step {at}, and the loss rose to {} ({:.0}% above its median) after it",
+                num(ratio),
+                num(l),
+                (l / r - 1.0) * 100.0
+            ),
+        );
+    }
     let remind = rules.policy.cooldown_steps;
     let loss_fires = state.loss_latch.update(loss_up, step, remind);
     let norm_was_up = state.norm_latch.active();
@@ -123,6 +148,7 @@ pub(crate) fn check(state: &mut State, obs: &Obs, rules: &Rules, levels: &Levels
         let severity = if young || norm_was_up {
             Severity::Warning
         } else {
+            state.watching = Some((step, g));
             Severity::Info
         };
         em.hit(

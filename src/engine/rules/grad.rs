@@ -150,9 +150,11 @@ fn zero_reading(state: &mut State, obs: &Obs, rules: &Rules, em: &mut Emitter) {
         return;
     }
     state.zero_reported = true;
+    // Info: the run may well be healthy; the log is what is broken, and the
+    // gradient rules are blind to those records.
     em.hit(
         RuleId::NormFloor,
-        Severity::Warning,
+        Severity::Info,
         0.0,
         0.0,
         format!(
