@@ -110,7 +110,7 @@ impl Default for NormFloor {
 /// Growth by orders of magnitude against the first records' values, judged
 /// from the second record on, with no statistics to warm up: a learning rate
 /// or an initialisation far off (the commonest failure) explodes within a few
-/// steps. The reference is the median of the first `reference` finite,
+/// steps. The reference is the smallest of the first `reference` finite,
 /// non-zero values of the gradient norm and of the loss.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]

@@ -91,7 +91,7 @@ pub enum Fault {
     /// One step's norm is 5–20× on every rank; the loss does not follow.
     BenignSpike,
     /// A learning rate far too high from the first step (a wrong config):
-    /// the norm grows 3–10× a step and the loss follows. Always starts at
+    /// the norm grows 10–30× a step and the loss follows. Always starts at
     /// step 0, whatever `fault_at` says.
     LrTooHigh,
     /// Norms decay 1–2% per step: a collapse no 50-step window sees.
@@ -408,7 +408,7 @@ impl Scenario {
         }
         let v = st.v.min(VANISH_MAX);
         let lr = lr_at(t) * self.lr_scale;
-        let base_loss = (healthy_loss(st.progress) * st.y.exp()).min(LOSS_CAP);
+        let base_loss = (healthy_loss(st.progress) * st.y.exp()).min(loss_cap(plan.fault));
         let overflow = cfg.amp && self.loss_scale * shared > AMP_OVERFLOW;
         let nan_grads = transient && plan.fault == Fault::NanGradients;
         let nan_loss = transient && plan.fault == Fault::NanLoss;
@@ -535,7 +535,7 @@ impl Scenario {
         } else if s.y > 0.0 {
             s.y *= 0.99;
         }
-        s.y = s.y.min((LOSS_CAP / healthy_loss(s.progress)).ln().max(0.0));
+        s.y = s.y.min((loss_cap(plan.fault) / healthy_loss(s.progress)).ln().max(0.0));
         if matches!(plan.fault, Fault::Vanishing | Fault::SlowVanishing) && active {
             s.v = (s.v + plan.magnitude).min(VANISH_MAX);
         }
@@ -656,7 +656,7 @@ fn draw_plan(cfg: &ScenarioConfig, rng: &mut Rng) -> FaultPlan {
             plan.magnitude = rng.range(5.0, 20.0);
             plan.duration = 1;
         }
-        Fault::LrTooHigh => plan.magnitude = rng.range(3f64.ln(), 10f64.ln()),
+        Fault::LrTooHigh => plan.magnitude = rng.range(10f64.ln(), 30f64.ln()),
         Fault::SlowVanishing => plan.magnitude = rng.range(1.01f64.ln(), 1.02f64.ln()),
     }
     plan
@@ -712,6 +712,13 @@ fn base_norm(progress: f64) -> f64 {
         }
     }
     NORM_KNOTS[NORM_KNOTS.len() - 1].1
+}
+
+/// The highest loss a run reaches: a model diverging at a steady learning
+/// rate saturates near chance, one whose learning rate is far too high from
+/// the start overflows its logits and its loss has no ceiling.
+fn loss_cap(fault: Fault) -> f64 {
+    if fault == Fault::LrTooHigh { 1e12 } else { LOSS_CAP }
 }
 
 fn healthy_loss(progress: f64) -> f64 {

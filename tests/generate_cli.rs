@@ -38,9 +38,12 @@ fn exploding_run_is_clipped_then_escalated_once() {
     let lines = generate_and_replay(&["--fault", "abrupt-explosion", "--workers", "4"]);
     let acts = actions(&lines);
     assert_eq!(acts.first().map(String::as_str), Some("clip_gradients"), "{acts:?}");
-    for rung in ["scale_lr", "rollback", "halt"] {
-        assert_eq!(acts.iter().filter(|a| *a == rung).count(), 1, "{rung} once in {acts:?}");
-    }
+    let count = |rung: &str| acts.iter().filter(|a| *a == rung).count();
+    assert_eq!(count("rollback"), 1, "rollback once in {acts:?}");
+    assert!(count("scale_lr") <= 1, "scale_lr at most once in {acts:?}");
+    // A replayed log applies nothing: halting waits for a remedy that was
+    // applied and failed.
+    assert!(!acts.iter().any(|a| a == "halt"), "{acts:?}");
     let summary = lines.last().unwrap();
     assert_eq!(summary["records"], 600 * 4);
     assert_eq!(summary["skipped"], 0);

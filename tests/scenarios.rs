@@ -55,7 +55,7 @@ use Subject::{Any, FaultLayer, FaultRank};
 
 /// The delay table. Delays are in steps after `fault_at`; 0 means the same step.
 #[rustfmt::skip]
-const EXPECTED: [Expect; 13] = [
+const EXPECTED: [Expect; 16] = [
     // ×50–1000 at once: the spike rule sees it on the step itself.
     expect(Fault::AbruptExplosion, &[R::GradSpike], Info, 0, Any),
     // ... and the loss that follows it (3–6%/step) pages soon after: a loss spike
@@ -81,6 +81,13 @@ const EXPECTED: [Expect; 13] = [
     // 300 s at 10 s per step; the last record of the rank is at fault_at − 1.
     expect(Fault::StalledRank, &[R::Stalled], Warning, 29, FaultRank),
     expect(Fault::BenignSpike, &[R::GradSpike], Info, 0, Any),
+    // A learning rate far too high from step 0: no statistic has warmed up,
+    // the blow-up rule compares with the first records (10–30× a step).
+    expect(Fault::LrTooHigh, &[R::Blowup], Warning, 3, Any),
+    expect(Fault::LrTooHigh, &[R::Blowup, R::LossSpike, R::LossDivergence], Critical, 8, Any),
+    // 1–2% a step: 100× below the peak after ~230–460 steps, once the loss
+    // has stopped falling.
+    expect(Fault::SlowVanishing, &[R::Vanishing, R::NormFloor], Warning, 500, Any),
 ];
 
 /// Everything one run produced.
@@ -357,6 +364,25 @@ fn check_advice(run: &Run) -> Vec<String> {
                 fail(format!("optimizer advice for a {} fault: {other}", run.cfg.fault));
             }
         }
+        Fault::LrTooHigh => {
+            // Advised by step 2, and the learning rate cut once the loss follows.
+            match run.advice.first() {
+                Some(a) if a.step <= 2 => {}
+                other => fail(format!("no advice by step 2: {other:?}")),
+            }
+            if !run
+                .advice
+                .iter()
+                .any(|a| matches!(a.action, Action::ScaleLr { .. }) && a.step <= 10)
+            {
+                fail("no scale_lr within 10 steps".into());
+            }
+        }
+        Fault::SlowVanishing => {
+            if let Some(other) = only_clip(&after) {
+                fail(format!("optimizer advice for a {} fault: {other}", run.cfg.fault));
+            }
+        }
         Fault::Healthy => {}
     }
     failures
@@ -396,6 +422,16 @@ fn abrupt_explosion() {
 #[test]
 fn gradual_explosion() {
     suite(Fault::GradualExplosion, LAYERS);
+}
+
+#[test]
+fn lr_too_high_from_the_first_step() {
+    suite(Fault::LrTooHigh, LAYERS);
+}
+
+#[test]
+fn slow_vanishing() {
+    suite(Fault::SlowVanishing, LAYERS);
 }
 
 #[test]

@@ -930,7 +930,7 @@ mod tests {
     #[test]
     fn an_unreadable_trace_is_a_row_not_a_panic() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("odd.log"), "step    1/10 | loss 2.0\n").unwrap();
+        std::fs::write(dir.path().join("odd.log"), "not a training log\n").unwrap();
         let inputs = vec![
             Input {
                 name: "missing.jsonl".into(),

@@ -3,7 +3,7 @@
 //! The commonest failure (a learning rate or an initialisation far off)
 //! explodes within a few steps, before any running statistic has warmed up.
 //! This rule needs none: until the other rules have their statistics, it
-//! compares each record with the median of the run's first `reference`
+//! compares each record with the smallest of the run's first `reference`
 //! values, from the second record on; after that, with the run's moving level
 //! (the spike rule's mean norm, the loss rule's median loss). The gradient
 //! norm alone `norm_factor`× up asks for clipping at the scale of the early
@@ -15,7 +15,6 @@
 use super::Obs;
 use crate::config::Rules;
 use crate::engine::hit::{Emitter, Latch, Proposal, num};
-use crate::engine::stats::median;
 use crate::model::{RuleId, Severity};
 
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
@@ -24,7 +23,8 @@ pub(crate) struct State {
     norms: Vec<f64>,
     /// The first finite, positive losses (not blown-up ones).
     losses: Vec<f64>,
-    /// Their medians, kept as the values come in.
+    /// The smallest of each, kept as the values come in: a run exploding
+    /// from its first step must not drag its own reference up with it.
     norm_ref: Option<f64>,
     loss_ref: Option<f64>,
     norm_latch: Latch,
@@ -39,7 +39,7 @@ pub(crate) struct State {
 const LOSS_RESPONSE: f64 = 0.1;
 
 impl State {
-    /// The run's early gradient norm: the median of its first values.
+    /// The run's early gradient norm: the smallest of its first values.
     pub fn norm_ref(&self) -> Option<f64> {
         self.norm_ref
     }
@@ -76,11 +76,11 @@ pub(crate) fn check(state: &mut State, obs: &Obs, rules: &Rules, levels: &Levels
     let keep = cfg.reference as usize;
     if let Some(n) = norm.filter(|_| !norm_up && state.norms.len() < keep) {
         state.norms.push(n);
-        state.norm_ref = median(&mut state.norms.clone());
+        state.norm_ref = Some(state.norm_ref.map_or(n, |r| r.min(n)));
     }
     if let Some(l) = loss.filter(|l| *l > 0.0 && !loss_up && state.losses.len() < keep) {
         state.losses.push(l);
-        state.loss_ref = median(&mut state.losses.clone());
+        state.loss_ref = Some(state.loss_ref.map_or(l, |r| r.min(l)));
     }
     if !cfg.enabled {
         return;
