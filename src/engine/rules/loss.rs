@@ -32,9 +32,16 @@ pub(crate) struct State {
     /// Smoothed loss over the growth window, to tell whether the loss is falling.
     history: Window,
     diverging: Latch,
+    /// The robust statistics as last computed (median, sigma, record):
+    /// recomputed every `REFRESH` records, and at once when a record looks
+    /// like a jump against them, so the common record costs no sort.
+    cached: Option<(f64, f64, u64)>,
     #[serde(skip)]
     scratch: Vec<f64>,
 }
+
+/// Records between two computations of the robust statistics.
+const REFRESH: u64 = 8;
 
 /// A loss jump and the baseline it was judged against.
 #[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
@@ -69,6 +76,7 @@ impl State {
             smooth_min: SlidingMin::default(),
             history: Window::new(rules.grad_growth.window as usize),
             diverging: Latch::default(),
+            cached: None,
             scratch: Vec::new(),
         }
     }
@@ -134,7 +142,22 @@ pub(crate) fn check(
     let cfg = &rules.loss_spike;
     let div = &rules.loss_divergence;
     let ready = state.recent.len() >= cfg.warmup.max(3) as usize;
-    let (median, sigma) = if ready { state.robust() } else { (loss, 0.0) };
+    let (median, sigma) = if !ready {
+        (loss, 0.0)
+    } else {
+        match state.cached {
+            Some((m, sd, at))
+                if state.records < at + REFRESH && state.pending.is_none() && loss < m + 0.5 * cfg.z * sd =>
+            {
+                (m, sd)
+            }
+            _ => {
+                let (m, sd) = state.robust();
+                state.cached = Some((m, sd, state.records));
+                (m, sd)
+            }
+        }
+    };
     if ready {
         state.median = Some(median);
     }
