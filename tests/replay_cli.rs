@@ -289,8 +289,8 @@ fn table_output_has_rows_and_a_summary() {
     assert!(text.contains("gpt2-124m-llmc    19552"), "{text}");
 }
 
-#[test]
-fn stdin_is_read_with_dash() {
+/// `replay --json -` with `text` on its standard input.
+fn replay_stdin(text: &str) -> std::process::Output {
     let mut child = Command::new(BIN)
         .args(["replay", "--json", "-"])
         .stdin(Stdio::piped())
@@ -298,9 +298,14 @@ fn stdin_is_read_with_dash() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let text = "s:0 tel:11.0\ns:0 trl:11.0 lr:0.1 norm:2.0\ns:1 trl:nan lr:0.1 norm:2.0\n";
     child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn stdin_is_read_with_dash() {
+    let text = "s:0 tel:11.0\ns:0 trl:11.0 lr:0.1 norm:2.0\ns:1 trl:nan lr:0.1 norm:2.0\n";
+    let out = replay_stdin(text);
     assert!(out.status.success(), "{}", stderr(&out));
     let lines = json_lines(&out);
     assert!(
@@ -313,18 +318,10 @@ fn stdin_is_read_with_dash() {
 
 #[test]
 fn llmc_stdout_on_stdin_is_detected_past_its_banner() {
-    let mut child = Command::new(BIN)
-        .args(["replay", "--json", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
     let text = "Multi-GPU support is disabled. Using a single GPU.\n+------+\n| resume | 0 |\nval loss 11.0\n\
                 step    1/10 | loss 11.0 (+nanz)| norm 15.1 (+nanz)| lr 8.57e-07 | 4230.95 ms | 31.9% bf16 MFU | 123917 tok/s\n\
                 step    2/10 | loss -nan (+nanz)| norm nan (+nanz)| lr 1.71e-06 | 4385.98 ms | 30.8% bf16 MFU | 119537 tok/s\n";
-    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = replay_stdin(text);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(stderr(&out), "");
     let lines = json_lines(&out);

@@ -53,10 +53,6 @@ impl WorkerState {
 
     /// Bytes this rank's state holds, inline and on the heap.
     pub fn bytes(&self) -> usize {
-        std::mem::size_of::<Self>()
-            + self.blowup.heap_bytes()
-            + self.grad.heap_bytes()
-            + self.loss.heap_bytes()
-            + self.layers.heap_bytes()
+        std::mem::size_of::<Self>() + self.grad.heap_bytes() + self.loss.heap_bytes() + self.layers.heap_bytes()
     }
 }

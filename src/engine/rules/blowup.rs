@@ -19,10 +19,11 @@ use crate::model::{RuleId, Severity};
 
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub(crate) struct State {
-    /// The first finite, non-zero gradient norms (not blown-up ones).
-    norms: Vec<f64>,
-    /// The first finite, positive losses (not blown-up ones).
-    losses: Vec<f64>,
+    /// How many of the first finite, non-zero gradient norms and positive
+    /// losses (not blown-up ones) were taken in, and the largest such norm.
+    norms: u32,
+    losses: u32,
+    norm_max: f64,
     /// The smallest of each, kept as the values come in: a run exploding
     /// from its first step must not drag its own reference up with it.
     norm_ref: Option<f64>,
@@ -42,10 +43,6 @@ impl State {
     /// The run's early gradient norm: the smallest of its first values.
     pub fn norm_ref(&self) -> Option<f64> {
         self.norm_ref
-    }
-
-    pub fn heap_bytes(&self) -> usize {
-        (self.norms.capacity() + self.losses.capacity()) * std::mem::size_of::<f64>()
     }
 }
 
@@ -73,13 +70,14 @@ pub(crate) fn check(state: &mut State, obs: &Obs, rules: &Rules, levels: &Levels
     // (noisy runs jump far and come back).
     let loss_up = loss_ratio.is_some_and(|r| (young && r >= cfg.loss_factor) || (norm_up && r >= cfg.loss_follows));
 
-    let keep = cfg.reference as usize;
-    if let Some(n) = norm.filter(|_| !norm_up && state.norms.len() < keep) {
-        state.norms.push(n);
+    let keep = cfg.reference;
+    if let Some(n) = norm.filter(|_| !norm_up && state.norms < keep) {
+        state.norms += 1;
+        state.norm_max = state.norm_max.max(n);
         state.norm_ref = Some(state.norm_ref.map_or(n, |r| r.min(n)));
     }
-    if let Some(l) = loss.filter(|l| *l > 0.0 && !loss_up && state.losses.len() < keep) {
-        state.losses.push(l);
+    if let Some(l) = loss.filter(|l| *l > 0.0 && !loss_up && state.losses < keep) {
+        state.losses += 1;
         state.loss_ref = Some(state.loss_ref.map_or(l, |r| r.min(l)));
     }
     if !cfg.enabled {
@@ -139,11 +137,7 @@ pub(crate) fn check(state: &mut State, obs: &Obs, rules: &Rules, levels: &Levels
         );
         // Clip at the scale of the early norms (the largest of them), or at
         // the run's level.
-        let max_norm = if young {
-            state.norms.iter().copied().fold(r, f64::max)
-        } else {
-            r
-        };
+        let max_norm = if young { state.norm_max.max(r) } else { r };
         // Early in a run, or still up a cooldown later, it is no lone spike.
         let severity = if young || norm_was_up {
             Severity::Warning
