@@ -27,6 +27,7 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::time::{Duration, Instant};
 
+use gradguard::cluster::{RANK_HEADER, Topics};
 use gradguard::proto::{self, worker_message};
 use prost::Message as _;
 use rdkafka::ClientConfig;
@@ -41,8 +42,8 @@ const RANKS: u32 = 4;
 const LAYERS: usize = 100;
 const PARTITIONS: i32 = 4;
 const LATENCY_SAMPLES: usize = 200;
-const SUMMARIES: &str = "gradguard.summaries";
-const ADVICE: &str = "gradguard.advice";
+/// The service's default topic names (the bench's config keeps them).
+static TOPICS: std::sync::LazyLock<Topics> = std::sync::LazyLock::new(Topics::default);
 
 fn main() {
     let broker = common::kafka::Broker::start();
@@ -113,10 +114,13 @@ fn record_of(body: worker_message::Body) -> Vec<u8> {
 fn send<P: Sendable>(producer: &P, job: &str, rank: u32, payload: &[u8]) {
     let rank = rank.to_string();
     let headers = OwnedHeaders::new().insert(Header {
-        key: "rank",
+        key: RANK_HEADER,
         value: Some(rank.as_str()),
     });
-    let mut record = BaseRecord::to(SUMMARIES).key(job).payload(payload).headers(headers);
+    let mut record = BaseRecord::to(&TOPICS.summaries)
+        .key(job)
+        .payload(payload)
+        .headers(headers);
     loop {
         match producer.try_send(record) {
             Ok(()) => return,
@@ -226,7 +230,8 @@ fn bare_consumer(brokers: &str, expected: usize) -> Duration {
         .unwrap();
     let mut tpl = TopicPartitionList::new();
     for p in 0..PARTITIONS {
-        tpl.add_partition_offset(SUMMARIES, p, Offset::Beginning).unwrap();
+        tpl.add_partition_offset(&TOPICS.summaries, p, Offset::Beginning)
+            .unwrap();
     }
     consumer.assign(&tpl).unwrap();
     let mut seen = 0;
@@ -264,7 +269,7 @@ fn follow_commits(brokers: &str, group: &str, expected: usize, processed: impl F
     let watcher: BaseConsumer = client(brokers).set("group.id", group).create().unwrap();
     let mut tpl = TopicPartitionList::new();
     for p in 0..PARTITIONS {
-        tpl.add_partition(SUMMARIES, p);
+        tpl.add_partition(&TOPICS.summaries, p);
     }
     let committed = || -> usize {
         let c = watcher.committed_offsets(tpl.clone(), Duration::from_secs(5)).unwrap();
@@ -313,8 +318,11 @@ fn advice_latency(brokers: &str) -> Vec<f64> {
         .unwrap();
     let mut tpl = TopicPartitionList::new();
     for p in 0..PARTITIONS {
-        let (_, high) = reader.fetch_watermarks(ADVICE, p, Duration::from_secs(10)).unwrap();
-        tpl.add_partition_offset(ADVICE, p, Offset::Offset(high)).unwrap();
+        let (_, high) = reader
+            .fetch_watermarks(&TOPICS.advice, p, Duration::from_secs(10))
+            .unwrap();
+        tpl.add_partition_offset(&TOPICS.advice, p, Offset::Offset(high))
+            .unwrap();
     }
     reader.assign(&tpl).unwrap();
     let mut latencies = Vec::with_capacity(LATENCY_SAMPLES);

@@ -3,7 +3,6 @@
 
 mod cli;
 mod generate;
-mod kafka;
 mod loadgen;
 mod query_cli;
 mod replay;

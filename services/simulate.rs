@@ -49,9 +49,9 @@ use tonic::Status;
 use tonic::transport::Channel;
 
 use crate::cli::Failure;
-use crate::kafka::KafkaConfig;
-use crate::kafka::worker::{FromCluster, KafkaWorker};
 use crate::report::Num;
+use gradguard::cluster::KafkaConfig;
+use gradguard::cluster::worker::{FromCluster, KafkaWorker};
 
 /// Steps averaged to say where the loss and the norm stood (before the fault,
 /// at the end): one step alone is too noisy to judge a recovery by.

@@ -22,12 +22,15 @@
 //!   ceiling) on labelled real traces and scenario runs (`QUALITY.md`).
 
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod engine;
+pub mod intake;
 pub mod model;
 pub mod proto;
 pub mod quality;
 pub mod scenario;
+pub mod service;
 pub mod store;
 pub mod trace;
 pub mod wire;

@@ -592,3 +592,127 @@ fn a_jobs_state_survives_its_replica_stopping_and_crashing() {
         "the replacement processed {taken} of 1200"
     );
 }
+
+/// A summaries-topic record as anyone with access to the topic can write it:
+/// a key, a rank header, and whatever payload.
+fn produce_raw(brokers: &str, records: &[(&str, Option<u32>, Vec<u8>)]) {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+    let producer: ThreadedProducer<DefaultProducerContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("a producer");
+    let topic = gradguard::cluster::Topics::default().summaries;
+    for (key, rank, payload) in records {
+        let rank = rank.map(|r| r.to_string());
+        let mut record = BaseRecord::<str, [u8]>::to(&topic).key(*key).payload(payload);
+        if let Some(rank) = &rank {
+            record = record.headers(OwnedHeaders::new().insert(Header {
+                key: gradguard::cluster::RANK_HEADER,
+                value: Some(rank.as_str()),
+            }));
+        }
+        producer.send(record).map_err(|(e, _)| e).expect("queued");
+    }
+    producer
+        .flush(Duration::from_secs(30))
+        .expect("all records in the topic");
+}
+
+#[test]
+fn records_written_straight_to_the_topic_are_refused_as_grpc_refuses_them() {
+    use gradguard::proto::{self, worker_message::Body};
+    use prost::Message as _;
+    let _turn = common::turn();
+    let cluster = Cluster::start();
+    let replica = cluster.replica();
+    wait_for_assignment(&[&replica]);
+
+    let encode = |body: Body| proto::WorkerMessage { body: Some(body) }.encode_to_vec();
+    let summary = |step: u64, layers: usize| proto::Summary {
+        step,
+        loss: Some(2.0),
+        grad_norm: Some(1.0),
+        layer_l2: vec![0.3; layers],
+        ..Default::default()
+    };
+    let hello = |job: &str, rank: u32, world: u32, layers: usize| Body::Hello(common::hello(job, rank, world, layers));
+    // The bad inputs of the serve tests, as records of job "k" (8 ranks, 4
+    // layers) and a few others.
+    let records: Vec<(&str, Option<u32>, Vec<u8>)> = vec![
+        // A summary and an ack of a job that never said Hello.
+        ("nobody", Some(0), encode(Body::Summary(summary(1, 4)))),
+        ("nobody", Some(0), encode(Body::Ack(proto::AdviceAck::default()))),
+        ("k", Some(0), encode(hello("k", 0, 8, 4))),
+        // Rank 0 is healthy throughout: 10 steps.
+        (
+            "k",
+            Some(0),
+            encode(Body::Batch(proto::SummaryBatch {
+                summaries: (1..=10).map(|s| summary(s, 4)).collect(),
+            })),
+        ),
+        // Wrong layer count.
+        ("k", Some(1), encode(Body::Summary(summary(1, 3)))),
+        // Backwards, then a repeat: the first of each is accepted.
+        ("k", Some(2), encode(Body::Summary(summary(5, 4)))),
+        ("k", Some(2), encode(Body::Summary(summary(4, 4)))),
+        ("k", Some(3), encode(Body::Summary(summary(5, 4)))),
+        ("k", Some(3), encode(Body::Summary(summary(5, 4)))),
+        // A batch whose third summary is bad: the two before it stay.
+        (
+            "k",
+            Some(7),
+            encode(Body::Batch(proto::SummaryBatch {
+                summaries: vec![summary(1, 4), summary(2, 4), summary(3, 3), summary(4, 4)],
+            })),
+        ),
+        // Hellos: rank beyond the world size, other layer names, unknown
+        // profile, one that disagrees with its record's key.
+        ("k", Some(9), encode(hello("k", 9, 8, 4))),
+        ("k", Some(4), encode(hello("k", 4, 8, 5))),
+        (
+            "p",
+            Some(0),
+            encode(Body::Hello(proto::Hello {
+                rule_profile: "nope".into(),
+                ..common::hello("p", 0, 1, 4)
+            })),
+        ),
+        ("k", Some(5), encode(hello("other", 5, 8, 4))),
+        // No job, no rank, bytes that are no message, a message with no body.
+        ("", Some(0), encode(Body::Summary(summary(1, 4)))),
+        ("k", None, encode(Body::Summary(summary(11, 4)))),
+        ("k", Some(6), vec![0xff, 0xff, 0xff]),
+        ("k", Some(6), Vec::new()),
+    ];
+    produce_raw(&cluster.broker.brokers(), &records);
+
+    let labels = [
+        "no_hello",
+        "layer_count",
+        "step_backwards",
+        "duplicate_step",
+        "rank_out_of_range",
+        "layer_names",
+        "config",
+        "invalid_hello",
+        "empty_job",
+        "no_rank",
+        "undecodable",
+        "empty_message",
+    ];
+    let refused = |text: &str, reason: &str| {
+        common::sample(
+            text,
+            &format!("gradguard_summaries_rejected_total{{reason=\"{reason}\"}}"),
+        )
+    };
+    let text = replica.wait_for("every bad record to be refused", |text| {
+        labels.iter().all(|reason| refused(text, reason) >= Some(1.0)) && refused(text, "no_hello") >= Some(2.0)
+    });
+    assert_eq!(refused(&text, "no_hello"), Some(2.0));
+    // Accepted: rank 0's 10, the first of ranks 2 and 3, the two summaries
+    // of the batch before its bad third; nothing of the refused.
+    assert_eq!(common::sample(&text, "gradguard_summaries_total"), Some(14.0));
+}

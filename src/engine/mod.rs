@@ -226,6 +226,18 @@ impl Engine {
         self.jobs.get(job)?.policy.worst()
     }
 
+    /// Whether the engine tracks this job.
+    pub fn has_job(&self, job: &str) -> bool {
+        self.jobs.contains_key(job)
+    }
+
+    /// A tracked job's declared layers and world size (0 layers: global
+    /// values only, or no Hello named any).
+    pub fn shape(&self, job: &str) -> Option<(usize, Option<u32>)> {
+        let state = self.jobs.get(job)?;
+        Some((state.layer_names.len(), state.world_size))
+    }
+
     /// Number of jobs with state.
     pub fn job_count(&self) -> usize {
         self.jobs.len()

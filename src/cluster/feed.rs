@@ -10,19 +10,19 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::config::RuleBook;
+use crate::engine::Engine;
+use crate::proto;
+use crate::store::JobRow;
+use crate::wire;
 use anyhow::Context as _;
-use gradguard::config::RuleBook;
-use gradguard::engine::Engine;
-use gradguard::proto;
-use gradguard::store::JobRow;
-use gradguard::wire;
 use prost::Message as _;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Message};
 
 use super::KafkaConfig;
-use super::detector::{Ctx, Link};
-use crate::serve::recorder::{Record, Recorder};
+use super::link::{Ctx, Link};
+use crate::store::writer::{Record, Recorder};
 
 /// Records written to the store per commit, at most.
 const MAX_BATCH: usize = 1000;
@@ -50,7 +50,6 @@ pub fn start_feed(
     let mut feed = Feed {
         topics: t.clone(),
         scratch: Engine::new(book.clone()),
-        link,
         snapshots: HashMap::new(),
     };
     Ok(tokio::spawn(async move {
@@ -73,8 +72,8 @@ pub fn start_feed(
                 }
             }
             feed.job_rows(&mut record);
-            recorder.record(record, feed.link.metrics());
-            recorder.flush(feed.link.metrics()).await;
+            recorder.record(record);
+            recorder.flush().await;
             for (topic, partition, offset) in taken {
                 if let Err(e) = consumer.store_offset(&topic, partition, offset) {
                     tracing::warn!(error = %e, "store feed offset");
@@ -88,7 +87,6 @@ struct Feed {
     topics: super::Topics,
     /// Turns snapshots into job rows.
     scratch: Engine,
-    link: Arc<Link>,
     /// The batch's snapshots: per job, the time of its first record, and the
     /// time and bytes of its latest (only that one is restored).
     snapshots: HashMap<String, (f64, f64, Vec<u8>)>,

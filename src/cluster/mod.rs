@@ -17,15 +17,21 @@
 
 pub mod detector;
 pub mod feed;
+mod link;
+mod metrics;
+mod pipeline;
 pub mod relay;
 pub mod worker;
+
+pub use link::Link;
+pub use metrics::ClusterMetrics;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use crate::config::RuleBook;
+use crate::proto;
 use anyhow::{Context, anyhow, bail};
-use gradguard::config::RuleBook;
-use gradguard::proto;
 use prost::Message as _;
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};

@@ -8,15 +8,15 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use gradguard::proto::{self, query_server::Query};
-use gradguard::store::{JobRow, Reader, StoreError};
-use gradguard::wire;
+use crate::proto::{self, query_server::Query};
+use crate::store::{JobRow, Reader, StoreError};
+use crate::wire;
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::hub::Hub;
-use super::recorder::Watchers;
+use crate::store::writer::Watchers;
 
 pub struct QueryService {
     hub: Arc<Hub>,

@@ -5,8 +5,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::proto;
 use anyhow::Context as _;
-use gradguard::proto;
 use prost::Message as _;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
@@ -15,7 +15,7 @@ use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::detector::{Ctx, Link};
+use super::link::{Ctx, Link};
 use super::{KafkaConfig, worker_record};
 
 /// Worker messages on their way to the summaries topic. While the brokers
@@ -56,11 +56,11 @@ impl Forwarder {
         match self.producer.send(record) {
             Ok(()) => true,
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                self.link.metrics().kafka_dropped.inc();
+                self.link.metrics().dropped.inc();
                 false
             }
             Err((e, _)) => {
-                self.link.metrics().kafka_producer_errors.inc();
+                self.link.metrics().producer_errors.inc();
                 tracing::error!(error = %e, "cannot forward a worker message");
                 false
             }

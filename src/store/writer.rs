@@ -1,5 +1,5 @@
-//! The store writer: one thread that commits what the hub decided and only
-//! then hands the advice to the worker streams.
+//! The store writer: one thread that commits what the service decided and
+//! only then lets the advice leave (each record's `then`).
 //!
 //! Group commit: the thread takes everything queued since its last commit and
 //! writes it in one transaction (one fsync), so a burst of anomalies costs one
@@ -12,14 +12,13 @@ use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::time::{Duration, Instant};
 
-use gradguard::model::{Advice, Finding};
-use gradguard::proto;
-use gradguard::store::{Ack, Batch, JobRow, Retention, Store, StoredAnomaly};
-use gradguard::wire;
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge, Registry};
 use tokio::sync::broadcast;
 
-use super::hub::{Delivery, deliver, unix_now};
-use super::metrics::Metrics;
+use super::{Ack, Batch, JobRow, Retention, Store, StoredAnomaly};
+use crate::intake::unix_now;
+use crate::model::{Advice, Finding};
+use crate::{proto, wire};
 
 /// Most records merged into one transaction.
 const MAX_GROUP: usize = 4096;
@@ -37,18 +36,64 @@ pub struct Record {
     pub keyed: Vec<StoredAnomaly>,
     pub advice: Vec<(Advice, f64)>,
     pub acks: Vec<Ack>,
-    /// Sent once the record is durable.
-    pub deliveries: Vec<Delivery>,
-    /// When the summary behind it arrived (advice latency).
-    pub received: Option<Instant>,
+    /// Called once the record is durable (or could not be made so): the
+    /// advice in it leaves then.
+    pub then: Option<Box<dyn FnOnce() + Send>>,
     /// Told once everything queued up to this record is durable.
     pub done: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+/// The store writer's series.
+#[derive(Clone)]
+pub struct StoreMetrics {
+    commit: Histogram,
+    errors: IntCounter,
+    bytes: IntGauge,
+}
+
+/// Buckets of the commit time, in seconds: 50 µs to 1 s.
+const COMMIT_BUCKETS: [f64; 14] = [
+    50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 500e-3, 1.0,
+];
+
+impl StoreMetrics {
+    pub fn register(r: &Registry) -> Self {
+        let m = Self {
+            commit: Histogram::with_opts(
+                HistogramOpts::new(
+                    "gradguard_store_commit_seconds",
+                    "Time to commit one group of records to the store (advice waits for it).",
+                )
+                .buckets(COMMIT_BUCKETS.to_vec()),
+            )
+            .unwrap(),
+            errors: IntCounter::new(
+                "gradguard_store_errors_total",
+                "Store writes that failed (the advice in them was still delivered).",
+            )
+            .unwrap(),
+            bytes: IntGauge::new(
+                "gradguard_store_bytes",
+                "Bytes of the store in use, measured at each retention pass.",
+            )
+            .unwrap(),
+        };
+        // Only a duplicate or malformed name fails, fixed here.
+        for c in [
+            Box::new(m.commit.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(m.errors.clone()),
+            Box::new(m.bytes.clone()),
+        ] {
+            r.register(c).expect("store metrics registered once");
+        }
+        m
+    }
 }
 
 /// Where stored anomalies are announced (`WatchAnomalies`).
 pub type Watchers = broadcast::Sender<Arc<proto::Anomaly>>;
 
-/// The hub's handle on the writer thread.
+/// The handle on the writer thread.
 #[derive(Clone)]
 pub struct Recorder {
     tx: Sender<Record>,
@@ -56,7 +101,7 @@ pub struct Recorder {
 
 impl Recorder {
     /// Starts the writer thread over an opened store.
-    pub fn start(store: Store, retention: Retention, metrics: Metrics, watchers: Watchers) -> Self {
+    pub fn start(store: Store, retention: Retention, metrics: StoreMetrics, watchers: Watchers) -> Self {
         let (tx, rx) = mpsc::channel();
         match store.checkpointer() {
             Ok(checkpointer) => {
@@ -82,28 +127,27 @@ impl Recorder {
     }
 
     /// Resolves once everything recorded before the call is durable.
-    pub async fn flush(&self, metrics: &Metrics) {
+    pub async fn flush(&self) {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.record(
-            Record {
-                done: Some(tx),
-                ..Record::default()
-            },
-            metrics,
-        );
+        self.record(Record {
+            done: Some(tx),
+            ..Record::default()
+        });
         let _ = rx.await;
     }
 
     /// Queues a record. If the writer is gone (it never exits while the
     /// service runs), the advice is delivered right away.
-    pub fn record(&self, record: Record, metrics: &Metrics) {
-        if let Err(mpsc::SendError(record)) = self.tx.send(record) {
-            deliver(metrics, &record.deliveries, record.received);
+    pub fn record(&self, record: Record) {
+        if let Err(mpsc::SendError(record)) = self.tx.send(record)
+            && let Some(then) = record.then
+        {
+            then();
         }
     }
 }
 
-fn run(mut store: Store, retention: Retention, metrics: Metrics, watchers: Watchers, rx: Receiver<Record>) {
+fn run(mut store: Store, retention: Retention, metrics: StoreMetrics, watchers: Watchers, rx: Receiver<Record>) {
     let mut batch = Batch::default();
     let mut group: Vec<Record> = Vec::new();
     let mut last_prune = Instant::now();
@@ -128,7 +172,7 @@ fn run(mut store: Store, retention: Retention, metrics: Metrics, watchers: Watch
             let started = Instant::now();
             match store.write(&batch) {
                 Ok(ids) => {
-                    metrics.store_commit.observe(started.elapsed().as_secs_f64());
+                    metrics.commit.observe(started.elapsed().as_secs_f64());
                     if watchers.receiver_count() > 0 {
                         let (local, keyed) = ids.split_at(batch.anomalies.len());
                         for (f, &id) in batch.anomalies.iter().zip(local) {
@@ -144,13 +188,15 @@ fn run(mut store: Store, retention: Retention, metrics: Metrics, watchers: Watch
                     }
                 }
                 Err(e) => {
-                    metrics.store_errors.inc();
+                    metrics.errors.inc();
                     tracing::error!(error = %e, rows = batch.anomalies.len() + batch.advice.len(), "store write failed");
                 }
             }
         }
         for r in group.drain(..) {
-            deliver(&metrics, &r.deliveries, r.received);
+            if let Some(then) = r.then {
+                then();
+            }
             if let Some(done) = r.done {
                 let _ = done.send(());
             }
@@ -165,7 +211,7 @@ fn run(mut store: Store, retention: Retention, metrics: Metrics, watchers: Watch
                 Err(e) => tracing::error!(error = %e, "retention failed"),
             }
             if let Ok(bytes) = store.used_bytes() {
-                metrics.store_bytes.set(bytes as i64);
+                metrics.bytes.set(bytes as i64);
             }
         }
     }

@@ -1,0 +1,132 @@
+//! The Hello: what a worker says first, checked field by field.
+
+use std::sync::Arc;
+
+use super::{Limits, Reason, Refusal};
+use crate::engine::JobSpec;
+use crate::model::JobId;
+use crate::proto;
+
+/// A rank of a job, as its accepted Hello declared it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Declared {
+    pub job: JobId,
+    pub rank: u32,
+    pub layer_names: Arc<[String]>,
+    pub world_size: Option<u32>,
+    pub profile: Option<String>,
+    /// The worker asked for a Progress after each summary.
+    pub progress: bool,
+}
+
+impl Declared {
+    pub fn spec(&self) -> JobSpec<'_> {
+        JobSpec {
+            layer_names: &self.layer_names,
+            world_size: self.world_size,
+            profile: self.profile.as_deref(),
+        }
+    }
+}
+
+impl Limits {
+    /// Checks a Hello field by field against the limits.
+    pub fn check_hello(&self, h: proto::Hello) -> Result<Declared, Refusal> {
+        let invalid = |m: String| Refusal::new(Reason::InvalidHello, m);
+        if h.job.is_empty() {
+            return Err(Refusal::new(Reason::EmptyJob, "field job: must not be empty"));
+        }
+        if h.job.len() > self.max_job_len {
+            return Err(invalid(format!(
+                "field job: {} bytes, longer than the limit of {}",
+                h.job.len(),
+                self.max_job_len
+            )));
+        }
+        if h.world_size > self.max_world_size {
+            return Err(invalid(format!(
+                "field world_size: {} is above the limit of {}",
+                h.world_size, self.max_world_size
+            )));
+        }
+        if h.world_size > 0 && h.rank >= h.world_size {
+            return Err(Refusal::new(
+                Reason::RankOutOfRange,
+                format!("field rank: {} is not below world_size {}", h.rank, h.world_size),
+            ));
+        }
+        if h.rank >= self.max_world_size {
+            return Err(Refusal::new(
+                Reason::RankOutOfRange,
+                format!("field rank: {} is above the limit of {}", h.rank, self.max_world_size),
+            ));
+        }
+        if h.layer_names.len() > self.max_layers {
+            return Err(Refusal::new(
+                Reason::TooManyLayers,
+                format!(
+                    "field layer_names: {} names, more than the limit of {}",
+                    h.layer_names.len(),
+                    self.max_layers
+                ),
+            ));
+        }
+        Ok(Declared {
+            job: Arc::from(h.job),
+            rank: h.rank,
+            layer_names: h.layer_names.into(),
+            world_size: (h.world_size > 0).then_some(h.world_size),
+            profile: (!h.rule_profile.is_empty()).then_some(h.rule_profile),
+            progress: h.report_progress,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hello(job: &str, rank: u32, world_size: u32, layers: usize) -> proto::Hello {
+        proto::Hello {
+            job: job.into(),
+            rank,
+            world_size,
+            layer_names: (0..layers).map(|i| format!("l{i}")).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn each_field_is_checked_and_named() {
+        let limits = Limits::default();
+        let refused = |h| limits.check_hello(h).unwrap_err();
+        let r = refused(hello("", 0, 1, 1));
+        assert_eq!(
+            (r.reason, r.message.as_str()),
+            (Reason::EmptyJob, "field job: must not be empty")
+        );
+        let r = refused(hello(&"j".repeat(limits.max_job_len + 1), 0, 1, 1));
+        assert_eq!(r.reason, Reason::InvalidHello);
+        assert!(r.message.starts_with("field job: 257 bytes"), "{r}");
+        let r = refused(hello("j", 4, 4, 1));
+        assert_eq!(r.reason, Reason::RankOutOfRange);
+        assert!(r.message.contains("field rank: 4 is not below world_size 4"), "{r}");
+        let r = refused(hello("j", 0, limits.max_world_size + 1, 1));
+        assert!(r.message.starts_with("field world_size"), "{r}");
+        let r = refused(hello("j", 0, 1, limits.max_layers + 1));
+        assert_eq!(r.reason, Reason::TooManyLayers);
+
+        let d = limits
+            .check_hello(proto::Hello {
+                rule_profile: "noisy".into(),
+                report_progress: true,
+                ..hello("j", 2, 0, 3)
+            })
+            .unwrap();
+        assert_eq!((&*d.job, d.rank, d.world_size), ("j", 2, None));
+        assert_eq!(
+            (d.profile.as_deref(), d.progress, d.layer_names.len()),
+            (Some("noisy"), true, 3)
+        );
+    }
+}

@@ -1,0 +1,134 @@
+//! Cluster mode's [`Mode`]: the replica that holds a worker's stream hands
+//! what the intake accepted to the summaries topic, where the job's owner
+//! judges it; the advice comes back over the advice topic.
+//!
+//! What can be checked here is, so the worker hears of it on its stream:
+//! the Hello, the layer arrays against the stream's Hello, the step order of
+//! each rank, and the number of jobs. The owner's intake checks again.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::hub::{Mode, Shape};
+use crate::cluster::relay::Forwarder;
+use crate::config::{RuleBook, Rules};
+use crate::engine::{EngineError, Output};
+use crate::intake::{Declared, Limits, Reason, Refusal, convert};
+use crate::model::{JobId, Summary};
+use crate::proto::{self, worker_message::Body};
+
+pub struct Forwarding {
+    forwarder: Arc<Forwarder>,
+    book: RuleBook,
+    limits: Limits,
+    jobs: HashMap<JobId, Forwarded>,
+}
+
+/// What this replica forwarded of a job.
+#[derive(Default)]
+struct Forwarded {
+    world_size: Option<u32>,
+    layers: usize,
+    profile: Option<String>,
+    /// The last step forwarded per rank (steps must increase).
+    last_step: HashMap<u32, u64>,
+}
+
+impl Forwarding {
+    pub fn new(forwarder: Arc<Forwarder>, book: RuleBook, limits: Limits) -> Self {
+        Self {
+            forwarder,
+            book,
+            limits,
+            jobs: HashMap::new(),
+        }
+    }
+}
+
+impl Mode for Forwarding {
+    fn hello(&mut self, d: &Declared, hello: &proto::Hello) -> Result<Option<u64>, Refusal> {
+        if !self.jobs.contains_key(&d.job) && self.jobs.len() >= self.limits.max_jobs {
+            return Err(Refusal::new(
+                Reason::TooManyJobs,
+                format!(
+                    "field job: cannot track job {:?}: {} jobs are tracked, the limit (--max-jobs)",
+                    &*d.job, self.limits.max_jobs
+                ),
+            ));
+        }
+        // An unknown profile is refused here, as the owner would.
+        self.book
+            .for_job(&d.job, d.profile.as_deref())
+            .map_err(|e| Refusal::from(&EngineError::from(e)))?;
+        let job = self.jobs.entry(d.job.clone()).or_default();
+        job.world_size = d.world_size.or(job.world_size);
+        job.layers = job.layers.max(d.layer_names.len());
+        job.profile = d.profile.clone().or(job.profile.take());
+        self.forwarder.send(&d.job, d.rank, Body::Hello(hello.clone()));
+        Ok(job.last_step.get(&d.rank).copied())
+    }
+
+    fn summary(
+        &mut self,
+        d: &Declared,
+        p: &proto::Summary,
+        now: f64,
+        scratch: &mut Summary,
+        _: &mut Output,
+    ) -> Result<(), Refusal> {
+        convert(p, d.rank, d.layer_names.len(), now, scratch)?;
+        let job = self.jobs.entry(d.job.clone()).or_default();
+        let (worker, step) = (d.rank, p.step);
+        match job.last_step.get(&worker) {
+            Some(&last) if step == last => return Err(EngineError::DuplicateStep { worker, step }.into()),
+            Some(&last) if step < last => return Err(EngineError::StepBackwards { worker, step, last }.into()),
+            _ => {}
+        }
+        job.last_step.insert(worker, step);
+        // Queued under the hub's lock: a rank's messages keep their order.
+        self.forwarder.send(&d.job, d.rank, Body::Summary(p.clone()));
+        Ok(())
+    }
+
+    fn ack(&mut self, d: &Declared, ack: &proto::AdviceAck) {
+        // The job's owner acts on it (a rollback rewinds its engine).
+        self.forwarder.send(&d.job, d.rank, Body::Ack(ack.clone()));
+    }
+
+    fn published(&mut self, _: &Output) {}
+
+    fn tick(&mut self, _: f64, _: &mut Output) {}
+
+    fn forget(&mut self, job: &str) {
+        self.jobs.remove(job);
+    }
+
+    fn shape(&self, job: &str) -> Option<Shape> {
+        let j = self.jobs.get(job)?;
+        Some(Shape {
+            ranks: j.last_step.len(),
+            world_size: j.world_size,
+            layers: j.layers,
+            last_step: j.last_step.values().copied().max(),
+            health: None,
+        })
+    }
+
+    fn rules(&self, job: &str) -> Result<Rules, String> {
+        if job.is_empty() {
+            return Ok(self.book.defaults().clone());
+        }
+        let profile = self.jobs.get(job).and_then(|j| j.profile.as_deref());
+        self.book.for_job(job, profile).map_err(|e| e.to_string())
+    }
+
+    fn decides(&self) -> bool {
+        false
+    }
+
+    fn handover(&self) -> Option<Box<dyn FnOnce() + Send>> {
+        let forwarder = self.forwarder.clone();
+        Some(Box::new(move || forwarder.flush(Duration::from_secs(30))))
+    }
+}

@@ -1,0 +1,692 @@
+//! The hub: the worker streams attached to each job, and the routing of
+//! advice back to them. What happens to the messages is the [`Mode`]'s:
+//! judged here ([`Judge`], embedded) or handed to the job's owner
+//! (`cluster::Forwarding`), whose advice comes back through
+//! [`Hub::deliver_advice`].
+//!
+//! Every rank of a job has its own gRPC stream, but cross-rank rules need all
+//! ranks of the job in one place, so the mode sits behind one mutex. Holding
+//! it costs a few microseconds per summary (the engine does 50 M layer-stats/s
+//! on one core), far below what the transport costs, and it makes the order of
+//! a job's advice the same on every stream. Nothing under the lock awaits:
+//! advice is handed to each stream's bounded send queue with `try_send`, so a
+//! slow reader loses advice (counted in `gradguard_advice_dropped_total`)
+//! instead of stalling everyone else.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+use tonic::Status;
+
+use super::metrics::{HubMetrics, JobGauges};
+use crate::config::Rules;
+use crate::engine::Output;
+use crate::intake::{Declared, Judge, Limits, Reason, Refusal, unix_now};
+use crate::model::{Severity, Summary};
+use crate::proto::{self, server_message};
+use crate::store::writer::{Record, Recorder};
+use crate::store::{Ack, JobRow};
+use crate::wire;
+
+/// Where a stream's server messages go.
+pub type Outbox = mpsc::Sender<Result<proto::ServerMessage, Status>>;
+
+/// What a job looks like to the mode, for its row.
+pub struct Shape {
+    pub ranks: usize,
+    pub world_size: Option<u32>,
+    pub layers: usize,
+    pub last_step: Option<u64>,
+    pub health: Option<Severity>,
+}
+
+/// What a hub does with the messages its streams accepted; called under the
+/// hub's lock, so nothing here waits.
+pub trait Mode: Send + 'static {
+    /// A stream's checked Hello: declares its rank. Returns the rank's last
+    /// accepted step (the worker resumes after it).
+    fn hello(&mut self, d: &Declared, hello: &proto::Hello) -> Result<Option<u64>, Refusal>;
+    /// One summary of a declared rank; what it leads to joins `out`.
+    fn summary(
+        &mut self,
+        d: &Declared,
+        p: &proto::Summary,
+        now: f64,
+        scratch: &mut Summary,
+        out: &mut Output,
+    ) -> Result<(), Refusal>;
+    fn ack(&mut self, d: &Declared, ack: &proto::AdviceAck);
+    /// Books the output about to go out (findings' and advice's metrics).
+    fn published(&mut self, out: &Output);
+    /// Periodic work against the service's clock.
+    fn tick(&mut self, now: f64, out: &mut Output);
+    fn forget(&mut self, job: &str);
+    fn shape(&self, job: &str) -> Option<Shape>;
+    /// A job's effective rules: the tracked job's own, else what the rules
+    /// file gives it (the defaults for an empty name).
+    fn rules(&self, job: &str) -> Result<Rules, String>;
+    /// Whether this replica decides (a Progress means "judged"; job rows are
+    /// this replica's to record).
+    fn decides(&self) -> bool;
+    /// What "everything handed over" waits for, when it is not the store:
+    /// a blocking flush, run off the async runtime.
+    fn handover(&self) -> Option<Box<dyn FnOnce() + Send>>;
+}
+
+impl Mode for Judge {
+    fn hello(&mut self, d: &Declared, _: &proto::Hello) -> Result<Option<u64>, Refusal> {
+        self.declare(d)?;
+        Ok(self.engine().last_step(&d.job, d.rank))
+    }
+
+    fn summary(
+        &mut self,
+        d: &Declared,
+        p: &proto::Summary,
+        now: f64,
+        scratch: &mut Summary,
+        out: &mut Output,
+    ) -> Result<(), Refusal> {
+        Judge::summary(self, &d.job, d.rank, p, now, scratch, out)
+    }
+
+    fn ack(&mut self, d: &Declared, ack: &proto::AdviceAck) {
+        Judge::ack(self, &d.job, d.rank, ack);
+    }
+
+    fn published(&mut self, out: &Output) {
+        for f in &out.findings {
+            self.found(f);
+        }
+        for a in &out.advice {
+            self.advised(a);
+        }
+    }
+
+    fn tick(&mut self, now: f64, out: &mut Output) {
+        Judge::tick(self, now, out);
+    }
+
+    fn forget(&mut self, job: &str) {
+        Judge::forget(self, job);
+    }
+
+    fn shape(&self, job: &str) -> Option<Shape> {
+        let status = self.engine().status(job)?;
+        Some(Shape {
+            ranks: status.ranks,
+            world_size: status.world_size,
+            layers: status.layers,
+            last_step: status.max_step,
+            health: self.engine().health(job),
+        })
+    }
+
+    fn rules(&self, job: &str) -> Result<Rules, String> {
+        let engine = self.engine();
+        if engine.has_job(job) {
+            Ok(engine.rules(job).clone())
+        } else if job.is_empty() {
+            Ok(engine.rule_book().defaults().clone())
+        } else {
+            engine.rule_book().for_job(job, None).map_err(|e| e.to_string())
+        }
+    }
+
+    fn decides(&self) -> bool {
+        true
+    }
+
+    fn handover(&self) -> Option<Box<dyn FnOnce() + Send>> {
+        None
+    }
+}
+
+pub struct Hub {
+    core: Mutex<Core>,
+    metrics: HubMetrics,
+    limits: Limits,
+    next_stream: AtomicU64,
+    /// The store writer; `None` runs without a store (advice goes out at once).
+    recorder: Option<Recorder>,
+}
+
+struct Core {
+    mode: Box<dyn Mode>,
+    jobs: HashMap<crate::model::JobId, Job>,
+    /// Scratch output, reused across calls.
+    out: Output,
+}
+
+struct Job {
+    /// The open stream of each rank.
+    streams: HashMap<u32, Stream>,
+    last_active: Instant,
+    gauges: JobGauges,
+    /// When the service first saw it (since this start), seconds since the epoch.
+    first_seen: f64,
+    last_seen: f64,
+    /// Changed since its row was last recorded.
+    dirty: bool,
+    /// The job's latest advice, to act on acknowledgements.
+    recent: VecDeque<Recent>,
+}
+
+/// An advice remembered for acknowledgements.
+struct Recent {
+    id: u64,
+    /// Some rank acknowledged it (applied or not).
+    acked: bool,
+}
+
+/// Advice remembered per job for acknowledgements.
+const RECENT_ADVICE: usize = 64;
+
+impl Job {
+    fn set_streams(&self) {
+        self.gauges.streams.set(self.streams.len() as f64);
+    }
+
+    fn set_unacked(&self) {
+        let unacked = self.recent.iter().filter(|r| !r.acked).count();
+        self.gauges.unacked.set(unacked as f64);
+    }
+
+    /// Remembers an advice for its acknowledgements, and returns the queues
+    /// of the streams it goes to (its target rank, or all).
+    fn advised(&mut self, id: u64, target: Option<u32>) -> Vec<Outbox> {
+        if self.recent.len() == RECENT_ADVICE {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(Recent { id, acked: false });
+        self.set_unacked();
+        self.streams
+            .iter()
+            .filter(|(rank, _)| target.is_none_or(|t| t == **rank))
+            .map(|(_, s)| s.outbox.clone())
+            .collect()
+    }
+
+    fn row(&self, id: &str, shape: Shape) -> JobRow {
+        JobRow {
+            job: id.to_owned(),
+            first_seen: self.first_seen,
+            last_seen: self.last_seen,
+            ranks: shape.ranks as u32,
+            world_size: shape.world_size,
+            layers: shape.layers as u32,
+            last_step: shape.last_step,
+            health: shape.health,
+        }
+    }
+}
+
+struct Stream {
+    id: u64,
+    outbox: Outbox,
+}
+
+/// What a stream is, once its Hello was accepted.
+#[derive(Debug, Clone)]
+pub struct Attachment {
+    pub stream: u64,
+    pub declared: Declared,
+}
+
+impl Attachment {
+    /// What ends a stream that a newer one of the same job and rank replaced.
+    fn replaced(&self) -> Refusal {
+        Refusal::new(
+            Reason::Replaced,
+            format!(
+                "replaced by a newer stream of job {:?} rank {}",
+                &*self.declared.job, self.declared.rank
+            ),
+        )
+    }
+}
+
+impl Hub {
+    pub fn new(mode: Box<dyn Mode>, metrics: HubMetrics, limits: Limits, recorder: Option<Recorder>) -> Self {
+        Self {
+            core: Mutex::new(Core {
+                mode,
+                jobs: HashMap::new(),
+                out: Output::default(),
+            }),
+            metrics,
+            limits,
+            next_stream: AtomicU64::new(1),
+            recorder,
+        }
+    }
+
+    fn core(&self) -> MutexGuard<'_, Core> {
+        // A panic under the lock would be a bug; the state is still usable.
+        self.core.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn next_stream_id(&self) -> u64 {
+        self.next_stream.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Attaches a stream to its job: declares the rank, replaces an older
+    /// stream of the same rank, and queues the Welcome.
+    pub fn hello(&self, stream: u64, outbox: &Outbox, hello: proto::Hello) -> Result<Attachment, Refusal> {
+        let mut declared = self.limits.check_hello(hello.clone())?;
+        let mut core = self.core();
+        let core = &mut *core;
+        // Forwarded summaries are decided on elsewhere, later.
+        declared.progress &= core.mode.decides();
+        let at = Attachment { stream, declared };
+        let last_step = core.mode.hello(&at.declared, &hello)?;
+        let job = self.track(core, &at.declared);
+        let previous = job.streams.insert(
+            at.declared.rank,
+            Stream {
+                id: stream,
+                outbox: outbox.clone(),
+            },
+        );
+        if let Some(old) = previous {
+            let _ = old.outbox.try_send(Err(at.replaced().status()));
+        }
+        job.set_streams();
+        let welcome = proto::Welcome {
+            server_version: env!("CARGO_PKG_VERSION").to_owned(),
+            last_step,
+            reports_progress: at.declared.progress,
+        };
+        // A fresh queue always has room; the Welcome goes first because any
+        // advice for this stream is queued under the same lock, later.
+        let _ = outbox.try_send(Ok(proto::ServerMessage {
+            body: Some(server_message::Body::Welcome(welcome)),
+        }));
+        self.metrics.active_streams.inc();
+        Ok(at)
+    }
+
+    /// The hub's entry of a job the mode accepted, created when new.
+    fn track<'a>(&self, core: &'a mut Core, d: &Declared) -> &'a mut Job {
+        let jobs = core.jobs.len() + usize::from(!core.jobs.contains_key(&d.job));
+        self.metrics.active_jobs.set(jobs as i64);
+        let job = core.jobs.entry(d.job.clone()).or_insert_with(|| Job {
+            streams: HashMap::new(),
+            last_active: Instant::now(),
+            gauges: self.metrics.job_gauges(&d.job),
+            first_seen: unix_now(),
+            last_seen: unix_now(),
+            dirty: true,
+            recent: VecDeque::new(),
+        });
+        job.last_active = Instant::now();
+        job
+    }
+
+    /// Runs one summary through the mode and sends any advice to every
+    /// stream of the job.
+    pub fn summary(
+        &self,
+        at: &Attachment,
+        outbox: &Outbox,
+        p: &proto::Summary,
+        scratch: &mut Summary,
+        received: Instant,
+    ) -> Result<(), Refusal> {
+        let now = unix_now();
+        let mut core = self.core();
+        let core = &mut *core;
+        self.reattach(core, at, outbox)?;
+        let mut out = std::mem::take(&mut core.out);
+        out.clear();
+        if let Err(r) = core.mode.summary(&at.declared, p, now, scratch, &mut out) {
+            core.out = out;
+            return Err(r);
+        }
+        let decides = core.mode.decides();
+        let health = if decides {
+            core.mode.shape(&at.declared.job).and_then(|s| s.health)
+        } else {
+            None
+        };
+        let job = core.jobs.get_mut(&at.declared.job).expect("attached above");
+        job.last_active = received;
+        job.last_seen = scratch.time.unwrap_or(job.last_seen);
+        job.dirty = true;
+        update_gauges(&job.gauges, scratch, health);
+        let progress = at.declared.progress.then(|| Delivery {
+            message: proto::ServerMessage {
+                body: Some(server_message::Body::Progress(proto::Progress { step: p.step })),
+            },
+            outboxes: vec![outbox.clone()],
+        });
+        self.publish(core, &out, progress, received);
+        core.out = out;
+        Ok(())
+    }
+
+    /// Makes sure this stream is the one attached for its rank. A job that was
+    /// forgotten while idle is declared again; a stream replaced by a newer
+    /// one of the same rank is told so.
+    fn reattach(&self, core: &mut Core, at: &Attachment, outbox: &Outbox) -> Result<(), Refusal> {
+        let d = &at.declared;
+        if let Some(job) = core.jobs.get(&d.job) {
+            match job.streams.get(&d.rank) {
+                Some(s) if s.id == at.stream => return Ok(()),
+                Some(_) => return Err(at.replaced()),
+                None => {}
+            }
+        }
+        let hello = proto::Hello {
+            job: d.job.to_string(),
+            rank: d.rank,
+            world_size: d.world_size.unwrap_or(0),
+            layer_names: d.layer_names.to_vec(),
+            rule_profile: d.profile.clone().unwrap_or_default(),
+            report_progress: d.progress,
+            ..Default::default()
+        };
+        core.mode.hello(d, &hello)?;
+        let job = self.track(core, d);
+        job.streams.insert(
+            d.rank,
+            Stream {
+                id: at.stream,
+                outbox: outbox.clone(),
+            },
+        );
+        job.set_streams();
+        Ok(())
+    }
+
+    /// The findings' and advice's books; the advice to the job's streams,
+    /// through the store when there is one (durable before it leaves), then
+    /// the stream's Progress, if it asked for one: the same path keeps it
+    /// behind every advice before it.
+    fn publish(&self, core: &mut Core, out: &Output, progress: Option<Delivery>, received: Instant) {
+        if out.is_empty() && progress.is_none() {
+            return;
+        }
+        core.mode.published(out);
+        let mut deliveries = Vec::with_capacity(out.advice.len() + 1);
+        for a in &out.advice {
+            let Some(job) = core.jobs.get_mut(&a.job) else { continue };
+            let outboxes = job.advised(a.id, a.target);
+            deliveries.push(Delivery {
+                message: proto::ServerMessage {
+                    body: Some(server_message::Body::Advice(wire::advice_to_proto(a))),
+                },
+                outboxes,
+            });
+        }
+        deliveries.extend(progress);
+        let then = self.deliver_later(deliveries, Some(received));
+        match &self.recorder {
+            Some(recorder) => {
+                let now = unix_now();
+                recorder.record(Record {
+                    anomalies: out.findings.clone(),
+                    advice: out.advice.iter().map(|a| (a.clone(), now)).collect(),
+                    then,
+                    ..Record::default()
+                });
+            }
+            None => {
+                if let Some(then) = then {
+                    then();
+                }
+            }
+        }
+    }
+
+    /// The deliveries as one call to make once what they carry is durable.
+    fn deliver_later(&self, deliveries: Vec<Delivery>, received: Option<Instant>) -> Option<Box<dyn FnOnce() + Send>> {
+        if deliveries.is_empty() {
+            return None;
+        }
+        let metrics = self.metrics.clone();
+        Some(Box::new(move || deliver(&metrics, &deliveries, received)))
+    }
+
+    /// Records a worker's acknowledgement of advice: the advice no longer
+    /// counts as unacknowledged (whether applied or not), and the mode acts
+    /// on it (a rollback rewinds the rank).
+    pub fn ack(&self, at: &Attachment, ack: &proto::AdviceAck) {
+        let d = &at.declared;
+        // The lock is released before the store is handed the ack.
+        {
+            let mut core = self.core();
+            let core = &mut *core;
+            if let Some(job) = core.jobs.get_mut(&d.job)
+                && let Some(r) = job.recent.iter_mut().find(|r| r.id == ack.advice_id)
+            {
+                r.acked = true;
+                job.set_unacked();
+            }
+            core.mode.ack(d, ack);
+        }
+        if let Some(recorder) = &self.recorder {
+            recorder.record(Record {
+                acks: vec![Ack {
+                    advice_id: ack.advice_id,
+                    job: d.job.to_string(),
+                    rank: d.rank,
+                    applied_step: ack.applied_step,
+                    applied: ack.applied,
+                    note: ack.note.clone(),
+                    time: unix_now(),
+                }],
+                ..Record::default()
+            });
+        }
+        tracing::debug!(
+            job = &*d.job,
+            rank = d.rank,
+            advice = ack.advice_id,
+            applied = ack.applied,
+            step = ack.applied_step,
+            "advice acknowledged"
+        );
+    }
+
+    /// Records the job's current row, then waits until everything accepted
+    /// so far is durable: in the store, or with the job's owner.
+    pub async fn flush(&self, job: &str) {
+        let (row, handover) = {
+            let mut core = self.core();
+            let core = &mut *core;
+            let handover = core.mode.handover();
+            let row = if core.mode.decides() {
+                let shape = core.mode.shape(job);
+                core.jobs.get_mut(job).zip(shape).map(|(j, shape)| {
+                    j.dirty = false;
+                    j.row(job, shape)
+                })
+            } else {
+                None
+            };
+            (row, handover)
+        };
+        if let Some(handover) = handover {
+            let _ = tokio::task::spawn_blocking(handover).await;
+            return;
+        }
+        let Some(recorder) = &self.recorder else { return };
+        if let Some(row) = row {
+            recorder.record(Record {
+                jobs: vec![row],
+                ..Record::default()
+            });
+        }
+        recorder.flush().await;
+    }
+
+    /// True when this replica hands its streams' messages to their jobs'
+    /// owners (cluster mode).
+    pub fn is_cluster(&self) -> bool {
+        !self.core().mode.decides()
+    }
+
+    /// Cluster mode: an advice from the advice topic, to this replica's
+    /// streams of its job (a replayed advice, same id, is sent once).
+    pub fn deliver_advice(&self, advice: proto::Advice) {
+        let mut core = self.core();
+        let Some(job) = core.jobs.get_mut(advice.job.as_str()) else {
+            return;
+        };
+        if advice.action.is_none() || job.recent.iter().any(|r| r.id == advice.id) {
+            return;
+        }
+        let outboxes = job.advised(advice.id, advice.target_rank);
+        drop(core);
+        let delivery = Delivery {
+            message: proto::ServerMessage {
+                body: Some(server_message::Body::Advice(advice)),
+            },
+            outboxes,
+        };
+        deliver(&self.metrics, &[delivery], None);
+    }
+
+    /// A stream ended: it leaves its job (unless a newer stream replaced it).
+    pub fn detach(&self, at: &Attachment) {
+        let d = &at.declared;
+        let mut core = self.core();
+        if let Some(job) = core.jobs.get_mut(&d.job) {
+            if job.streams.get(&d.rank).is_some_and(|s| s.id == at.stream) {
+                job.streams.remove(&d.rank);
+                job.set_streams();
+            }
+            job.last_active = Instant::now();
+        }
+        self.metrics.active_streams.dec();
+    }
+
+    /// Every tracked job's row as this replica sees it now, with its open streams.
+    pub fn live_jobs(&self) -> Vec<(JobRow, u32)> {
+        let core = self.core();
+        core.jobs
+            .iter()
+            .filter_map(|(id, j)| Some((j.row(id, core.mode.shape(id)?), j.streams.len() as u32)))
+            .collect()
+    }
+
+    pub fn live_job(&self, job: &str) -> Option<(JobRow, u32)> {
+        let core = self.core();
+        let (id, j) = core.jobs.get_key_value(job)?;
+        Some((j.row(id, core.mode.shape(id)?), j.streams.len() as u32))
+    }
+
+    /// A job's effective rules as TOML.
+    pub fn rules_toml(&self, job: &str) -> Result<String, String> {
+        let rules = self.core().mode.rules(job)?;
+        toml::to_string(&rules).map_err(|e| e.to_string())
+    }
+
+    /// Periodic work against the service's clock: stalled ranks, job rows
+    /// for the store, and jobs idle for longer than the TTL are forgotten
+    /// with their metrics series.
+    pub fn tick(&self) {
+        let now = Instant::now();
+        let mut core = self.core();
+        let core = &mut *core;
+        let mut out = std::mem::take(&mut core.out);
+        out.clear();
+        core.mode.tick(unix_now(), &mut out);
+        self.publish(core, &out, None, now);
+        core.out = out;
+
+        if let Some(recorder) = self.recorder.as_ref().filter(|_| core.mode.decides()) {
+            let mode = &core.mode;
+            let rows: Vec<JobRow> = core
+                .jobs
+                .iter_mut()
+                .filter(|(_, j)| j.dirty)
+                .filter_map(|(id, j)| {
+                    j.dirty = false;
+                    Some(j.row(id, mode.shape(id)?))
+                })
+                .collect();
+            if !rows.is_empty() {
+                recorder.record(Record {
+                    jobs: rows,
+                    ..Record::default()
+                });
+            }
+        }
+
+        let ttl = self.limits.job_ttl;
+        let expired: Vec<_> = core
+            .jobs
+            .iter()
+            .filter(|(_, j)| now.duration_since(j.last_active) >= ttl)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in expired {
+            core.jobs.remove(&id);
+            core.mode.forget(&id);
+            self.metrics.forget_job(&id);
+            tracing::info!(job = &*id, "forgot idle job");
+        }
+        self.metrics.active_jobs.set(core.jobs.len() as i64);
+    }
+}
+
+/// One advice (or Progress) and the streams it goes to.
+pub struct Delivery {
+    pub message: proto::ServerMessage,
+    pub outboxes: Vec<Outbox>,
+}
+
+/// Hands advice to its streams' queues without waiting: a full queue (a
+/// worker that does not read) loses it, a closed one is a stream ending.
+fn deliver(metrics: &HubMetrics, deliveries: &[Delivery], received: Option<Instant>) {
+    for d in deliveries {
+        let advice = matches!(d.message.body, Some(server_message::Body::Advice(_)));
+        for outbox in &d.outboxes {
+            if let Err(mpsc::error::TrySendError::Full(_)) = outbox.try_send(Ok(d.message.clone()))
+                && advice
+            {
+                metrics.advice_dropped.inc();
+            }
+        }
+        if let Some(received) = received
+            && advice
+        {
+            metrics.advice_latency.observe(received.elapsed().as_secs_f64());
+        }
+    }
+}
+
+fn update_gauges(g: &JobGauges, s: &Summary, health: Option<Severity>) {
+    let norm = s.grad_norm.or_else(|| {
+        (!s.layers.is_empty()).then(|| {
+            s.layers
+                .iter()
+                .map(|l| f64::from(l.l2) * f64::from(l.l2))
+                .sum::<f64>()
+                .sqrt()
+        })
+    });
+    if let Some(n) = norm {
+        g.grad_norm.set(n);
+    }
+    if let Some(l) = s.loss {
+        g.loss.set(l);
+    }
+    if let Some(lr) = s.lr {
+        g.lr.set(lr);
+    }
+    if let Some(t) = s.time {
+        g.last_summary.set(t);
+    }
+    g.health.set(match health {
+        None => 0.0,
+        Some(Severity::Info) => 1.0,
+        Some(Severity::Warning) => 2.0,
+        Some(Severity::Critical) => 3.0,
+    });
+}

@@ -1,0 +1,187 @@
+//! `gradguard.v1.Ingest`: the gRPC adapter on the intake, one task per
+//! worker stream.
+//!
+//! The task reads the worker's messages in order and hands each to the
+//! intake's [`Decoder`] and then the hub right away, so advice is on its way
+//! before the next message is read. A refused message ends that stream with
+//! its status (`InvalidArgument` naming the field and value); other streams
+//! never notice. However the stream ends, dropping the session detaches it
+//! from its job.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Code, Request, Response, Status, Streaming};
+
+use super::hub::{Attachment, Hub, Outbox};
+use crate::intake::{Decoder, IntakeMetrics, Parts, Reason, Refusal, no_hello};
+use crate::model::Summary;
+use crate::proto::frames::{Frame, ingest_server::Ingest};
+use crate::proto::{self};
+
+pub struct IngestService {
+    hub: Arc<Hub>,
+    metrics: IntakeMetrics,
+    /// Server messages queued per stream before advice is dropped.
+    queue: usize,
+    max_message_bytes: usize,
+}
+
+impl IngestService {
+    pub fn new(hub: Arc<Hub>, metrics: IntakeMetrics, queue: usize, max_message_bytes: usize) -> Self {
+        Self {
+            hub,
+            metrics,
+            queue,
+            max_message_bytes,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Ingest for IngestService {
+    type StreamStream = ReceiverStream<Result<proto::ServerMessage, Status>>;
+
+    async fn stream(&self, request: Request<Streaming<Frame>>) -> Result<Response<Self::StreamStream>, Status> {
+        let (outbox, rx) = mpsc::channel(self.queue);
+        let session = Session {
+            stream: Stream {
+                id: self.hub.next_stream_id(),
+                hub: self.hub.clone(),
+                outbox,
+                attachment: None,
+                scratch: Summary::default(),
+                received: Instant::now(),
+            },
+            decoder: Decoder::default(),
+            metrics: self.metrics.clone(),
+            max_message_bytes: self.max_message_bytes,
+        };
+        tokio::spawn(session.run(request.into_inner()));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// One worker stream.
+struct Session {
+    stream: Stream,
+    decoder: Decoder,
+    metrics: IntakeMetrics,
+    max_message_bytes: usize,
+}
+
+/// What a stream's messages are handed to, part by part.
+struct Stream {
+    id: u64,
+    hub: Arc<Hub>,
+    outbox: Outbox,
+    attachment: Option<Attachment>,
+    /// Every summary of the stream is converted into this one: it keeps its
+    /// capacity from step to step.
+    scratch: Summary,
+    /// When the message being handled arrived.
+    received: Instant,
+}
+
+impl Session {
+    async fn run(mut self, mut inbound: Streaming<Frame>) {
+        loop {
+            let frame = match inbound.message().await {
+                Ok(Some(m)) => m,
+                Ok(None) => {
+                    // The worker closed its half. Its stream ends once all it
+                    // sent is durable, so "stream ended" means "stored".
+                    if let Some(at) = &self.stream.attachment {
+                        self.stream.hub.flush(&at.declared.job).await;
+                    }
+                    break;
+                }
+                Err(status) => {
+                    if status.code() == Code::OutOfRange {
+                        // tonic's decoder refused a frame over the size limit.
+                        let limit = self.max_message_bytes;
+                        self.refuse(Refusal::new(
+                            Reason::MessageTooLarge,
+                            format!(
+                                "message over the size limit of {limit} bytes (--max-message-bytes): {}",
+                                status.message()
+                            ),
+                        ))
+                        .await;
+                    }
+                    break; // otherwise the transport failed: the worker is gone
+                }
+            };
+            self.stream.received = Instant::now();
+            if let Err(refusal) = self.decoder.decode(&frame, &mut self.stream) {
+                self.refuse(refusal).await;
+                break;
+            }
+        }
+    }
+
+    /// Ends the stream with the refusal's status.
+    async fn refuse(&self, refusal: Refusal) {
+        self.metrics.refused(&refusal);
+        tracing::debug!(stream = self.stream.id, reason = refusal.reason.label(), status = %refusal, "refused");
+        let _ = self.stream.outbox.send(Err(refusal.status())).await;
+    }
+}
+
+impl Parts for Stream {
+    fn hello(&mut self, hello: proto::Hello) -> Result<(), Refusal> {
+        if let Some(at) = &self.attachment {
+            return Err(Refusal::new(
+                Reason::HelloTwice,
+                format!(
+                    "field hello: this stream already said hello as job {:?} rank {}",
+                    &*at.declared.job, at.declared.rank
+                ),
+            ));
+        }
+        self.attachment = Some(self.hub.hello(self.id, &self.outbox, hello)?);
+        Ok(())
+    }
+
+    fn batch(&mut self, len: usize) -> Result<(), Refusal> {
+        if self.attachment.is_none() {
+            return Err(Refusal::new(
+                Reason::NoHello,
+                format!("field batch: {len} summaries arrived before the Hello; open the stream with a Hello"),
+            ));
+        }
+        Ok(())
+    }
+
+    fn summary(&mut self, summary: &proto::Summary) -> Result<(), Refusal> {
+        let Some(at) = &self.attachment else {
+            return Err(Refusal::new(
+                Reason::NoHello,
+                format!(
+                    "field summary: step {} arrived before the Hello; open the stream with a Hello (job, rank, world_size, layer_names)",
+                    summary.step
+                ),
+            ));
+        };
+        self.hub
+            .summary(at, &self.outbox, summary, &mut self.scratch, self.received)
+    }
+
+    fn ack(&mut self, ack: proto::AdviceAck) -> Result<(), Refusal> {
+        let Some(at) = &self.attachment else {
+            return Err(no_hello("ack"));
+        };
+        self.hub.ack(at, &ack);
+        Ok(())
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if let Some(at) = &self.stream.attachment {
+            self.stream.hub.detach(at);
+        }
+    }
+}

@@ -1,0 +1,187 @@
+//! The hub's metrics, and the HTTP endpoint that serves every metric of the
+//! service's registry.
+//!
+//! Each component registers its own series in the one registry: the intake
+//! (`intake::IntakeMetrics`: summaries, refusals, anomalies, advice, acks),
+//! the hub (here: streams, jobs, per-job gauges, advice delivery), the store
+//! writer (`store::writer`), the cluster (`cluster::ClusterMetrics`).
+//!
+//! Names follow the conventions: `gradguard_` prefix, base units, `_total`
+//! counters. Labels are bounded: `job` (capped by `--max-jobs`, and removed
+//! with the job), `rule`, `severity`, `action`, `reason`; never a step or a rank.
+//! Alerts belong on the counters (`increase(gradguard_anomalies_total[5m]) > 0`):
+//! a one-step spike never shows in a gauge scraped every 15 s.
+
+use axum::Router;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus::{
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntGauge, Opts, Registry, TextEncoder,
+};
+
+use crate::intake::IntakeMetrics;
+
+/// The hub's series.
+#[derive(Clone)]
+pub struct HubMetrics {
+    pub advice_dropped: IntCounter,
+    pub advice_latency: Histogram,
+    pub active_jobs: IntGauge,
+    pub active_streams: IntGauge,
+    job_grad_norm: GaugeVec,
+    job_loss: GaugeVec,
+    job_lr: GaugeVec,
+    job_health: GaugeVec,
+    job_last_summary: GaugeVec,
+    job_streams: GaugeVec,
+    job_unacked: GaugeVec,
+    /// The intake's per-job series start and end with the hub's jobs.
+    intake: IntakeMetrics,
+}
+
+/// One job's gauges, looked up once when the job appears.
+#[derive(Clone)]
+pub struct JobGauges {
+    pub grad_norm: Gauge,
+    pub loss: Gauge,
+    pub lr: Gauge,
+    pub health: Gauge,
+    pub last_summary: Gauge,
+    pub streams: Gauge,
+    pub unacked: Gauge,
+}
+
+/// Buckets of latencies, in seconds: 50 µs to 1 s.
+pub const LATENCY_BUCKETS: [f64; 14] = [
+    50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 500e-3, 1.0,
+];
+
+/// Registers a collector; only a duplicate or malformed name fails, fixed here.
+pub fn registered<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> C {
+    r.register(Box::new(c.clone())).expect("a metric registered once");
+    c
+}
+
+impl HubMetrics {
+    pub fn register(r: &Registry, intake: IntakeMetrics) -> Self {
+        let job_gauge = |name: &str, help: &str| registered(r, GaugeVec::new(Opts::new(name, help), &["job"]).unwrap());
+        Self {
+            advice_dropped: registered(
+                r,
+                IntCounter::new(
+                    "gradguard_advice_dropped_total",
+                    "Advice not delivered to a stream because its send queue was full.",
+                )
+                .unwrap(),
+            ),
+            advice_latency: registered(
+                r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "gradguard_advice_latency_seconds",
+                        "Time from receiving a summary to queueing the advice it triggered on the worker streams.",
+                    )
+                    .buckets(LATENCY_BUCKETS.to_vec()),
+                )
+                .unwrap(),
+            ),
+            active_jobs: registered(r, IntGauge::new("gradguard_active_jobs", "Jobs tracked.").unwrap()),
+            active_streams: registered(
+                r,
+                IntGauge::new("gradguard_active_streams", "Worker streams open (after their Hello).").unwrap(),
+            ),
+            job_grad_norm: job_gauge(
+                "gradguard_job_grad_norm",
+                "Latest global gradient L2 norm of a job (any rank); for dashboards, not alerts.",
+            ),
+            job_loss: job_gauge("gradguard_job_loss", "Latest loss of a job (any rank)."),
+            job_lr: job_gauge(
+                "gradguard_job_learning_rate",
+                "Latest learning rate of a job (any rank).",
+            ),
+            job_health: job_gauge(
+                "gradguard_job_health",
+                "Worst open problem of a job: 0 healthy, 1 info, 2 warning, 3 critical.",
+            ),
+            job_last_summary: job_gauge(
+                "gradguard_job_last_summary_timestamp_seconds",
+                "When the latest summary of a job (any rank) was taken, seconds since the epoch.",
+            ),
+            job_streams: job_gauge("gradguard_job_streams", "Worker streams of a job open now."),
+            job_unacked: job_gauge(
+                "gradguard_job_advice_unacked",
+                "Advice of a job (among its latest 64) that no rank has acknowledged yet.",
+            ),
+            intake,
+        }
+    }
+
+    /// A new job's gauges (and its alerted anomaly counters, at 0).
+    pub fn job_gauges(&self, job: &str) -> JobGauges {
+        self.intake.new_job(job);
+        JobGauges {
+            grad_norm: self.job_grad_norm.with_label_values(&[job]),
+            loss: self.job_loss.with_label_values(&[job]),
+            lr: self.job_lr.with_label_values(&[job]),
+            health: self.job_health.with_label_values(&[job]),
+            last_summary: self.job_last_summary.with_label_values(&[job]),
+            streams: self.job_streams.with_label_values(&[job]),
+            unacked: self.job_unacked.with_label_values(&[job]),
+        }
+    }
+
+    /// Removes every series labelled with this job.
+    pub fn forget_job(&self, job: &str) {
+        for v in [
+            &self.job_grad_norm,
+            &self.job_loss,
+            &self.job_lr,
+            &self.job_health,
+            &self.job_last_summary,
+            &self.job_streams,
+            &self.job_unacked,
+        ] {
+            let _ = v.remove_label_values(&[job]);
+        }
+        self.intake.forget_job(job);
+    }
+}
+
+/// The text exposition of every metric of a registry.
+pub fn render(registry: &Registry) -> Result<String, prometheus::Error> {
+    let mut buf = Vec::new();
+    TextEncoder::new().encode(&registry.gather(), &mut buf)?;
+    Ok(String::from_utf8(buf).expect("the text format is UTF-8"))
+}
+
+/// `/metrics` (Prometheus text format) and `/healthz`.
+pub fn router(registry: Registry) -> Router {
+    Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let registry = registry.clone();
+                async move {
+                    match render(&registry) {
+                        Ok(text) => {
+                            (StatusCode::OK, [(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], text).into_response()
+                        }
+                        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+                    }
+                }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }))
+}
+
+/// Serves the router on an already bound listener until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    registry: Registry,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(registry))
+        .with_graceful_shutdown(shutdown)
+        .await
+}

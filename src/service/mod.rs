@@ -1,0 +1,354 @@
+//! The service: gRPC ingest with advice streamed back, the Query API, gRPC
+//! health and reflection, and Prometheus metrics over HTTP; in cluster mode
+//! also the Kafka detector, the advice relay and the store feed.
+//!
+//! [`Service::start`] sets it all up on listeners bound by the caller (so a
+//! test can run it in-process on port 0), [`Service::stop`] shuts it down;
+//! [`run`] is both around a shutdown future.
+
+mod forward;
+mod hub;
+mod ingest;
+pub mod metrics;
+mod query;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::cluster::detector::Detector;
+use crate::cluster::feed::start_feed;
+use crate::cluster::relay::{Forwarder, relay_advice};
+use crate::cluster::{ClusterMetrics, KafkaConfig, Link};
+use crate::config::RuleBook;
+use crate::engine::Engine;
+use crate::intake::{IntakeMetrics, Judge, Limits};
+use crate::proto::frames::ingest_server::IngestServer;
+use crate::proto::{self, query_server::QueryServer};
+use crate::store::writer::{Recorder, StoreMetrics};
+use crate::store::{Retention, Store, SyncMode};
+use forward::Forwarding;
+use hub::{Hub, Mode};
+use ingest::IngestService;
+use metrics::HubMetrics;
+use query::QueryService;
+
+/// Anomalies buffered for `WatchAnomalies` subscribers that fall behind.
+const WATCH_BUFFER: usize = 4096;
+
+/// The service's settings (the rules are apart, in the [`RuleBook`]).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// What a client can make the service hold.
+    pub limits: Limits,
+    /// Largest accepted worker message, in bytes.
+    pub max_message_bytes: usize,
+    /// Server messages queued per stream; advice beyond it is dropped.
+    pub stream_queue: usize,
+    /// The durable store; `None` runs without one.
+    pub store: Option<StoreSettings>,
+    /// Cluster mode on these brokers; `None` runs embedded.
+    pub kafka: Option<KafkaConfig>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            limits: Limits::default(),
+            max_message_bytes: 4 << 20,
+            stream_queue: 256,
+            store: None,
+            kafka: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct StoreSettings {
+    /// Directory of the store (created when absent); a cluster replica keeps
+    /// its name there too.
+    pub dir: PathBuf,
+    pub sync: SyncMode,
+    pub retention: Retention,
+}
+
+/// Where the service listens; bound by the caller.
+pub struct Listeners {
+    pub grpc: TcpListener,
+    pub http: TcpListener,
+}
+
+/// A running service.
+pub struct Service {
+    grpc_addr: SocketAddr,
+    http_addr: SocketAddr,
+    stop: tokio::sync::watch::Sender<bool>,
+    servers: Vec<JoinHandle<()>>,
+    background: Vec<JoinHandle<()>>,
+    cluster: Option<Cluster>,
+}
+
+/// Runs the service until `shutdown` resolves.
+pub async fn run(
+    settings: Settings,
+    book: RuleBook,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let service = Service::start(settings, book, listeners).await?;
+    shutdown.await;
+    service.stop().await;
+    Ok(())
+}
+
+impl Service {
+    /// Opens the store, joins the cluster when there is one, and serves on
+    /// the listeners. Errors (a damaged store, unreachable brokers) come
+    /// before anything is served.
+    pub async fn start(settings: Settings, book: RuleBook, listeners: Listeners) -> anyhow::Result<Self> {
+        let grpc_addr = listeners.grpc.local_addr()?;
+        let http_addr = listeners.http.local_addr()?;
+        let registry = prometheus::Registry::new();
+        #[cfg(target_os = "linux")]
+        registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
+        let intake = IntakeMetrics::register(&registry);
+        let hub_metrics = HubMetrics::register(&registry, intake.clone());
+        let limits = settings.limits.clone();
+
+        let store = match &settings.store {
+            Some(s) => Some((
+                Store::open_with(&s.dir, s.sync).with_context(|| format!("--data-dir {}", s.dir.display()))?,
+                s,
+            )),
+            None => None,
+        };
+        let cluster = match &settings.kafka {
+            Some(config) => {
+                let judge = Judge::new(Engine::new(book.clone()), limits.clone(), intake.clone());
+                Some(Cluster::start(config, &registry, judge).await?)
+            }
+            None => None,
+        };
+        let mut engine = Engine::new(book.clone());
+        let (watchers, _) = tokio::sync::broadcast::channel(WATCH_BUFFER);
+        let (recorder, reader) = match store {
+            Some((store, s)) => {
+                engine.resume_advice_ids(store.max_advice_id()?);
+                let reader = store.reader()?;
+                let recorder = Recorder::start(store, s.retention, StoreMetrics::register(&registry), watchers.clone());
+                (Some(recorder), Some(Arc::new(reader)))
+            }
+            None => (None, None),
+        };
+        let mut background = Vec::new();
+        let mode: Box<dyn Mode> = match (&cluster, &settings.kafka) {
+            (Some(c), Some(config)) => {
+                if let (Some(recorder), Some(s)) = (&recorder, &settings.store) {
+                    let replica = replica_id(&s.dir)?;
+                    background.push(start_feed(config, &book, c.link.clone(), recorder.clone(), &replica)?);
+                    tracing::info!(%replica, "cluster mode: the store reads the anomalies, advice and state topics");
+                }
+                Box::new(Forwarding::new(c.forward.clone(), book.clone(), limits.clone()))
+            }
+            _ => Box::new(Judge::new(engine, limits.clone(), intake.clone())),
+        };
+        let hub = Arc::new(Hub::new(mode, hub_metrics, limits, recorder));
+        if let (Some(c), Some(config)) = (&cluster, &settings.kafka) {
+            let hub = hub.clone();
+            background.push(relay_advice(config, c.link.clone(), move |a| hub.deliver_advice(a)).await?);
+        }
+
+        let (stop, stopping) = tokio::sync::watch::channel(false);
+        let query = QueryServer::new(QueryService::new(hub.clone(), reader, watchers, stopping.clone()));
+        let max_message = settings.max_message_bytes;
+        let ingest = IngestServer::new(IngestService::new(
+            hub.clone(),
+            intake,
+            settings.stream_queue,
+            max_message,
+        ))
+        .max_decoding_message_size(max_message);
+        let (health_reporter, health) = tonic_health::server::health_reporter();
+        health_reporter.set_serving::<IngestServer<IngestService>>().await;
+        if let Some(c) = &cluster {
+            background.push(tokio::spawn(report_brokers(
+                c.link.clone(),
+                c.metrics.clone(),
+                health_reporter,
+            )));
+        }
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .context("cannot build the reflection service")?;
+        background.push({
+            let hub = hub.clone();
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(Duration::from_secs(1));
+                every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    every.tick().await;
+                    hub.tick();
+                }
+            })
+        });
+
+        let stopped = move || {
+            let mut rx = stopping.clone();
+            async move {
+                let _ = rx.wait_for(|s| *s).await;
+            }
+        };
+        // Flow-control windows bound what a flooding worker can make the service
+        // buffer: 128 KiB per stream (about a hundred 100-layer summaries in
+        // flight) keeps a thousand streams well inside the memory budget.
+        let grpc = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .initial_stream_window_size(128 << 10)
+            .initial_connection_window_size(1 << 20)
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            .add_service(health)
+            .add_service(reflection)
+            .add_service(ingest)
+            .add_service(query)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listeners.grpc), stopped());
+        let http = metrics::serve(listeners.http, registry, stopped());
+        let servers = vec![
+            tokio::spawn(async move {
+                if let Err(e) = grpc.await {
+                    tracing::error!(error = %e, "gRPC server failed");
+                }
+            }),
+            tokio::spawn(async move {
+                if let Err(e) = http.await {
+                    tracing::error!(error = %e, "HTTP server failed");
+                }
+            }),
+        ];
+        tracing::info!(%grpc_addr, %http_addr, version = env!("CARGO_PKG_VERSION"), "gradguard serving");
+        Ok(Self {
+            grpc_addr,
+            http_addr,
+            stop,
+            servers,
+            background,
+            cluster,
+        })
+    }
+
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_addr
+    }
+
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// Stops serving: the cluster's detector commits what it processed, and
+    /// open worker streams get a few seconds to end.
+    pub async fn stop(self) {
+        tracing::info!("shutting down");
+        let _ = self.stop.send(true);
+        for task in &self.background {
+            task.abort();
+        }
+        if let Some(cluster) = self.cluster {
+            let _ = tokio::task::spawn_blocking(move || drop(cluster)).await;
+        }
+        let drain = async {
+            for server in self.servers {
+                let _ = server.await;
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
+    }
+}
+
+/// Reports the brokers' reachability: gRPC health (NOT_SERVING while every
+/// broker is down, so a load balancer moves workers away) and the gauge.
+async fn report_brokers(link: Arc<Link>, metrics: ClusterMetrics, reporter: tonic_health::server::HealthReporter) {
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    let mut was = None;
+    loop {
+        every.tick().await;
+        let up = link.is_up();
+        if was != Some(up) {
+            was = Some(up);
+            let status = if up {
+                tonic_health::ServingStatus::Serving
+            } else {
+                tracing::warn!("all Kafka brokers are down: reporting NOT_SERVING");
+                tonic_health::ServingStatus::NotServing
+            };
+            if up {
+                reporter.set_serving::<IngestServer<IngestService>>().await;
+            } else {
+                reporter.set_not_serving::<IngestServer<IngestService>>().await;
+            }
+            reporter.set_service_status("", status).await;
+        }
+        // After the health status: whoever sees the gauge sees the status.
+        metrics.up.set(i64::from(up));
+    }
+}
+
+/// This replica's part of the cluster.
+struct Cluster {
+    link: Arc<Link>,
+    metrics: ClusterMetrics,
+    forward: Arc<Forwarder>,
+    _detector: Detector,
+}
+
+impl Cluster {
+    /// Creates the missing topics and joins the detectors' group.
+    async fn start(config: &KafkaConfig, registry: &prometheus::Registry, judge: Judge) -> anyhow::Result<Self> {
+        config.ensure_topics().await?;
+        let metrics = ClusterMetrics::register(registry);
+        let link = Link::new(metrics.clone(), &config.topics.summaries);
+        let detector = Detector::start(config, judge, link.clone())?;
+        tracing::info!(
+            brokers = config.brokers.as_deref().unwrap_or_default(),
+            group = %config.group,
+            "cluster mode: detector joined its group"
+        );
+        let forward = Arc::new(Forwarder::new(config, link.clone())?);
+        Ok(Self {
+            link,
+            metrics,
+            forward,
+            _detector: detector,
+        })
+    }
+}
+
+/// This replica's name in the cluster, kept in the data directory so a
+/// restarted replica resumes its store feed where it stopped.
+fn replica_id(data_dir: &std::path::Path) -> anyhow::Result<String> {
+    let path = data_dir.join("replica-id");
+    match std::fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => return Ok(id.trim().to_owned()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_nanos(),
+    );
+    h.write_u32(std::process::id());
+    let id = format!("{:016x}", h.finish());
+    std::fs::write(&path, &id).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(id)
+}
