@@ -22,6 +22,7 @@
 //!   ceiling) on labelled real traces and scenario runs (`QUALITY.md`).
 
 pub mod client;
+pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod engine;
@@ -29,6 +30,7 @@ pub mod intake;
 pub mod model;
 pub mod proto;
 pub mod quality;
+pub mod recorder;
 pub mod scenario;
 pub mod service;
 pub mod store;

@@ -15,8 +15,6 @@
 //! Non-finite values: SQLite stores NaN as NULL, so a NULL value reads back as
 //! NaN; infinities round-trip.
 
-pub mod writer;
-
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 

@@ -22,7 +22,7 @@ use rdkafka::message::{BorrowedMessage, Message};
 
 use super::KafkaConfig;
 use super::link::{Ctx, Link};
-use crate::store::writer::{Record, Recorder};
+use crate::recorder::{Record, Recorder};
 
 /// Records written to the store per commit, at most.
 const MAX_BATCH: usize = 1000;

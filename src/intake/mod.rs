@@ -21,13 +21,15 @@ mod judge;
 mod metrics;
 mod refusal;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 pub use decode::{Decoder, Parts};
 pub use hello::Declared;
 pub use judge::Judge;
 pub use metrics::IntakeMetrics;
 pub use refusal::{Reason, Refusal};
+
+pub use crate::clock::unix_now;
 
 use crate::engine::{MAX_LAYERS, MAX_RANKS};
 use crate::model::Summary;
@@ -86,13 +88,6 @@ pub fn no_hello(what: &str) -> Refusal {
             "field {what}: arrived before the Hello; open the stream with a Hello (job, rank, world_size, layer_names)"
         ),
     )
-}
-
-/// Seconds since the Unix epoch, by the service's clock: the one clock helper.
-pub fn unix_now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 #[cfg(test)]

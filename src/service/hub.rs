@@ -27,7 +27,7 @@ use crate::engine::Output;
 use crate::intake::{Declared, Judge, Limits, Reason, Refusal, unix_now};
 use crate::model::{Severity, Summary};
 use crate::proto::{self, server_message};
-use crate::store::writer::{Record, Recorder};
+use crate::recorder::{Record, Recorder};
 use crate::store::{Ack, JobRow};
 use crate::wire;
 

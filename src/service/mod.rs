@@ -31,7 +31,7 @@ use crate::engine::Engine;
 use crate::intake::{IntakeMetrics, Judge, Limits};
 use crate::proto::frames::ingest_server::IngestServer;
 use crate::proto::{self, query_server::QueryServer};
-use crate::store::writer::{Recorder, StoreMetrics};
+use crate::recorder::{Recorder, StoreMetrics};
 use crate::store::{Retention, Store, SyncMode};
 use forward::Forwarding;
 use hub::{Hub, Mode};

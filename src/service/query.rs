@@ -16,7 +16,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::hub::Hub;
-use crate::store::writer::Watchers;
+use crate::recorder::Watchers;
 
 pub struct QueryService {
     hub: Arc<Hub>,

@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge, Registry};
 use tokio::sync::broadcast;
 
-use super::{Ack, Batch, JobRow, Retention, Store, StoredAnomaly};
-use crate::intake::unix_now;
+use crate::clock::unix_now;
 use crate::model::{Advice, Finding};
+use crate::store::{Ack, Batch, JobRow, Retention, Store, StoredAnomaly};
 use crate::{proto, wire};
 
 /// Most records merged into one transaction.
