@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::hub::{Mode, Shape};
+use super::mode::{Mode, Shape};
 use crate::cluster::relay::Forwarder;
 use crate::config::{RuleBook, Rules};
 use crate::engine::{EngineError, Output};

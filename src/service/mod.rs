@@ -10,6 +10,7 @@ mod forward;
 mod hub;
 mod ingest;
 pub mod metrics;
+mod mode;
 mod query;
 
 use std::net::SocketAddr;
@@ -34,9 +35,10 @@ use crate::proto::{self, query_server::QueryServer};
 use crate::recorder::{Recorder, StoreMetrics};
 use crate::store::{Retention, Store, SyncMode};
 use forward::Forwarding;
-use hub::{Hub, Mode};
+use hub::Hub;
 use ingest::IngestService;
 use metrics::HubMetrics;
+use mode::Mode;
 use query::QueryService;
 
 /// Anomalies buffered for `WatchAnomalies` subscribers that fall behind.

@@ -1,0 +1,290 @@
+//! One job's detection state: its ranks, rules, policy and cross-rank view.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use super::hit::{Emitter, Hit};
+use super::rules::{Obs, ranks};
+use super::worker::WorkerState;
+use super::*;
+use crate::config::{RuleBook, Rules};
+use crate::model::{JobId, RuleId, Summary};
+
+/// Drops the hits another rank already reported: an event (a spike, a NaN) at
+/// the same step, a lasting condition (a trend, a floor) within `window` steps.
+pub(super) fn dedupe_shared(
+    reported: &mut Vec<(u64, RuleId, Option<Arc<str>>, u32)>,
+    hits: &mut Vec<Hit>,
+    worker: u32,
+    window: u64,
+) {
+    hits.retain(|h| {
+        let f = &h.finding;
+        let seen = reported.iter().any(|(step, rule, layer, by)| {
+            let near = if f.rule.is_event() {
+                *step == f.step
+            } else {
+                step.saturating_add(window) > f.step
+            };
+            *rule == f.rule && *layer == f.layer && *by != worker && near
+        });
+        if !seen {
+            reported.push((f.step, f.rule, f.layer.clone(), worker));
+        }
+        !seen
+    });
+}
+
+/// The job's state, created with its effective rules on first sight.
+pub(super) fn job_entry<'a>(
+    jobs: &'a mut HashMap<JobId, JobState>,
+    book: &RuleBook,
+    job: &str,
+    profile: Option<&str>,
+) -> Result<&'a mut JobState, EngineError> {
+    if job.is_empty() {
+        return Err(EngineError::EmptyJob);
+    }
+    if !jobs.contains_key(job) {
+        let profile = profile.filter(|p| !p.is_empty());
+        let rules = book.for_job(job, profile)?;
+        let id: JobId = Arc::from(job);
+        jobs.insert(id.clone(), JobState::new(id, rules, profile.map(str::to_owned)));
+    }
+    Ok(jobs.get_mut(job).expect("inserted above"))
+}
+
+/// Everything the engine knows about one job. Serialized whole (less what
+/// the rule book gives back) as the job's snapshot.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub(super) struct JobState {
+    #[serde(skip)]
+    pub(super) id: JobId,
+    #[serde(skip)]
+    pub(super) rules: Rules,
+    /// The rule profile the job was declared with: restoring re-derives the
+    /// rules from the replica's rule book.
+    pub(super) profile: Option<String>,
+    pub(super) layer_names: Vec<Arc<str>>,
+    pub(super) world_size: Option<u32>,
+    pub(super) workers: Vec<Option<WorkerState>>,
+    pub(super) peers: Vec<Option<ranks::Peer>>,
+    pub(super) ranks_seen: usize,
+    pub(super) ranks: ranks::State,
+    pub(super) policy: policy::Policy,
+    /// Scratch space for one observation's hits.
+    #[serde(skip)]
+    pub(super) hits: Vec<Hit>,
+    /// Findings reported recently (step, rule, layer, rank), so ranks sharing
+    /// a signal report it once.
+    pub(super) reported: Vec<(u64, RuleId, Option<Arc<str>>, u32)>,
+    /// Recent rollback advice, for its acknowledgements.
+    pub(super) rollbacks: VecDeque<NotedRollback>,
+}
+
+/// A rollback advice as published, and the ranks that applied it.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub(super) struct NotedRollback {
+    pub(super) id: u64,
+    pub(super) to_step: u64,
+    pub(super) applied_by: Vec<u32>,
+}
+
+impl JobState {
+    pub(super) fn new(id: JobId, rules: Rules, profile: Option<String>) -> Self {
+        Self {
+            id,
+            rules,
+            profile,
+            layer_names: Vec::new(),
+            world_size: None,
+            workers: Vec::new(),
+            peers: Vec::new(),
+            ranks_seen: 0,
+            ranks: ranks::State::default(),
+            policy: policy::Policy::default(),
+            hits: Vec::new(),
+            reported: Vec::new(),
+            rollbacks: VecDeque::new(),
+        }
+    }
+
+    pub(super) fn status(&self) -> JobStatus {
+        let workers: usize = self.workers.iter().flatten().map(WorkerState::bytes).sum();
+        JobStatus {
+            job: self.id.clone(),
+            ranks: self.ranks_seen,
+            world_size: self.world_size,
+            max_step: self.ranks.max_step,
+            layers: self.layer_names.len(),
+            open_episodes: self.policy.open_episodes(),
+            state_bytes: std::mem::size_of::<Self>()
+                + workers
+                + self.peers.capacity() * std::mem::size_of::<Option<ranks::Peer>>()
+                + self.ranks.heap_bytes(),
+        }
+    }
+
+    pub(super) fn validate(&self, s: &Summary) -> Result<(), EngineError> {
+        let worker = s.worker;
+        if worker >= MAX_RANKS {
+            return Err(EngineError::RankOutOfRange { worker });
+        }
+        if !s.layers.is_empty() && !self.layer_names.is_empty() && s.layers.len() != self.layer_names.len() {
+            return Err(EngineError::LayerCount {
+                worker,
+                expected: self.layer_names.len(),
+                got: s.layers.len(),
+            });
+        }
+        if s.layers.len() > MAX_LAYERS {
+            return Err(EngineError::TooManyLayers { got: s.layers.len() });
+        }
+        let last = self
+            .peers
+            .get(worker as usize)
+            .and_then(|p| p.as_ref())
+            .and_then(|p| p.last_step);
+        match last {
+            Some(last) if s.step == last => Err(EngineError::DuplicateStep { worker, step: s.step }),
+            Some(last) if s.step < last => Err(EngineError::StepBackwards {
+                worker,
+                step: s.step,
+                last,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    pub(super) fn observe(&mut self, s: &Summary, next_id: &mut u64, out: &mut Output) -> Result<(), EngineError> {
+        self.validate(s)?;
+        if self.layer_names.is_empty() && !s.layers.is_empty() {
+            self.layer_names = (0..s.layers.len()).map(|i| Arc::from(format!("layer{i}"))).collect();
+        }
+        let rank = s.worker as usize;
+        if self.workers.len() <= rank {
+            self.workers.resize_with(rank + 1, || None);
+            self.peers.resize_with(rank + 1, || None);
+        }
+        if self.workers[rank].is_none() {
+            self.workers[rank] = Some(WorkerState::new(&self.rules));
+            self.peers[rank] = Some(ranks::Peer::default());
+            self.ranks_seen += 1;
+        }
+        self.policy.saw_lr(s.step, s.lr, &self.rules);
+        let peer = self.peers[rank].as_mut().expect("created above");
+        peer.last_step = Some(s.step);
+        peer.last_time = s.time.filter(|t| t.is_finite()).or(peer.last_time);
+
+        let rules = &self.rules;
+        self.hits.clear();
+        let mut em = Emitter {
+            job: &self.id,
+            worker: Some(s.worker),
+            step: s.step,
+            time: s.time,
+            layer_names: &self.layer_names,
+            hits: &mut self.hits,
+        };
+        let obs = Obs::new(s);
+        self.workers[rank]
+            .as_mut()
+            .expect("created above")
+            .observe(&obs, rules, &mut em);
+
+        let expected = (self.world_size.unwrap_or(0) as usize).max(self.ranks_seen);
+        if expected > 1 {
+            dedupe_shared(&mut self.reported, em.hits, s.worker, rules.policy.cooldown_steps);
+        }
+
+        let advanced = self.ranks.max_step.is_none_or(|m| s.step > m);
+        if advanced {
+            self.ranks.max_step = Some(s.step);
+            // Kept until the slowest rank is past them: ranks on separate
+            // streams may arrive far apart and must still dedupe. Bounded, in
+            // case a rank never comes back.
+            let slowest = if self.ranks_seen < expected {
+                0 // a declared rank has not reported yet
+            } else {
+                self.peers
+                    .iter()
+                    .flatten()
+                    .filter_map(|p| p.last_step)
+                    .min()
+                    .unwrap_or(s.step)
+            };
+            let keep_from = slowest.saturating_sub(rules.policy.cooldown_steps.max(2 * rules.straggler.lag_steps + 2));
+            self.reported.retain(|r| r.0 >= keep_from);
+            if self.reported.len() > MAX_REPORTED {
+                self.reported.sort_unstable_by_key(|r| r.0);
+                let excess = self.reported.len() - MAX_REPORTED;
+                self.reported.drain(..excess);
+            }
+        }
+        em.worker = None;
+        ranks::record_norm(
+            &mut self.ranks,
+            &mut self.peers,
+            s.worker,
+            s.step,
+            obs.global_norm,
+            expected,
+            rules,
+            &mut em,
+        );
+        if advanced && self.ranks_seen > 1 {
+            ranks::scan_stragglers(&self.ranks, &mut self.peers, rules, &mut em);
+        }
+        if let Some(now) = s.time
+            && self.ranks_seen > 1
+        {
+            ranks::scan_stalled(&mut self.ranks, &mut self.peers, now, rules, &mut em);
+        }
+        self.finish(s.step, next_id, out);
+        Ok(())
+    }
+
+    pub(super) fn rewind(&mut self, rank: u32, to_step: u64) -> bool {
+        let r = rank as usize;
+        let Some(Some(peer)) = self.peers.get_mut(r) else {
+            return false;
+        };
+        if peer.last_step.is_none_or(|last| last <= to_step) {
+            return false;
+        }
+        peer.last_step = Some(to_step);
+        if let Some(w) = self.workers.get_mut(r) {
+            *w = Some(WorkerState::new(&self.rules));
+        }
+        ranks::forget_after(&mut self.ranks, rank, to_step);
+        self.ranks.max_step = self.peers.iter().flatten().filter_map(|p| p.last_step).max();
+        true
+    }
+
+    pub(super) fn tick(&mut self, now: f64, next_id: &mut u64, out: &mut Output) {
+        let Some(step) = self.ranks.max_step else { return };
+        self.hits.clear();
+        let mut em = Emitter {
+            job: &self.id,
+            worker: None,
+            step,
+            time: Some(now),
+            layer_names: &self.layer_names,
+            hits: &mut self.hits,
+        };
+        ranks::scan_stalled(&mut self.ranks, &mut self.peers, now, &self.rules, &mut em);
+        self.finish(step, next_id, out);
+    }
+
+    /// Policy, episode bookkeeping, and moving the findings out.
+    pub(super) fn finish(&mut self, step: u64, next_id: &mut u64, out: &mut Output) {
+        if !self.hits.is_empty() {
+            self.policy
+                .decide(&self.hits, step, &self.rules, next_id, &mut out.advice);
+        }
+        if let Some(max) = self.ranks.max_step {
+            self.policy.close_healthy(max, self.rules.policy.healthy_steps);
+        }
+        out.findings.extend(self.hits.drain(..).map(|h| h.finding));
+    }
+}

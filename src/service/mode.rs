@@ -1,0 +1,120 @@
+//! What a hub does with the messages its streams accepted: judge them here
+//! (the intake's [`Judge`], embedded mode) or hand them to the job's owner
+//! (`forward::Forwarding`, cluster mode).
+
+use crate::config::Rules;
+use crate::engine::Output;
+use crate::intake::{Declared, Judge, Refusal};
+use crate::model::{Severity, Summary};
+use crate::proto;
+
+/// What a job looks like to the mode, for its row.
+pub struct Shape {
+    pub ranks: usize,
+    pub world_size: Option<u32>,
+    pub layers: usize,
+    pub last_step: Option<u64>,
+    pub health: Option<Severity>,
+}
+
+/// What a hub does with the messages its streams accepted; called under the
+/// hub's lock, so nothing here waits.
+pub trait Mode: Send + 'static {
+    /// A stream's checked Hello: declares its rank. Returns the rank's last
+    /// accepted step (the worker resumes after it).
+    fn hello(&mut self, d: &Declared, hello: &proto::Hello) -> Result<Option<u64>, Refusal>;
+    /// One summary of a declared rank; what it leads to joins `out`.
+    fn summary(
+        &mut self,
+        d: &Declared,
+        p: &proto::Summary,
+        now: f64,
+        scratch: &mut Summary,
+        out: &mut Output,
+    ) -> Result<(), Refusal>;
+    fn ack(&mut self, d: &Declared, ack: &proto::AdviceAck);
+    /// Books the output about to go out (findings' and advice's metrics).
+    fn published(&mut self, out: &Output);
+    /// Periodic work against the service's clock.
+    fn tick(&mut self, now: f64, out: &mut Output);
+    fn forget(&mut self, job: &str);
+    fn shape(&self, job: &str) -> Option<Shape>;
+    /// A job's effective rules: the tracked job's own, else what the rules
+    /// file gives it (the defaults for an empty name).
+    fn rules(&self, job: &str) -> Result<Rules, String>;
+    /// Whether this replica decides (a Progress means "judged"; job rows are
+    /// this replica's to record).
+    fn decides(&self) -> bool;
+    /// What "everything handed over" waits for, when it is not the store:
+    /// a blocking flush, run off the async runtime.
+    fn handover(&self) -> Option<Box<dyn FnOnce() + Send>>;
+}
+
+impl Mode for Judge {
+    fn hello(&mut self, d: &Declared, _: &proto::Hello) -> Result<Option<u64>, Refusal> {
+        self.declare(d)?;
+        Ok(self.engine().last_step(&d.job, d.rank))
+    }
+
+    fn summary(
+        &mut self,
+        d: &Declared,
+        p: &proto::Summary,
+        now: f64,
+        scratch: &mut Summary,
+        out: &mut Output,
+    ) -> Result<(), Refusal> {
+        Judge::summary(self, &d.job, d.rank, p, now, scratch, out)
+    }
+
+    fn ack(&mut self, d: &Declared, ack: &proto::AdviceAck) {
+        Judge::ack(self, &d.job, d.rank, ack);
+    }
+
+    fn published(&mut self, out: &Output) {
+        for f in &out.findings {
+            self.found(f);
+        }
+        for a in &out.advice {
+            self.advised(a);
+        }
+    }
+
+    fn tick(&mut self, now: f64, out: &mut Output) {
+        Judge::tick(self, now, out);
+    }
+
+    fn forget(&mut self, job: &str) {
+        Judge::forget(self, job);
+    }
+
+    fn shape(&self, job: &str) -> Option<Shape> {
+        let status = self.engine().status(job)?;
+        Some(Shape {
+            ranks: status.ranks,
+            world_size: status.world_size,
+            layers: status.layers,
+            last_step: status.max_step,
+            health: self.engine().health(job),
+        })
+    }
+
+    fn rules(&self, job: &str) -> Result<Rules, String> {
+        let engine = self.engine();
+        if engine.has_job(job) {
+            Ok(engine.rules(job).clone())
+        } else if job.is_empty() {
+            Ok(engine.rule_book().defaults().clone())
+        } else {
+            engine.rule_book().for_job(job, None).map_err(|e| e.to_string())
+        }
+    }
+
+    fn decides(&self) -> bool {
+        true
+    }
+
+    fn handover(&self) -> Option<Box<dyn FnOnce() + Send>> {
+        None
+    }
+}

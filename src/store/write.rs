@@ -1,0 +1,275 @@
+//! The writer: the only read-write connection, and the checkpointer.
+
+use rusqlite::{Connection, params};
+use std::path::{Path, PathBuf};
+
+use super::*;
+
+/// The writer: owns the only read-write connection.
+pub struct Store {
+    conn: Connection,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.path).finish()
+    }
+}
+
+impl Store {
+    /// Opens (creating when absent) the store in `dir`. An existing file that
+    /// is not a healthy gradguard store is an error, never replaced.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        Self::open_with(dir, SyncMode::Full)
+    }
+
+    /// [`Store::open`] with a choice of how commits wait for the disk.
+    pub fn open_with(dir: &Path, sync: SyncMode) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir {
+            path: dir.to_owned(),
+            source,
+        })?;
+        let path = db_path(dir);
+        let conn = Connection::open(&path).map_err(|e| corrupt_or(&path, e))?;
+        configure(&conn).map_err(|e| corrupt_or(&path, e))?;
+        let mode: String = conn
+            .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
+            .map_err(|e| corrupt_or(&path, e))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::Corrupt {
+                path,
+                detail: format!("journal mode {mode} instead of wal"),
+            });
+        }
+        let sync = match sync {
+            SyncMode::Full => "FULL",
+            SyncMode::Normal => "NORMAL",
+        };
+        conn.pragma_update(None, "synchronous", sync)?;
+        // The service checkpoints from its own thread (Checkpointer); this
+        // automatic one is the backstop if that falls behind.
+        conn.pragma_update(None, "wal_autocheckpoint", 20_000)?;
+        let check: String = conn
+            .query_row("PRAGMA quick_check", [], |r| r.get(0))
+            .map_err(|e| corrupt_or(&path, e))?;
+        if check != "ok" {
+            return Err(StoreError::Corrupt { path, detail: check });
+        }
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::Newer { path, found: version });
+        }
+        let tables: i64 = conn.query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'",
+            [],
+            |r| r.get(0),
+        )?;
+        if version == 0 && tables > 0 {
+            return Err(StoreError::Corrupt {
+                path,
+                detail: "the file holds other tables".into(),
+            });
+        }
+        conn.execute_batch(SCHEMA)?;
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        Ok(Self { conn, path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The highest advice id stored, so a restarted engine continues after it.
+    pub fn max_advice_id(&self) -> Result<u64, StoreError> {
+        let id: Option<i64> = self.conn.query_row("SELECT max(id) FROM advice", [], |r| r.get(0))?;
+        Ok(id.map_or(0, |i| i as u64))
+    }
+
+    /// Writes a batch in one transaction; once this returns, it is durable.
+    /// Returns the ids given to the anomalies, in order, then the ids of the
+    /// keyed anomalies that were not stored before.
+    pub fn write(&mut self, batch: &Batch) -> Result<Vec<u64>, StoreError> {
+        let tx = self.conn.transaction()?;
+        let mut ids = Vec::with_capacity(batch.anomalies.len());
+        {
+            let mut job = tx.prepare_cached(
+                "INSERT INTO jobs (job, first_seen, last_seen, ranks, world_size, layers, last_step, health)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                 ON CONFLICT (job) DO UPDATE SET last_seen = excluded.last_seen, ranks = excluded.ranks,
+                   world_size = excluded.world_size, layers = excluded.layers,
+                   last_step = excluded.last_step, health = excluded.health",
+            )?;
+            for j in &batch.jobs {
+                job.execute(params![
+                    j.job,
+                    j.first_seen,
+                    j.last_seen,
+                    j.ranks,
+                    j.world_size,
+                    j.layers,
+                    j.last_step.map(|s| s as i64),
+                    severity_code(j.health),
+                ])?;
+            }
+            // A NULL id takes the next one; a given id (cluster mode) that
+            // is stored already is a redelivery, and skipped.
+            let mut anomaly = tx.prepare_cached(
+                "INSERT OR IGNORE INTO anomalies (id, job, rank, step, time, rule, severity, layer, value, threshold, message)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            )?;
+            let local = batch.anomalies.iter().map(|f| (None, f));
+            let keyed = batch.keyed.iter().map(|a| (Some(a.id), &a.finding));
+            for (id, f) in local.chain(keyed) {
+                let inserted = anomaly.execute(params![
+                    id.map(|i| i as i64),
+                    &*f.job,
+                    f.worker,
+                    f.step as i64,
+                    f.time.unwrap_or(0.0),
+                    f.rule.as_str(),
+                    severity_code(Some(f.severity)),
+                    f.layer.as_deref(),
+                    f.value,
+                    f.threshold,
+                    f.message,
+                ])?;
+                match id {
+                    None => ids.push(tx.last_insert_rowid() as u64),
+                    Some(id) if inserted == 1 => ids.push(id),
+                    Some(_) => {}
+                }
+            }
+            // An advice id is stored once: a redelivered advice (cluster
+            // mode) must not reset its acknowledgement counts.
+            let mut advice = tx.prepare_cached(
+                "INSERT OR IGNORE INTO advice (id, job, target, step, apply_from, action, param, severity, rules, reason, evidence, time)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            )?;
+            for (a, time) in &batch.advice {
+                let rules: Vec<&str> = a.rules.iter().map(|r| r.as_str()).collect();
+                let evidence = serde_json::to_string(&a.evidence).unwrap_or_else(|_| "[]".into());
+                advice.execute(params![
+                    a.id as i64,
+                    &*a.job,
+                    a.target,
+                    a.step as i64,
+                    a.apply_from as i64,
+                    a.action.name(),
+                    action_param(&a.action),
+                    severity_code(Some(a.severity)),
+                    rules.join(","),
+                    a.reason,
+                    evidence,
+                    time,
+                ])?;
+            }
+            let mut ack = tx.prepare_cached(
+                "INSERT INTO acks (advice_id, job, rank, applied_step, applied, note, time)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?;
+            let mut count =
+                tx.prepare_cached("UPDATE advice SET applied = applied + ?2, declined = declined + ?3 WHERE id = ?1")?;
+            for k in &batch.acks {
+                ack.execute(params![
+                    k.advice_id as i64,
+                    k.job,
+                    k.rank,
+                    k.applied_step as i64,
+                    k.applied,
+                    k.note,
+                    k.time
+                ])?;
+                count.execute(params![k.advice_id as i64, i64::from(k.applied), i64::from(!k.applied)])?;
+            }
+        }
+        tx.commit()?;
+        Ok(ids)
+    }
+
+    /// Deletes what the retention no longer keeps: rows older than the age
+    /// limit, then the oldest anomalies and advice (in chunks) while the
+    /// database is over the size limit. Freed pages are reused by later
+    /// writes; the file does not shrink.
+    pub fn prune(&mut self, retention: &Retention, now: f64) -> Result<Pruned, StoreError> {
+        let mut pruned = Pruned::default();
+        if let Some(age) = retention.max_age_secs {
+            let cutoff = now - age;
+            pruned.anomalies += self.conn.execute("DELETE FROM anomalies WHERE time < ?1", [cutoff])? as u64;
+            pruned.advice += self.conn.execute("DELETE FROM advice WHERE time < ?1", [cutoff])? as u64;
+            self.conn.execute("DELETE FROM acks WHERE time < ?1", [cutoff])?;
+            self.conn.execute("DELETE FROM jobs WHERE last_seen < ?1", [cutoff])?;
+        }
+        if let Some(max) = retention.max_bytes {
+            const CHUNK: i64 = 1_000;
+            while self.used_bytes()? > max {
+                let a = self.conn.execute(
+                    "DELETE FROM anomalies WHERE id IN (SELECT id FROM anomalies ORDER BY id LIMIT ?1)",
+                    [CHUNK],
+                )? as u64;
+                let d = self.conn.execute(
+                    "DELETE FROM advice WHERE id IN (SELECT id FROM advice ORDER BY id LIMIT ?1)",
+                    [CHUNK / 10],
+                )? as u64;
+                self.conn
+                    .execute("DELETE FROM acks WHERE advice_id NOT IN (SELECT id FROM advice)", [])?;
+                pruned.anomalies += a;
+                pruned.advice += d;
+                if a + d == 0 {
+                    break;
+                }
+            }
+        }
+        Ok(pruned)
+    }
+
+    /// Bytes of the database in use (pages minus free pages).
+    pub fn used_bytes(&self) -> Result<u64, StoreError> {
+        used_bytes(&self.conn)
+    }
+
+    /// A read-only view for queries, on its own connections.
+    pub fn reader(&self) -> Result<Reader, StoreError> {
+        Reader::open(self.path.parent().unwrap_or(Path::new(".")))
+    }
+
+    /// A second connection that copies the WAL into the database, to be run
+    /// periodically off the commit path (see [`Checkpointer`]).
+    pub fn checkpointer(&self) -> Result<Checkpointer, StoreError> {
+        let conn = Connection::open(&self.path).map_err(|e| corrupt_or(&self.path, e))?;
+        configure(&conn)?;
+        Ok(Checkpointer { conn })
+    }
+}
+
+/// Moves committed WAL frames into the database file. SQLite would otherwise
+/// do this inside whichever commit crosses 1,000 WAL pages, fsyncing the
+/// database while the advice waiting on that commit waits too; a passive
+/// checkpoint from its own connection runs beside the writer instead. The
+/// writer keeps a late automatic checkpoint as a backstop.
+pub struct Checkpointer {
+    conn: Connection,
+}
+
+impl std::fmt::Debug for Checkpointer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checkpointer").finish_non_exhaustive()
+    }
+}
+
+impl Checkpointer {
+    /// One passive checkpoint: copies what no reader still needs, never waits.
+    pub fn run(&self) -> Result<(), StoreError> {
+        self.conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))?;
+        Ok(())
+    }
+}
+
+pub(super) fn used_bytes(conn: &Connection) -> Result<u64, StoreError> {
+    let (pages, free, size): (i64, i64, i64) = conn.query_row(
+        "SELECT (SELECT page_count FROM pragma_page_count), (SELECT freelist_count FROM pragma_freelist_count), (SELECT page_size FROM pragma_page_size)",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )?;
+    Ok(((pages - free).max(0) * size) as u64)
+}
