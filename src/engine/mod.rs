@@ -32,7 +32,7 @@ pub const MAX_RANKS: u32 = 1 << 16;
 /// Findings remembered per job for cross-rank dedupe, at most.
 const MAX_REPORTED: usize = 4096;
 /// First byte of a snapshot: bumped whenever the state's layout changes.
-const SNAPSHOT_VERSION: u8 = 3;
+const SNAPSHOT_VERSION: u8 = 4;
 /// Rollback advice remembered per job, to act on its acknowledgement.
 const RECENT_ROLLBACKS: usize = 8;
 /// Largest accepted number of layers per job.

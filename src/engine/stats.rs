@@ -105,6 +105,12 @@ impl Window {
     /// Least-squares fit over the whole window. Centred sums keep it exact for
     /// large step numbers.
     pub fn fit(&self) -> Option<Fit> {
+        self.fit_of(|y| y)
+    }
+
+    /// [`Window::fit`] of `f` of the values (a window kept raw, fitted in
+    /// log space only when asked).
+    pub fn fit_of(&self, f: impl Fn(f64) -> f64) -> Option<Fit> {
         if self.len < 3 {
             return None;
         }
@@ -112,13 +118,13 @@ impl Window {
         let (mut sx, mut sy) = (0.0, 0.0);
         for i in 0..self.len {
             sx += self.xs[i];
-            sy += self.ys[i];
+            sy += f(self.ys[i]);
         }
         let (mx, my) = (sx / n, sy / n);
         let (mut sxx, mut sxy, mut syy) = (0.0, 0.0, 0.0);
         for i in 0..self.len {
             let dx = self.xs[i] - mx;
-            let dy = self.ys[i] - my;
+            let dy = f(self.ys[i]) - my;
             sxx += dx * dx;
             sxy += dx * dy;
             syy += dy * dy;

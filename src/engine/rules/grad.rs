@@ -31,8 +31,9 @@ pub(crate) struct State {
     log_norm: Window,
     /// Separate window only when the vanishing rule's window differs.
     vanish_log_norm: Option<Window>,
-    /// log(lr) over the growth window, for a warm-up ramp.
-    log_lr: Window,
+    /// The learning rate over the growth window (fitted in log space when
+    /// growth fires), for a warm-up ramp.
+    lr: Window,
     /// Smoothed log-norm and its highest value so far.
     level: Option<f64>,
     peak: f64,
@@ -56,7 +57,7 @@ impl State {
             last_spike: None,
             log_norm: Window::new(g),
             vanish_log_norm: (v != g).then(|| Window::new(v)),
-            log_lr: Window::new(g),
+            lr: Window::new(g),
             level: None,
             peak: f64::NEG_INFINITY,
             floor_run: 0,
@@ -78,7 +79,7 @@ impl State {
 
     pub fn heap_bytes(&self) -> usize {
         self.log_norm.heap_bytes()
-            + self.log_lr.heap_bytes()
+            + self.lr.heap_bytes()
             + self.vanish_log_norm.as_ref().map_or(0, Window::heap_bytes)
     }
 }
@@ -135,7 +136,7 @@ pub(crate) fn check(state: &mut State, obs: &Obs, rules: &Rules, cx: &Context, e
         w.push(step as f64, ln);
     }
     if let Some(lr) = obs.s.lr.filter(|lr| lr.is_finite() && *lr > 0.0) {
-        state.log_lr.push(step as f64, lr.ln());
+        state.lr.push(step as f64, lr);
     }
     let level = state.level.map_or(ln, |l| LEVEL_ALPHA * l + (1.0 - LEVEL_ALPHA) * ln);
     state.level = Some(level);
@@ -251,9 +252,9 @@ fn trends(state: &mut State, step: u64, rules: &Rules, loss: LossTrend, em: &mut
         // ramp of the learning rate grows it too. Growth tenfold within one
         // window is an explosion whatever the loss does so far.
         let lr_rise = state
-            .log_lr
-            .fit()
-            .map_or(1.0, |f| (f.slope * state.log_lr.span()).exp());
+            .lr
+            .fit_of(f64::ln)
+            .map_or(1.0, |f| (f.slope * state.lr.span()).exp());
         let ramp = lr_rise >= LR_RAMP;
         let fast = factor >= g.fast_factor;
         let (severity, proposal, context) = match loss {
@@ -324,7 +325,11 @@ fn trends(state: &mut State, step: u64, rules: &Rules, loss: LossTrend, em: &mut
 
     // A slow collapse no window sees: the smoothed norm far below its peak
     // while the loss has stopped falling (a converged model's loss fell too).
-    let fall = state.level.map_or(1.0, |l| (state.peak - l).exp());
+    let fall = if v.enabled && loss == LossTrend::NotFalling {
+        state.level.map_or(1.0, |l| (state.peak - l).exp())
+    } else {
+        1.0
+    };
     let collapsed = v.enabled && fall >= v.long_drop && loss == LossTrend::NotFalling;
     if state.collapse.update_worse(collapsed, step, remind, fall) {
         em.hit(

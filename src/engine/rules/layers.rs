@@ -27,6 +27,9 @@ pub(crate) struct LayerState {
 pub(crate) struct State {
     layers: Vec<LayerState>,
     depth: Latch,
+    /// Every layer has its early level (recomputed after a restore).
+    #[serde(skip)]
+    early_done: bool,
 }
 
 impl State {
@@ -47,14 +50,31 @@ pub(crate) fn check(state: &mut State, obs: &Obs, rules: &Rules, em: &mut Emitte
     let remind = rules.policy.cooldown_steps;
     let (ceiling, floor, update) = (&rules.norm_ceiling, &rules.norm_floor, &rules.update_ratio);
     let layer_max = ceiling.layer_max.filter(|_| ceiling.enabled);
-    // The layers' typical norm at this step: their root mean square.
-    let (sum, finite) = layers
-        .iter()
-        .map(|l| f64::from(l.l2))
-        .filter(|x| x.is_finite())
-        .fold((0.0, 0usize), |(s, n), x| (s + x * x, n + 1));
-    let typical = if finite > 0 { (sum / finite as f64).sqrt() } else { 0.0 };
+    // The layers' typical norm at this step, their root mean square: only
+    // needed once a layer is far below its own early level.
+    let mut typical = None;
+    let rms = || {
+        let (sum, finite) = layers
+            .iter()
+            .map(|l| f64::from(l.l2))
+            .filter(|x| x.is_finite())
+            .fold((0.0, 0usize), |(s, n), x| (s + x * x, n + 1));
+        if finite > 0 { (sum / finite as f64).sqrt() } else { 0.0 }
+    };
     let early_records = rules.blowup.reference.min(u32::from(u8::MAX)) as u8;
+    if !state.early_done {
+        // The first records (finite ones) set each layer's early level.
+        let mut done = true;
+        for (l, st) in layers.iter().zip(state.layers.iter_mut()) {
+            if st.seen < early_records && l.l2.is_finite() && l.nonfinite == 0 {
+                st.seen += 1;
+                st.early = st.early.max(l.l2);
+            }
+            done &= st.seen >= early_records;
+        }
+        state.early_done = done;
+    }
+    let floor_cap = floor.layer_min.unwrap_or(f64::INFINITY);
 
     for (i, (l, st)) in layers.iter().zip(state.layers.iter_mut()).enumerate() {
         let l2 = f64::from(l.l2);
@@ -77,15 +97,15 @@ pub(crate) fn check(state: &mut State, obs: &Obs, rules: &Rules, em: &mut Emitte
             .on_layer(name)
             .propose(Proposal::Clip { max_norm });
         }
-        if st.seen < early_records {
-            st.seen += 1;
-            st.early = st.early.max(l.l2);
-        }
         if floor.enabled {
-            let limit = floor.relative * typical.min(f64::from(st.early));
-            let dead = st.seen >= early_records && l2 < limit && floor.layer_min.is_none_or(|m| l2 < m);
+            let own = floor.relative * f64::from(st.early);
+            let dead = st.seen >= early_records
+                && l2 < own.min(floor_cap)
+                && l2 < floor.relative * *typical.get_or_insert_with(rms);
             st.floor_run = if dead { st.floor_run.saturating_add(1) } else { 0 };
             if st.floor.update(st.floor_run >= floor.patience, step, remind) {
+                let typical = *typical.get_or_insert_with(rms);
+                let limit = floor.relative * typical.min(f64::from(st.early));
                 let name = em.layer_name(i);
                 em.hit(
                     RuleId::NormFloor,

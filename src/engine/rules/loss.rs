@@ -36,8 +36,11 @@ pub(crate) struct State {
     /// recomputed every `REFRESH` records, and at once when a record looks
     /// like a jump against them, so the common record costs no sort.
     cached: Option<(f64, f64, u64)>,
+    /// The recent losses in order, kept as they come and go (rebuilt from
+    /// `recent` after a restore): the median is at hand, the deviations
+    /// from it a merge away, and no record sorts.
     #[serde(skip)]
-    scratch: Vec<f64>,
+    sorted: Vec<f64>,
 }
 
 /// Records between two computations of the robust statistics.
@@ -77,7 +80,7 @@ impl State {
             history: Window::new(rules.grad_growth.window as usize),
             diverging: Latch::default(),
             cached: None,
-            scratch: Vec::new(),
+            sorted: Vec::new(),
         }
     }
 
@@ -104,24 +107,64 @@ impl State {
     }
 
     fn push(&mut self, loss: f64, window: usize) {
+        self.sort_recent();
+        let at = |sorted: &[f64], x: f64| sorted.partition_point(|y| y.total_cmp(&x).is_lt());
         if self.recent.len() < window {
             self.recent.push(loss);
+            let i = at(&self.sorted, loss);
+            self.sorted.insert(i, loss);
+            return;
+        }
+        let old = std::mem::replace(&mut self.recent[self.head], loss);
+        self.head = (self.head + 1) % window;
+        // The values between the old one's place and the new one's move by one.
+        let (i, j) = (at(&self.sorted, old), at(&self.sorted, loss));
+        if j > i {
+            self.sorted.copy_within(i + 1..j, i);
+            self.sorted[j - 1] = loss;
         } else {
-            self.recent[self.head] = loss;
-            self.head = (self.head + 1) % window;
+            self.sorted.copy_within(j..i, j + 1);
+            self.sorted[j] = loss;
+        }
+    }
+
+    /// `sorted` holds the recent losses (after a restore it starts empty).
+    fn sort_recent(&mut self) {
+        if self.sorted.len() != self.recent.len() {
+            self.sorted.clone_from(&self.recent);
+            self.sorted.sort_unstable_by(f64::total_cmp);
         }
     }
 
     /// Median and robust standard deviation of the recent losses.
     fn robust(&mut self) -> (f64, f64) {
-        self.scratch.clear();
-        self.scratch.extend_from_slice(&self.recent);
-        let mid = self.scratch.len() / 2;
-        let median = *self.scratch.select_nth_unstable_by(mid, f64::total_cmp).1;
-        for x in &mut self.scratch {
-            *x = (*x - median).abs();
+        self.sort_recent();
+        let s = &self.sorted;
+        let mid = s.len() / 2;
+        let median = s[mid];
+        // The deviations from the median grow outward from it on both
+        // sides: the `mid`-th smallest is `mid` steps of a merge away.
+        let (mut below, mut above) = (mid, mid);
+        let mut mad = 0.0;
+        for _ in 0..=mid {
+            let down = below.checked_sub(1).map(|i| median - s[i]);
+            let up = s.get(above).map(|x| x - median);
+            mad = match (down, up) {
+                (Some(d), Some(u)) if d < u => {
+                    below -= 1;
+                    d
+                }
+                (_, Some(u)) => {
+                    above += 1;
+                    u
+                }
+                (Some(d), None) => {
+                    below -= 1;
+                    d
+                }
+                (None, None) => break,
+            };
         }
-        let mad = *self.scratch.select_nth_unstable_by(mid, f64::total_cmp).1;
         let floor = (median.abs() * 1e-3).max(f64::MIN_POSITIVE);
         (median, (MAD_SIGMA * mad).max(floor))
     }
@@ -279,5 +322,40 @@ fn judge_jump(
                 state.recent.len()
             ),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// The robust statistics by sorting, as they are defined.
+    fn by_sorting(values: &[f64]) -> (f64, f64) {
+        let mut v = values.to_vec();
+        let mid = v.len() / 2;
+        let median = *v.select_nth_unstable_by(mid, f64::total_cmp).1;
+        let mut dev: Vec<f64> = v.iter().map(|x| (x - median).abs()).collect();
+        let mad = *dev.select_nth_unstable_by(mid, f64::total_cmp).1;
+        (median, (MAD_SIGMA * mad).max((median.abs() * 1e-3).max(f64::MIN_POSITIVE)))
+    }
+
+    proptest! {
+        #[test]
+        fn the_kept_order_gives_the_sorted_statistics(
+            losses in proptest::collection::vec(prop_oneof![0.0..10.0f64, Just(1.0), Just(2.5)], 1..200),
+            window in 1usize..70,
+        ) {
+            let mut state = State::new(&Rules::default());
+            for (i, &loss) in losses.iter().enumerate() {
+                state.push(loss, window);
+                let start = (i + 1).saturating_sub(window);
+                prop_assert_eq!(state.robust(), by_sorting(&losses[start..=i]));
+            }
+            // After a restore the order is rebuilt from the window.
+            state.sorted.clear();
+            let start = losses.len().saturating_sub(window);
+            prop_assert_eq!(state.robust(), by_sorting(&losses[start..]));
+        }
     }
 }
