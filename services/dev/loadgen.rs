@@ -28,10 +28,11 @@ use std::io::{self, BufRead, BufReader, Write};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow};
 use gradguard::client::{self, ClientError, StreamReceiver, StreamSender, WorkerStream};
+use gradguard::intake::unix_now;
 use gradguard::proto;
 use serde::Serialize;
 use tokio::task::JoinHandle;
@@ -570,9 +571,7 @@ async fn measure(args: &LoadgenArgs, target: &str, memory: MemorySource) -> Resu
     // The server has until then to finish what was sent; a stream still open
     // afterwards counts as failed.
     let drain_deadline = deadline + args.duration.max(Duration::from_secs(10));
-    let epoch = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64());
+    let epoch = unix_now();
     let period = (args.rate > 0.0).then(|| Duration::from_secs_f64(n as f64 / args.rate).max(Duration::from_nanos(1)));
 
     let mut tasks = Vec::with_capacity(opened.len());

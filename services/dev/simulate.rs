@@ -32,12 +32,13 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::{self, Write};
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::anyhow;
 use clap::{Args, ValueEnum};
 use gradguard::client::{self, ClientError, StreamReceiver, StreamSender, WorkerStream};
 use gradguard::engine::MAX_LAYERS;
+use gradguard::intake::unix_now;
 use gradguard::model::{Action, Summary};
 use gradguard::proto::{self, ingest_client::IngestClient, worker_message};
 use gradguard::scenario::{Fault, Scenario, ScenarioConfig};
@@ -249,12 +250,6 @@ fn scenario_config(args: &SimulateArgs, start_time: f64) -> Result<ScenarioConfi
         step_secs: args.step_interval.as_secs_f64(),
         ..ScenarioConfig::default()
     })
-}
-
-fn unix_now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// What a rank's receive task forwards.
