@@ -164,6 +164,11 @@ pub fn describe(error: &anyhow::Error) -> String {
     message
 }
 
+/// A gRPC status for a message: its code and its message.
+pub fn status_text(status: &tonic::Status) -> String {
+    format!("{:?}: {}", status.code(), status.message())
+}
+
 /// A line on stderr; a closed stderr is no reason to panic.
 pub fn warn(message: &str) {
     let _ = writeln!(io::stderr().lock(), "{message}");

@@ -3,6 +3,7 @@
 
 mod cli;
 mod dev;
+mod output;
 mod query_cli;
 mod replay;
 mod report;

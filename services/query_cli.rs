@@ -29,8 +29,8 @@ use serde::Serialize;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
-use crate::cli::{Failure, warn};
-use crate::report::{ActionFields, Evidence, Num, or_dash, write_table};
+use crate::cli::{Failure, status_text, warn};
+use crate::output::{ActionFields, Evidence, Num, evidence_pairs, json_line, or_dash, severity_word, write_table};
 
 /// How many of a job's latest anomalies, and of its latest advice, `job` shows.
 const RECENT: u32 = 10;
@@ -380,10 +380,6 @@ fn refused(url: &str, status: Status) -> Failure {
     }
 }
 
-fn status_text(status: &Status) -> String {
-    format!("{:?}: {}", status.code(), status.message())
-}
-
 /// The rows of a newest-first listing, and whether the server has more.
 #[derive(Debug)]
 struct Listing<T> {
@@ -434,18 +430,6 @@ fn emit(write: impl FnOnce(&mut Stdout) -> io::Result<()>) -> Result<ExitCode, F
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(ExitCode::SUCCESS),
         Err(e) => Err(Failure::input(anyhow!("cannot write the output: {e}"))),
     }
-}
-
-fn json_line(out: &mut impl Write, value: &impl Serialize) -> io::Result<()> {
-    serde_json::to_writer(&mut *out, value)?;
-    out.write_all(b"\n")
-}
-
-fn severity_word(code: i32) -> &'static str {
-    wire::severity_from_proto(code, "severity")
-        .ok()
-        .flatten()
-        .map_or("unspecified", Severity::as_str)
 }
 
 fn health_word(code: i32) -> &'static str {
@@ -581,7 +565,7 @@ struct AdviceLine<'a> {
 fn advice_line(out: &mut impl Write, stored: &proto::StoredAdvice) -> io::Result<()> {
     let empty = proto::Advice::default();
     let a = stored.advice.as_ref().unwrap_or(&empty);
-    let evidence: Vec<(String, f64)> = a.evidence.iter().map(|e| (e.name.clone(), e.value)).collect();
+    let evidence = evidence_pairs(&a.evidence);
     json_line(
         out,
         &AdviceLine {

@@ -12,7 +12,7 @@ use gradguard::scenario::{Fault, Scenario, ScenarioConfig};
 use serde_json::{Value, json};
 
 use crate::cli::Failure;
-use crate::report::Num;
+use crate::output::Num;
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {

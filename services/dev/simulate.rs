@@ -44,13 +44,14 @@ use gradguard::proto::{self, ingest_client::IngestClient, worker_message};
 use gradguard::scenario::{Fault, Scenario, ScenarioConfig};
 use gradguard::wire;
 use serde::Serialize;
-use serde::ser::SerializeMap;
 use tokio::sync::mpsc;
 use tonic::Status;
 use tonic::transport::Channel;
 
-use crate::cli::Failure;
-use crate::report::Num;
+use crate::cli::{Failure, status_text};
+use crate::output::{
+    ActionFields, AdviceLine, Evidence, Num, Receipt, count_list, evidence_pairs, json_text, severity_word,
+};
 use gradguard::cluster::KafkaConfig;
 use gradguard::cluster::worker::{FromCluster, KafkaWorker};
 
@@ -427,10 +428,6 @@ fn open_failure(url: &str, rank: u32, error: ClientError) -> Failure {
             Failure::input(anyhow!("{url}: stream of rank {rank}: {error}"))
         }
     }
-}
-
-fn status_text(status: &Status) -> String {
-    format!("{:?}: {}", status.code(), status.message())
 }
 
 /// Forwards a rank's advice into the shared channel, then how its stream ended.
@@ -1030,15 +1027,6 @@ fn fmt_num(x: f64) -> String {
     }
 }
 
-fn severity_name(advice: &proto::Advice) -> &'static str {
-    match advice.severity() {
-        proto::Severity::Info => "info",
-        proto::Severity::Warning => "warning",
-        proto::Severity::Critical => "critical",
-        proto::Severity::Unspecified => "unspecified",
-    }
-}
-
 /// Where lines go. Output errors do not stop the run (a closed pipe only means
 /// nobody is reading); the first one is kept and reported at the end.
 struct Printer {
@@ -1142,62 +1130,15 @@ fn advice_line(advice: &proto::Advice, taken: &Taken) -> String {
     format!(
         "step {:>5}  {target:<9}  {:<8}  {action}  [{}]  {}",
         advice.decided_at_step,
-        severity_name(advice),
+        severity_word(advice.severity),
         advice.rules.join(","),
         advice.reason
     )
 }
 
 /// The `replay --json` advice object, plus when the job received and applied it.
-#[derive(Serialize)]
-struct AdviceLine<'a> {
-    kind: &'static str,
-    id: u64,
-    job: &'a str,
-    worker: Option<u32>,
-    step: u64,
-    apply_from: u64,
-    received_at: u64,
-    applied: bool,
-    applied_at: Option<u64>,
-    rule: Option<&'a String>,
-    rules: &'a [String],
-    severity: &'static str,
-    action: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    max_norm: Option<Num>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    factor: Option<Num>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    to_step: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    rank: Option<u32>,
-    reason: &'a str,
-    evidence: Evidence<'a>,
-}
-
-/// Evidence pairs as a JSON object, in the server's order.
-struct Evidence<'a>(&'a [proto::Evidence]);
-
-impl Serialize for Evidence<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut map = s.serialize_map(Some(self.0.len()))?;
-        for e in self.0 {
-            map.serialize_entry(&e.name, &Num(e.value))?;
-        }
-        map.end()
-    }
-}
-
 fn advice_json(advice: &proto::Advice, taken: &Taken) -> String {
-    let (mut max_norm, mut factor, mut to_step, mut rank) = (None, None, None, None);
-    match taken.action {
-        Some(Action::ClipGradients { max_norm: m }) => max_norm = Some(Num(m)),
-        Some(Action::ScaleLr { factor: f } | Action::ScaleLossScale { factor: f }) => factor = Some(Num(f)),
-        Some(Action::Rollback { to_step: t }) => to_step = Some(t),
-        Some(Action::InspectWorker { rank: r }) => rank = Some(r),
-        Some(Action::SkipStep | Action::Halt) | None => {}
-    }
+    let evidence = evidence_pairs(&advice.evidence);
     json_text(&AdviceLine {
         kind: "advice",
         id: advice.id,
@@ -1205,26 +1146,18 @@ fn advice_json(advice: &proto::Advice, taken: &Taken) -> String {
         worker: advice.target_rank,
         step: advice.decided_at_step,
         apply_from: advice.apply_from_step,
-        received_at: taken.received_at,
-        applied: taken.applied_at.is_some(),
-        applied_at: taken.applied_at,
+        receipt: Some(Receipt {
+            received_at: taken.received_at,
+            applied: taken.applied_at.is_some(),
+            applied_at: taken.applied_at,
+        }),
         rule: advice.rules.first(),
         rules: &advice.rules,
-        severity: severity_name(advice),
-        action: taken.action.as_ref().map_or("unknown", Action::name),
-        max_norm,
-        factor,
-        to_step,
-        rank,
+        severity: severity_word(advice.severity),
+        action: taken.action.map_or_else(ActionFields::unknown, ActionFields::from),
         reason: &advice.reason,
-        evidence: Evidence(&advice.evidence),
+        evidence: Evidence(&evidence),
     })
-}
-
-/// One JSON line; our types always serialize, but a failure is shown, not hidden.
-fn json_text(value: &impl Serialize) -> String {
-    serde_json::to_string(value)
-        .unwrap_or_else(|e| serde_json::json!({"kind": "error", "error": e.to_string()}).to_string())
 }
 
 fn summary_lines(o: &Outcome) -> Vec<String> {
@@ -1295,12 +1228,7 @@ fn advice_text(o: &Outcome) -> String {
     if o.advice == 0 {
         return "none".to_owned();
     }
-    let counts: Vec<String> = o
-        .by_action
-        .iter()
-        .filter(|(_, n)| **n > 0)
-        .map(|(a, n)| format!("{a} {n}"))
-        .collect();
+    let counts = count_list(o.by_action.iter().map(|(a, n)| (a, *n)));
     let applied = if !o.apply {
         "none applied (--apply-advice not given)".to_owned()
     } else if o.applied == o.advice {
@@ -1312,7 +1240,7 @@ fn advice_text(o: &Outcome) -> String {
             o.advice - o.applied
         )
     };
-    format!("{} received ({}); {applied}", o.advice, counts.join(", "))
+    format!("{} received ({counts}); {applied}", o.advice)
 }
 
 #[derive(Serialize)]
