@@ -1,5 +1,7 @@
 //! The `gradguard` command: parse, dispatch, map failures to exit codes
-//! (see [`cli`]). Each subcommand lives in its own module.
+//! (see [`cli`]). Each subcommand lives in its own module; the developer tools
+//! (simulate, loadgen, sink, generate) under [`dev`]. The line formats the
+//! commands share are in [`output`].
 
 mod cli;
 mod dev;

@@ -9,9 +9,10 @@
 //! - [`sink`]: the decode-only server `loadgen --baseline` compares to;
 //! - [`generate`]: write a synthetic run as JSON lines for `replay`.
 //!
-//! They use the library and the shared CLI helpers only; nothing outside this
-//! tree uses them but the command table in [`crate::cli`] and the dispatch in
-//! `main`.
+//! They use the library and the shared CLI helpers ([`crate::cli`] for flags
+//! and failures, [`crate::output`] for the line formats) only; nothing outside
+//! this tree uses them but the command table in [`crate::cli`] and the
+//! dispatch in `main`.
 
 pub mod generate;
 pub mod loadgen;
