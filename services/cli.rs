@@ -11,7 +11,6 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use gradguard::model::Severity;
-use gradguard::scenario::Fault;
 use gradguard::trace::Format;
 
 #[derive(Debug, Parser)]
@@ -32,17 +31,17 @@ pub enum Command {
     /// Replay recorded training logs through the detector and report what it finds.
     Replay(ReplayArgs),
     /// Write a synthetic training run with an injected fault as JSON lines.
-    Generate(GenerateArgs),
+    Generate(crate::dev::generate::GenerateArgs),
     /// Print the effective rules (defaults, or a job's with its overrides) as TOML.
     Rules(RulesArgs),
     /// Play a synthetic training job against a running server and show its advice.
-    Simulate(crate::simulate::SimulateArgs),
+    Simulate(crate::dev::simulate::SimulateArgs),
     /// Load a gradguard server with concurrent worker streams and report its
     /// throughput, advice latency and memory.
-    Loadgen(crate::loadgen::LoadgenArgs),
+    Loadgen(crate::dev::loadgen::LoadgenArgs),
     /// A decode-only Ingest server, the baseline `loadgen --baseline` compares to.
     #[command(hide = true)]
-    Sink(crate::sink::SinkArgs),
+    Sink(crate::dev::sink::SinkArgs),
     /// List the jobs a running server knows: health, ranks, anomaly and advice counts.
     Jobs(crate::query_cli::JobsArgs),
     /// Show one job of a running server, with its latest anomalies and advice.
@@ -53,43 +52,6 @@ pub enum Command {
     Advice(crate::query_cli::ListArgs),
     /// Print anomalies as a running server stores them, until Ctrl-C.
     Watch(crate::query_cli::WatchArgs),
-}
-
-#[derive(Debug, Args)]
-pub struct GenerateArgs {
-    /// The fault to inject: healthy, abrupt-explosion, gradual-explosion,
-    /// nan-gradients, nan-loss, vanishing, loss-divergence, dead-layer,
-    /// rank-outlier, stalled-rank, benign-spike.
-    #[arg(long, default_value = "abrupt-explosion")]
-    pub fault: Fault,
-
-    /// Job id written on every record; defaults to the fault's name.
-    #[arg(long)]
-    pub job: Option<String>,
-
-    /// Ranks of the job.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=4096))]
-    pub workers: u32,
-
-    /// Layers with per-layer statistics (0: global values only).
-    #[arg(long, default_value_t = 12)]
-    pub layers: usize,
-
-    /// Optimizer steps.
-    #[arg(long, default_value_t = 600)]
-    pub steps: u64,
-
-    /// First step of the fault.
-    #[arg(long, default_value_t = 400)]
-    pub fault_at: u64,
-
-    /// Seed of the deterministic noise.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-
-    /// Report an AMP loss scale.
-    #[arg(long)]
-    pub amp: bool,
 }
 
 #[derive(Debug, Args)]
@@ -200,6 +162,11 @@ pub fn describe(error: &anyhow::Error) -> String {
         }
     }
     message
+}
+
+/// A gRPC status for a message: its code and its message.
+pub fn status_text(status: &tonic::Status) -> String {
+    format!("{:?}: {}", status.code(), status.message())
 }
 
 /// A line on stderr; a closed stderr is no reason to panic.

@@ -1,16 +1,16 @@
 //! The `gradguard` command: parse, dispatch, map failures to exit codes
-//! (see [`cli`]). Each subcommand lives in its own module.
+//! (see [`cli`]). Each subcommand lives in its own module; the developer tools
+//! (simulate, loadgen, sink, generate) under [`dev`]. The line formats the
+//! commands share are in [`output`].
 
 mod cli;
-mod generate;
-mod loadgen;
+mod dev;
+mod output;
 mod query_cli;
 mod replay;
 mod report;
 mod rules;
 mod serve;
-mod simulate;
-mod sink;
 
 use std::process::ExitCode;
 
@@ -20,12 +20,12 @@ fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     let result = match &cli.command {
         cli::Command::Replay(args) => replay::run(args),
-        cli::Command::Generate(args) => generate::run(args),
+        cli::Command::Generate(args) => dev::generate::run(args),
         cli::Command::Rules(args) => rules::run(args),
         cli::Command::Serve(args) => serve::run(args).map(|()| ExitCode::SUCCESS),
-        cli::Command::Simulate(args) => simulate::run(args),
-        cli::Command::Loadgen(args) => loadgen::run(args),
-        cli::Command::Sink(args) => sink::run(args),
+        cli::Command::Simulate(args) => dev::simulate::run(args),
+        cli::Command::Loadgen(args) => dev::loadgen::run(args),
+        cli::Command::Sink(args) => dev::sink::run(args),
         cli::Command::Jobs(args) => query_cli::jobs(args),
         cli::Command::Job(args) => query_cli::job(args),
         cli::Command::Anomalies(args) => query_cli::anomalies(args),

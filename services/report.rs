@@ -21,15 +21,17 @@
 //! `"-Infinity"` (the spellings the jsonl reader accepts), never as null, so it
 //! stays distinguishable from an absent value.
 //!
-//! The number, action and table helpers are shared with the query commands
-//! (`query_cli`), so both print alike.
+//! The number, action, advice-line and table formats are shared with
+//! `simulate` and the query commands (`query_cli`) through [`crate::output`],
+//! so all print alike.
 
 use std::collections::BTreeMap;
 use std::io::{self, Write};
 
 use gradguard::model::{Action, Advice, Finding, RuleId, Severity};
 use serde::Serialize;
-use serde::ser::{SerializeMap, Serializer};
+
+use crate::output::{AdviceLine, Evidence, Num, count_list, json_line, or_dash, write_table};
 
 /// Counts for the summary.
 #[derive(Debug, Default)]
@@ -91,33 +93,6 @@ pub trait Sink {
     fn finish(&mut self, stats: &Stats) -> io::Result<()>;
 }
 
-/// A float for JSON: non-finite values as strings.
-pub struct Num(pub f64);
-
-impl Serialize for Num {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        match self.0 {
-            x if x.is_finite() => s.serialize_f64(x),
-            x if x.is_nan() => s.serialize_str("NaN"),
-            x if x > 0.0 => s.serialize_str("Infinity"),
-            _ => s.serialize_str("-Infinity"),
-        }
-    }
-}
-
-/// Evidence pairs as a JSON object, in the engine's order.
-pub struct Evidence<'a>(pub &'a [(String, f64)]);
-
-impl Serialize for Evidence<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut map = s.serialize_map(Some(self.0.len()))?;
-        for (name, value) in self.0 {
-            map.serialize_entry(name, &Num(*value))?;
-        }
-        map.end()
-    }
-}
-
 #[derive(Serialize)]
 struct AnomalyLine<'a> {
     kind: &'static str,
@@ -131,58 +106,6 @@ struct AnomalyLine<'a> {
     value: Num,
     threshold: Num,
     message: &'a str,
-}
-
-#[derive(Serialize)]
-struct AdviceLine<'a> {
-    kind: &'static str,
-    id: u64,
-    job: &'a str,
-    worker: Option<u32>,
-    step: u64,
-    apply_from: u64,
-    rule: Option<RuleId>,
-    rules: &'a [RuleId],
-    severity: Severity,
-    #[serde(flatten)]
-    action: ActionFields,
-    reason: &'a str,
-    evidence: Evidence<'a>,
-}
-
-/// An action as JSON fields: `action` (its name) and exactly its parameter
-/// (`max_norm`, `factor`, `to_step` or `rank`; none for skip_step and halt).
-#[derive(Serialize)]
-pub struct ActionFields {
-    action: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    max_norm: Option<Num>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    factor: Option<Num>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    to_step: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    rank: Option<u32>,
-}
-
-impl From<Action> for ActionFields {
-    fn from(a: Action) -> Self {
-        let mut fields = ActionFields {
-            action: a.name(),
-            max_norm: None,
-            factor: None,
-            to_step: None,
-            rank: None,
-        };
-        match a {
-            Action::ClipGradients { max_norm } => fields.max_norm = Some(Num(max_norm)),
-            Action::ScaleLr { factor } | Action::ScaleLossScale { factor } => fields.factor = Some(Num(factor)),
-            Action::Rollback { to_step } => fields.to_step = Some(to_step),
-            Action::InspectWorker { rank } => fields.rank = Some(rank),
-            Action::SkipStep | Action::Halt => {}
-        }
-        fields
-    }
 }
 
 #[derive(Serialize)]
@@ -208,8 +131,7 @@ impl<W: Write> JsonSink<W> {
     }
 
     fn line(&mut self, value: &impl Serialize) -> io::Result<()> {
-        serde_json::to_writer(&mut self.out, value)?;
-        self.out.write_all(b"\n")
+        json_line(&mut self.out, value)
     }
 }
 
@@ -238,9 +160,10 @@ impl<W: Write> Sink for JsonSink<W> {
             worker: a.target,
             step: a.step,
             apply_from: a.apply_from,
-            rule: a.rules.first().copied(),
+            receipt: None,
+            rule: a.rules.first(),
             rules: &a.rules,
-            severity: a.severity,
+            severity: a.severity.as_str(),
             action: a.action.into(),
             reason: &a.reason,
             evidence: Evidence(&a.evidence),
@@ -273,10 +196,6 @@ impl<W: Write> TableSink<W> {
     pub fn new(out: W) -> Self {
         Self { out, rows: Vec::new() }
     }
-}
-
-pub fn or_dash<T: ToString>(v: Option<T>) -> String {
-    v.map_or_else(|| "-".to_owned(), |v| v.to_string())
 }
 
 impl<W: Write> Sink for TableSink<W> {
@@ -325,31 +244,6 @@ impl<W: Write> Sink for TableSink<W> {
     }
 }
 
-/// Writes rows with padded columns, right-aligned where `right` says so; a
-/// left-aligned last column is not padded.
-pub fn write_table(out: &mut impl Write, rows: &[&[String]], right: &[bool]) -> io::Result<()> {
-    let cols = rows.first().map_or(0, |r| r.len());
-    let widths: Vec<usize> = (0..cols)
-        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
-        .collect();
-    for row in rows {
-        let mut line = String::new();
-        for (c, cell) in row.iter().enumerate() {
-            let w = widths[c];
-            if c > 0 {
-                line.push_str("  ");
-            }
-            if right[c] {
-                line.push_str(&format!("{cell:>w$}"));
-            } else {
-                line.push_str(&format!("{cell:<w$}"));
-            }
-        }
-        writeln!(out, "{}", line.trim_end())?;
-    }
-    Ok(())
-}
-
 fn write_summary(out: &mut impl Write, stats: &Stats) -> io::Result<()> {
     let plural = |n: u64, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
     writeln!(
@@ -368,15 +262,11 @@ fn write_summary(out: &mut impl Write, stats: &Stats) -> io::Result<()> {
     }
     let counts = |items: Vec<(String, u64)>| {
         let total: u64 = items.iter().map(|i| i.1).sum();
-        let parts: Vec<String> = items
-            .into_iter()
-            .filter(|i| i.1 > 0)
-            .map(|(k, n)| format!("{k} {n}"))
-            .collect();
+        let parts = count_list(items);
         if parts.is_empty() {
             "0".to_owned()
         } else {
-            format!("{total} ({})", parts.join(", "))
+            format!("{total} ({parts})")
         }
     };
     let by_severity = stats.anomalies.iter().rev().map(|(s, n)| (s.to_string(), *n)).collect();
@@ -408,36 +298,6 @@ fn write_summary(out: &mut impl Write, stats: &Stats) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn nonfinite_numbers_are_strings() {
-        let json = |x: f64| serde_json::to_string(&Num(x)).unwrap();
-        assert_eq!(json(1.5), "1.5");
-        assert_eq!(json(f64::NAN), "\"NaN\"");
-        assert_eq!(json(f64::INFINITY), "\"Infinity\"");
-        assert_eq!(json(f64::NEG_INFINITY), "\"-Infinity\"");
-        let evidence = [("a".to_owned(), 2.0), ("b".to_owned(), f64::NAN)];
-        assert_eq!(
-            serde_json::to_string(&Evidence(&evidence)).unwrap(),
-            r#"{"a":2.0,"b":"NaN"}"#
-        );
-    }
-
-    #[test]
-    fn tables_are_aligned() {
-        let rows = [
-            ["JOB", "N", "NOTE"].map(String::from),
-            ["a-long-job", "7", "x"].map(String::from),
-            ["b", "12345", "yz"].map(String::from),
-        ];
-        let rows: Vec<&[String]> = rows.iter().map(|r| &r[..]).collect();
-        let mut out = Vec::new();
-        write_table(&mut out, &rows, &[false, true, false]).unwrap();
-        assert_eq!(
-            String::from_utf8(out).unwrap(),
-            "JOB             N  NOTE\na-long-job      7  x\nb           12345  yz\n"
-        );
-    }
 
     #[test]
     fn summary_counts_only_what_happened() {

@@ -6,12 +6,50 @@ use std::io::{self, Write};
 use std::process::ExitCode;
 
 use anyhow::anyhow;
+use clap::Args;
 use gradguard::model::Summary;
-use gradguard::scenario::{Scenario, ScenarioConfig};
+use gradguard::scenario::{Fault, Scenario, ScenarioConfig};
 use serde_json::{Value, json};
 
-use crate::cli::{Failure, GenerateArgs};
-use crate::report::Num;
+use crate::cli::Failure;
+use crate::output::Num;
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// The fault to inject: healthy, abrupt-explosion, gradual-explosion,
+    /// nan-gradients, nan-loss, vanishing, loss-divergence, dead-layer,
+    /// rank-outlier, stalled-rank, benign-spike.
+    #[arg(long, default_value = "abrupt-explosion")]
+    pub fault: Fault,
+
+    /// Job id written on every record; defaults to the fault's name.
+    #[arg(long)]
+    pub job: Option<String>,
+
+    /// Ranks of the job.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub workers: u32,
+
+    /// Layers with per-layer statistics (0: global values only).
+    #[arg(long, default_value_t = 12)]
+    pub layers: usize,
+
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 600)]
+    pub steps: u64,
+
+    /// First step of the fault.
+    #[arg(long, default_value_t = 400)]
+    pub fault_at: u64,
+
+    /// Seed of the deterministic noise.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+
+    /// Report an AMP loss scale.
+    #[arg(long)]
+    pub amp: bool,
+}
 
 pub fn run(args: &GenerateArgs) -> Result<ExitCode, Failure> {
     if args.workers < args.fault.min_workers() {

@@ -5,9 +5,9 @@
 //!
 //! It uses the same transport settings as `gradguard serve` (TCP_NODELAY, its
 //! HTTP/2 flow-control windows and keepalive, the 4 MiB decoding limit; see
-//! `serve/mod.rs`, and keep the two in step), binds first, and announces `listening grpc=IP:PORT` as its only
-//! stdout line once it accepts connections, so a parent can wait for it without
-//! sleeping.
+//! `src/service/mod.rs`, and keep the two in step), binds first, and announces
+//! `listening grpc=IP:PORT` as its only stdout line once it accepts
+//! connections, so a parent can wait for it without sleeping.
 
 use std::io::{self, Write};
 use std::net::SocketAddr;

@@ -1,0 +1,78 @@
+//! Talking to the server: the runtime, the connection, refusals, paging.
+
+use anyhow::anyhow;
+use gradguard::client::{self, ClientError};
+use gradguard::proto::query_client::QueryClient;
+use gradguard::wire;
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+
+use super::ListArgs;
+use crate::cli::{Failure, status_text, warn};
+
+/// Runs one command's calls on a small single-threaded runtime.
+pub(super) fn block_on<T>(work: impl Future<Output = Result<T, Failure>>) -> Result<T, Failure> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::input(anyhow!("cannot start the async runtime: {e}")))?
+        .block_on(work)
+}
+
+pub(super) async fn connect(url: &str) -> Result<QueryClient<Channel>, Failure> {
+    match client::channel(url).await {
+        Ok(channel) => Ok(QueryClient::new(channel).max_decoding_message_size(64 << 20)),
+        Err(e @ ClientError::Url { .. }) => Err(Failure::usage(anyhow!("--server: {e}"))),
+        Err(e) => Err(Failure::input(e)),
+    }
+}
+
+/// A query the server answered with an error: the command's fault (exit 2)
+/// when the server calls it invalid, otherwise exit 1.
+pub(super) fn refused(url: &str, status: Status) -> Failure {
+    let error = anyhow!("{url}: {}", status_text(&status));
+    match status.code() {
+        Code::InvalidArgument => Failure::usage(error),
+        _ => Failure::input(error),
+    }
+}
+
+/// The rows of a newest-first listing, and whether the server has more.
+#[derive(Debug)]
+pub(super) struct Listing<T> {
+    pub(super) rows: Vec<T>,
+    pub(super) more: bool,
+}
+
+impl<T> Listing<T> {
+    /// Tells on stderr, after a table, that `--limit` cut it short.
+    pub(super) fn note_more(&self, args: &ListArgs) {
+        if self.more && !args.server.json {
+            warn(&format!("(the newest {} shown; --limit for more)", args.limit));
+        }
+    }
+}
+
+/// Follows page tokens until `limit` rows are in or the server has no more;
+/// `fetch(page_size, page_token)` asks for one page.
+pub(super) async fn collect_pages<T>(
+    limit: u64,
+    mut fetch: impl AsyncFnMut(u32, String) -> Result<(Vec<T>, String), Status>,
+) -> Result<Listing<T>, Status> {
+    let mut rows = Vec::new();
+    let mut token = String::new();
+    let mut more = true;
+    while more && (rows.len() as u64) < limit {
+        let page_size = (limit - rows.len() as u64).min(u64::from(wire::MAX_PAGE_SIZE)) as u32;
+        let (page, next) = fetch(page_size, token).await?;
+        // An empty page with a token would ask for the same page forever.
+        more = !next.is_empty() && !page.is_empty();
+        rows.extend(page);
+        token = next;
+    }
+    if rows.len() as u64 > limit {
+        rows.truncate(limit as usize);
+        more = true;
+    }
+    Ok(Listing { rows, more })
+}
