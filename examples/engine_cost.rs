@@ -30,7 +30,11 @@ fn main() {
             continue;
         }
         let mut engine = Engine::default();
-        let spec = JobSpec { layer_names: &names, world_size: Some(8), profile: None };
+        let spec = JobSpec {
+            layer_names: &names,
+            world_size: Some(8),
+            profile: None,
+        };
         engine.declare("bench", &spec).unwrap();
         let mut out = Output::default();
         for s in &summaries {

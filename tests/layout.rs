@@ -144,9 +144,10 @@ fn the_service_does_not_reach_into_the_dev_tools() {
     rust_files(&services, &mut files);
     for path in files.iter().filter(|p| !p.starts_with(&dev)) {
         let uses = referenced(&code(path), "crate::");
-        let main = path.ends_with("main.rs");
+        // The command table (cli.rs) names their flags; main.rs runs them.
+        let table = path.ends_with("main.rs") || path.ends_with("cli.rs");
         assert!(
-            main || !uses.contains("dev"),
+            table || !uses.contains("dev"),
             "{} imports the dev tools",
             path.display()
         );

@@ -78,9 +78,7 @@ impl State {
     }
 
     pub fn heap_bytes(&self) -> usize {
-        self.log_norm.heap_bytes()
-            + self.lr.heap_bytes()
-            + self.vanish_log_norm.as_ref().map_or(0, Window::heap_bytes)
+        self.log_norm.heap_bytes() + self.lr.heap_bytes() + self.vanish_log_norm.as_ref().map_or(0, Window::heap_bytes)
     }
 }
 

@@ -337,7 +337,10 @@ mod tests {
         let median = *v.select_nth_unstable_by(mid, f64::total_cmp).1;
         let mut dev: Vec<f64> = v.iter().map(|x| (x - median).abs()).collect();
         let mad = *dev.select_nth_unstable_by(mid, f64::total_cmp).1;
-        (median, (MAD_SIGMA * mad).max((median.abs() * 1e-3).max(f64::MIN_POSITIVE)))
+        (
+            median,
+            (MAD_SIGMA * mad).max((median.abs() * 1e-3).max(f64::MIN_POSITIVE)),
+        )
     }
 
     proptest! {
