@@ -59,6 +59,36 @@ pub struct Window {
     ys: Box<[f64]>,
     head: usize,
     len: usize,
+    /// Running sums for an O(1) fit, rebuilt from the values every
+    /// `capacity` pushes (so rounding never accumulates). Part of the
+    /// snapshot: a restored job fits exactly as it would have.
+    sums: Sums,
+}
+
+/// Sums of the values' offsets from a reference point near them (offsets
+/// keep the sums small, so the centred sums taken from them stay exact).
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
+struct Sums {
+    valid: bool,
+    pushes: usize,
+    x0: f64,
+    y0: f64,
+    sx: f64,
+    sy: f64,
+    sxx: f64,
+    sxy: f64,
+    syy: f64,
+}
+
+impl Sums {
+    fn add(&mut self, x: f64, y: f64, sign: f64) {
+        let (dx, dy) = (x - self.x0, y - self.y0);
+        self.sx += sign * dx;
+        self.sy += sign * dy;
+        self.sxx += sign * dx * dx;
+        self.sxy += sign * dx * dy;
+        self.syy += sign * dy * dy;
+    }
 }
 
 /// A fitted line `y = slope·x + intercept` with its coefficient of determination.
@@ -76,6 +106,7 @@ impl Window {
             ys: vec![0.0; capacity].into_boxed_slice(),
             head: 0,
             len: 0,
+            sums: Sums::default(),
         }
     }
 
@@ -91,6 +122,14 @@ impl Window {
         if !(x.is_finite() && y.is_finite()) {
             return;
         }
+        if self.sums.valid {
+            if self.len == self.capacity() {
+                self.sums.add(self.xs[self.head], self.ys[self.head], -1.0);
+            }
+            self.sums.add(x, y, 1.0);
+            self.sums.pushes += 1;
+            self.sums.valid = self.sums.pushes < self.capacity();
+        }
         self.xs[self.head] = x;
         self.ys[self.head] = y;
         self.head = (self.head + 1) % self.capacity();
@@ -104,8 +143,54 @@ impl Window {
 
     /// Least-squares fit over the whole window. Centred sums keep it exact for
     /// large step numbers.
-    pub fn fit(&self) -> Option<Fit> {
-        self.fit_of(|y| y)
+    pub fn fit(&mut self) -> Option<Fit> {
+        if self.len < 3 {
+            return None;
+        }
+        if !self.sums.valid {
+            self.rebuild();
+        }
+        let Sums {
+            sx, sy, sxx, sxy, syy, ..
+        } = self.sums;
+        let n = self.len as f64;
+        let (mx, my) = (sx / n, sy / n);
+        let sxx = sxx - n * mx * mx;
+        let sxy = sxy - n * mx * my;
+        let syy = syy - n * my * my;
+        Self::line(sxx, sxy, syy)
+    }
+
+    /// The sums from the values, about the window's first step and mean value.
+    fn rebuild(&mut self) {
+        let n = self.len as f64;
+        let cap = self.capacity();
+        let x0 = self.xs[(self.head + cap - self.len) % cap];
+        let y0 = self.ys[..self.len].iter().sum::<f64>() / n;
+        let mut sums = Sums {
+            valid: true,
+            x0,
+            y0,
+            ..Sums::default()
+        };
+        for i in 0..self.len {
+            sums.add(self.xs[i], self.ys[i], 1.0);
+        }
+        self.sums = sums;
+    }
+
+    fn line(sxx: f64, sxy: f64, syy: f64) -> Option<Fit> {
+        if sxx <= 0.0 {
+            return None;
+        }
+        let slope = sxy / sxx;
+        // Rounding leaves a constant series a variance of ~0: no line to speak of.
+        let r2 = if syy > 0.0 {
+            ((sxy * sxy) / (sxx * syy)).min(1.0)
+        } else {
+            1.0
+        };
+        Some(Fit { slope, r2 })
     }
 
     /// [`Window::fit`] of `f` of the values (a window kept raw, fitted in
@@ -129,12 +214,7 @@ impl Window {
             sxy += dx * dy;
             syy += dy * dy;
         }
-        if sxx <= 0.0 {
-            return None;
-        }
-        let slope = sxy / sxx;
-        let r2 = if syy > 0.0 { (sxy * sxy) / (sxx * syy) } else { 1.0 };
-        Some(Fit { slope, r2 })
+        Self::line(sxx, sxy, syy)
     }
 
     /// Span of steps the window covers (last − first).
@@ -184,12 +264,18 @@ pub fn median(values: &mut [f64]) -> Option<f64> {
     if values.is_empty() {
         return None;
     }
-    values.sort_by(f64::total_cmp);
+    let odd = values.len() % 2 == 1;
     let mid = values.len() / 2;
-    Some(if values.len() % 2 == 1 {
-        values[mid]
+    let (below, &mut upper, _) = values.select_nth_unstable_by(mid, f64::total_cmp);
+    Some(if odd {
+        upper
     } else {
-        (values[mid - 1] + values[mid]) / 2.0
+        let lower = below
+            .iter()
+            .copied()
+            .max_by(f64::total_cmp)
+            .expect("an even count has a lower half");
+        (lower + upper) / 2.0
     })
 }
 
@@ -239,6 +325,38 @@ mod tests {
         assert_eq!(m.min(), Some((0, 1.0)));
         m.push(11, 4.0, 10);
         assert_eq!(m.min(), Some((5, 3.0)));
+    }
+
+    #[test]
+    fn the_running_fit_is_the_direct_one() {
+        // Large step numbers, a trend, noise, a window that wraps many times.
+        let mut w = Window::new(50);
+        let mut seed = 7u64;
+        for i in 0..2000u64 {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let noise = (seed >> 11) as f64 / (1u64 << 53) as f64 - 0.5;
+            w.push(1e6 + i as f64 * 3.0, 0.01 * i as f64 + noise);
+            if i % 7 == 0 {
+                let (running, direct) = (w.fit(), w.fit_of(|y| y));
+                match (running, direct) {
+                    (Some(a), Some(b)) => {
+                        assert!(
+                            (a.slope - b.slope).abs() <= 1e-9 * b.slope.abs().max(1e-6),
+                            "{a:?} {b:?}"
+                        );
+                        assert!((a.r2 - b.r2).abs() <= 1e-9, "{a:?} {b:?}");
+                    }
+                    (a, b) => assert_eq!(a, b),
+                }
+            }
+        }
+        // A constant series has no slope, and an exact fit.
+        let mut c = Window::new(10);
+        for i in 0..25 {
+            c.push(i as f64, 2.5);
+        }
+        let fit = c.fit().unwrap();
+        assert!(fit.slope.abs() < 1e-12 && fit.r2 <= 1.0, "{fit:?}");
     }
 
     #[test]

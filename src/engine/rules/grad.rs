@@ -297,7 +297,7 @@ fn trends(state: &mut State, step: u64, rules: &Rules, loss: LossTrend, em: &mut
     }
 
     let v = &rules.vanishing;
-    let (vfit, vspan) = match &state.vanish_log_norm {
+    let (vfit, vspan) = match &mut state.vanish_log_norm {
         Some(w) => (w.is_full().then(|| w.fit()).flatten(), w.span()),
         None => (growth_fit, span),
     };

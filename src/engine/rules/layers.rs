@@ -16,6 +16,10 @@ pub(crate) struct LayerState {
     /// The layer's largest norm over its first records, and how many were seen.
     early: f32,
     seen: u8,
+    /// Below this the layer is far below its early level (−∞ until that
+    /// is known); derived from `early`, so rebuilt after a restore.
+    #[serde(skip)]
+    low: f32,
     floor_run: u32,
     floor: Latch,
     ceiling: Latch,
@@ -65,18 +69,25 @@ pub(crate) fn check(state: &mut State, obs: &Obs, rules: &Rules, em: &mut Emitte
     if !state.early_done {
         // The first records (finite ones) set each layer's early level.
         let mut done = true;
+        let cap = floor.layer_min.unwrap_or(f64::INFINITY);
         for (l, st) in layers.iter().zip(state.layers.iter_mut()) {
             if st.seen < early_records && l.l2.is_finite() && l.nonfinite == 0 {
                 st.seen += 1;
                 st.early = st.early.max(l.l2);
             }
+            st.low = if st.seen >= early_records {
+                (floor.relative * f64::from(st.early)).min(cap) as f32
+            } else {
+                f32::NEG_INFINITY
+            };
             done &= st.seen >= early_records;
         }
         state.early_done = done;
     }
-    let floor_cap = floor.layer_min.unwrap_or(f64::INFINITY);
 
-    for (i, (l, st)) in layers.iter().zip(state.layers.iter_mut()).enumerate() {
+    let states = &mut state.layers[..layers.len()];
+    for i in 0..layers.len() {
+        let (l, st) = (&layers[i], &mut states[i]);
         let l2 = f64::from(l.l2);
         if !l2.is_finite() || l.nonfinite > 0 {
             continue; // the non-finite rule reports it
@@ -98,10 +109,7 @@ pub(crate) fn check(state: &mut State, obs: &Obs, rules: &Rules, em: &mut Emitte
             .propose(Proposal::Clip { max_norm });
         }
         if floor.enabled {
-            let own = floor.relative * f64::from(st.early);
-            let dead = st.seen >= early_records
-                && l2 < own.min(floor_cap)
-                && l2 < floor.relative * *typical.get_or_insert_with(rms);
+            let dead = l.l2 < st.low && l2 < floor.relative * *typical.get_or_insert_with(rms);
             st.floor_run = if dead { st.floor_run.saturating_add(1) } else { 0 };
             if st.floor.update(st.floor_run >= floor.patience, step, remind) {
                 let typical = *typical.get_or_insert_with(rms);

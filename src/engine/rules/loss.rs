@@ -108,7 +108,8 @@ impl State {
 
     fn push(&mut self, loss: f64, window: usize) {
         self.sort_recent();
-        let at = |sorted: &[f64], x: f64| sorted.partition_point(|y| y.total_cmp(&x).is_lt());
+        // Only finite losses come here: `<` orders them.
+        let at = |sorted: &[f64], x: f64| sorted.partition_point(|&y| y < x);
         if self.recent.len() < window {
             self.recent.push(loss);
             let i = at(&self.sorted, loss);

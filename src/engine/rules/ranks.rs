@@ -41,6 +41,11 @@ pub(crate) struct State {
     /// it has seen.
     spread: f64,
     judged: u32,
+    /// Per-step scratch (rank, norm, log-norm), kept for its capacity.
+    #[serde(skip)]
+    logs: Vec<(u32, f64, f64)>,
+    #[serde(skip)]
+    scratch: Vec<f64>,
 }
 
 /// MAD to standard deviation for normal data.
@@ -132,43 +137,50 @@ fn judge(
 ) {
     let cfg = &rules.rank_outlier;
     let remind = rules.policy.cooldown_steps;
-    let bad: Vec<u32> = entries.iter().filter(|e| !e.1.is_finite()).map(|e| e.0).collect();
-    let finite = entries.len() - bad.len();
+    let mut bad = entries.iter().filter(|e| !e.1.is_finite()).map(|e| e.0);
+    let first_bad = bad.next();
+    let bad_count = first_bad.map_or(0, |_| 1 + bad.count());
+    let finite = entries.len() - bad_count;
     let min = cfg.min_ranks as usize;
 
-    if bad.len() == 1 && finite + 1 >= min {
-        let rank = bad[0];
-        if let Some(p) = peers.get_mut(rank as usize).and_then(Option::as_mut)
-            && p.outlier.update(true, step, remind)
-        {
-            let h = em.hit(
-                RuleId::RankOutlier,
-                Severity::Warning,
-                f64::NAN,
-                cfg.k,
-                format!(
-                    "rank {rank} is the only one of {} ranks with non-finite gradients at step {step}: bad shard or silent data corruption",
-                    entries.len()
-                ),
-            );
-            h.about(rank).propose(Proposal::Inspect { rank });
-            h.finding.step = step;
-        }
+    if let Some(rank) = first_bad.filter(|_| bad_count == 1 && finite + 1 >= min)
+        && let Some(p) = peers.get_mut(rank as usize).and_then(Option::as_mut)
+        && p.outlier.update(true, step, remind)
+    {
+        let h = em.hit(
+            RuleId::RankOutlier,
+            Severity::Warning,
+            f64::NAN,
+            cfg.k,
+            format!(
+                "rank {rank} is the only one of {} ranks with non-finite gradients at step {step}: bad shard or silent data corruption",
+                entries.len()
+            ),
+        );
+        h.about(rank).propose(Proposal::Inspect { rank });
+        h.finding.step = step;
     }
     if finite < min {
         return;
     }
-    let logs: Vec<(u32, f64, f64)> = entries
-        .iter()
-        .filter(|e| e.1.is_finite())
-        .map(|&(rank, x)| (rank, x, x.max(f64::MIN_POSITIVE).ln()))
-        .collect();
-    let mut values: Vec<f64> = logs.iter().map(|e| e.2).collect();
-    let Some(med) = median(&mut values) else {
+    let mut logs = std::mem::take(&mut state.logs);
+    logs.clear();
+    logs.extend(
+        entries
+            .iter()
+            .filter(|e| e.1.is_finite())
+            .map(|&(rank, x)| (rank, x, x.max(f64::MIN_POSITIVE).ln())),
+    );
+    let values = &mut state.scratch;
+    values.clear();
+    values.extend(logs.iter().map(|e| e.2));
+    let Some(med) = median(values) else {
+        state.logs = logs;
         return;
     };
-    let mut dev: Vec<f64> = logs.iter().map(|e| (e.2 - med).abs()).collect();
-    let step_mad = median(&mut dev).unwrap_or(0.0);
+    values.clear();
+    values.extend(logs.iter().map(|e| (e.2 - med).abs()));
+    let step_mad = median(values).unwrap_or(0.0);
     let warm = state.judged >= cfg.warmup;
     let floor = cfg.min_rel_spread.ln_1p();
     let scale = (MAD_SIGMA * state.spread.max(step_mad)).max(floor);
@@ -214,6 +226,7 @@ fn judge(
             h.finding.step = step;
         }
     }
+    state.logs = logs;
 }
 
 /// Called when the job's leading step advances: flags ranks `lag_steps` behind.
