@@ -98,7 +98,7 @@ fn main() {
 
 /// One cluster-mode replica with no store: the detector is what is measured.
 fn replica(brokers: &str, config: &str) -> common::Server {
-    common::Server::start_with(&["--no-store", "--kafka-brokers", brokers, "--config", config])
+    common::Server::start_with(&["--no-store", "--kafka-brokers", brokers, "--rules", config])
 }
 
 fn client(brokers: &str) -> ClientConfig {

@@ -6,7 +6,7 @@
 //! exit 2.
 
 use std::io::{self, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -200,6 +200,31 @@ pub fn describe(error: &anyhow::Error) -> String {
         }
     }
     message
+}
+
+/// The rules file of a command that still takes `--config`, the old name of
+/// `--rules` (`serve`, `simulate`): `--config` is used with a note on stderr.
+/// `rules_on_command_line`: whether `--rules` was given as a flag, not only by
+/// its environment variable (which a `--config` flag overrides, as any flag
+/// overrides an environment variable).
+pub fn rules_file(
+    rules: Option<&Path>,
+    config: Option<&Path>,
+    rules_on_command_line: bool,
+) -> Result<Option<PathBuf>, Failure> {
+    match (rules, config) {
+        (_, None) => Ok(rules.map(Path::to_owned)),
+        (Some(_), Some(_)) if rules_on_command_line => Err(Failure::usage(anyhow::anyhow!(
+            "--config is the old name of --rules: give only --rules"
+        ))),
+        (_, Some(config)) => {
+            warn(&format!(
+                "gradguard: warning: --config is deprecated and will be removed: use --rules {}",
+                config.display()
+            ));
+            Ok(Some(config.to_owned()))
+        }
+    }
 }
 
 /// A line on stderr; a closed stderr is no reason to panic.

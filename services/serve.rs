@@ -12,7 +12,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::Args;
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args};
 use gradguard::cluster::KafkaConfig;
 use gradguard::config::RuleBook;
 use gradguard::intake::Limits;
@@ -20,12 +21,16 @@ use gradguard::service::{Listeners, Service, Settings, StoreSettings};
 use gradguard::store::{Retention, SyncMode};
 use tokio::net::TcpListener;
 
-use crate::cli::Failure;
+use crate::cli::{self, Failure};
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// Rules file (TOML, as for `replay --rules`); the built-in defaults when absent.
     #[arg(long, value_name = "FILE", env = "GRADGUARD_CONFIG")]
+    pub rules: Option<PathBuf>,
+
+    /// The old name of `--rules`, still accepted with a deprecation note.
+    #[arg(long, value_name = "FILE", hide = true)]
     pub config: Option<PathBuf>,
 
     /// Address for gRPC (ingest, health, reflection); port 0 picks a free port.
@@ -112,16 +117,18 @@ pub enum StoreSync {
     Normal,
 }
 
-pub fn run(args: &ServeArgs) -> Result<(), Failure> {
-    let book = match &args.config {
+pub fn run(args: &ServeArgs, matches: &ArgMatches) -> Result<(), Failure> {
+    let rules_on_command_line = matches.value_source("rules") == Some(ValueSource::CommandLine);
+    let rules = cli::rules_file(args.rules.as_deref(), args.config.as_deref(), rules_on_command_line)?;
+    let book = match &rules {
         Some(path) => RuleBook::load(path)
-            .with_context(|| format!("--config {}", path.display()))
+            .with_context(|| format!("--rules {}", path.display()))
             .map_err(Failure::usage)?,
         None => RuleBook::builtin(),
     };
     let kafka = KafkaConfig::resolve(&book, args.kafka_brokers.as_deref())
-        .with_context(|| match &args.config {
-            Some(path) => format!("--config {}", path.display()),
+        .with_context(|| match &rules {
+            Some(path) => format!("--rules {}", path.display()),
             None => "--kafka-brokers".to_owned(),
         })
         .map_err(Failure::usage)?;

@@ -89,9 +89,13 @@ pub struct SimulateArgs {
     #[arg(long, value_name = "HOST:PORT")]
     pub kafka_brokers: Option<String>,
 
-    /// Config file whose `[kafka]` section names the topics and client
-    /// properties (as given to `serve --config`); with `--kafka-brokers`.
+    /// Rules file whose `[kafka]` section names the topics and client
+    /// properties (as given to `serve --rules`); with `--kafka-brokers`.
     #[arg(long, value_name = "FILE", requires = "kafka_brokers")]
+    pub rules: Option<std::path::PathBuf>,
+
+    /// The old name of `--rules`, still accepted with a deprecation note.
+    #[arg(long, value_name = "FILE", requires = "kafka_brokers", hide = true)]
     pub config: Option<std::path::PathBuf>,
 
     /// The fault to inject.
@@ -339,13 +343,14 @@ async fn open_kafka(
     scenario: &Scenario,
     events: &mpsc::UnboundedSender<Event>,
 ) -> Result<KafkaWorker, Failure> {
-    let book = match &args.config {
+    let rules = crate::cli::rules_file(args.rules.as_deref(), args.config.as_deref(), args.rules.is_some())?;
+    let book = match &rules {
         Some(path) => gradguard::config::RuleBook::load(path)
-            .map_err(|e| Failure::usage(anyhow!("--config {}: {e}", path.display())))?,
+            .map_err(|e| Failure::usage(anyhow!("--rules {}: {e}", path.display())))?,
         None => gradguard::config::RuleBook::builtin(),
     };
     let config = KafkaConfig::resolve(&book, Some(brokers))
-        .map_err(|e| Failure::usage(anyhow!("--config: {e:#}")))?
+        .map_err(|e| Failure::usage(anyhow!("--rules: {e:#}")))?
         .expect("brokers are given");
     let cfg = scenario.config();
     let (worker, mut from_cluster) = KafkaWorker::open(&config, &cfg.job)

@@ -48,7 +48,7 @@ impl Cluster {
         common::Server::start_with(&[
             "--kafka-brokers",
             &self.broker.brokers(),
-            "--config",
+            "--rules",
             self.config_path(),
             "--no-store",
         ])
@@ -56,12 +56,7 @@ impl Cluster {
 
     /// A replica with a store (in a temporary data directory).
     fn replica_with_store(&self) -> common::Server {
-        common::Server::start_with(&[
-            "--kafka-brokers",
-            &self.broker.brokers(),
-            "--config",
-            self.config_path(),
-        ])
+        common::Server::start_with(&["--kafka-brokers", &self.broker.brokers(), "--rules", self.config_path()])
     }
 
     fn simulate_cmd(&self, args: &[&str]) -> Command {
@@ -70,7 +65,7 @@ impl Cluster {
             "simulate",
             "--kafka-brokers",
             &self.broker.brokers(),
-            "--config",
+            "--rules",
             self.config_path(),
             "--json",
         ])
