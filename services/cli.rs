@@ -227,6 +227,15 @@ pub fn rules_file(
     }
 }
 
+/// The note for a rules file that still holds the service's `[kafka]` section.
+pub fn kafka_in_rules_note(rules: &Path) -> String {
+    format!(
+        "gradguard: warning: the [kafka] section of the rules file {} is deprecated and will be ignored \
+         in a future version: move it to the settings file (--settings FILE, with `version = 1`)",
+        rules.display()
+    )
+}
+
 /// A line on stderr; a closed stderr is no reason to panic.
 pub fn warn(message: &str) {
     let _ = writeln!(io::stderr().lock(), "{message}");

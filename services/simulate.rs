@@ -52,6 +52,7 @@ use crate::cli::Failure;
 use crate::report::Num;
 use gradguard::cluster::KafkaConfig;
 use gradguard::cluster::worker::{FromCluster, KafkaWorker};
+use gradguard::service::SettingsFile;
 
 /// Steps averaged to say where the loss and the norm stood (before the fault,
 /// at the end): one step alone is too noisy to judge a recovery by.
@@ -89,8 +90,13 @@ pub struct SimulateArgs {
     #[arg(long, value_name = "HOST:PORT")]
     pub kafka_brokers: Option<String>,
 
-    /// Rules file whose `[kafka]` section names the topics and client
-    /// properties (as given to `serve --rules`); with `--kafka-brokers`.
+    /// Settings file whose `[kafka]` section names the topics and client
+    /// properties (as given to `serve --settings`); with `--kafka-brokers`.
+    #[arg(long, value_name = "FILE", requires = "kafka_brokers")]
+    pub settings: Option<std::path::PathBuf>,
+
+    /// Rules file that still holds the `[kafka]` section (deprecated: it
+    /// belongs in the settings file); with `--kafka-brokers`.
     #[arg(long, value_name = "FILE", requires = "kafka_brokers")]
     pub rules: Option<std::path::PathBuf>,
 
@@ -333,6 +339,34 @@ impl Transport {
     }
 }
 
+/// The cluster's `[kafka]` section: from `--settings`, or (deprecated) from
+/// the rules file, with `--kafka-brokers`.
+fn kafka_config(args: &SimulateArgs, brokers: &str) -> Result<KafkaConfig, Failure> {
+    let mut file = match &args.settings {
+        Some(path) => {
+            SettingsFile::load(path).map_err(|e| Failure::usage(anyhow!("--settings {}: {e}", path.display())))?
+        }
+        None => SettingsFile::default(),
+    };
+    let rules = crate::cli::rules_file(args.rules.as_deref(), args.config.as_deref(), args.rules.is_some())?;
+    let mut from = "--kafka-brokers".to_owned();
+    if let Some(path) = &rules {
+        let book = gradguard::config::RuleBook::load(path)
+            .map_err(|e| Failure::usage(anyhow!("--rules {}: {e}", path.display())))?;
+        let taken = file
+            .kafka_from_rules(&book)
+            .map_err(|e| Failure::usage(anyhow!("--rules {}: {e:#}", path.display())))?;
+        if taken {
+            crate::cli::warn(&crate::cli::kafka_in_rules_note(path));
+            from = format!("--rules {}", path.display());
+        }
+    }
+    let config = file.kafka.unwrap_or_default().with_brokers(Some(brokers));
+    Ok(config
+        .map_err(|e| Failure::usage(anyhow!("{from}: {e:#}")))?
+        .expect("brokers are given"))
+}
+
 /// Connects the job to a cluster through Kafka: every rank's Hello goes out
 /// first; advice comes back as events of the rank it targets (rank 0 for
 /// job-wide advice), and every rank "ends" once the cluster has processed all
@@ -343,15 +377,7 @@ async fn open_kafka(
     scenario: &Scenario,
     events: &mpsc::UnboundedSender<Event>,
 ) -> Result<KafkaWorker, Failure> {
-    let rules = crate::cli::rules_file(args.rules.as_deref(), args.config.as_deref(), args.rules.is_some())?;
-    let book = match &rules {
-        Some(path) => gradguard::config::RuleBook::load(path)
-            .map_err(|e| Failure::usage(anyhow!("--rules {}: {e}", path.display())))?,
-        None => gradguard::config::RuleBook::builtin(),
-    };
-    let config = KafkaConfig::resolve(&book, Some(brokers))
-        .map_err(|e| Failure::usage(anyhow!("--rules: {e:#}")))?
-        .expect("brokers are given");
+    let config = kafka_config(args, brokers)?;
     let cfg = scenario.config();
     let (worker, mut from_cluster) = KafkaWorker::open(&config, &cfg.job)
         .await
