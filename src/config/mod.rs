@@ -103,7 +103,9 @@ pub struct RuleBook {
     service: BTreeMap<String, toml::Table>,
 }
 
-/// Top-level tables of the config file that configure the service, not rules.
+/// Top-level tables of a rules file that configure the service, not rules:
+/// deprecated there (they belong in the settings file,
+/// [`crate::service::settings`]), still read.
 const SERVICE_SECTIONS: [&str; 1] = ["kafka"];
 
 impl RuleBook {
@@ -176,6 +178,8 @@ impl RuleBook {
     }
 
     /// A service section of the file (`kafka`), unparsed: its owner reads it.
+    /// Deprecated in a rules file: callers tell the user to move it to the
+    /// settings file.
     pub fn section(&self, name: &str) -> Option<&toml::Table> {
         self.service.get(name)
     }
