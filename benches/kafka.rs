@@ -42,7 +42,7 @@ const RANKS: u32 = 4;
 const LAYERS: usize = 100;
 const PARTITIONS: i32 = 4;
 const LATENCY_SAMPLES: usize = 200;
-/// The service's default topic names (the bench's config keeps them).
+/// The service's default topic names (the bench's settings keep them).
 static TOPICS: std::sync::LazyLock<Topics> = std::sync::LazyLock::new(Topics::default);
 
 fn main() {
@@ -51,7 +51,7 @@ fn main() {
     let mut config = tempfile::NamedTempFile::new().unwrap();
     write!(
         config,
-        "[kafka]\npartitions = {PARTITIONS}\ngroup = \"bench-detectors\"\n"
+        "version = 1\n[kafka]\npartitions = {PARTITIONS}\ngroup = \"bench-detectors\"\n"
     )
     .unwrap();
     if let Ok(extra) = std::env::var("GG_PROPS") {
@@ -98,7 +98,7 @@ fn main() {
 
 /// One cluster-mode replica with no store: the detector is what is measured.
 fn replica(brokers: &str, config: &str) -> common::Server {
-    common::Server::start_with(&["--no-store", "--kafka-brokers", brokers, "--config", config])
+    common::Server::start_with(&["--no-store", "--kafka-brokers", brokers, "--settings", config])
 }
 
 fn client(brokers: &str) -> ClientConfig {

@@ -6,7 +6,7 @@
 //! exit 2.
 
 use std::io::{self, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -167,6 +167,40 @@ pub fn describe(error: &anyhow::Error) -> String {
 /// A gRPC status for a message: its code and its message.
 pub fn status_text(status: &tonic::Status) -> String {
     format!("{:?}: {}", status.code(), status.message())
+}
+
+/// The rules file of a command that still takes `--config`, the old name of
+/// `--rules` (`serve`, `simulate`): `--config` is used with a note on stderr.
+/// `rules_on_command_line`: whether `--rules` was given as a flag, not only by
+/// its environment variable (which a `--config` flag overrides, as any flag
+/// overrides an environment variable).
+pub fn rules_file(
+    rules: Option<&Path>,
+    config: Option<&Path>,
+    rules_on_command_line: bool,
+) -> Result<Option<PathBuf>, Failure> {
+    match (rules, config) {
+        (_, None) => Ok(rules.map(Path::to_owned)),
+        (Some(_), Some(_)) if rules_on_command_line => Err(Failure::usage(anyhow::anyhow!(
+            "--config is the old name of --rules: give only --rules"
+        ))),
+        (_, Some(config)) => {
+            warn(&format!(
+                "gradguard: warning: --config is deprecated and will be removed: use --rules {}",
+                config.display()
+            ));
+            Ok(Some(config.to_owned()))
+        }
+    }
+}
+
+/// The note for a rules file that still holds the service's `[kafka]` section.
+pub fn kafka_in_rules_note(rules: &Path) -> String {
+    format!(
+        "gradguard: warning: the [kafka] section of the rules file {} is deprecated and will be ignored \
+         in a future version: move it to the settings file (--settings FILE, with `version = 1`)",
+        rules.display()
+    )
 }
 
 /// A line on stderr; a closed stderr is no reason to panic.

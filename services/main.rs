@@ -14,15 +14,20 @@ mod serve;
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 
 fn main() -> ExitCode {
-    let cli = cli::Cli::parse();
+    // The matches too: `serve` tells a flag given from its default.
+    let matches = cli::Cli::command().get_matches();
+    let cli = cli::Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let result = match &cli.command {
         cli::Command::Replay(args) => replay::run(args),
         cli::Command::Generate(args) => dev::generate::run(args),
         cli::Command::Rules(args) => rules::run(args),
-        cli::Command::Serve(args) => serve::run(args).map(|()| ExitCode::SUCCESS),
+        cli::Command::Serve(args) => {
+            let matches = matches.subcommand_matches("serve").expect("serve's own matches");
+            serve::run(args, matches).map(|()| ExitCode::SUCCESS)
+        }
         cli::Command::Simulate(args) => dev::simulate::run(args),
         cli::Command::Loadgen(args) => dev::loadgen::run(args),
         cli::Command::Sink(args) => dev::sink::run(args),

@@ -10,7 +10,14 @@ use crate::cli::{Failure, RulesArgs};
 
 pub fn run(args: &RulesArgs) -> Result<ExitCode, Failure> {
     let book = match &args.rules {
-        Some(path) => RuleBook::load(path).map_err(Failure::usage)?,
+        Some(path) => {
+            let book = RuleBook::load(path).map_err(Failure::usage)?;
+            // This command checks a rules file: say what is to move out of it.
+            if book.section("kafka").is_some() {
+                crate::cli::warn(&crate::cli::kafka_in_rules_note(path));
+            }
+            book
+        }
         None => RuleBook::builtin(),
     };
     let rules = match &args.job {

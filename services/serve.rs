@@ -1,38 +1,52 @@
 //! `gradguard serve`: the flags, then the library's service
 //! ([`gradguard::service`]) until SIGINT or SIGTERM.
 //!
-//! Startup order: parse flags and load the rules file (a bad value exits
-//! before any port is bound), bind both listeners, start the service, print
-//! one line `listening grpc=ADDR metrics=ADDR` on stdout (tests and scripts
-//! wait for it; with port 0 it tells the ports chosen), then serve.
+//! Startup order: parse flags, load the rules file and the settings file (a
+//! bad value exits before any port is bound), bind both listeners, start the
+//! service, print one line `listening grpc=ADDR metrics=ADDR` on stdout (tests
+//! and scripts wait for it; with port 0 it tells the ports chosen), then serve.
+//!
+//! A setting comes from its flag (or the flag's environment variable) when
+//! given, else from the settings file, else from its default: clap's default
+//! values are the library's ([`gradguard::service::settings::defaults`]), so
+//! `--help` shows them, and a flag left at its default does not hide the file.
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::Args;
-use gradguard::cluster::KafkaConfig;
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args};
 use gradguard::config::RuleBook;
-use gradguard::intake::Limits;
-use gradguard::service::{Listeners, Service, Settings, StoreSettings};
-use gradguard::store::{Retention, SyncMode};
+use gradguard::service::settings::{LimitsSection, Listen, StoreSection, defaults, ranges};
+use gradguard::service::{Listeners, ServeSettings, Service, SettingsFile};
+use gradguard::store::SyncMode;
 use tokio::net::TcpListener;
 
-use crate::cli::Failure;
+use crate::cli::{self, Failure};
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// Rules file (TOML, as for `replay --rules`); the built-in defaults when absent.
     #[arg(long, value_name = "FILE", env = "GRADGUARD_CONFIG")]
+    pub rules: Option<PathBuf>,
+
+    /// The old name of `--rules`, still accepted with a deprecation note.
+    #[arg(long, value_name = "FILE", hide = true)]
     pub config: Option<PathBuf>,
+
+    /// Settings file (TOML, `version = 1`): addresses, limits, store, Kafka.
+    /// The flags below override it.
+    #[arg(long, value_name = "FILE", env = "GRADGUARD_SETTINGS")]
+    pub settings: Option<PathBuf>,
 
     /// Address for gRPC (ingest, health, reflection); port 0 picks a free port.
     #[arg(
         long,
         value_name = "ADDR",
-        default_value = "0.0.0.0:50051",
+        default_value = defaults::GRPC_ADDR,
         env = "GRADGUARD_GRPC_ADDR"
     )]
     pub grpc_addr: SocketAddr,
@@ -41,28 +55,28 @@ pub struct ServeArgs {
     #[arg(
         long,
         value_name = "ADDR",
-        default_value = "0.0.0.0:9464",
+        default_value = defaults::METRICS_ADDR,
         env = "GRADGUARD_METRICS_ADDR"
     )]
     pub metrics_addr: SocketAddr,
 
     /// Jobs tracked at once; a Hello for one more is refused (RESOURCE_EXHAUSTED).
     /// Bounds the `job` label of every metric.
-    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=1_000_000), env = "GRADGUARD_MAX_JOBS")]
+    #[arg(long, default_value_t = defaults::MAX_JOBS, value_parser = clap::value_parser!(u64).range(ranges::MAX_JOBS), env = "GRADGUARD_MAX_JOBS")]
     pub max_jobs: u64,
 
     /// Forget a job (its detection state and metrics series) after this long
     /// without a summary, Hello or disconnect, e.g. `15m`, `90s`.
-    #[arg(long, default_value = "15m", value_parser = humantime::parse_duration, env = "GRADGUARD_JOB_TTL")]
+    #[arg(long, default_value = defaults::JOB_TTL, value_parser = humantime::parse_duration, env = "GRADGUARD_JOB_TTL")]
     pub job_ttl: Duration,
 
     /// Largest accepted worker message, in bytes.
-    #[arg(long, default_value_t = 4 << 20, value_parser = clap::value_parser!(u64).range(1024..=(256 << 20)), env = "GRADGUARD_MAX_MESSAGE_BYTES")]
+    #[arg(long, default_value_t = defaults::MAX_MESSAGE_BYTES, value_parser = clap::value_parser!(u64).range(ranges::MAX_MESSAGE_BYTES), env = "GRADGUARD_MAX_MESSAGE_BYTES")]
     pub max_message_bytes: u64,
 
     /// Server messages queued per stream; advice for a worker that does not
     /// read is dropped beyond this (counted in `gradguard_advice_dropped_total`).
-    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=65536))]
+    #[arg(long, default_value_t = defaults::STREAM_QUEUE, value_parser = clap::value_parser!(u64).range(ranges::STREAM_QUEUE))]
     pub stream_queue: u64,
 
     /// Directory of the durable store (created when absent). A damaged store
@@ -70,7 +84,7 @@ pub struct ServeArgs {
     #[arg(
         long,
         value_name = "DIR",
-        default_value = "gradguard-data",
+        default_value = defaults::DATA_DIR,
         env = "GRADGUARD_DATA_DIR"
     )]
     pub data_dir: PathBuf,
@@ -88,15 +102,15 @@ pub struct ServeArgs {
     pub store_sync: StoreSync,
 
     /// Delete stored anomalies, advice and jobs older than this, e.g. `30d`.
-    #[arg(long, default_value = "30d", value_parser = humantime::parse_duration, env = "GRADGUARD_RETENTION")]
+    #[arg(long, default_value = defaults::RETENTION, value_parser = humantime::parse_duration, env = "GRADGUARD_RETENTION")]
     pub retention: Duration,
 
     /// Delete the oldest anomalies and advice while the store is larger than this many MiB.
-    #[arg(long, value_name = "MIB", default_value_t = 10240, value_parser = clap::value_parser!(u64).range(1..), env = "GRADGUARD_STORE_MAX_MIB")]
+    #[arg(long, value_name = "MIB", default_value_t = defaults::STORE_MAX_MIB, value_parser = clap::value_parser!(u64).range(ranges::STORE_MAX_MIB), env = "GRADGUARD_STORE_MAX_MIB")]
     pub store_max_mib: u64,
 
     /// Run as one replica of a cluster on these Kafka brokers (`host:port,...`),
-    /// overriding the config file's `[kafka] brokers`. Without either, the
+    /// overriding the settings file's `[kafka] brokers`. Without either, the
     /// service runs embedded.
     #[arg(long, value_name = "HOST:PORT", env = "GRADGUARD_KAFKA_BROKERS")]
     pub kafka_brokers: Option<String>,
@@ -112,40 +126,40 @@ pub enum StoreSync {
     Normal,
 }
 
-pub fn run(args: &ServeArgs) -> Result<(), Failure> {
-    let book = match &args.config {
+pub fn run(args: &ServeArgs, matches: &ArgMatches) -> Result<(), Failure> {
+    let source = |id: &str| matches.value_source(id);
+    let rules_on_command_line = source("rules") == Some(ValueSource::CommandLine);
+    let rules = cli::rules_file(args.rules.as_deref(), args.config.as_deref(), rules_on_command_line)?;
+    let book = match &rules {
         Some(path) => RuleBook::load(path)
-            .with_context(|| format!("--config {}", path.display()))
+            .with_context(|| format!("--rules {}", path.display()))
             .map_err(Failure::usage)?,
         None => RuleBook::builtin(),
     };
-    let kafka = KafkaConfig::resolve(&book, args.kafka_brokers.as_deref())
-        .with_context(|| match &args.config {
-            Some(path) => format!("--config {}", path.display()),
-            None => "--kafka-brokers".to_owned(),
-        })
-        .map_err(Failure::usage)?;
-    let settings = Settings {
-        limits: Limits {
-            max_jobs: args.max_jobs as usize,
-            job_ttl: args.job_ttl,
-            ..Limits::default()
-        },
-        max_message_bytes: args.max_message_bytes as usize,
-        stream_queue: args.stream_queue as usize,
-        store: (!args.no_store).then(|| StoreSettings {
-            dir: args.data_dir.clone(),
-            sync: match args.store_sync {
-                StoreSync::Full => SyncMode::Full,
-                StoreSync::Normal => SyncMode::Normal,
-            },
-            retention: Retention {
-                max_age_secs: Some(args.retention.as_secs_f64()),
-                max_bytes: Some(args.store_max_mib << 20),
-            },
-        }),
-        kafka,
+    let mut file = match &args.settings {
+        Some(path) => SettingsFile::load(path)
+            .with_context(|| format!("--settings {}", path.display()))
+            .map_err(Failure::usage)?,
+        None => SettingsFile::default(),
     };
+    // The rules file's [kafka] section, where it used to be: still read.
+    let mut kafka_from = "--kafka-brokers".to_owned();
+    if let Some(path) = &rules
+        && file
+            .kafka_from_rules(&book)
+            .with_context(|| format!("--rules {}", path.display()))
+            .map_err(Failure::usage)?
+    {
+        cli::warn(&cli::kafka_in_rules_note(path));
+        kafka_from = format!("--rules {}", path.display());
+    }
+    let given = |id: &str| matches!(source(id), Some(ValueSource::CommandLine | ValueSource::EnvVariable));
+    let names = Names::new(&file, args.settings.as_deref(), &given);
+    let settings = flags(args, &given)
+        .or(file)
+        .resolve(args.kafka_brokers.as_deref())
+        .context(kafka_from)
+        .map_err(Failure::usage)?;
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = args.threads {
         runtime.worker_threads(n as usize);
@@ -155,18 +169,71 @@ pub fn run(args: &ServeArgs) -> Result<(), Failure> {
         .build()
         .context("cannot start the async runtime")
         .map_err(Failure::input)?;
-    runtime.block_on(serve(args, settings, book)).map_err(Failure::input)
+    runtime.block_on(serve(settings, book, names)).map_err(Failure::input)
 }
 
-async fn serve(args: &ServeArgs, settings: Settings, book: RuleBook) -> anyhow::Result<()> {
+/// The settings the flags give: only those given on the command line or by
+/// their environment variables, so that the settings file fills the rest.
+fn flags(args: &ServeArgs, given: &impl Fn(&str) -> bool) -> SettingsFile {
+    SettingsFile {
+        listen: Listen {
+            grpc: given("grpc_addr").then_some(args.grpc_addr),
+            metrics: given("metrics_addr").then_some(args.metrics_addr),
+        },
+        limits: LimitsSection {
+            max_jobs: given("max_jobs").then_some(args.max_jobs),
+            job_ttl: given("job_ttl").then_some(args.job_ttl),
+            max_message_bytes: given("max_message_bytes").then_some(args.max_message_bytes),
+            stream_queue: given("stream_queue").then_some(args.stream_queue),
+        },
+        store: StoreSection {
+            enabled: args.no_store.then_some(false),
+            dir: given("data_dir").then(|| args.data_dir.clone()),
+            sync: given("store_sync").then_some(match args.store_sync {
+                StoreSync::Full => SyncMode::Full,
+                StoreSync::Normal => SyncMode::Normal,
+            }),
+            retention: given("retention").then_some(args.retention),
+            max_mib: given("store_max_mib").then_some(args.store_max_mib),
+        },
+        ..SettingsFile::default()
+    }
+}
+
+/// How an error names the listen addresses: by the flag, or by the settings
+/// file's key when the address came from there.
+struct Names {
+    grpc: String,
+    metrics: String,
+}
+
+impl Names {
+    fn new(file: &SettingsFile, path: Option<&Path>, given: &impl Fn(&str) -> bool) -> Self {
+        let name = |flag: &str, id: &str, key: &str, in_file: bool| match path {
+            Some(path) if in_file && !given(id) => format!("{key} (--settings {})", path.display()),
+            _ => flag.to_owned(),
+        };
+        Self {
+            grpc: name("--grpc-addr", "grpc_addr", "listen.grpc", file.listen.grpc.is_some()),
+            metrics: name(
+                "--metrics-addr",
+                "metrics_addr",
+                "listen.metrics",
+                file.listen.metrics.is_some(),
+            ),
+        }
+    }
+}
+
+async fn serve(settings: ServeSettings, book: RuleBook, names: Names) -> anyhow::Result<()> {
     init_tracing();
-    let grpc = TcpListener::bind(args.grpc_addr)
+    let grpc = TcpListener::bind(settings.grpc_addr)
         .await
-        .with_context(|| format!("cannot bind --grpc-addr {}", args.grpc_addr))?;
-    let http = TcpListener::bind(args.metrics_addr)
+        .with_context(|| format!("cannot bind {} {}", names.grpc, settings.grpc_addr))?;
+    let http = TcpListener::bind(settings.metrics_addr)
         .await
-        .with_context(|| format!("cannot bind --metrics-addr {}", args.metrics_addr))?;
-    let service = Service::start(settings, book, Listeners { grpc, http }).await?;
+        .with_context(|| format!("cannot bind {} {}", names.metrics, settings.metrics_addr))?;
+    let service = Service::start(settings.service, book, Listeners { grpc, http }).await?;
     // Tests and scripts wait for this line: the service is up from here on.
     {
         let mut out = std::io::stdout().lock();

@@ -13,12 +13,12 @@ use common::kafka::Broker;
 
 const BIN: &str = env!("CARGO_BIN_EXE_gradguard");
 
-/// A broker and a config file for the replicas and workers: 4 partitions,
+/// A broker and a settings file for the replicas and workers: 4 partitions,
 /// and group timeouts short enough that a dead replica's partitions move in
 /// seconds.
 struct Cluster {
     broker: Broker,
-    config: tempfile::NamedTempFile,
+    settings: tempfile::NamedTempFile,
 }
 
 impl Cluster {
@@ -31,25 +31,25 @@ impl Cluster {
     }
 
     fn on(broker: Broker, partitions: u32) -> Self {
-        let mut config = tempfile::NamedTempFile::new().expect("a config file");
+        let mut settings = tempfile::NamedTempFile::new().expect("a settings file");
         write!(
-            config,
-            "[kafka]\npartitions = {partitions}\n[kafka.properties]\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"500\"\n"
+            settings,
+            "version = 1\n[kafka]\npartitions = {partitions}\n[kafka.properties]\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"500\"\n"
         )
         .unwrap();
-        Self { broker, config }
+        Self { broker, settings }
     }
 
-    fn config_path(&self) -> &str {
-        self.config.path().to_str().expect("a UTF-8 temp path")
+    fn settings_path(&self) -> &str {
+        self.settings.path().to_str().expect("a UTF-8 temp path")
     }
 
     fn replica(&self) -> common::Server {
         common::Server::start_with(&[
             "--kafka-brokers",
             &self.broker.brokers(),
-            "--config",
-            self.config_path(),
+            "--settings",
+            self.settings_path(),
             "--no-store",
         ])
     }
@@ -59,8 +59,8 @@ impl Cluster {
         common::Server::start_with(&[
             "--kafka-brokers",
             &self.broker.brokers(),
-            "--config",
-            self.config_path(),
+            "--settings",
+            self.settings_path(),
         ])
     }
 
@@ -70,8 +70,8 @@ impl Cluster {
             "simulate",
             "--kafka-brokers",
             &self.broker.brokers(),
-            "--config",
-            self.config_path(),
+            "--settings",
+            self.settings_path(),
             "--json",
         ])
         .args(args);

@@ -40,3 +40,19 @@ fn job_override_is_applied_and_bad_files_exit_2() {
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(err.contains("grad_spike.z") && err.contains("-1"), "{err}");
 }
+
+#[test]
+fn a_kafka_section_is_still_accepted_with_a_note_to_move_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("rules.toml");
+    std::fs::write(&path, "[grad_spike]\nz = 3.5\n[kafka]\nbrokers = \"b:9092\"\n").unwrap();
+    let out = rules(&["--rules", path.to_str().unwrap()]);
+    assert!(out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains("[kafka] section") && err.contains("move it to the settings file"),
+        "{err}"
+    );
+    let printed = String::from_utf8(out.stdout).unwrap();
+    assert!(!printed.contains("kafka"), "{printed}");
+}

@@ -667,11 +667,15 @@ fn bad_flags_and_config_exit_before_binding_a_port() {
     std::fs::write(&bad, "[grad_spike]\nz = -1.0\n").unwrap();
     let bad = bad.to_str().unwrap();
 
-    let (code, err) = serve_fails(&["--grpc-addr", &addr, "--config", bad]);
+    let (code, err) = serve_fails(&["--grpc-addr", &addr, "--rules", bad]);
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("grad_spike.z") && err.contains("-1"), "{err}");
+    assert!(
+        err.contains("--rules") && err.contains("grad_spike.z") && err.contains("-1"),
+        "{err}"
+    );
+    assert!(!err.contains("deprecated"), "{err}");
 
-    let (code, err) = serve_fails(&["--grpc-addr", &addr, "--config", "/no/such/rules.toml"]);
+    let (code, err) = serve_fails(&["--grpc-addr", &addr, "--rules", "/no/such/rules.toml"]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("/no/such/rules.toml"), "{err}");
 

@@ -44,7 +44,7 @@ use serde::Deserialize;
 /// The header naming the rank that sent a summaries-topic record.
 pub const RANK_HEADER: &str = "rank";
 
-/// The `[kafka]` section of the config file.
+/// The `[kafka]` section of the settings file (or, deprecated, of the rules file).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KafkaConfig {
@@ -92,36 +92,52 @@ impl Default for KafkaConfig {
 }
 
 impl KafkaConfig {
-    /// The config file's `[kafka]` section (defaults when absent), with
-    /// `--kafka-brokers` applied. `None` when no broker is named: embedded mode.
+    /// The `[kafka]` section of a rules file (defaults when absent), with
+    /// `--kafka-brokers` applied. `None` when no broker is named: embedded
+    /// mode. The section belongs in the settings file now
+    /// ([`crate::service::settings`]); a rules file's is still read.
     pub fn resolve(book: &RuleBook, brokers: Option<&str>) -> anyhow::Result<Option<Self>> {
-        let mut config: KafkaConfig = match book.section("kafka") {
+        let config: KafkaConfig = match book.section("kafka") {
             Some(table) => table.clone().try_into().context("[kafka]")?,
             None => KafkaConfig::default(),
         };
+        config.with_brokers(brokers)
+    }
+
+    /// This section with `--kafka-brokers` applied (it overrides `brokers`),
+    /// checked. `None` when no broker is named: embedded mode.
+    pub fn with_brokers(mut self, brokers: Option<&str>) -> anyhow::Result<Option<Self>> {
         if let Some(b) = brokers {
-            config.brokers = Some(b.to_owned());
+            self.brokers = Some(b.to_owned());
         }
-        let Some(b) = config.brokers.as_deref() else {
+        if self.brokers.is_none() {
             return Ok(None);
-        };
-        if b.trim().is_empty() {
+        }
+        self.validate()?;
+        Ok(Some(self))
+    }
+
+    /// Checks what the TOML types cannot: named brokers, partitions, topic names.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if let Some(b) = self.brokers.as_deref()
+            && b.trim().is_empty()
+        {
             bail!("kafka brokers: must name at least one host:port, got {b:?}");
         }
-        if !(1..=4096).contains(&config.partitions) {
-            bail!("kafka.partitions: {} is out of range 1..=4096", config.partitions);
+        if !(1..=4096).contains(&self.partitions) {
+            bail!("kafka.partitions: {} is out of range 1..=4096", self.partitions);
         }
         for (field, name) in [
-            ("summaries", &config.topics.summaries),
-            ("advice", &config.topics.advice),
-            ("anomalies", &config.topics.anomalies),
-            ("state", &config.topics.state),
+            ("summaries", &self.topics.summaries),
+            ("advice", &self.topics.advice),
+            ("anomalies", &self.topics.anomalies),
+            ("state", &self.topics.state),
         ] {
             if name.is_empty() {
                 bail!("kafka.topics.{field}: must not be empty");
             }
         }
-        Ok(Some(config))
+        Ok(())
     }
 
     /// A client configuration: the brokers, then the passed-through properties.

@@ -12,6 +12,7 @@ mod ingest;
 pub mod metrics;
 mod mode;
 mod query;
+pub mod settings;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -40,11 +41,13 @@ use ingest::IngestService;
 use metrics::HubMetrics;
 use mode::Mode;
 use query::QueryService;
+pub use settings::{ServeSettings, SettingsError, SettingsFile};
 
 /// Anomalies buffered for `WatchAnomalies` subscribers that fall behind.
 const WATCH_BUFFER: usize = 4096;
 
-/// The service's settings (the rules are apart, in the [`RuleBook`]).
+/// The service's settings (the rules are apart, in the [`RuleBook`]); `serve`
+/// reads them from its flags and its settings file ([`settings`]).
 #[derive(Debug, Clone)]
 pub struct Settings {
     /// What a client can make the service hold.
@@ -63,8 +66,8 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             limits: Limits::default(),
-            max_message_bytes: 4 << 20,
-            stream_queue: 256,
+            max_message_bytes: settings::defaults::MAX_MESSAGE_BYTES as usize,
+            stream_queue: settings::defaults::STREAM_QUEUE as usize,
             store: None,
             kafka: None,
         }

@@ -122,7 +122,7 @@ fn the_manifests_fit_together_and_run_what_exists() {
         "the replicas run in cluster mode"
     );
 
-    // Volumes: the config from the ConfigMap where --config looks, the data
+    // Volumes: the rules from the ConfigMap where --rules looks, the data
     // claim where --data-dir points.
     let volumes = list(&pod["spec"], "volumes");
     let claims = list(&sts["spec"], "volumeClaimTemplates");
@@ -151,11 +151,11 @@ fn the_manifests_fit_together_and_run_what_exists() {
     for item in items {
         assert!(has_key(str_at(item, "key", "an item")), "{item:?}");
     }
-    let config = flag_value(&args, "--config").expect("--config");
+    let config = flag_value(&args, "--rules").expect("--rules");
     let config_dir = mount_of(str_at(config_volume, "name", "the config volume"));
     let file = config
         .strip_prefix(&format!("{config_dir}/"))
-        .unwrap_or_else(|| panic!("--config {config} is not in the config volume at {config_dir}"));
+        .unwrap_or_else(|| panic!("--rules {config} is not in the config volume at {config_dir}"));
     let item = items
         .iter()
         .find(|i| i["path"].as_str() == Some(file))
@@ -211,12 +211,12 @@ fn the_manifests_fit_together_and_run_what_exists() {
     assert_eq!(str_at(&svc["metadata"], "name", "the Service"), "gradguard");
     assert!(monitor["spec"]["jobLabel"].is_badvalue());
 
-    // The rules file in the ConfigMap is one `gradguard serve --config` accepts.
+    // The rules file in the ConfigMap is one `gradguard serve --rules` accepts.
     let rules = cm_data[&Yaml::String(rules_key.to_owned())].as_str().unwrap();
     assert_serve_accepts(rules);
 }
 
-/// Starts `gradguard serve --config` with this rules file on free ports and
+/// Starts `gradguard serve --rules` with this rules file on free ports and
 /// fails unless it comes up.
 fn assert_serve_accepts(rules: &str) {
     let dir = tempfile::tempdir().unwrap();
@@ -231,7 +231,7 @@ fn assert_serve_accepts(rules: &str) {
             "--metrics-addr",
             "127.0.0.1:0",
         ])
-        .arg("--config")
+        .arg("--rules")
         .arg(&path)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -90,9 +90,18 @@ pub struct SimulateArgs {
     #[arg(long, value_name = "HOST:PORT")]
     pub kafka_brokers: Option<String>,
 
-    /// Config file whose `[kafka]` section names the topics and client
-    /// properties (as given to `serve --config`); with `--kafka-brokers`.
+    /// Settings file whose `[kafka]` section names the topics and client
+    /// properties (as given to `serve --settings`); with `--kafka-brokers`.
     #[arg(long, value_name = "FILE", requires = "kafka_brokers")]
+    pub settings: Option<std::path::PathBuf>,
+
+    /// Rules file that still holds the `[kafka]` section (deprecated: it
+    /// belongs in the settings file); with `--kafka-brokers`.
+    #[arg(long, value_name = "FILE", requires = "kafka_brokers")]
+    pub rules: Option<std::path::PathBuf>,
+
+    /// The old name of `--rules`, still accepted with a deprecation note.
+    #[arg(long, value_name = "FILE", requires = "kafka_brokers", hide = true)]
     pub config: Option<std::path::PathBuf>,
 
     /// The fault to inject.

@@ -7,6 +7,7 @@ use gradguard::cluster::KafkaConfig;
 use gradguard::cluster::worker::{FromCluster, KafkaWorker};
 use gradguard::proto::{self, ingest_client::IngestClient, worker_message};
 use gradguard::scenario::Scenario;
+use gradguard::service::SettingsFile;
 use tokio::sync::mpsc;
 use tonic::Status;
 use tonic::transport::Channel;
@@ -54,20 +55,41 @@ impl Transport {
 /// first; advice comes back as events of the rank it targets (rank 0 for
 /// job-wide advice), and every rank "ends" once the cluster has processed all
 /// the job sent.
+/// The cluster's `[kafka]` section: from `--settings`, or (deprecated) from
+/// the rules file, with `--kafka-brokers`.
+fn kafka_config(args: &SimulateArgs, brokers: &str) -> Result<KafkaConfig, Failure> {
+    let mut file = match &args.settings {
+        Some(path) => {
+            SettingsFile::load(path).map_err(|e| Failure::usage(anyhow!("--settings {}: {e}", path.display())))?
+        }
+        None => SettingsFile::default(),
+    };
+    let rules = crate::cli::rules_file(args.rules.as_deref(), args.config.as_deref(), args.rules.is_some())?;
+    let mut from = "--kafka-brokers".to_owned();
+    if let Some(path) = &rules {
+        let book = gradguard::config::RuleBook::load(path)
+            .map_err(|e| Failure::usage(anyhow!("--rules {}: {e}", path.display())))?;
+        let taken = file
+            .kafka_from_rules(&book)
+            .map_err(|e| Failure::usage(anyhow!("--rules {}: {e:#}", path.display())))?;
+        if taken {
+            crate::cli::warn(&crate::cli::kafka_in_rules_note(path));
+            from = format!("--rules {}", path.display());
+        }
+    }
+    let config = file.kafka.unwrap_or_default().with_brokers(Some(brokers));
+    Ok(config
+        .map_err(|e| Failure::usage(anyhow!("{from}: {e:#}")))?
+        .expect("brokers are given"))
+}
+
 pub(super) async fn open_kafka(
     args: &SimulateArgs,
     brokers: &str,
     scenario: &Scenario,
     events: &mpsc::UnboundedSender<Event>,
 ) -> Result<KafkaWorker, Failure> {
-    let book = match &args.config {
-        Some(path) => gradguard::config::RuleBook::load(path)
-            .map_err(|e| Failure::usage(anyhow!("--config {}: {e}", path.display())))?,
-        None => gradguard::config::RuleBook::builtin(),
-    };
-    let config = KafkaConfig::resolve(&book, Some(brokers))
-        .map_err(|e| Failure::usage(anyhow!("--config: {e:#}")))?
-        .expect("brokers are given");
+    let config = kafka_config(args, brokers)?;
     let cfg = scenario.config();
     let (worker, mut from_cluster) = KafkaWorker::open(&config, &cfg.job)
         .await
