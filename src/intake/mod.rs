@@ -29,8 +29,6 @@ pub use judge::Judge;
 pub use metrics::IntakeMetrics;
 pub use refusal::{Reason, Refusal};
 
-pub use crate::clock::unix_now;
-
 use crate::engine::{MAX_LAYERS, MAX_RANKS};
 use crate::model::Summary;
 use crate::{proto, wire};

@@ -23,8 +23,9 @@ use tonic::Status;
 
 use super::metrics::{HubMetrics, JobGauges};
 use super::mode::{Mode, Shape};
+use crate::clock::unix_now;
 use crate::engine::Output;
-use crate::intake::{Declared, Limits, Reason, Refusal, unix_now};
+use crate::intake::{Declared, Limits, Reason, Refusal};
 use crate::model::{Severity, Summary};
 use crate::proto::{self, server_message};
 use crate::recorder::{Record, Recorder};

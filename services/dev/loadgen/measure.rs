@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::anyhow;
 use gradguard::client::{self, ClientError, StreamReceiver, StreamSender, WorkerStream};
-use gradguard::intake::unix_now;
+use gradguard::clock::unix_now;
 use gradguard::proto;
 use tokio::task::JoinHandle;
 use tokio::time::MissedTickBehavior;

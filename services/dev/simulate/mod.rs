@@ -45,8 +45,8 @@ use std::time::Duration;
 
 use anyhow::anyhow;
 use clap::{Args, ValueEnum};
+use gradguard::clock::unix_now;
 use gradguard::engine::MAX_LAYERS;
-use gradguard::intake::unix_now;
 use gradguard::scenario::{Fault, Scenario, ScenarioConfig};
 use tokio::sync::mpsc;
 
