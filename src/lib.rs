@@ -14,7 +14,18 @@
 //! - [`proto`]: the generated `gradguard.v1` protobuf and gRPC code. Only the edges
 //!   convert between it and [`model`], through [`wire`].
 //! - [`wire`]: the conversions between wire and domain types, with validation.
+//! - [`intake`]: the one place a worker message is checked, from any transport:
+//!   decoding, the Hello's limits, the layer count, the job cap, the engine
+//!   calls, and refusals with a stable label and a gRPC code.
+//! - [`service`]: `gradguard serve` as a library ([`service::Service`]): the
+//!   gRPC ingest and query services, the hub of worker streams, metrics, the
+//!   settings file.
+//! - [`cluster`]: cluster mode on Kafka: the detector, the forwarder and advice
+//!   relay, the store feed, and the worker side of the topics.
+//! - [`recorder`]: the store writer thread (group commit; advice leaves after
+//!   the commit that holds it).
 //! - [`store`]: the durable store (SQLite): jobs, anomalies, advice, acks.
+//! - [`clock`]: the service's clock.
 //! - [`client`]: the worker side of the gRPC ingest stream (simulator, load
 //!   generator, tests).
 //! - [`quality`]: the detection-quality harness: the engine against the anchor

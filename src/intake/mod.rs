@@ -12,7 +12,7 @@
 //!   code, and a message naming the field and the value.
 //!
 //! The transports are thin adapters: a gRPC stream (`service::ingest`) and a
-//! summaries-topic record (`service::cluster::detector`) each feed a
+//! summaries-topic record (`cluster::detector`) each feed a
 //! [`Decoder`] and hand the parts to the same functions.
 
 mod decode;

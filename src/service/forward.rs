@@ -14,7 +14,7 @@ use super::mode::{Mode, Shape};
 use crate::cluster::relay::Forwarder;
 use crate::config::{RuleBook, Rules};
 use crate::engine::{EngineError, Output};
-use crate::intake::{Declared, Limits, Reason, Refusal, convert};
+use crate::intake::{Declared, IntakeMetrics, Limits, Reason, Refusal, convert};
 use crate::model::{JobId, Summary};
 use crate::proto::{self, worker_message::Body};
 
@@ -22,6 +22,7 @@ pub struct Forwarding {
     forwarder: Arc<Forwarder>,
     book: RuleBook,
     limits: Limits,
+    metrics: IntakeMetrics,
     jobs: HashMap<JobId, Forwarded>,
 }
 
@@ -36,11 +37,12 @@ struct Forwarded {
 }
 
 impl Forwarding {
-    pub fn new(forwarder: Arc<Forwarder>, book: RuleBook, limits: Limits) -> Self {
+    pub fn new(forwarder: Arc<Forwarder>, book: RuleBook, limits: Limits, metrics: IntakeMetrics) -> Self {
         Self {
             forwarder,
             book,
             limits,
+            metrics,
             jobs: HashMap::new(),
         }
     }
@@ -49,6 +51,7 @@ impl Forwarding {
 impl Mode for Forwarding {
     fn hello(&mut self, d: &Declared, hello: &proto::Hello) -> Result<Option<u64>, Refusal> {
         if !self.jobs.contains_key(&d.job) && self.jobs.len() >= self.limits.max_jobs {
+            self.metrics.job_refused();
             return Err(Refusal::new(
                 Reason::TooManyJobs,
                 format!(

@@ -1,7 +1,7 @@
 //! The hub: the worker streams attached to each job, and the routing of
 //! advice back to them. What happens to the messages is the [`Mode`]'s:
 //! judged here ([`Judge`], embedded) or handed to the job's owner
-//! (`cluster::Forwarding`), whose advice comes back through
+//! (`forward::Forwarding`), whose advice comes back through
 //! [`Hub::deliver_advice`].
 //!
 //! Every rank of a job has its own gRPC stream, but cross-rank rules need all

@@ -4,7 +4,8 @@
 //! The task reads the worker's messages in order and hands each to the
 //! intake's [`Decoder`] and then the hub right away, so advice is on its way
 //! before the next message is read. A refused message ends that stream with
-//! its status (`InvalidArgument` naming the field and value); other streams
+//! its status (the code of its `Reason`, `InvalidArgument` for bad input,
+//! naming the field and value); other streams
 //! never notice. However the stream ends, dropping the session detaches it
 //! from its job.
 

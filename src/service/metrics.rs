@@ -4,7 +4,7 @@
 //! Each component registers its own series in the one registry: the intake
 //! (`intake::IntakeMetrics`: summaries, refusals, anomalies, advice, acks),
 //! the hub (here: streams, jobs, per-job gauges, advice delivery), the store
-//! writer (`store::writer`), the cluster (`cluster::ClusterMetrics`).
+//! writer (`recorder::StoreMetrics`), the cluster (`cluster::ClusterMetrics`).
 //!
 //! Names follow the conventions: `gradguard_` prefix, base units, `_total`
 //! counters. Labels are bounded: `job` (capped by `--max-jobs`, and removed

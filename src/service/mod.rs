@@ -140,11 +140,12 @@ impl Service {
             }
             None => None,
         };
-        let mut engine = Engine::new(book.clone());
         let (watchers, _) = tokio::sync::broadcast::channel(WATCH_BUFFER);
+        // Embedded advice ids continue the store's (cluster ones come from records).
+        let mut last_advice_id = 0;
         let (recorder, reader) = match store {
             Some((store, s)) => {
-                engine.resume_advice_ids(store.max_advice_id()?);
+                last_advice_id = store.max_advice_id()?;
                 let reader = store.reader()?;
                 let recorder = Recorder::start(store, s.retention, StoreMetrics::register(&registry), watchers.clone());
                 (Some(recorder), Some(Arc::new(reader)))
@@ -159,9 +160,18 @@ impl Service {
                     background.push(start_feed(config, &book, c.link.clone(), recorder.clone(), &replica)?);
                     tracing::info!(%replica, "cluster mode: the store reads the anomalies, advice and state topics");
                 }
-                Box::new(Forwarding::new(c.forward.clone(), book.clone(), limits.clone()))
+                Box::new(Forwarding::new(
+                    c.forward.clone(),
+                    book.clone(),
+                    limits.clone(),
+                    intake.clone(),
+                ))
             }
-            _ => Box::new(Judge::new(engine, limits.clone(), intake.clone())),
+            _ => {
+                let mut engine = Engine::new(book.clone());
+                engine.resume_advice_ids(last_advice_id);
+                Box::new(Judge::new(engine, limits.clone(), intake.clone()))
+            }
         };
         let hub = Arc::new(Hub::new(mode, hub_metrics, limits, recorder));
         if let (Some(c), Some(config)) = (&cluster, &settings.kafka) {
