@@ -8,7 +8,7 @@
 use super::Obs;
 use crate::config::Rules;
 use crate::engine::hit::{Emitter, Latch, Proposal, num};
-use crate::model::{RuleId, Severity};
+use crate::model::{LayerStats, RuleId, Severity};
 
 /// One layer's state: a few counters and latches, well under 1 KiB.
 #[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
@@ -42,8 +42,21 @@ impl State {
     }
 }
 
+/// The layers' root mean square (finite ones): out of the per-layer loop,
+/// since only a layer far below its early level needs it.
+#[cold]
+#[inline(never)]
+fn rms(layers: &[LayerStats]) -> f64 {
+    let (sum, finite) = layers
+        .iter()
+        .map(|l| f64::from(l.l2))
+        .filter(|x| x.is_finite())
+        .fold((0.0, 0usize), |(s, n), x| (s + x * x, n + 1));
+    if finite > 0 { (sum / finite as f64).sqrt() } else { 0.0 }
+}
+
 pub(crate) fn check(state: &mut State, obs: &Obs, rules: &Rules, em: &mut Emitter) {
-    let layers = &obs.s.layers;
+    let layers: &[LayerStats] = &obs.s.layers;
     if layers.is_empty() {
         return;
     }
@@ -57,14 +70,7 @@ pub(crate) fn check(state: &mut State, obs: &Obs, rules: &Rules, em: &mut Emitte
     // The layers' typical norm at this step, their root mean square: only
     // needed once a layer is far below its own early level.
     let mut typical = None;
-    let rms = || {
-        let (sum, finite) = layers
-            .iter()
-            .map(|l| f64::from(l.l2))
-            .filter(|x| x.is_finite())
-            .fold((0.0, 0usize), |(s, n), x| (s + x * x, n + 1));
-        if finite > 0 { (sum / finite as f64).sqrt() } else { 0.0 }
-    };
+    let rms = || rms(layers);
     let early_records = rules.blowup.reference.min(u32::from(u8::MAX)) as u8;
     if !state.early_done {
         // The first records (finite ones) set each layer's early level.
