@@ -15,7 +15,7 @@ use crate::cluster::relay::Forwarder;
 use crate::config::{RuleBook, Rules};
 use crate::engine::{EngineError, Output};
 use crate::intake::{Declared, IntakeMetrics, Limits, Reason, Refusal, convert};
-use crate::model::{JobId, Summary};
+use crate::model::{JobId, Severity, Summary};
 use crate::proto::{self, worker_message::Body};
 
 pub struct Forwarding {
@@ -116,6 +116,10 @@ impl Mode for Forwarding {
             last_step: j.last_step.values().copied().max(),
             health: None,
         })
+    }
+
+    fn health(&self, _: &str) -> Option<Severity> {
+        None
     }
 
     fn rules(&self, job: &str) -> Result<Rules, String> {

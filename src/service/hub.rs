@@ -236,12 +236,7 @@ impl Hub {
             core.out = out;
             return Err(r);
         }
-        let decides = core.mode.decides();
-        let health = if decides {
-            core.mode.shape(&at.declared.job).and_then(|s| s.health)
-        } else {
-            None
-        };
+        let health = core.mode.health(&at.declared.job);
         let job = core.jobs.get_mut(&at.declared.job).expect("attached above");
         job.last_active = received;
         job.last_seen = scratch.time.unwrap_or(job.last_seen);

@@ -38,7 +38,10 @@ pub trait Mode: Send + 'static {
     /// Periodic work against the service's clock.
     fn tick(&mut self, now: f64, out: &mut Output);
     fn forget(&mut self, job: &str);
+    /// The job's row data; walks its state, so not for every summary.
     fn shape(&self, job: &str) -> Option<Shape>;
+    /// The job's worst open problem (cheap: the gauge after every summary).
+    fn health(&self, job: &str) -> Option<Severity>;
     /// A job's effective rules: the tracked job's own, else what the rules
     /// file gives it (the defaults for an empty name).
     fn rules(&self, job: &str) -> Result<Rules, String>;
@@ -97,6 +100,10 @@ impl Mode for Judge {
             last_step: status.max_step,
             health: self.engine().health(job),
         })
+    }
+
+    fn health(&self, job: &str) -> Option<Severity> {
+        self.engine().health(job)
     }
 
     fn rules(&self, job: &str) -> Result<Rules, String> {
