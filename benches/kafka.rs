@@ -36,6 +36,7 @@ use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
 
+/// Records in the fill; `GG_RECORDS` overrides it (a longer run is steadier).
 const RECORDS: usize = 40_000;
 const JOBS: usize = 8;
 const RANKS: u32 = 4;
@@ -156,6 +157,10 @@ impl Sendable for ThreadedProducer<DefaultProducerContext> {
     }
 }
 
+fn records() -> usize {
+    std::env::var("GG_RECORDS").ok().and_then(|v| v.parse().ok()).unwrap_or(RECORDS)
+}
+
 /// Hellos, then healthy summaries round-robin over jobs and ranks.
 fn fill(brokers: &str) -> usize {
     let producer: BaseProducer = client(brokers)
@@ -187,7 +192,7 @@ fn fill(brokers: &str) -> usize {
     }
     let per_round = JOBS * RANKS as usize;
     let mut step = 0u64;
-    while n < RECORDS {
+    while n < records() {
         for j in 0..JOBS {
             for rank in 0..RANKS {
                 let noise = 1.0 + 0.05 * (((step * 31 + u64::from(rank) * 7 + j as u64) % 17) as f32 / 17.0 - 0.5);
@@ -336,6 +341,15 @@ fn advice_latency(brokers: &str) -> Vec<f64> {
             grad_norm: Some(1.0),
             ..Default::default()
         };
+        // The job says Hello first, as a worker does (the intake refuses a
+        // summary of a job that never did); the clock starts at the summary.
+        let hello = proto::Hello {
+            job: job.clone(),
+            world_size: 1,
+            client_version: "bench".into(),
+            ..Default::default()
+        };
+        send(&producer, &job, 0, &record_of(worker_message::Body::Hello(hello)));
         sent.insert(job.clone(), Instant::now());
         send(&producer, &job, 0, &record_of(worker_message::Body::Summary(summary)));
         let deadline = Instant::now() + Duration::from_secs(10);
