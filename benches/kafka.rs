@@ -158,7 +158,10 @@ impl Sendable for ThreadedProducer<DefaultProducerContext> {
 }
 
 fn records() -> usize {
-    std::env::var("GG_RECORDS").ok().and_then(|v| v.parse().ok()).unwrap_or(RECORDS)
+    std::env::var("GG_RECORDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(RECORDS)
 }
 
 /// Hellos, then healthy summaries round-robin over jobs and ranks.

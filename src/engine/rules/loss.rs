@@ -108,8 +108,9 @@ impl State {
 
     fn push(&mut self, loss: f64, window: usize) {
         self.sort_recent();
-        // Only finite losses come here: `<` orders them.
-        let at = |sorted: &[f64], x: f64| sorted.partition_point(|&y| y < x);
+        // Only finite losses come here: `<` orders them. A count over the
+        // 64 values, not a binary search: no branch on the data to mispredict.
+        let at = |sorted: &[f64], x: f64| sorted.iter().map(|&y| usize::from(y < x)).sum::<usize>();
         if self.recent.len() < window {
             self.recent.push(loss);
             let i = at(&self.sorted, loss);
