@@ -185,6 +185,9 @@ fn flags(args: &ServeArgs, given: &impl Fn(&str) -> bool) -> SettingsFile {
             job_ttl: given("job_ttl").then_some(args.job_ttl),
             max_message_bytes: given("max_message_bytes").then_some(args.max_message_bytes),
             stream_queue: given("stream_queue").then_some(args.stream_queue),
+            // File-only: no flag yet.
+            max_name_len: None,
+            max_batch: None,
         },
         store: StoreSection {
             enabled: args.no_store.then_some(false),

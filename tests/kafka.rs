@@ -683,6 +683,23 @@ fn records_written_straight_to_the_topic_are_refused_as_grpc_refuses_them() {
         // No job, no rank, bytes that are no message, a message with no body.
         ("", Some(0), encode(Body::Summary(summary(1, 4)))),
         ("k", None, encode(Body::Summary(summary(11, 4)))),
+        // Over the limits: a long layer name, a batch too large, a step beyond 2⁶³ − 1.
+        (
+            "k",
+            Some(4),
+            encode(Body::Hello(proto::Hello {
+                layer_names: vec!["x".repeat(1000); 4],
+                ..common::hello("k", 4, 8, 4)
+            })),
+        ),
+        (
+            "k",
+            Some(4),
+            encode(Body::Batch(proto::SummaryBatch {
+                summaries: (1..=1025).map(|s| summary(s, 0)).collect(),
+            })),
+        ),
+        ("k", Some(4), encode(Body::Summary(summary(1 << 63, 4)))),
         ("k", Some(6), vec![0xff, 0xff, 0xff]),
         ("k", Some(6), Vec::new()),
     ];
@@ -701,6 +718,8 @@ fn records_written_straight_to_the_topic_are_refused_as_grpc_refuses_them() {
         "no_rank",
         "undecodable",
         "empty_message",
+        "too_long",
+        "step_out_of_range",
     ];
     let refused = |text: &str, reason: &str| {
         common::sample(

@@ -310,6 +310,33 @@ async fn bad_input_ends_only_its_own_stream_with_invalid_argument() {
             &["--max-message-bytes", "65536"],
         ),
         (vec![WorkerMessage { body: None }], &["field body"]),
+        // Names, batches and steps have limits; the refusal names the limit,
+        // never echoes the input.
+        (
+            vec![msg(Hello(proto::Hello {
+                layer_names: vec!["x".repeat(1000); 4],
+                ..hello("shared", 4, 8, 4)
+            }))],
+            &["field layer_names[0]", "1000 bytes", "limit of 256"],
+        ),
+        (
+            vec![
+                h(4),
+                msg(Batch(proto::SummaryBatch {
+                    summaries: (1..=1025)
+                        .map(|s| proto::Summary {
+                            step: s,
+                            ..Default::default()
+                        })
+                        .collect(),
+                })),
+            ],
+            &["field batch", "1025 summaries", "limit of 1024"],
+        ),
+        (
+            vec![h(6), msg(Summary(summary(1 << 63, 4)))],
+            &["field step", "9223372036854775808", "above the limit"],
+        ),
     ];
     for (messages, expected) in cases {
         let status = refused(&mut c, messages).await;
@@ -334,6 +361,8 @@ async fn bad_input_ends_only_its_own_stream_with_invalid_argument() {
         "duplicate_step",
         "empty_job",
         "message_too_large",
+        "too_long",
+        "step_out_of_range",
     ] {
         let n = sample(
             &text,

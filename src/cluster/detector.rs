@@ -527,8 +527,8 @@ impl Parts for Record<'_> {
         Ok(())
     }
 
-    fn batch(&mut self, _: usize) -> Result<(), Refusal> {
-        Ok(())
+    fn batch(&mut self, len: usize) -> Result<(), Refusal> {
+        self.judge.limits().check_batch(len)
     }
 
     fn summary(&mut self, summary: &proto::Summary) -> Result<(), Refusal> {

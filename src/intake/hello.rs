@@ -61,6 +61,29 @@ impl Limits {
                 format!("field rank: {} is above the limit of {}", h.rank, self.max_world_size),
             ));
         }
+        let long = |field: &str, len: usize| {
+            Refusal::new(
+                Reason::TooLong,
+                format!(
+                    "field {field}: {len} bytes, longer than the limit of {}",
+                    self.max_name_len
+                ),
+            )
+        };
+        if let Some((i, name)) = h
+            .layer_names
+            .iter()
+            .enumerate()
+            .find(|(_, n)| n.len() > self.max_name_len)
+        {
+            return Err(long(&format!("layer_names[{i}]"), name.len()));
+        }
+        if h.rule_profile.len() > self.max_name_len {
+            return Err(long("rule_profile", h.rule_profile.len()));
+        }
+        if h.client_version.len() > self.max_name_len {
+            return Err(long("client_version", h.client_version.len()));
+        }
         if h.layer_names.len() > self.max_layers {
             return Err(Refusal::new(
                 Reason::TooManyLayers,
@@ -115,6 +138,19 @@ mod tests {
         assert!(r.message.starts_with("field world_size"), "{r}");
         let r = refused(hello("j", 0, 1, limits.max_layers + 1));
         assert_eq!(r.reason, Reason::TooManyLayers);
+        let mut long = hello("j", 0, 1, 3);
+        long.layer_names[2] = "n".repeat(1 << 20);
+        let r = refused(long);
+        assert_eq!(r.reason, Reason::TooLong);
+        assert_eq!(
+            r.message,
+            "field layer_names[2]: 1048576 bytes, longer than the limit of 256"
+        );
+        let r = refused(proto::Hello {
+            rule_profile: "p".repeat(257),
+            ..hello("j", 0, 1, 1)
+        });
+        assert!(r.message.starts_with("field rule_profile: 257 bytes"), "{r}");
 
         let d = limits
             .check_hello(proto::Hello {

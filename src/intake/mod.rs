@@ -46,6 +46,11 @@ pub struct Limits {
     pub max_world_size: u32,
     /// Most layers a job declares.
     pub max_layers: usize,
+    /// Longest layer name, rule profile or client version, in bytes (each
+    /// becomes part of stored findings, advice reasons and replies).
+    pub max_name_len: usize,
+    /// Most summaries in one batch message.
+    pub max_batch: usize,
 }
 
 impl Default for Limits {
@@ -56,7 +61,28 @@ impl Default for Limits {
             max_job_len: 256,
             max_world_size: MAX_RANKS,
             max_layers: MAX_LAYERS,
+            max_name_len: 256,
+            max_batch: 1024,
         }
+    }
+}
+
+/// Highest accepted step: steps are stored as signed 64-bit integers.
+pub const MAX_STEP: u64 = i64::MAX as u64;
+
+impl Limits {
+    /// Refuses a batch of more summaries than [`Limits::max_batch`].
+    pub fn check_batch(&self, len: usize) -> Result<(), Refusal> {
+        if len > self.max_batch {
+            return Err(Refusal::new(
+                Reason::TooLong,
+                format!(
+                    "field batch: {len} summaries, more than the limit of {}",
+                    self.max_batch
+                ),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -70,6 +96,12 @@ const MAX_CLOCK_SKEW_SECS: f64 = 60.0;
 /// are judged against the service's clock, so a worker with a skewed or
 /// missing clock must not look silent.
 pub fn convert(p: &proto::Summary, rank: u32, layers: usize, now: f64, out: &mut Summary) -> Result<(), Refusal> {
+    if p.step > MAX_STEP {
+        return Err(Refusal::new(
+            Reason::StepOutOfRange,
+            format!("field step: {} is above the limit of {MAX_STEP}", p.step),
+        ));
+    }
     wire::summary_into(p, rank, layers, out).map_err(|e| Refusal::new(Reason::LayerCount, e.to_string()))?;
     out.time = Some(match out.time {
         Some(t) if t.is_finite() && (t - now).abs() <= MAX_CLOCK_SKEW_SECS => t,
@@ -107,6 +139,31 @@ mod tests {
         assert_eq!(out.time, Some(1000.0));
         convert(&p(0.0), 3, 2, 1000.0, &mut out).unwrap();
         assert_eq!(out.time, Some(1000.0));
+        let far = proto::Summary {
+            step: MAX_STEP + 1,
+            ..p(0.0)
+        };
+        let r = convert(&far, 3, 2, 1000.0, &mut out).unwrap_err();
+        assert_eq!(r.reason, Reason::StepOutOfRange);
+        assert!(
+            convert(
+                &proto::Summary {
+                    step: MAX_STEP,
+                    ..p(0.0)
+                },
+                3,
+                2,
+                1000.0,
+                &mut out
+            )
+            .is_ok()
+        );
+        let limits = Limits::default();
+        assert!(limits.check_batch(1024).is_ok());
+        assert_eq!(
+            limits.check_batch(1025).unwrap_err().message,
+            "field batch: 1025 summaries, more than the limit of 1024"
+        );
         let r = convert(&p(0.0), 3, 4, 1000.0, &mut out).unwrap_err();
         assert_eq!(r.reason, Reason::LayerCount);
         assert!(

@@ -28,6 +28,10 @@ pub enum Reason {
     InvalidHello,
     /// A Kafka record without a numeric `rank` header.
     NoRank,
+    /// A name (layer, rule profile, client version) or a batch over its limit.
+    TooLong,
+    /// A step above the highest the store keeps (2⁶³ − 1).
+    StepOutOfRange,
     RankOutOfRange,
     TooManyLayers,
     /// Layer names that differ from those the job was declared with.
@@ -46,7 +50,7 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, for tests and documentation.
-    pub const ALL: [Reason; 17] = [
+    pub const ALL: [Reason; 19] = [
         Reason::Undecodable,
         Reason::MessageTooLarge,
         Reason::EmptyMessage,
@@ -55,6 +59,8 @@ impl Reason {
         Reason::EmptyJob,
         Reason::InvalidHello,
         Reason::NoRank,
+        Reason::TooLong,
+        Reason::StepOutOfRange,
         Reason::RankOutOfRange,
         Reason::TooManyLayers,
         Reason::LayerNames,
@@ -77,6 +83,8 @@ impl Reason {
             Reason::EmptyJob => "empty_job",
             Reason::InvalidHello => "invalid_hello",
             Reason::NoRank => "no_rank",
+            Reason::TooLong => "too_long",
+            Reason::StepOutOfRange => "step_out_of_range",
             Reason::RankOutOfRange => "rank_out_of_range",
             Reason::TooManyLayers => "too_many_layers",
             Reason::LayerNames => "layer_names",

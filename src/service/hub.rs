@@ -159,6 +159,10 @@ impl Hub {
         self.core.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
     pub fn next_stream_id(&self) -> u64 {
         self.next_stream.fetch_add(1, Ordering::Relaxed)
     }

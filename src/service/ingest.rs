@@ -153,7 +153,7 @@ impl Parts for Stream {
                 format!("field batch: {len} summaries arrived before the Hello; open the stream with a Hello"),
             ));
         }
-        Ok(())
+        self.hub.limits().check_batch(len)
     }
 
     fn summary(&mut self, summary: &proto::Summary) -> Result<(), Refusal> {

@@ -14,6 +14,8 @@
 //! job_ttl = "15m"
 //! max_message_bytes = 4194304
 //! stream_queue = 256
+//! max_name_len = 256            # layer names, rule profile, client version
+//! max_batch = 1024              # summaries per batch message
 //!
 //! [store]
 //! enabled = true                # false: run without a store
@@ -68,6 +70,8 @@ pub mod ranges {
     pub const MAX_JOBS: RangeInclusive<u64> = 1..=1_000_000;
     pub const MAX_MESSAGE_BYTES: RangeInclusive<u64> = 1024..=(256 << 20);
     pub const STREAM_QUEUE: RangeInclusive<u64> = 1..=65536;
+    pub const MAX_NAME_LEN: RangeInclusive<u64> = 16..=65536;
+    pub const MAX_BATCH: RangeInclusive<u64> = 1..=65536;
     pub const STORE_MAX_MIB: RangeFrom<u64> = 1..;
 }
 
@@ -130,6 +134,10 @@ pub struct LimitsSection {
     pub max_message_bytes: Option<u64>,
     /// Server messages queued per stream; `--stream-queue`.
     pub stream_queue: Option<u64>,
+    /// Longest layer name, rule profile or client version in a Hello, in bytes.
+    pub max_name_len: Option<u64>,
+    /// Most summaries in one batch message.
+    pub max_batch: Option<u64>,
 }
 
 /// `[store]`: the durable store.
@@ -214,6 +222,8 @@ impl SettingsFile {
             ranges::MAX_MESSAGE_BYTES,
         )?;
         within("limits.stream_queue", limits.stream_queue, ranges::STREAM_QUEUE)?;
+        within("limits.max_name_len", limits.max_name_len, ranges::MAX_NAME_LEN)?;
+        within("limits.max_batch", limits.max_batch, ranges::MAX_BATCH)?;
         within("store.max_mib", self.store.max_mib, ranges::STORE_MAX_MIB)
     }
 
@@ -232,6 +242,8 @@ impl SettingsFile {
                 job_ttl: self.limits.job_ttl.or(lower.limits.job_ttl),
                 max_message_bytes: self.limits.max_message_bytes.or(lower.limits.max_message_bytes),
                 stream_queue: self.limits.stream_queue.or(lower.limits.stream_queue),
+                max_name_len: self.limits.max_name_len.or(lower.limits.max_name_len),
+                max_batch: self.limits.max_batch.or(lower.limits.max_batch),
             },
             store: StoreSection {
                 enabled: self.store.enabled.or(lower.store.enabled),
@@ -275,6 +287,10 @@ impl SettingsFile {
                 limits: Limits {
                     max_jobs: limits.max_jobs.unwrap_or(defaults::MAX_JOBS) as usize,
                     job_ttl: duration(limits.job_ttl, defaults::JOB_TTL),
+                    max_name_len: limits
+                        .max_name_len
+                        .map_or(Limits::default().max_name_len, |n| n as usize),
+                    max_batch: limits.max_batch.map_or(Limits::default().max_batch, |n| n as usize),
                     ..Limits::default()
                 },
                 max_message_bytes: limits.max_message_bytes.unwrap_or(defaults::MAX_MESSAGE_BYTES) as usize,
@@ -378,6 +394,8 @@ mod tests {
             job_ttl = "90s"
             max_message_bytes = 2048
             stream_queue = 8
+            max_name_len = 64
+            max_batch = 16
             [store]
             dir = "/var/lib/gradguard"
             sync = "normal"
@@ -397,6 +415,7 @@ mod tests {
         assert_eq!(s.service.limits.max_jobs, 5);
         assert_eq!(s.service.limits.job_ttl, Duration::from_secs(90));
         assert_eq!((s.service.max_message_bytes, s.service.stream_queue), (2048, 8));
+        assert_eq!((s.service.limits.max_name_len, s.service.limits.max_batch), (64, 16));
         let store = s.service.store.unwrap();
         assert_eq!(store.dir, PathBuf::from("/var/lib/gradguard"));
         assert_eq!(store.sync, SyncMode::Normal);
