@@ -538,6 +538,27 @@ async fn job_cap_refuses_new_jobs_and_idle_jobs_are_forgotten() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn an_idle_open_stream_keeps_its_job_past_the_ttl() {
+    let server = Server::start_with(&["--job-ttl", "1s"]);
+    let mut c = client::connect(&server.url()).await.unwrap();
+    let quiet = WorkerStream::open(&mut c, hello("quiet", 0, 1, 2)).await.unwrap();
+    for step in 1..=10 {
+        quiet.sender.summary(summary(step, 2)).await.unwrap();
+    }
+    // A job without an open stream would be forgotten after a second; the
+    // idle time is what is tested here.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(server.sample("gradguard_active_jobs"), Some(1.0));
+    // Still the same job: its step order holds.
+    quiet.sender.summary(summary(5, 2)).await.unwrap();
+    drop(quiet.sender);
+    let mut rx = quiet.receiver;
+    let status = rx.drain().await.expect_err("step 5 after step 10 is refused");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("last accepted step is 10"), "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn health_and_reflection_answer() {
     use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
     use tonic_reflection::pb::v1::{

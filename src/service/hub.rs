@@ -507,11 +507,13 @@ impl Hub {
             }
         }
 
+        // A job with an open stream is live however quiet it is; the TTL
+        // counts from its last activity once no stream is open.
         let ttl = self.limits.job_ttl;
         let expired: Vec<_> = core
             .jobs
             .iter()
-            .filter(|(_, j)| now.duration_since(j.last_active) >= ttl)
+            .filter(|(_, j)| j.streams.is_empty() && now.duration_since(j.last_active) >= ttl)
             .map(|(id, _)| id.clone())
             .collect();
         for id in expired {
