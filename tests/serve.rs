@@ -537,6 +537,21 @@ async fn job_cap_refuses_new_jobs_and_idle_jobs_are_forgotten() {
     assert_eq!(second.welcome.last_step, None);
 }
 
+#[test]
+fn a_second_serve_on_the_same_data_dir_exits_naming_the_holder() {
+    let first = Server::start();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gradguard"))
+        .args(["serve", "--grpc-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(&first.data_dir)
+        .output()
+        .expect("run a second gradguard serve");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("in use by another gradguard (pid "), "{err}");
+    assert!(out.stdout.is_empty(), "it never listened: {out:?}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn an_idle_open_stream_keeps_its_job_past_the_ttl() {
     let server = Server::start_with(&["--job-ttl", "1s"]);

@@ -124,6 +124,8 @@ pub enum StoreError {
     Corrupt { path: PathBuf, detail: String },
     #[error("the store {path} has schema version {found}, newer than this build's {SCHEMA_VERSION}")]
     Newer { path: PathBuf, found: i64 },
+    #[error("the data directory {dir} is in use by another gradguard ({holder}): one service per data directory")]
+    Locked { dir: PathBuf, holder: String },
     #[error("store: {0}")]
     Sql(#[from] rusqlite::Error),
 }

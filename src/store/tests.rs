@@ -295,6 +295,19 @@ fn reopening_keeps_everything() {
 }
 
 #[test]
+fn one_store_per_data_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = Store::open(dir.path()).unwrap();
+    let err = Store::open(dir.path()).unwrap_err();
+    assert!(matches!(err, StoreError::Locked { .. }), "{err:?}");
+    let message = err.to_string();
+    assert!(message.contains(&format!("pid {}", std::process::id())), "{message}");
+    // Released with the store: the next one opens.
+    drop(first);
+    drop(Store::open(dir.path()).unwrap());
+}
+
+#[test]
 fn a_damaged_store_is_an_error_and_left_alone() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join(DB_FILE);

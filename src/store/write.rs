@@ -9,6 +9,54 @@ use super::*;
 pub struct Store {
     conn: Connection,
     path: PathBuf,
+    /// The data directory's lock, held while the store is open.
+    _lock: std::fs::File,
+}
+
+/// The lock file in the data directory: one service at a time owns it.
+pub const LOCK_FILE: &str = "gradguard.lock";
+
+/// Takes the data directory's lock, or says who holds it. The lock is the
+/// operating system's (released when the process ends, however it ends);
+/// the file's text only names the holder.
+fn lock(dir: &Path) -> Result<std::fs::File, StoreError> {
+    use std::io::{Read, Seek, Write};
+    let path = dir.join(LOCK_FILE);
+    let io = |source| StoreError::Dir {
+        path: path.clone(),
+        source,
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = holder.trim();
+            let holder = if holder.is_empty() {
+                "a process that has not said who it is".to_owned()
+            } else {
+                holder.chars().take(200).collect()
+            };
+            return Err(StoreError::Locked {
+                dir: dir.to_owned(),
+                holder,
+            });
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+    }
+    file.set_len(0).map_err(io)?;
+    file.rewind().map_err(io)?;
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    write!(file, "pid {} on {}", std::process::id(), host.trim()).map_err(io)?;
+    file.flush().map_err(io)?;
+    Ok(file)
 }
 
 impl std::fmt::Debug for Store {
@@ -30,6 +78,7 @@ impl Store {
             path: dir.to_owned(),
             source,
         })?;
+        let lock = lock(dir)?;
         let path = db_path(dir);
         let conn = Connection::open(&path).map_err(|e| corrupt_or(&path, e))?;
         configure(&conn).map_err(|e| corrupt_or(&path, e))?;
@@ -73,7 +122,11 @@ impl Store {
         }
         conn.execute_batch(SCHEMA)?;
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
-        Ok(Self { conn, path })
+        Ok(Self {
+            conn,
+            path,
+            _lock: lock,
+        })
     }
 
     pub fn path(&self) -> &Path {
