@@ -40,6 +40,8 @@ pub struct Limits {
     pub max_jobs: usize,
     /// A job with no summary, Hello or disconnect for this long is forgotten.
     pub job_ttl: Duration,
+    /// A stream must say Hello and send its first summary within this long.
+    pub hello_timeout: Duration,
     /// Longest job id, in bytes (it becomes a metrics label).
     pub max_job_len: usize,
     /// Highest world size (ranks are below it).
@@ -58,6 +60,7 @@ impl Default for Limits {
         Self {
             max_jobs: 1000,
             job_ttl: Duration::from_secs(15 * 60),
+            hello_timeout: Duration::from_secs(30),
             max_job_len: 256,
             max_world_size: MAX_RANKS,
             max_layers: MAX_LAYERS,

@@ -21,6 +21,8 @@ pub enum Reason {
     NoHello,
     /// A second Hello on one gRPC stream.
     HelloTwice,
+    /// A stream that sent no Hello and first summary within the timeout.
+    HelloTimeout,
     /// The job id is empty.
     EmptyJob,
     /// A Hello field out of its limits (job length, world size), or a Kafka
@@ -50,12 +52,13 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, for tests and documentation.
-    pub const ALL: [Reason; 19] = [
+    pub const ALL: [Reason; 20] = [
         Reason::Undecodable,
         Reason::MessageTooLarge,
         Reason::EmptyMessage,
         Reason::NoHello,
         Reason::HelloTwice,
+        Reason::HelloTimeout,
         Reason::EmptyJob,
         Reason::InvalidHello,
         Reason::NoRank,
@@ -80,6 +83,7 @@ impl Reason {
             Reason::EmptyMessage => "empty_message",
             Reason::NoHello => "no_hello",
             Reason::HelloTwice => "hello_twice",
+            Reason::HelloTimeout => "hello_timeout",
             Reason::EmptyJob => "empty_job",
             Reason::InvalidHello => "invalid_hello",
             Reason::NoRank => "no_rank",
@@ -102,6 +106,7 @@ impl Reason {
         match self {
             Reason::TooManyJobs => Code::ResourceExhausted,
             Reason::Replaced => Code::Aborted,
+            Reason::HelloTimeout => Code::DeadlineExceeded,
             _ => Code::InvalidArgument,
         }
     }

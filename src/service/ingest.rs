@@ -55,6 +55,7 @@ impl Ingest for IngestService {
                 attachment: None,
                 scratch: Summary::default(),
                 received: Instant::now(),
+                started: false,
             },
             decoder: Decoder::default(),
             metrics: self.metrics.clone(),
@@ -84,12 +85,41 @@ struct Stream {
     scratch: Summary,
     /// When the message being handled arrived.
     received: Instant,
+    /// A summary was accepted: the stream is past its Hello timeout.
+    started: bool,
 }
 
 impl Session {
     async fn run(mut self, mut inbound: Streaming<Frame>) {
+        let timeout = self.stream.hub.limits().hello_timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let frame = match inbound.message().await {
+            let next = if self.stream.started {
+                inbound.message().await
+            } else {
+                // Until its first summary, a stream has a deadline: an opened
+                // stream (or a Hello alone) holds nothing for long.
+                match tokio::time::timeout_at(deadline, inbound.message()).await {
+                    Ok(next) => next,
+                    Err(_) => {
+                        let what = if self.stream.attachment.is_some() {
+                            "first summary"
+                        } else {
+                            "Hello"
+                        };
+                        self.refuse(Refusal::new(
+                            Reason::HelloTimeout,
+                            format!(
+                                "no {what} within {} of the stream's start (--hello-timeout)",
+                                humantime::format_duration(timeout)
+                            ),
+                        ))
+                        .await;
+                        break;
+                    }
+                }
+            };
+            let frame = match next {
                 Ok(Some(m)) => m,
                 Ok(None) => {
                     // The worker closed its half. Its stream ends once all it
@@ -167,7 +197,9 @@ impl Parts for Stream {
             ));
         };
         self.hub
-            .summary(at, &self.outbox, summary, &mut self.scratch, self.received)
+            .summary(at, &self.outbox, summary, &mut self.scratch, self.received)?;
+        self.started = true;
+        Ok(())
     }
 
     fn ack(&mut self, ack: proto::AdviceAck) -> Result<(), Refusal> {
