@@ -70,11 +70,15 @@ pub struct ServeArgs {
     #[arg(long, default_value = defaults::JOB_TTL, value_parser = humantime::parse_duration, env = "GRADGUARD_JOB_TTL")]
     pub job_ttl: Duration,
 
-    /// A worker stream must send its Hello and its first summary within
-    /// this long, or it is closed (DEADLINE_EXCEEDED): an opened stream
-    /// holds nothing for free.
+    /// A worker stream must send its Hello within this long of opening, or
+    /// it is closed (DEADLINE_EXCEEDED): an opened stream holds nothing for free.
     #[arg(long, default_value = defaults::HELLO_TIMEOUT, value_parser = humantime::parse_duration, env = "GRADGUARD_HELLO_TIMEOUT")]
     pub hello_timeout: Duration,
+
+    /// ... and its first summary within this long of its Hello (a first
+    /// training step may take minutes: compilation, data loading).
+    #[arg(long, default_value = defaults::FIRST_SUMMARY_TIMEOUT, value_parser = humantime::parse_duration, env = "GRADGUARD_FIRST_SUMMARY_TIMEOUT")]
+    pub first_summary_timeout: Duration,
 
     /// Largest accepted worker message, in bytes.
     #[arg(long, default_value_t = defaults::MAX_MESSAGE_BYTES, value_parser = clap::value_parser!(u64).range(ranges::MAX_MESSAGE_BYTES), env = "GRADGUARD_MAX_MESSAGE_BYTES")]
@@ -190,6 +194,7 @@ fn flags(args: &ServeArgs, given: &impl Fn(&str) -> bool) -> SettingsFile {
             max_jobs: given("max_jobs").then_some(args.max_jobs),
             job_ttl: given("job_ttl").then_some(args.job_ttl),
             hello_timeout: given("hello_timeout").then_some(args.hello_timeout),
+            first_summary_timeout: given("first_summary_timeout").then_some(args.first_summary_timeout),
             max_message_bytes: given("max_message_bytes").then_some(args.max_message_bytes),
             stream_queue: given("stream_queue").then_some(args.stream_queue),
             // File-only: no flag yet.

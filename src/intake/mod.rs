@@ -40,8 +40,11 @@ pub struct Limits {
     pub max_jobs: usize,
     /// A job with no summary, Hello or disconnect for this long is forgotten.
     pub job_ttl: Duration,
-    /// A stream must say Hello and send its first summary within this long.
+    /// A stream must say Hello within this long of its start.
     pub hello_timeout: Duration,
+    /// ... and send its first summary within this long of its Hello (a
+    /// first training step may take minutes: compilation, data loading).
+    pub first_summary_timeout: Duration,
     /// Longest job id, in bytes (it becomes a metrics label).
     pub max_job_len: usize,
     /// Highest world size (ranks are below it).
@@ -61,6 +64,7 @@ impl Default for Limits {
             max_jobs: 1000,
             job_ttl: Duration::from_secs(15 * 60),
             hello_timeout: Duration::from_secs(30),
+            first_summary_timeout: Duration::from_secs(15 * 60),
             max_job_len: 256,
             max_world_size: MAX_RANKS,
             max_layers: MAX_LAYERS,

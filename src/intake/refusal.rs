@@ -21,7 +21,7 @@ pub enum Reason {
     NoHello,
     /// A second Hello on one gRPC stream.
     HelloTwice,
-    /// A stream that sent no Hello and first summary within the timeout.
+    /// A stream that sent no Hello, or no first summary, within its timeout.
     HelloTimeout,
     /// The job id is empty.
     EmptyJob,

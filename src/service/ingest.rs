@@ -91,30 +91,39 @@ struct Stream {
 
 impl Session {
     async fn run(mut self, mut inbound: Streaming<Frame>) {
-        let timeout = self.stream.hub.limits().hello_timeout;
-        let deadline = tokio::time::Instant::now() + timeout;
+        let limits = self.stream.hub.limits().clone();
+        let opened = tokio::time::Instant::now();
+        let mut hello_at = None;
         loop {
             let next = if self.stream.started {
                 inbound.message().await
             } else {
                 // Until its first summary, a stream has a deadline: an opened
                 // stream (or a Hello alone) holds nothing for long.
+                if self.stream.attachment.is_some() && hello_at.is_none() {
+                    hello_at = Some(tokio::time::Instant::now());
+                }
+                let within = |d| humantime::format_duration(d).to_string();
+                let (deadline, missing) = match hello_at {
+                    None => (
+                        opened + limits.hello_timeout,
+                        format!(
+                            "no Hello within {} of the stream's start (--hello-timeout)",
+                            within(limits.hello_timeout)
+                        ),
+                    ),
+                    Some(at) => (
+                        at + limits.first_summary_timeout,
+                        format!(
+                            "no first summary within {} of its Hello (--first-summary-timeout)",
+                            within(limits.first_summary_timeout)
+                        ),
+                    ),
+                };
                 match tokio::time::timeout_at(deadline, inbound.message()).await {
                     Ok(next) => next,
                     Err(_) => {
-                        let what = if self.stream.attachment.is_some() {
-                            "first summary"
-                        } else {
-                            "Hello"
-                        };
-                        self.refuse(Refusal::new(
-                            Reason::HelloTimeout,
-                            format!(
-                                "no {what} within {} of the stream's start (--hello-timeout)",
-                                humantime::format_duration(timeout)
-                            ),
-                        ))
-                        .await;
+                        self.refuse(Refusal::new(Reason::HelloTimeout, missing)).await;
                         break;
                     }
                 }

@@ -12,7 +12,8 @@
 //! [limits]
 //! max_jobs = 1000
 //! job_ttl = "15m"
-//! hello_timeout = "30s"         # a stream's Hello and first summary
+//! hello_timeout = "30s"         # a stream's Hello, after it opens
+//! first_summary_timeout = "15m" # its first summary, after the Hello
 //! max_message_bytes = 4194304
 //! stream_queue = 256
 //! max_name_len = 256            # layer names, rule profile, client version
@@ -58,6 +59,7 @@ pub mod defaults {
     pub const MAX_JOBS: u64 = 1000;
     pub const JOB_TTL: &str = "15m";
     pub const HELLO_TIMEOUT: &str = "30s";
+    pub const FIRST_SUMMARY_TIMEOUT: &str = "15m";
     pub const MAX_MESSAGE_BYTES: u64 = 4 << 20;
     pub const STREAM_QUEUE: u64 = 256;
     pub const DATA_DIR: &str = "gradguard-data";
@@ -132,9 +134,12 @@ pub struct LimitsSection {
     /// A job is forgotten after this long without a message, e.g. `"15m"`; `--job-ttl`.
     #[serde(deserialize_with = "duration")]
     pub job_ttl: Option<Duration>,
-    /// A stream must send its Hello and first summary within this, e.g. `"30s"`; `--hello-timeout`.
+    /// A stream must send its Hello within this, e.g. `"30s"`; `--hello-timeout`.
     #[serde(deserialize_with = "duration")]
     pub hello_timeout: Option<Duration>,
+    /// ... and its first summary within this after the Hello; `--first-summary-timeout`.
+    #[serde(deserialize_with = "duration")]
+    pub first_summary_timeout: Option<Duration>,
     /// Largest accepted worker message, in bytes; `--max-message-bytes`.
     pub max_message_bytes: Option<u64>,
     /// Server messages queued per stream; `--stream-queue`.
@@ -246,6 +251,7 @@ impl SettingsFile {
                 max_jobs: self.limits.max_jobs.or(lower.limits.max_jobs),
                 job_ttl: self.limits.job_ttl.or(lower.limits.job_ttl),
                 hello_timeout: self.limits.hello_timeout.or(lower.limits.hello_timeout),
+                first_summary_timeout: self.limits.first_summary_timeout.or(lower.limits.first_summary_timeout),
                 max_message_bytes: self.limits.max_message_bytes.or(lower.limits.max_message_bytes),
                 stream_queue: self.limits.stream_queue.or(lower.limits.stream_queue),
                 max_name_len: self.limits.max_name_len.or(lower.limits.max_name_len),
@@ -294,6 +300,7 @@ impl SettingsFile {
                     max_jobs: limits.max_jobs.unwrap_or(defaults::MAX_JOBS) as usize,
                     job_ttl: duration(limits.job_ttl, defaults::JOB_TTL),
                     hello_timeout: duration(limits.hello_timeout, defaults::HELLO_TIMEOUT),
+                    first_summary_timeout: duration(limits.first_summary_timeout, defaults::FIRST_SUMMARY_TIMEOUT),
                     max_name_len: limits
                         .max_name_len
                         .map_or(Limits::default().max_name_len, |n| n as usize),
