@@ -179,14 +179,18 @@ pub fn write_table(out: &mut impl Write, rows: &[&[String]], right: &[bool]) -> 
     for row in rows {
         let mut line = String::new();
         for (c, cell) in row.iter().enumerate() {
-            let w = widths[c];
+            // Padded by hand: `format!`'s width is limited to u16, and a
+            // stored value (a layer name, a reason) may be longer.
+            let pad = " ".repeat(widths[c] - cell.chars().count());
             if c > 0 {
                 line.push_str("  ");
             }
             if right[c] {
-                line.push_str(&format!("{cell:>w$}"));
+                line.push_str(&pad);
+                line.push_str(cell);
             } else {
-                line.push_str(&format!("{cell:<w$}"));
+                line.push_str(cell);
+                line.push_str(&pad);
             }
         }
         writeln!(out, "{}", line.trim_end())?;
@@ -225,6 +229,24 @@ mod tests {
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "JOB             N  NOTE\na-long-job      7  x\nb           12345  yz\n"
+        );
+    }
+
+    #[test]
+    fn cells_longer_than_a_format_width_are_printed_whole() {
+        // A stored layer name or reason can be far longer than u16::MAX.
+        let long = "é".repeat(100_000);
+        let rows = [["LAYER", "N"].map(String::from), [long.clone(), "1".into()]];
+        let rows: Vec<&[String]> = rows.iter().map(|r| &r[..]).collect();
+        let mut out = Vec::new();
+        write_table(&mut out, &rows, &[false, true]).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[1], format!("{long}  1"));
+        assert_eq!(
+            lines[0].chars().count(),
+            100_003,
+            "the header is padded to the long cell"
         );
     }
 
