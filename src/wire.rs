@@ -323,6 +323,16 @@ pub fn advice_from_proto(a: &proto::Advice) -> Result<Advice, String> {
 pub const DEFAULT_PAGE_SIZE: u32 = 100;
 pub const MAX_PAGE_SIZE: u32 = 1000;
 
+/// A client's string as an error message quotes it: whole when short, else
+/// its first 64 characters and its length (an error never echoes a megabyte).
+pub fn excerpt(s: &str) -> String {
+    const SHOWN: usize = 64;
+    match s.char_indices().nth(SHOWN) {
+        None => format!("{s:?}"),
+        Some((end, _)) => format!("{:?}… ({} bytes)", &s[..end], s.len()),
+    }
+}
+
 /// A store filter from a wire filter and page request; the error names the field.
 pub fn filter_from_proto(f: Option<&proto::Filter>, page_size: u32, page_token: &str) -> Result<Filter, String> {
     let default = proto::Filter::default();
@@ -333,19 +343,18 @@ pub fn filter_from_proto(f: Option<&proto::Filter>, page_size: u32, page_token: 
         Some(
             f.rule
                 .parse::<RuleId>()
-                .map_err(|_| format!("filter.rule: {:?} is not a rule id", f.rule))?,
+                .map_err(|_| format!("filter.rule: {} is not a rule id", excerpt(&f.rule)))?,
         )
     };
     let before = if page_token.is_empty() {
         None
     } else {
-        Some(
-            page_token
-                .parse::<u64>()
-                .ok()
-                .filter(|&t| t > 0)
-                .ok_or_else(|| format!("field page_token: {page_token:?} is not a token this service issued"))?,
-        )
+        Some(page_token.parse::<u64>().ok().filter(|&t| t > 0).ok_or_else(|| {
+            format!(
+                "field page_token: {} is not a token this service issued",
+                excerpt(page_token)
+            )
+        })?)
     };
     let check_range = |name: &str, from: Option<f64>, to: Option<f64>| match (from, to) {
         (Some(a), Some(b)) if a > b => Err(format!("filter.{name}_from: {a} is after {name}_to {b}")),
@@ -377,6 +386,18 @@ pub fn filter_from_proto(f: Option<&proto::Filter>, page_size: u32, page_token: 
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn errors_quote_at_most_an_excerpt_of_the_input() {
+        use super::*;
+        assert_eq!(excerpt("abc"), "\"abc\"");
+        let token = "9".repeat(1 << 20);
+        let err = filter_from_proto(None, 10, &format!("x{token}")).unwrap_err();
+        assert!(err.len() < 200, "{} bytes", err.len());
+        assert!(err.contains("(1048577 bytes)"), "{err}");
+        let long = "é".repeat(100);
+        assert_eq!(excerpt(&long), format!("{:?}… (200 bytes)", "é".repeat(64)));
+    }
+
     #[test]
     fn anomalies_and_advice_round_trip_through_the_wire() {
         use super::*;

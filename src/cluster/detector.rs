@@ -516,8 +516,11 @@ impl Parts for Record<'_> {
             return Err(Refusal::new(
                 Reason::InvalidHello,
                 format!(
-                    "field hello: job {:?} rank {} in a record keyed {:?} with rank header {}",
-                    hello.job, hello.rank, &**self.job, self.rank
+                    "field hello: job {} rank {} in a record keyed {} with rank header {}",
+                    crate::wire::excerpt(&hello.job),
+                    hello.rank,
+                    crate::wire::excerpt(self.job),
+                    self.rank
                 ),
             ));
         }
