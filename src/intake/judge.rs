@@ -43,15 +43,8 @@ impl Judge {
     /// is refused; true when the job is new.
     pub fn declare(&mut self, d: &Declared) -> Result<bool, Refusal> {
         let new = !self.engine.has_job(&d.job);
-        if new && self.engine.job_count() >= self.limits.max_jobs {
-            self.metrics.job_refused();
-            return Err(Refusal::new(
-                Reason::TooManyJobs,
-                format!(
-                    "field job: cannot track job {:?}: {} jobs are tracked, the limit (--max-jobs)",
-                    &*d.job, self.limits.max_jobs
-                ),
-            ));
+        if new {
+            self.limits.admit_job(&d.job, self.engine.job_count(), &self.metrics)?;
         }
         self.engine.declare(&d.job, &d.spec())?;
         if new {

@@ -78,6 +78,19 @@ impl Default for Limits {
 pub const MAX_STEP: u64 = i64::MAX as u64;
 
 impl Limits {
+    /// Admits one more job while fewer than [`Limits::max_jobs`] are
+    /// tracked; a refusal is counted in `gradguard_jobs_refused_total`.
+    pub fn admit_job(&self, job: &str, tracked: usize, metrics: &IntakeMetrics) -> Result<(), Refusal> {
+        if tracked < self.max_jobs {
+            return Ok(());
+        }
+        metrics.job_refused();
+        Err(Refusal::new(
+            Reason::TooManyJobs,
+            format!("field job: cannot track job {job:?}: {tracked} jobs are tracked, the limit (--max-jobs)"),
+        ))
+    }
+
     /// Refuses a batch of more summaries than [`Limits::max_batch`].
     pub fn check_batch(&self, len: usize) -> Result<(), Refusal> {
         if len > self.max_batch {

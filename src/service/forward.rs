@@ -14,7 +14,7 @@ use super::mode::{Mode, Shape};
 use crate::cluster::relay::Forwarder;
 use crate::config::{RuleBook, Rules};
 use crate::engine::{EngineError, Output};
-use crate::intake::{Declared, IntakeMetrics, Limits, Reason, Refusal, convert};
+use crate::intake::{Declared, IntakeMetrics, Limits, Refusal, convert};
 use crate::model::{JobId, Severity, Summary};
 use crate::proto::{self, worker_message::Body};
 
@@ -50,15 +50,8 @@ impl Forwarding {
 
 impl Mode for Forwarding {
     fn hello(&mut self, d: &Declared, hello: &proto::Hello) -> Result<Option<u64>, Refusal> {
-        if !self.jobs.contains_key(&d.job) && self.jobs.len() >= self.limits.max_jobs {
-            self.metrics.job_refused();
-            return Err(Refusal::new(
-                Reason::TooManyJobs,
-                format!(
-                    "field job: cannot track job {:?}: {} jobs are tracked, the limit (--max-jobs)",
-                    &*d.job, self.limits.max_jobs
-                ),
-            ));
+        if !self.jobs.contains_key(&d.job) {
+            self.limits.admit_job(&d.job, self.jobs.len(), &self.metrics)?;
         }
         // An unknown profile is refused here, as the owner would.
         self.book
