@@ -1,6 +1,6 @@
 //! One job's detection state: its ranks, rules, policy and cross-rank view.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque, btree_map};
 use std::sync::Arc;
 
 use super::hit::{Emitter, Hit};
@@ -67,8 +67,10 @@ pub(super) struct JobState {
     pub(super) profile: Option<String>,
     pub(super) layer_names: Vec<Arc<str>>,
     pub(super) world_size: Option<u32>,
-    pub(super) workers: Vec<Option<WorkerState>>,
-    pub(super) peers: Vec<Option<ranks::Peer>>,
+    /// Per-rank state, only for ranks that reported (a rank number costs
+    /// nothing until its rank sends a summary).
+    pub(super) workers: BTreeMap<u32, WorkerState>,
+    pub(super) peers: ranks::Peers,
     pub(super) ranks_seen: usize,
     pub(super) ranks: ranks::State,
     pub(super) policy: policy::Policy,
@@ -98,8 +100,8 @@ impl JobState {
             profile,
             layer_names: Vec::new(),
             world_size: None,
-            workers: Vec::new(),
-            peers: Vec::new(),
+            workers: BTreeMap::new(),
+            peers: ranks::Peers::new(),
             ranks_seen: 0,
             ranks: ranks::State::default(),
             policy: policy::Policy::default(),
@@ -110,7 +112,7 @@ impl JobState {
     }
 
     pub(super) fn status(&self) -> JobStatus {
-        let workers: usize = self.workers.iter().flatten().map(WorkerState::bytes).sum();
+        let workers: usize = self.workers.values().map(WorkerState::bytes).sum();
         JobStatus {
             job: self.id.clone(),
             ranks: self.ranks_seen,
@@ -120,7 +122,7 @@ impl JobState {
             open_episodes: self.policy.open_episodes(),
             state_bytes: std::mem::size_of::<Self>()
                 + workers
-                + self.peers.capacity() * std::mem::size_of::<Option<ranks::Peer>>()
+                + self.peers.len() * (std::mem::size_of::<ranks::Peer>() + std::mem::size_of::<u32>())
                 + self.ranks.heap_bytes(),
         }
     }
@@ -140,11 +142,7 @@ impl JobState {
         if s.layers.len() > MAX_LAYERS {
             return Err(EngineError::TooManyLayers { got: s.layers.len() });
         }
-        let last = self
-            .peers
-            .get(worker as usize)
-            .and_then(|p| p.as_ref())
-            .and_then(|p| p.last_step);
+        let last = self.peers.get(&worker).and_then(|p| p.last_step);
         match last {
             Some(last) if s.step == last => Err(EngineError::DuplicateStep { worker, step: s.step }),
             Some(last) if s.step < last => Err(EngineError::StepBackwards {
@@ -161,18 +159,15 @@ impl JobState {
         if self.layer_names.is_empty() && !s.layers.is_empty() {
             self.layer_names = (0..s.layers.len()).map(|i| Arc::from(format!("layer{i}"))).collect();
         }
-        let rank = s.worker as usize;
-        if self.workers.len() <= rank {
-            self.workers.resize_with(rank + 1, || None);
-            self.peers.resize_with(rank + 1, || None);
-        }
-        if self.workers[rank].is_none() {
-            self.workers[rank] = Some(WorkerState::new(&self.rules));
-            self.peers[rank] = Some(ranks::Peer::default());
-            self.ranks_seen += 1;
-        }
+        let worker = match self.workers.entry(s.worker) {
+            btree_map::Entry::Occupied(e) => e.into_mut(),
+            btree_map::Entry::Vacant(e) => {
+                self.ranks_seen += 1;
+                e.insert(WorkerState::new(&self.rules))
+            }
+        };
         self.policy.saw_lr(s.step, s.lr, &self.rules);
-        let peer = self.peers[rank].as_mut().expect("created above");
+        let peer = self.peers.entry(s.worker).or_default();
         peer.last_step = Some(s.step);
         peer.last_time = s.time.filter(|t| t.is_finite()).or(peer.last_time);
 
@@ -187,10 +182,7 @@ impl JobState {
             hits: &mut self.hits,
         };
         let obs = Obs::new(s);
-        self.workers[rank]
-            .as_mut()
-            .expect("created above")
-            .observe(&obs, rules, &mut em);
+        worker.observe(&obs, rules, &mut em);
 
         let expected = (self.world_size.unwrap_or(0) as usize).max(self.ranks_seen);
         if expected > 1 {
@@ -206,12 +198,7 @@ impl JobState {
             let slowest = if self.ranks_seen < expected {
                 0 // a declared rank has not reported yet
             } else {
-                self.peers
-                    .iter()
-                    .flatten()
-                    .filter_map(|p| p.last_step)
-                    .min()
-                    .unwrap_or(s.step)
+                self.peers.values().filter_map(|p| p.last_step).min().unwrap_or(s.step)
             };
             let keep_from = slowest.saturating_sub(rules.policy.cooldown_steps.max(2 * rules.straggler.lag_steps + 2));
             self.reported.retain(|r| r.0 >= keep_from);
@@ -245,19 +232,18 @@ impl JobState {
     }
 
     pub(super) fn rewind(&mut self, rank: u32, to_step: u64) -> bool {
-        let r = rank as usize;
-        let Some(Some(peer)) = self.peers.get_mut(r) else {
+        let Some(peer) = self.peers.get_mut(&rank) else {
             return false;
         };
         if peer.last_step.is_none_or(|last| last <= to_step) {
             return false;
         }
         peer.last_step = Some(to_step);
-        if let Some(w) = self.workers.get_mut(r) {
-            *w = Some(WorkerState::new(&self.rules));
+        if let Some(w) = self.workers.get_mut(&rank) {
+            *w = WorkerState::new(&self.rules);
         }
         ranks::forget_after(&mut self.ranks, rank, to_step);
-        self.ranks.max_step = self.peers.iter().flatten().filter_map(|p| p.last_step).max();
+        self.ranks.max_step = self.peers.values().filter_map(|p| p.last_step).max();
         true
     }
 

@@ -32,7 +32,7 @@ pub const MAX_RANKS: u32 = 1 << 16;
 /// Findings remembered per job for cross-rank dedupe, at most.
 const MAX_REPORTED: usize = 4096;
 /// First byte of a snapshot: bumped whenever the state's layout changes.
-const SNAPSHOT_VERSION: u8 = 4;
+const SNAPSHOT_VERSION: u8 = 5;
 /// Rollback advice remembered per job, to act on its acknowledgement.
 const RECENT_ROLLBACKS: usize = 8;
 /// Largest accepted number of layers per job.
@@ -216,7 +216,7 @@ impl Engine {
     /// The highest step accepted from one rank of a job.
     pub fn last_step(&self, job: &str, rank: u32) -> Option<u64> {
         let job = self.jobs.get(job)?;
-        job.peers.get(rank as usize)?.as_ref()?.last_step
+        job.peers.get(&rank)?.last_step
     }
 
     /// The worst severity among a job's open problems: `None` when it is

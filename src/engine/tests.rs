@@ -1027,3 +1027,26 @@ fn restore_refuses_a_damaged_snapshot_by_name() {
     let err = other.observe("job", &healthy(49), &mut out).unwrap_err();
     assert_eq!(err, EngineError::DuplicateStep { worker: 0, step: 49 });
 }
+
+#[test]
+fn a_high_rank_costs_what_one_rank_costs() {
+    // Per-rank state exists only for ranks that report: rank 65535 of a
+    // world of 65536 costs what rank 0 costs, not 65,536 slots.
+    let cost = |rank: u32| {
+        let mut e = Engine::default();
+        e.declare(
+            "j",
+            &JobSpec {
+                world_size: Some(65536),
+                ..JobSpec::default()
+            },
+        )
+        .unwrap();
+        let mut out = Output::default();
+        e.observe("j", &summary(rank, 1, 1.0, 2.0), &mut out).unwrap();
+        e.status("j").unwrap().state_bytes
+    };
+    let (low, high) = (cost(0), cost(65535));
+    assert_eq!(low, high, "rank 0 costs {low} bytes, rank 65535 {high}");
+    assert!(high < 64 << 10, "one rank's state is {high} bytes");
+}

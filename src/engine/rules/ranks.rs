@@ -31,6 +31,10 @@ pub(crate) struct Peer {
     stalled: Latch,
 }
 
+/// The cross-rank state of each rank that reported, by rank: only ranks that
+/// report cost memory, whatever rank numbers they carry.
+pub(crate) type Peers = BTreeMap<u32, Peer>;
+
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub(crate) struct State {
     /// Global norms per step until every rank has reported it (NaN: non-finite).
@@ -78,7 +82,7 @@ impl State {
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn record_norm(
     state: &mut State,
-    peers: &mut [Option<Peer>],
+    peers: &mut Peers,
     rank: u32,
     step: u64,
     norm: Option<f64>,
@@ -127,14 +131,7 @@ pub(crate) fn forget_after(state: &mut State, rank: u32, step: u64) {
     state.pending.retain(|_, p| !p.norms.is_empty());
 }
 
-fn judge(
-    state: &mut State,
-    step: u64,
-    entries: &[(u32, f64)],
-    peers: &mut [Option<Peer>],
-    rules: &Rules,
-    em: &mut Emitter,
-) {
+fn judge(state: &mut State, step: u64, entries: &[(u32, f64)], peers: &mut Peers, rules: &Rules, em: &mut Emitter) {
     let cfg = &rules.rank_outlier;
     let remind = rules.policy.cooldown_steps;
     let mut bad = entries.iter().filter(|e| !e.1.is_finite()).map(|e| e.0);
@@ -144,7 +141,7 @@ fn judge(
     let min = cfg.min_ranks as usize;
 
     if let Some(rank) = first_bad.filter(|_| bad_count == 1 && finite + 1 >= min)
-        && let Some(p) = peers.get_mut(rank as usize).and_then(Option::as_mut)
+        && let Some(p) = peers.get_mut(&rank)
         && p.outlier.update(true, step, remind)
     {
         let h = em.hit(
@@ -197,7 +194,7 @@ fn judge(
     let med_norm = med.exp();
     for &(rank, x, lx) in &logs {
         let score = (lx - med).abs() / scale;
-        let Some(p) = peers.get_mut(rank as usize).and_then(Option::as_mut) else {
+        let Some(p) = peers.get_mut(&rank) else {
             continue;
         };
         p.outside = ((p.outside << 1) | u32::from(score > cfg.k)) & mask;
@@ -230,18 +227,16 @@ fn judge(
 }
 
 /// Called when the job's leading step advances: flags ranks `lag_steps` behind.
-pub(crate) fn scan_stragglers(state: &State, peers: &mut [Option<Peer>], rules: &Rules, em: &mut Emitter) {
+pub(crate) fn scan_stragglers(state: &State, peers: &mut Peers, rules: &Rules, em: &mut Emitter) {
     let cfg = &rules.straggler;
     let Some(max) = state.max_step.filter(|_| cfg.enabled) else {
         return;
     };
     let newest = peers
-        .iter()
-        .flatten()
+        .values()
         .filter_map(|p| p.last_time)
         .fold(f64::NEG_INFINITY, f64::max);
-    for (rank, p) in peers.iter_mut().enumerate() {
-        let Some(p) = p.as_mut() else { continue };
+    for (&rank, p) in peers.iter_mut() {
         let Some(last) = p.last_step else { continue };
         let lag = max.saturating_sub(last);
         let long_enough = p.last_time.is_none_or(|t| newest - t >= cfg.min_lag_secs);
@@ -251,7 +246,6 @@ pub(crate) fn scan_stragglers(state: &State, peers: &mut [Option<Peer>], rules: 
             rules.policy.cooldown_steps,
             lag as f64,
         ) {
-            let rank = rank as u32;
             em.hit(
                 RuleId::Straggler,
                 Severity::Warning,
@@ -267,28 +261,25 @@ pub(crate) fn scan_stragglers(state: &State, peers: &mut [Option<Peer>], rules: 
 
 /// Flags ranks silent for `timeout_secs` at time `now` while a peer is not.
 /// Throttled to one scan per second of record time.
-pub(crate) fn scan_stalled(state: &mut State, peers: &mut [Option<Peer>], now: f64, rules: &Rules, em: &mut Emitter) {
+pub(crate) fn scan_stalled(state: &mut State, peers: &mut Peers, now: f64, rules: &Rules, em: &mut Emitter) {
     let cfg = &rules.stalled;
     if !cfg.enabled || !now.is_finite() || state.last_stall_scan.is_some_and(|t| now < t + 1.0) {
         return;
     }
     state.last_stall_scan = Some(now);
     let newest = peers
-        .iter()
-        .flatten()
+        .values()
         .filter_map(|p| p.last_time)
         .fold(f64::NEG_INFINITY, f64::max);
     let anyone_alive = now - newest < cfg.timeout_secs;
     let step = state.max_step.unwrap_or(0);
-    for (rank, p) in peers.iter_mut().enumerate() {
-        let Some(p) = p.as_mut() else { continue };
+    for (&rank, p) in peers.iter_mut() {
         let Some(last) = p.last_time else { continue };
         let silent = now - last;
         let active = anyone_alive && silent >= cfg.timeout_secs;
         if p.stalled
             .update_worse(active, step, rules.policy.cooldown_steps, silent)
         {
-            let rank = rank as u32;
             em.hit(
                 RuleId::Stalled,
                 Severity::Warning,
