@@ -71,16 +71,41 @@ async fn the_limits_given_in_process_are_the_ones_enforced() {
     let service = start(settings).await;
     let url = format!("http://{}", service.grpc_addr());
     let mut c = gradguard::client::connect(&url).await.unwrap();
-    let _first = gradguard::client::WorkerStream::open(&mut c, common::hello("a", 0, 1, 2))
+    let hello = |job: &str| gradguard::proto::Hello {
+        report_progress: true,
+        ..common::hello(job, 0, 1, 2)
+    };
+    let summary = gradguard::proto::Summary {
+        step: 1,
+        grad_norm: Some(1.0),
+        layer_l2: vec![0.5; 2],
+        ..Default::default()
+    };
+    let mut first = gradguard::client::WorkerStream::open(&mut c, hello("a"))
         .await
         .expect("the first job is tracked");
+    first.sender.summary(summary.clone()).await.unwrap();
+    let judged = first.receiver.message().await.unwrap();
+    assert!(
+        matches!(
+            judged.and_then(|m| m.body),
+            Some(gradguard::proto::server_message::Body::Progress(_))
+        ),
+        "the first job's summary is judged"
+    );
+    // A job takes its slot with its first summary: that is what is refused.
     let mut c = gradguard::client::connect(&url).await.unwrap();
-    let refused = gradguard::client::WorkerStream::open(&mut c, common::hello("b", 0, 1, 2)).await;
-    let status = match refused {
-        Err(e) => e.to_string(),
-        Ok(_) => panic!("a second job over --max-jobs 1 was accepted"),
-    };
-    assert!(status.contains("1 jobs are tracked"), "{status}");
+    let second = gradguard::client::WorkerStream::open(&mut c, hello("b"))
+        .await
+        .expect("a Hello alone takes no slot");
+    second.sender.summary(summary).await.unwrap();
+    let mut rx = second.receiver;
+    let status = rx
+        .drain()
+        .await
+        .expect_err("a second job over --max-jobs 1 was accepted");
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+    assert!(status.message().contains("1 jobs are tracked"), "{status:?}");
     let text = scrape(&service).await;
     assert_eq!(common::sample(&text, "gradguard_jobs_refused_total"), Some(1.0));
     service.stop().await;

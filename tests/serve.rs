@@ -520,7 +520,15 @@ async fn job_cap_refuses_new_jobs_and_idle_jobs_are_forgotten() {
     let first = WorkerStream::open(&mut c, hello("first", 0, 1, 2)).await.unwrap();
     first.sender.summary(summary(1, 2)).await.unwrap();
 
-    let status = refused(&mut c, vec![msg(worker_message::Body::Hello(hello("second", 0, 1, 2)))]).await;
+    // The slot is taken by the first summary, so that is what is refused.
+    let status = refused(
+        &mut c,
+        vec![
+            msg(worker_message::Body::Hello(hello("second", 0, 1, 2))),
+            msg(worker_message::Body::Summary(summary(1, 2))),
+        ],
+    )
+    .await;
     assert_eq!(status.code(), Code::ResourceExhausted);
     assert!(status.message().contains("--max-jobs"), "{status:?}");
 
@@ -535,6 +543,46 @@ async fn job_cap_refuses_new_jobs_and_idle_jobs_are_forgotten() {
     // With the first job gone, there is room again.
     let second = WorkerStream::open(&mut c, hello("second", 0, 1, 2)).await.unwrap();
     assert_eq!(second.welcome.last_step, None);
+    second.sender.summary(summary(1, 2)).await.unwrap();
+    drop(second.sender);
+    let mut rx = second.receiver;
+    assert_eq!(rx.drain().await.unwrap(), []);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_thousand_hello_only_streams_do_not_block_a_new_job() {
+    // A Hello alone takes no job slot: squatters cannot lock real jobs out.
+    let server = Server::start_with(&["--max-jobs", "10"]);
+    let url = server.url();
+    let mut squatters = Vec::new();
+    let mut opens = tokio::task::JoinSet::new();
+    for connection in 0..10 {
+        let c = client::connect(&url).await.unwrap();
+        for i in 0..100 {
+            let mut c = c.clone();
+            opens.spawn(
+                async move { WorkerStream::open(&mut c, hello(&format!("squat-{connection}-{i}"), 0, 1, 2)).await },
+            );
+        }
+    }
+    while let Some(s) = opens.join_next().await {
+        squatters.push(s.unwrap().expect("a Hello is welcomed"));
+    }
+    assert_eq!(squatters.len(), 1000);
+    let text = tokio::task::block_in_place(|| server.scrape());
+    assert_eq!(sample(&text, "gradguard_active_jobs"), Some(0.0), "Hellos hold no job");
+    assert_eq!(sample(&text, "gradguard_active_streams"), Some(1000.0));
+
+    let mut c = client::connect(&url).await.unwrap();
+    let real = WorkerStream::open(&mut c, hello("real", 0, 1, 2)).await.unwrap();
+    real.sender.summary(summary(1, 2)).await.unwrap();
+    drop(real.sender);
+    let mut rx = real.receiver;
+    assert_eq!(rx.drain().await.unwrap(), [], "the new job's summary is judged");
+    let text = tokio::task::block_in_place(|| server.scrape());
+    assert_eq!(sample(&text, "gradguard_active_jobs"), Some(1.0));
+    assert_eq!(sample(&text, "gradguard_jobs_refused_total"), Some(0.0));
+    assert!(!text.contains("job=\"squat-"), "squatters have no series");
 }
 
 #[test]
@@ -675,16 +723,22 @@ fn unix_now() -> f64 {
 }
 
 /// The series the alert rules in `deploy/prometheus/` are built on: a job's
-/// warning and critical anomaly counters exist at 0 from its first Hello (so
-/// `increase()` sees the first anomaly), its open streams, when its latest
-/// summary was taken, and its advice that no rank acknowledged.
+/// warning and critical anomaly counters exist at 0 once the job holds its
+/// slot (its first summary, so `increase()` sees the first anomaly after
+/// it), its open streams, when its latest summary was taken, and its advice
+/// that no rank acknowledged. A Hello alone creates no series.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_job_exports_the_series_its_alerts_need() {
     let server = Server::start();
     let job = |name: &str| format!("{name}{{job=\"unacked\"}}");
     let cfg = config("unacked", Fault::AbruptExplosion, 1);
     let (mut scenario, senders, mut receivers) = open_job(&server.url(), &cfg).await;
-    let text = server.scrape();
+    assert!(!server.scrape().contains("job=\"unacked\""), "a Hello alone creates no series");
+    let first = scenario.next_step().expect("a first step");
+    senders[0].summary(wire::summary_to_proto(&first[0])).await.unwrap();
+    let text = server.wait_for("the job's first summary", |t| {
+        sample(t, &job("gradguard_job_streams")) == Some(1.0)
+    });
     for rule in gradguard::model::RuleId::ALL {
         for severity in ["warning", "critical"] {
             let series = format!(

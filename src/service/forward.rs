@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::mode::{Mode, Shape};
+use super::mode::{Greeting, Mode, Shape};
 use crate::cluster::relay::Forwarder;
 use crate::config::{RuleBook, Rules};
 use crate::engine::{EngineError, Output};
@@ -48,21 +48,40 @@ impl Forwarding {
     }
 }
 
-impl Mode for Forwarding {
-    fn hello(&mut self, d: &Declared, hello: &proto::Hello) -> Result<Option<u64>, Refusal> {
-        if !self.jobs.contains_key(&d.job) {
-            self.limits.admit_job(&d.job, self.jobs.len(), &self.metrics)?;
-        }
-        // An unknown profile is refused here, as the owner would.
-        self.book
-            .for_job(&d.job, d.profile.as_deref())
-            .map_err(|e| Refusal::from(&EngineError::from(e)))?;
+impl Forwarding {
+    /// Declares the rank here and to the job's owner (its Hello goes to the
+    /// summaries topic, ahead of the rank's summaries).
+    fn declare(&mut self, d: &Declared, hello: &proto::Hello) -> &Forwarded {
         let job = self.jobs.entry(d.job.clone()).or_default();
         job.world_size = d.world_size.or(job.world_size);
         job.layers = job.layers.max(d.layer_names.len());
         job.profile = d.profile.clone().or(job.profile.take());
         self.forwarder.send(&d.job, d.rank, Body::Hello(hello.clone()));
-        Ok(job.last_step.get(&d.rank).copied())
+        job
+    }
+}
+
+impl Mode for Forwarding {
+    fn hello(&mut self, d: &Declared, hello: &proto::Hello) -> Result<Greeting, Refusal> {
+        // An unknown profile is refused here, as the owner would.
+        self.book
+            .for_job(&d.job, d.profile.as_deref())
+            .map_err(|e| Refusal::from(&EngineError::from(e)))?;
+        if !self.jobs.contains_key(&d.job) {
+            return Ok(Greeting::Pending);
+        }
+        let job = self.declare(d, hello);
+        Ok(Greeting::Held {
+            last_step: job.last_step.get(&d.rank).copied(),
+        })
+    }
+
+    fn admit(&mut self, d: &Declared, hello: &proto::Hello) -> Result<(), Refusal> {
+        if !self.jobs.contains_key(&d.job) {
+            self.limits.admit_job(&d.job, self.jobs.len(), &self.metrics)?;
+        }
+        self.declare(d, hello);
+        Ok(())
     }
 
     fn summary(

@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 use tonic::Status;
 
 use super::metrics::{HubMetrics, JobGauges};
-use super::mode::{Mode, Shape};
+use super::mode::{Greeting, Mode, Shape};
 use crate::clock::unix_now;
 use crate::engine::Output;
 use crate::intake::{Declared, Limits, Reason, Refusal};
@@ -167,8 +167,10 @@ impl Hub {
         self.next_stream.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Attaches a stream to its job: declares the rank, replaces an older
-    /// stream of the same rank, and queues the Welcome.
+    /// Checks a stream's Hello and queues its Welcome. A stream of a job
+    /// already held is attached now (replacing an older stream of its rank);
+    /// one of a new job only when its first summary takes the job's slot, so
+    /// Hellos alone hold no job and no slot.
     pub fn hello(&self, stream: u64, outbox: &Outbox, hello: proto::Hello) -> Result<Attachment, Refusal> {
         let mut declared = self.limits.check_hello(hello.clone())?;
         let mut core = self.core();
@@ -176,19 +178,13 @@ impl Hub {
         // Forwarded summaries are decided on elsewhere, later.
         declared.progress &= core.mode.decides();
         let at = Attachment { stream, declared };
-        let last_step = core.mode.hello(&at.declared, &hello)?;
-        let job = self.track(core, &at.declared);
-        let previous = job.streams.insert(
-            at.declared.rank,
-            Stream {
-                id: stream,
-                outbox: outbox.clone(),
-            },
-        );
-        if let Some(old) = previous {
-            let _ = old.outbox.try_send(Err(at.replaced().status()));
-        }
-        job.set_streams();
+        let last_step = match core.mode.hello(&at.declared, &hello)? {
+            Greeting::Held { last_step } => {
+                self.attach(core, &at, outbox);
+                last_step
+            }
+            Greeting::Pending => None,
+        };
         let welcome = proto::Welcome {
             server_version: env!("CARGO_PKG_VERSION").to_owned(),
             last_step,
@@ -201,6 +197,23 @@ impl Hub {
         }));
         self.metrics.active_streams.inc();
         Ok(at)
+    }
+
+    /// Attaches the stream to its job's entry as its rank's stream; an older
+    /// stream of the rank is told it was replaced.
+    fn attach(&self, core: &mut Core, at: &Attachment, outbox: &Outbox) {
+        let job = self.track(core, &at.declared);
+        let previous = job.streams.insert(
+            at.declared.rank,
+            Stream {
+                id: at.stream,
+                outbox: outbox.clone(),
+            },
+        );
+        if let Some(old) = previous.filter(|old| old.id != at.stream) {
+            let _ = old.outbox.try_send(Err(at.replaced().status()));
+        }
+        job.set_streams();
     }
 
     /// The hub's entry of a job the mode accepted, created when new.
@@ -257,16 +270,18 @@ impl Hub {
         Ok(())
     }
 
-    /// Makes sure this stream is the one attached for its rank. A job that was
-    /// forgotten while idle is declared again; a stream replaced by a newer
-    /// one of the same rank is told so.
+    /// Makes sure this stream is the one attached for its rank. A stream not
+    /// attached yet (its job was not held at its Hello, or was forgotten
+    /// while idle) declares its rank now, the job taking its slot if it is
+    /// new; a stream that a newer one of its rank replaced is told so.
     fn reattach(&self, core: &mut Core, at: &Attachment, outbox: &Outbox) -> Result<(), Refusal> {
         let d = &at.declared;
-        if let Some(job) = core.jobs.get(&d.job) {
-            match job.streams.get(&d.rank) {
-                Some(s) if s.id == at.stream => return Ok(()),
-                Some(_) => return Err(at.replaced()),
-                None => {}
+        if let Some(s) = core.jobs.get(&d.job).and_then(|job| job.streams.get(&d.rank)) {
+            if s.id == at.stream {
+                return Ok(());
+            }
+            if s.id > at.stream {
+                return Err(at.replaced());
             }
         }
         let hello = proto::Hello {
@@ -278,16 +293,8 @@ impl Hub {
             report_progress: d.progress,
             ..Default::default()
         };
-        core.mode.hello(d, &hello)?;
-        let job = self.track(core, d);
-        job.streams.insert(
-            d.rank,
-            Stream {
-                id: at.stream,
-                outbox: outbox.clone(),
-            },
-        );
-        job.set_streams();
+        core.mode.admit(d, &hello)?;
+        self.attach(core, at, outbox);
         Ok(())
     }
 

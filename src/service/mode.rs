@@ -17,12 +17,27 @@ pub struct Shape {
     pub health: Option<Severity>,
 }
 
+/// What a stream's Hello found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Greeting {
+    /// The job is held (it has had a summary): the rank is declared, and
+    /// resumes after its last accepted step.
+    Held { last_step: Option<u64> },
+    /// The job is not held yet: it takes a slot (`--max-jobs`) only when
+    /// its first summary comes ([`Mode::admit`]), so Hellos alone cost no
+    /// job state.
+    Pending,
+}
+
 /// What a hub does with the messages its streams accepted; called under the
 /// hub's lock, so nothing here waits.
 pub trait Mode: Send + 'static {
-    /// A stream's checked Hello: declares its rank. Returns the rank's last
-    /// accepted step (the worker resumes after it).
-    fn hello(&mut self, d: &Declared, hello: &proto::Hello) -> Result<Option<u64>, Refusal>;
+    /// A stream's checked Hello: declares its rank if the job is held, else
+    /// only checks what can be checked without taking a slot.
+    fn hello(&mut self, d: &Declared, hello: &proto::Hello) -> Result<Greeting, Refusal>;
+    /// The first summary of a job this mode does not hold: takes the job's
+    /// slot (or refuses, `--max-jobs`) and declares the rank.
+    fn admit(&mut self, d: &Declared, hello: &proto::Hello) -> Result<(), Refusal>;
     /// One summary of a declared rank; what it leads to joins `out`.
     fn summary(
         &mut self,
@@ -54,9 +69,19 @@ pub trait Mode: Send + 'static {
 }
 
 impl Mode for Judge {
-    fn hello(&mut self, d: &Declared, _: &proto::Hello) -> Result<Option<u64>, Refusal> {
+    fn hello(&mut self, d: &Declared, _: &proto::Hello) -> Result<Greeting, Refusal> {
+        if !self.engine().has_job(&d.job) {
+            self.check(d)?;
+            return Ok(Greeting::Pending);
+        }
         self.declare(d)?;
-        Ok(self.engine().last_step(&d.job, d.rank))
+        Ok(Greeting::Held {
+            last_step: self.engine().last_step(&d.job, d.rank),
+        })
+    }
+
+    fn admit(&mut self, d: &Declared, _: &proto::Hello) -> Result<(), Refusal> {
+        self.declare(d).map(drop)
     }
 
     fn summary(
