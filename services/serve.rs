@@ -60,8 +60,24 @@ pub struct ServeArgs {
     )]
     pub metrics_addr: SocketAddr,
 
-    /// Jobs tracked at once; a Hello for one more is refused (RESOURCE_EXHAUSTED).
-    /// Bounds the `job` label of every metric.
+    /// Open gRPC connections at once; one more is closed when accepted. Never
+    /// above what the open-file limit allows (raised to its hard limit at
+    /// start, less 256 descriptors kept for the rest).
+    #[arg(long, default_value_t = defaults::MAX_CONNECTIONS, value_parser = clap::value_parser!(u64).range(ranges::MAX_CONNECTIONS), env = "GRADGUARD_MAX_CONNECTIONS")]
+    pub max_connections: u64,
+
+    /// Concurrent calls (HTTP/2 streams) one connection may have open.
+    #[arg(long, default_value_t = defaults::MAX_STREAMS_PER_CONNECTION, value_parser = clap::value_parser!(u64).range(ranges::MAX_STREAMS_PER_CONNECTION), env = "GRADGUARD_MAX_STREAMS_PER_CONNECTION")]
+    pub max_streams_per_connection: u64,
+
+    /// A connection that has not started a request this long after it opened
+    /// (a raw socket that never speaks) is closed.
+    #[arg(long, default_value = defaults::FIRST_REQUEST_TIMEOUT, value_parser = humantime::parse_duration, env = "GRADGUARD_FIRST_REQUEST_TIMEOUT")]
+    pub first_request_timeout: Duration,
+
+    /// Jobs tracked at once; the first summary of one more is refused
+    /// (RESOURCE_EXHAUSTED): a job takes its slot with its first summary, not
+    /// its Hello. Bounds the `job` label of every metric.
     #[arg(long, default_value_t = defaults::MAX_JOBS, value_parser = clap::value_parser!(u64).range(ranges::MAX_JOBS), env = "GRADGUARD_MAX_JOBS")]
     pub max_jobs: u64,
 
@@ -189,6 +205,9 @@ fn flags(args: &ServeArgs, given: &impl Fn(&str) -> bool) -> SettingsFile {
         listen: Listen {
             grpc: given("grpc_addr").then_some(args.grpc_addr),
             metrics: given("metrics_addr").then_some(args.metrics_addr),
+            max_connections: given("max_connections").then_some(args.max_connections),
+            max_streams_per_connection: given("max_streams_per_connection").then_some(args.max_streams_per_connection),
+            first_request_timeout: given("first_request_timeout").then_some(args.first_request_timeout),
         },
         limits: LimitsSection {
             max_jobs: given("max_jobs").then_some(args.max_jobs),

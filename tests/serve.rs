@@ -733,7 +733,10 @@ async fn a_job_exports_the_series_its_alerts_need() {
     let job = |name: &str| format!("{name}{{job=\"unacked\"}}");
     let cfg = config("unacked", Fault::AbruptExplosion, 1);
     let (mut scenario, senders, mut receivers) = open_job(&server.url(), &cfg).await;
-    assert!(!server.scrape().contains("job=\"unacked\""), "a Hello alone creates no series");
+    assert!(
+        !server.scrape().contains("job=\"unacked\""),
+        "a Hello alone creates no series"
+    );
     let first = scenario.next_step().expect("a first step");
     senders[0].summary(wire::summary_to_proto(&first[0])).await.unwrap();
     let text = server.wait_for("the job's first summary", |t| {

@@ -6,6 +6,7 @@
 //! test can run it in-process on port 0), [`Service::stop`] shuts it down;
 //! [`run`] is both around a shutdown future.
 
+pub mod connections;
 mod forward;
 mod hub;
 mod ingest;
@@ -22,7 +23,6 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::cluster::detector::Detector;
 use crate::cluster::feed::start_feed;
@@ -35,6 +35,7 @@ use crate::proto::frames::ingest_server::IngestServer;
 use crate::proto::{self, query_server::QueryServer};
 use crate::recorder::{Recorder, StoreMetrics};
 use crate::store::{Retention, Store, SyncMode};
+pub use connections::ConnectionLimits;
 use forward::Forwarding;
 use hub::Hub;
 use ingest::IngestService;
@@ -56,6 +57,8 @@ pub struct Settings {
     pub max_message_bytes: usize,
     /// Server messages queued per stream; advice beyond it is dropped.
     pub stream_queue: usize,
+    /// What the gRPC listener's connections can hold.
+    pub connections: ConnectionLimits,
     /// The durable store; `None` runs without one.
     pub store: Option<StoreSettings>,
     /// Cluster mode on these brokers; `None` runs embedded.
@@ -68,6 +71,7 @@ impl Default for Settings {
             limits: Limits::default(),
             max_message_bytes: settings::defaults::MAX_MESSAGE_BYTES as usize,
             stream_queue: settings::defaults::STREAM_QUEUE as usize,
+            connections: ConnectionLimits::default(),
             store: None,
             kafka: None,
         }
@@ -224,17 +228,32 @@ impl Service {
         // Flow-control windows bound what a flooding worker can make the service
         // buffer: 128 KiB per stream (about a hundred 100-layer summaries in
         // flight) keeps a thousand streams well inside the memory budget.
+        // Connections are capped and must start a request in time
+        // (`connections`); keep-alive pings find dead peers.
+        let limits = &settings.connections;
+        let waiting = Arc::new(connections::Waiting::default());
+        let incoming = connections::accept(
+            listeners.grpc,
+            limits,
+            connections::ConnectionMetrics::register(&registry),
+            waiting.clone(),
+            stopped(),
+        );
         let grpc = tonic::transport::Server::builder()
-            .tcp_nodelay(true)
             .initial_stream_window_size(128 << 10)
             .initial_connection_window_size(1 << 20)
+            .max_concurrent_streams(limits.max_streams_per_connection)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            .layer(tonic::service::InterceptorLayer::new(move |req: tonic::Request<()>| {
+                waiting.started(req.remote_addr());
+                Ok(req)
+            }))
             .add_service(health)
             .add_service(reflection)
             .add_service(ingest)
             .add_service(query)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listeners.grpc), stopped());
+            .serve_with_incoming_shutdown(incoming, stopped());
         let http = metrics::serve(listeners.http, registry, stopped());
         let servers = vec![
             tokio::spawn(async move {

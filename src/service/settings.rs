@@ -8,6 +8,9 @@
 //! [listen]
 //! grpc = "0.0.0.0:50051"
 //! metrics = "0.0.0.0:9464"
+//! max_connections = 16384       # within the open-file limit
+//! max_streams_per_connection = 256
+//! first_request_timeout = "30s" # a connection's first request, after it opens
 //!
 //! [limits]
 //! max_jobs = 1000
@@ -43,7 +46,7 @@ use std::time::Duration;
 use anyhow::Context;
 use serde::{Deserialize, Deserializer};
 
-use super::{Settings, StoreSettings};
+use super::{ConnectionLimits, Settings, StoreSettings};
 use crate::cluster::KafkaConfig;
 use crate::config::RuleBook;
 use crate::intake::Limits;
@@ -56,6 +59,9 @@ pub const VERSION: i64 = 1;
 pub mod defaults {
     pub const GRPC_ADDR: &str = "0.0.0.0:50051";
     pub const METRICS_ADDR: &str = "0.0.0.0:9464";
+    pub const MAX_CONNECTIONS: u64 = 16384;
+    pub const MAX_STREAMS_PER_CONNECTION: u64 = 256;
+    pub const FIRST_REQUEST_TIMEOUT: &str = "30s";
     pub const MAX_JOBS: u64 = 1000;
     pub const JOB_TTL: &str = "15m";
     pub const HELLO_TIMEOUT: &str = "30s";
@@ -72,6 +78,8 @@ pub mod ranges {
     use std::ops::{RangeFrom, RangeInclusive};
 
     pub const MAX_JOBS: RangeInclusive<u64> = 1..=1_000_000;
+    pub const MAX_CONNECTIONS: RangeInclusive<u64> = 1..=1_000_000;
+    pub const MAX_STREAMS_PER_CONNECTION: RangeInclusive<u64> = 1..=65536;
     pub const MAX_MESSAGE_BYTES: RangeInclusive<u64> = 1024..=(256 << 20);
     pub const STREAM_QUEUE: RangeInclusive<u64> = 1..=65536;
     pub const MAX_NAME_LEN: RangeInclusive<u64> = 16..=65536;
@@ -123,6 +131,14 @@ pub struct Listen {
     pub grpc: Option<SocketAddr>,
     /// HTTP (`/metrics`, `/healthz`); `--metrics-addr`.
     pub metrics: Option<SocketAddr>,
+    /// Open gRPC connections at once (never above what the open-file limit
+    /// allows); `--max-connections`.
+    pub max_connections: Option<u64>,
+    /// Concurrent calls (HTTP/2 streams) per connection; `--max-streams-per-connection`.
+    pub max_streams_per_connection: Option<u64>,
+    /// A connection must start a request within this, e.g. `"30s"`; `--first-request-timeout`.
+    #[serde(deserialize_with = "duration")]
+    pub first_request_timeout: Option<Duration>,
 }
 
 /// `[limits]`: what clients can make the service hold.
@@ -224,7 +240,17 @@ impl SettingsFile {
 
     /// Checks the ranges the TOML types cannot express (the same as the flags').
     fn validate(&self) -> Result<(), (&'static str, String, String)> {
-        let limits = &self.limits;
+        let (listen, limits) = (&self.listen, &self.limits);
+        within(
+            "listen.max_connections",
+            listen.max_connections,
+            ranges::MAX_CONNECTIONS,
+        )?;
+        within(
+            "listen.max_streams_per_connection",
+            listen.max_streams_per_connection,
+            ranges::MAX_STREAMS_PER_CONNECTION,
+        )?;
         within("limits.max_jobs", limits.max_jobs, ranges::MAX_JOBS)?;
         within(
             "limits.max_message_bytes",
@@ -246,6 +272,12 @@ impl SettingsFile {
             listen: Listen {
                 grpc: self.listen.grpc.or(lower.listen.grpc),
                 metrics: self.listen.metrics.or(lower.listen.metrics),
+                max_connections: self.listen.max_connections.or(lower.listen.max_connections),
+                max_streams_per_connection: self
+                    .listen
+                    .max_streams_per_connection
+                    .or(lower.listen.max_streams_per_connection),
+                first_request_timeout: self.listen.first_request_timeout.or(lower.listen.first_request_timeout),
             },
             limits: LimitsSection {
                 max_jobs: self.limits.max_jobs.or(lower.limits.max_jobs),
@@ -290,7 +322,7 @@ impl SettingsFile {
         let duration = |set: Option<Duration>, default: &str| {
             set.unwrap_or_else(|| humantime::parse_duration(default).expect("a valid default"))
         };
-        let (limits, store) = (&self.limits, &self.store);
+        let (listen, limits, store) = (&self.listen, &self.limits, &self.store);
         let kafka = self.kafka.clone().unwrap_or_default().with_brokers(kafka_brokers)?;
         Ok(ServeSettings {
             grpc_addr: addr(self.listen.grpc, defaults::GRPC_ADDR),
@@ -309,6 +341,14 @@ impl SettingsFile {
                 },
                 max_message_bytes: limits.max_message_bytes.unwrap_or(defaults::MAX_MESSAGE_BYTES) as usize,
                 stream_queue: limits.stream_queue.unwrap_or(defaults::STREAM_QUEUE) as usize,
+                connections: ConnectionLimits {
+                    max_connections: listen.max_connections.unwrap_or(defaults::MAX_CONNECTIONS) as usize,
+                    max_streams_per_connection: listen
+                        .max_streams_per_connection
+                        .unwrap_or(defaults::MAX_STREAMS_PER_CONNECTION)
+                        as u32,
+                    first_request_timeout: duration(listen.first_request_timeout, defaults::FIRST_REQUEST_TIMEOUT),
+                },
                 store: store.enabled.unwrap_or(true).then(|| StoreSettings {
                     dir: store.dir.clone().unwrap_or_else(|| defaults::DATA_DIR.into()),
                     sync: store.sync.unwrap_or_default(),

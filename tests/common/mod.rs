@@ -41,7 +41,31 @@ impl Server {
 
     /// Starts the server on a given data directory (it outlives the server).
     pub fn start_in(data_dir: &std::path::Path, args: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_gradguard"))
+        Self::spawn(Command::new(env!("CARGO_BIN_EXE_gradguard")), data_dir, args)
+    }
+
+    /// Starts the server under an open-file limit of `files` descriptors
+    /// (soft and hard: it cannot raise it).
+    pub fn start_with_file_limit(files: u64, args: &[&str]) -> Self {
+        let temp = tempfile::tempdir().expect("a temporary data directory");
+        let mut command = Command::new("sh");
+        command.args([
+            "-c",
+            &format!("ulimit -n {files} && exec \"$0\" \"$@\""),
+            env!("CARGO_BIN_EXE_gradguard"),
+        ]);
+        let mut server = Self::spawn(command, temp.path(), args);
+        server._temp = Some(temp);
+        server
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn spawn(mut command: Command, data_dir: &std::path::Path, args: &[&str]) -> Self {
+        let mut child = command
             .args(["serve", "--grpc-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0"])
             .arg("--data-dir")
             .arg(data_dir)
