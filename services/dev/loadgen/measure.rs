@@ -15,7 +15,7 @@ use tokio::time::MissedTickBehavior;
 
 use super::generator::{Generator, spike_offset};
 use super::memory::MemorySource;
-use super::report::{Latency, Report};
+use super::report::{Latency, MemorySample, Report};
 use super::{LoadgenArgs, Spikes};
 use crate::cli::Failure;
 
@@ -106,12 +106,38 @@ pub(super) async fn measure(args: &LoadgenArgs, target: &str, memory: MemorySour
     }
 
     // Memory is read while every stream is still open and the server holds the
-    // most, concurrently with the drain (it is blocking I/O, off the runtime).
+    // most, concurrently with the drain (it is blocking I/O, off the runtime);
+    // with --memory-every, also along the way.
+    let every = args.memory_every;
     let memory_reading = tokio::spawn(async move {
+        let read = |memory: MemorySource| async move {
+            tokio::task::spawn_blocking(move || memory.read())
+                .await
+                .unwrap_or_else(|e| Err(format!("the reader failed: {e}")))
+        };
+        let mut samples = Vec::new();
+        if let Some(every) = every {
+            let mut at = start + every;
+            while at < deadline {
+                tokio::time::sleep_until(at.into()).await;
+                if let Ok(bytes) = read(memory.clone()).await {
+                    samples.push(MemorySample {
+                        at_s: (at - start).as_secs_f64(),
+                        bytes,
+                    });
+                }
+                at += every;
+            }
+        }
         tokio::time::sleep_until(deadline.into()).await;
-        tokio::task::spawn_blocking(move || memory.read())
-            .await
-            .unwrap_or_else(|e| Err(format!("the reader failed: {e}")))
+        let last = read(memory).await;
+        if let Ok(bytes) = last {
+            samples.push(MemorySample {
+                at_s: (deadline - start).as_secs_f64(),
+                bytes,
+            });
+        }
+        (last, samples)
     });
 
     let mut summaries = 0u64;
@@ -163,9 +189,9 @@ pub(super) async fn measure(args: &LoadgenArgs, target: &str, memory: MemorySour
             first_error.get_or_insert_with(|| format!("stream {i}: {reason}"));
         }
     }
-    let memory = memory_reading
+    let (memory, memory_samples) = memory_reading
         .await
-        .unwrap_or_else(|e| Err(format!("the reader failed: {e}")));
+        .unwrap_or_else(|e| (Err(format!("the reader failed: {e}")), Vec::new()));
 
     let elapsed = end.saturating_duration_since(start).as_secs_f64();
     let per_s = if elapsed > 0.0 { summaries as f64 / elapsed } else { 0.0 };
@@ -188,8 +214,25 @@ pub(super) async fn measure(args: &LoadgenArgs, target: &str, memory: MemorySour
         errors,
         server_resident_memory_bytes: memory.as_ref().ok().copied(),
         server_resident_memory_unknown: memory.err(),
+        memory_growth_last_half: (every.is_some())
+            .then(|| growth_over_last_half(&memory_samples))
+            .flatten(),
+        memory_samples: if every.is_some() { memory_samples } else { Vec::new() },
         first_error,
     })
+}
+
+/// How much the memory grew from the middle of the run to its end, as a
+/// fraction of the middle's (the sample nearest the middle).
+pub(super) fn growth_over_last_half(samples: &[MemorySample]) -> Option<f64> {
+    let last = samples.last()?;
+    let middle = samples.iter().min_by(|a, b| {
+        (a.at_s - last.at_s / 2.0)
+            .abs()
+            .total_cmp(&(b.at_s - last.at_s / 2.0).abs())
+    })?;
+    (middle.bytes > 0 && middle.at_s < last.at_s)
+        .then(|| (last.bytes as f64 - middle.bytes as f64) / middle.bytes as f64)
 }
 
 /// An error with its causes, for one line on stderr (as [`crate::cli::describe`]).

@@ -107,6 +107,12 @@ pub struct LoadgenArgs {
     #[arg(long, value_name = "URL")]
     pub metrics_url: Option<String>,
 
+    /// Also read the server's resident memory every this long during the run
+    /// (e.g. `30s`, for a soak), and report its growth over the run's second
+    /// half; without it the memory is read once, at the end.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub memory_every: Option<Duration>,
+
     /// First run the identical load against a decode-only sink spawned here,
     /// then against --server, and print the ratio of their throughputs.
     #[arg(long)]
@@ -178,6 +184,10 @@ fn parse_rate(s: &str) -> Result<f64, String> {
 }
 
 pub fn run(args: &LoadgenArgs) -> Result<ExitCode, Failure> {
+    // One connection per stream: thousands of streams need the descriptors.
+    if let Err(e) = rlimit::increase_nofile_limit(u64::from(args.streams) + 256) {
+        eprintln!("warning: cannot raise the open-file limit: {e}");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -34,8 +34,21 @@ pub(super) struct Report {
     pub(super) server_resident_memory_bytes: Option<u64>,
     /// Why the memory is unknown, when it is.
     pub(super) server_resident_memory_unknown: Option<String>,
+    /// With `--memory-every`: the samples along the run, the last at its end.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(super) memory_samples: Vec<MemorySample>,
+    /// With `--memory-every`: growth from the middle of the run to its end.
+    pub(super) memory_growth_last_half: Option<f64>,
     #[serde(skip)]
     pub(super) first_error: Option<String>,
+}
+
+/// The server's resident memory at a time of the run.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub(super) struct MemorySample {
+    /// Seconds since the first summary.
+    pub(super) at_s: f64,
+    pub(super) bytes: u64,
 }
 
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -94,10 +107,25 @@ pub(super) fn human(r: &Report, prefix: &str) -> String {
         (Some(bytes), _) => format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0)),
         (None, reason) => format!("unknown ({})", reason.as_deref().unwrap_or("not read")),
     };
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    let over_run = match (
+        r.memory_samples.iter().map(|s| s.bytes).min(),
+        r.memory_samples.iter().map(|s| s.bytes).max(),
+    ) {
+        (Some(min), Some(max)) => format!(
+            "{prefix}server resident memory over the run: {} samples, {:.1}–{:.1} MiB, last half {}\n",
+            r.memory_samples.len(),
+            mib(min),
+            mib(max),
+            r.memory_growth_last_half
+                .map_or_else(|| "n/a".to_owned(), |g| format!("{:+.1}%", g * 100.0))
+        ),
+        _ => String::new(),
+    };
     format!(
         "{prefix}target: {}  streams: {}  layers: {}  world size: {}  duration: {}  rate: {rate}  spikes: {}  batch: {}\n\
          {prefix}summaries/s: {:.0}  layer-stats/s: {:.0}  advice: {}  {latency}  errors: {}\n\
-         {prefix}server resident memory: {memory}\n",
+         {prefix}server resident memory: {memory}\n{over_run}",
         r.target,
         r.streams,
         r.layers,

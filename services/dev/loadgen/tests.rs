@@ -120,3 +120,16 @@ fn server_urls() {
     );
     assert_eq!(default_metrics_url("http://[::1]:50051"), "http://[::1]:9464/metrics");
 }
+
+#[test]
+fn memory_growth_is_read_from_the_middle_of_the_run_to_its_end() {
+    use super::measure::growth_over_last_half;
+    use super::report::MemorySample;
+    let at = |at_s: f64, mib: u64| MemorySample { at_s, bytes: mib << 20 };
+    // Growing in the first half (warming up), flat in the second.
+    let samples = [at(30.0, 100), at(60.0, 200), at(90.0, 201), at(120.0, 202)];
+    let growth = growth_over_last_half(&samples).unwrap();
+    assert!((growth - 0.01).abs() < 1e-9, "{growth}");
+    assert_eq!(growth_over_last_half(&samples[..1]), None, "one sample has no middle");
+    assert_eq!(growth_over_last_half(&[]), None);
+}
