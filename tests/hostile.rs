@@ -197,3 +197,25 @@ async fn at_the_open_file_limit_health_keeps_answering() {
     assert_eq!(health(fresh).await.unwrap(), ServingStatus::Serving);
     drop(flood);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_mebibyte_page_token_is_not_echoed_back() {
+    use gradguard::proto::query_client::QueryClient;
+    let server = Server::start();
+    let mut q = QueryClient::connect(server.url()).await.unwrap();
+    let status = q
+        .list_anomalies(proto::ListAnomaliesRequest {
+            filter: None,
+            page_size: 10,
+            page_token: "z".repeat(1 << 20),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("page_token"), "{status:?}");
+    assert!(
+        status.message().len() < 512,
+        "{} bytes of error",
+        status.message().len()
+    );
+}
