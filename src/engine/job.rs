@@ -1,9 +1,10 @@
 //! One job's detection state: its ranks, rules, policy and cross-rank view.
 
-use std::collections::{BTreeMap, HashMap, VecDeque, btree_map};
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use super::hit::{Emitter, Hit};
+use super::per_rank::PerRank;
 use super::rules::{Obs, ranks};
 use super::worker::WorkerState;
 use super::*;
@@ -69,9 +70,8 @@ pub(super) struct JobState {
     pub(super) world_size: Option<u32>,
     /// Per-rank state, only for ranks that reported (a rank number costs
     /// nothing until its rank sends a summary).
-    pub(super) workers: BTreeMap<u32, WorkerState>,
+    pub(super) workers: PerRank<WorkerState>,
     pub(super) peers: ranks::Peers,
-    pub(super) ranks_seen: usize,
     pub(super) ranks: ranks::State,
     pub(super) policy: policy::Policy,
     /// Scratch space for one observation's hits.
@@ -100,9 +100,8 @@ impl JobState {
             profile,
             layer_names: Vec::new(),
             world_size: None,
-            workers: BTreeMap::new(),
-            peers: ranks::Peers::new(),
-            ranks_seen: 0,
+            workers: PerRank::default(),
+            peers: ranks::Peers::default(),
             ranks: ranks::State::default(),
             policy: policy::Policy::default(),
             hits: Vec::new(),
@@ -115,14 +114,15 @@ impl JobState {
         let workers: usize = self.workers.values().map(WorkerState::bytes).sum();
         JobStatus {
             job: self.id.clone(),
-            ranks: self.ranks_seen,
+            ranks: self.workers.len(),
             world_size: self.world_size,
             max_step: self.ranks.max_step,
             layers: self.layer_names.len(),
             open_episodes: self.policy.open_episodes(),
             state_bytes: std::mem::size_of::<Self>()
                 + workers
-                + self.peers.len() * (std::mem::size_of::<ranks::Peer>() + std::mem::size_of::<u32>())
+                + self.workers.heap_bytes()
+                + self.peers.heap_bytes()
                 + self.ranks.heap_bytes(),
         }
     }
@@ -142,7 +142,7 @@ impl JobState {
         if s.layers.len() > MAX_LAYERS {
             return Err(EngineError::TooManyLayers { got: s.layers.len() });
         }
-        let last = self.peers.get(&worker).and_then(|p| p.last_step);
+        let last = self.peers.get(worker).and_then(|p| p.last_step);
         match last {
             Some(last) if s.step == last => Err(EngineError::DuplicateStep { worker, step: s.step }),
             Some(last) if s.step < last => Err(EngineError::StepBackwards {
@@ -159,15 +159,13 @@ impl JobState {
         if self.layer_names.is_empty() && !s.layers.is_empty() {
             self.layer_names = (0..s.layers.len()).map(|i| Arc::from(format!("layer{i}"))).collect();
         }
-        let worker = match self.workers.entry(s.worker) {
-            btree_map::Entry::Occupied(e) => e.into_mut(),
-            btree_map::Entry::Vacant(e) => {
-                self.ranks_seen += 1;
-                e.insert(WorkerState::new(&self.rules))
-            }
-        };
+        let before = self.workers.len();
+        let (worker, new) = self
+            .workers
+            .get_or_insert_with(s.worker, || WorkerState::new(&self.rules));
+        let ranks_seen = before + usize::from(new);
         self.policy.saw_lr(s.step, s.lr, &self.rules);
-        let peer = self.peers.entry(s.worker).or_default();
+        let (peer, _) = self.peers.get_or_insert_with(s.worker, ranks::Peer::default);
         peer.last_step = Some(s.step);
         peer.last_time = s.time.filter(|t| t.is_finite()).or(peer.last_time);
 
@@ -184,7 +182,7 @@ impl JobState {
         let obs = Obs::new(s);
         worker.observe(&obs, rules, &mut em);
 
-        let expected = (self.world_size.unwrap_or(0) as usize).max(self.ranks_seen);
+        let expected = (self.world_size.unwrap_or(0) as usize).max(ranks_seen);
         if expected > 1 {
             dedupe_shared(&mut self.reported, em.hits, s.worker, rules.policy.cooldown_steps);
         }
@@ -195,7 +193,7 @@ impl JobState {
             // Kept until the slowest rank is past them: ranks on separate
             // streams may arrive far apart and must still dedupe. Bounded, in
             // case a rank never comes back.
-            let slowest = if self.ranks_seen < expected {
+            let slowest = if ranks_seen < expected {
                 0 // a declared rank has not reported yet
             } else {
                 self.peers.values().filter_map(|p| p.last_step).min().unwrap_or(s.step)
@@ -219,11 +217,11 @@ impl JobState {
             rules,
             &mut em,
         );
-        if advanced && self.ranks_seen > 1 {
+        if advanced && ranks_seen > 1 {
             ranks::scan_stragglers(&self.ranks, &mut self.peers, rules, &mut em);
         }
         if let Some(now) = s.time
-            && self.ranks_seen > 1
+            && ranks_seen > 1
         {
             ranks::scan_stalled(&mut self.ranks, &mut self.peers, now, rules, &mut em);
         }
@@ -232,14 +230,14 @@ impl JobState {
     }
 
     pub(super) fn rewind(&mut self, rank: u32, to_step: u64) -> bool {
-        let Some(peer) = self.peers.get_mut(&rank) else {
+        let Some(peer) = self.peers.get_mut(rank) else {
             return false;
         };
         if peer.last_step.is_none_or(|last| last <= to_step) {
             return false;
         }
         peer.last_step = Some(to_step);
-        if let Some(w) = self.workers.get_mut(&rank) {
+        if let Some(w) = self.workers.get_mut(rank) {
             *w = WorkerState::new(&self.rules);
         }
         ranks::forget_after(&mut self.ranks, rank, to_step);

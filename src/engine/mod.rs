@@ -15,6 +15,7 @@
 
 mod hit;
 mod job;
+mod per_rank;
 mod policy;
 mod rules;
 pub mod stats;
@@ -216,7 +217,7 @@ impl Engine {
     /// The highest step accepted from one rank of a job.
     pub fn last_step(&self, job: &str, rank: u32) -> Option<u64> {
         let job = self.jobs.get(job)?;
-        job.peers.get(&rank)?.last_step
+        job.peers.get(rank)?.last_step
     }
 
     /// The worst severity among a job's open problems: `None` when it is

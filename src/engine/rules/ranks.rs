@@ -15,6 +15,7 @@ use std::collections::BTreeMap;
 
 use crate::config::Rules;
 use crate::engine::hit::{Emitter, Latch, Proposal, num};
+use crate::engine::per_rank::PerRank;
 use crate::engine::stats::median;
 use crate::model::{RuleId, Severity};
 
@@ -31,9 +32,8 @@ pub(crate) struct Peer {
     stalled: Latch,
 }
 
-/// The cross-rank state of each rank that reported, by rank: only ranks that
-/// report cost memory, whatever rank numbers they carry.
-pub(crate) type Peers = BTreeMap<u32, Peer>;
+/// The cross-rank state of each rank that reported.
+pub(crate) type Peers = PerRank<Peer>;
 
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub(crate) struct State {
@@ -141,7 +141,7 @@ fn judge(state: &mut State, step: u64, entries: &[(u32, f64)], peers: &mut Peers
     let min = cfg.min_ranks as usize;
 
     if let Some(rank) = first_bad.filter(|_| bad_count == 1 && finite + 1 >= min)
-        && let Some(p) = peers.get_mut(&rank)
+        && let Some(p) = peers.get_mut(rank)
         && p.outlier.update(true, step, remind)
     {
         let h = em.hit(
@@ -194,7 +194,7 @@ fn judge(state: &mut State, step: u64, entries: &[(u32, f64)], peers: &mut Peers
     let med_norm = med.exp();
     for &(rank, x, lx) in &logs {
         let score = (lx - med).abs() / scale;
-        let Some(p) = peers.get_mut(&rank) else {
+        let Some(p) = peers.get_mut(rank) else {
             continue;
         };
         p.outside = ((p.outside << 1) | u32::from(score > cfg.k)) & mask;
@@ -236,8 +236,8 @@ pub(crate) fn scan_stragglers(state: &State, peers: &mut Peers, rules: &Rules, e
         .values()
         .filter_map(|p| p.last_time)
         .fold(f64::NEG_INFINITY, f64::max);
-    for (&rank, p) in peers.iter_mut() {
-        let Some(last) = p.last_step else { continue };
+    peers.for_each_mut(|rank, p| {
+        let Some(last) = p.last_step else { return };
         let lag = max.saturating_sub(last);
         let long_enough = p.last_time.is_none_or(|t| newest - t >= cfg.min_lag_secs);
         if p.straggler.update_worse(
@@ -256,7 +256,7 @@ pub(crate) fn scan_stragglers(state: &State, peers: &mut Peers, rules: &Rules, e
             .about(rank)
             .propose(Proposal::Inspect { rank });
         }
-    }
+    });
 }
 
 /// Flags ranks silent for `timeout_secs` at time `now` while a peer is not.
@@ -273,8 +273,8 @@ pub(crate) fn scan_stalled(state: &mut State, peers: &mut Peers, now: f64, rules
         .fold(f64::NEG_INFINITY, f64::max);
     let anyone_alive = now - newest < cfg.timeout_secs;
     let step = state.max_step.unwrap_or(0);
-    for (&rank, p) in peers.iter_mut() {
-        let Some(last) = p.last_time else { continue };
+    peers.for_each_mut(|rank, p| {
+        let Some(last) = p.last_time else { return };
         let silent = now - last;
         let active = anyone_alive && silent >= cfg.timeout_secs;
         if p.stalled
@@ -293,5 +293,5 @@ pub(crate) fn scan_stalled(state: &mut State, peers: &mut Peers, now: f64, rules
             .about(rank)
             .propose(Proposal::Inspect { rank });
         }
-    }
+    });
 }
