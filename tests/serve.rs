@@ -519,6 +519,9 @@ async fn job_cap_refuses_new_jobs_and_idle_jobs_are_forgotten() {
     let mut c = client::connect(&server.url()).await.unwrap();
     let first = WorkerStream::open(&mut c, hello("first", 0, 1, 2)).await.unwrap();
     first.sender.summary(summary(1, 2)).await.unwrap();
+    server.wait_for("the first job to hold its slot", |text| {
+        sample(text, "gradguard_active_jobs") == Some(1.0)
+    });
 
     // The slot is taken by the first summary, so that is what is refused.
     let status = refused(
