@@ -31,12 +31,18 @@
 //! - [`quality`]: the detection-quality harness: the engine against the anchor
 //!   detectors (ZClip, OLMo-core skip-step, Lightning, llm-foundry, the seed
 //!   ceiling) on labelled real traces and scenario runs (`QUALITY.md`).
+//! - [`fuzz`] (hidden): differential checks of the hand-written decoding (a
+//!   worker message's fast paths, a summaries-topic record) against prost's
+//!   generated decoder, for `tests/differential.rs` and
+//!   `examples/differential.rs`.
 
 pub mod client;
 pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod engine;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod intake;
 pub mod model;
 pub mod proto;

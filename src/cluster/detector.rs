@@ -35,7 +35,7 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use super::link::{Change, Ctx, Link};
 use super::pipeline::{Batch, DetectorCtx, Pipeline, ProduceCtx, StateRecord};
-use super::{ClusterMetrics, KafkaConfig, RECORD_INDEX_LIMIT, rank_of, record_id};
+use super::{ClusterMetrics, KafkaConfig, RECORD_INDEX_LIMIT, SummariesRecord, record_id, summaries_record};
 use crate::clock::unix_now;
 use crate::engine::Output;
 use crate::intake::{Decoder, Judge, Parts, Reason, Refusal};
@@ -347,20 +347,9 @@ impl Worker {
         let (partition, offset) = (m.partition(), m.offset());
         self.positions.insert(partition, offset + 1);
         self.last_offset.insert(partition, offset);
-        let Some(job) = m
-            .key()
-            .and_then(|k| std::str::from_utf8(k).ok())
-            .filter(|j| !j.is_empty())
-        else {
-            let refusal = Refusal::new(
-                Reason::EmptyJob,
-                "record key: must be the job id (the summaries topic is keyed by job)",
-            );
-            return self.refused(None, &refusal, partition, offset);
-        };
-        let Some(rank) = rank_of(m) else {
-            let refusal = Refusal::new(Reason::NoRank, "header rank: missing or not a number");
-            return self.refused(Some(job), &refusal, partition, offset);
+        let SummariesRecord { job, rank, payload } = match summaries_record(m.key(), m.headers(), m.payload()) {
+            Ok(record) => record,
+            Err((job, refusal)) => return self.refused(job, &refusal, partition, offset),
         };
         let id: JobId = match self.jobs.get_key_value(job) {
             Some((id, _)) => id.clone(),
@@ -375,7 +364,7 @@ impl Worker {
             out: &mut self.out,
             accepted: false,
         };
-        let result = self.decoder.decode(m.payload().unwrap_or_default(), &mut record);
+        let result = self.decoder.decode(payload, &mut record);
         let accepted = record.accepted;
         if let Err(refusal) = result {
             self.refused(Some(job), &refusal, partition, offset);

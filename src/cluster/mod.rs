@@ -30,6 +30,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use crate::config::RuleBook;
+use crate::intake::{Reason, Refusal};
 use crate::proto;
 use anyhow::{Context, anyhow, bail};
 use prost::Message as _;
@@ -248,11 +249,62 @@ pub fn worker_record(rank: u32, body: proto::worker_message::Body) -> (Vec<u8>, 
 
 /// The rank a summaries-topic record carries in its header.
 pub fn rank_of<M: Message>(m: &M) -> Option<u32> {
-    let headers = m.headers()?;
-    headers
-        .iter()
+    rank_in(m.headers()?)
+}
+
+/// The rank in the first header named [`RANK_HEADER`]: its value as a
+/// decimal `u32` (what `u32::from_str` reads: a leading `+` and leading
+/// zeros pass), else none. Header names are read as librdkafka hands them
+/// over, up to a first NUL byte. A header whose name is not UTF-8 is not the
+/// rank header and is skipped: rdkafka's accessor panics on such a name (it
+/// unwraps the conversion), and any producer can send one, so that panic is
+/// caught here rather than ending the detector thread.
+pub fn rank_in<H: Headers + ?Sized>(headers: &H) -> Option<u32> {
+    let readable = |i: usize| std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| headers.try_get(i))).ok();
+    (0..headers.count())
+        .filter_map(|i| readable(i).flatten())
         .find(|h| h.key == RANK_HEADER)
         .and_then(|h| std::str::from_utf8(h.value?).ok()?.parse().ok())
+}
+
+/// A summaries-topic record, taken apart: the job its key names, the rank
+/// of its header, and its payload (an encoded `WorkerMessage`; none reads as
+/// empty).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SummariesRecord<'a> {
+    pub job: &'a str,
+    pub rank: u32,
+    pub payload: &'a [u8],
+}
+
+/// Why a summaries-topic record was refused before its payload was read,
+/// with its job when the key named one (for the log).
+pub type RecordRefusal<'a> = (Option<&'a str>, Refusal);
+
+/// Takes a summaries-topic record apart (a message's `key()`, `headers()`
+/// and `payload()`): the key must be a non-empty UTF-8 job id, and a `rank`
+/// header must name the rank ([`rank_in`]).
+pub fn summaries_record<'a, H: Headers + ?Sized>(
+    key: Option<&'a [u8]>,
+    headers: Option<&H>,
+    payload: Option<&'a [u8]>,
+) -> Result<SummariesRecord<'a>, RecordRefusal<'a>> {
+    let Some(job) = key.and_then(|k| std::str::from_utf8(k).ok()).filter(|j| !j.is_empty()) else {
+        let refusal = Refusal::new(
+            Reason::EmptyJob,
+            "record key: must be the job id (the summaries topic is keyed by job)",
+        );
+        return Err((None, refusal));
+    };
+    let Some(rank) = headers.and_then(rank_in) else {
+        let refusal = Refusal::new(Reason::NoRank, "header rank: missing or not a number");
+        return Err((Some(job), refusal));
+    };
+    Ok(SummariesRecord {
+        job,
+        rank,
+        payload: payload.unwrap_or_default(),
+    })
 }
 
 /// Index bits of a [`record_id`]: findings and advice per summary beyond this
@@ -284,6 +336,45 @@ mod tests {
         assert!(record_id(0, 6, false, 0) > record_id(0, 5, true, RECORD_INDEX_LIMIT - 1));
         assert_ne!(record_id(1, 5, false, 0), a);
         assert_eq!(record_id(3, 1 << 39, false, 7), record_id(3, 1 << 39, false, 7));
+    }
+
+    /// A record's headers as rdkafka reads them off a consumed record whose
+    /// first header's name is not UTF-8: its accessor panics on that one.
+    struct NotUtf8First;
+
+    impl Headers for NotUtf8First {
+        fn count(&self) -> usize {
+            3
+        }
+
+        fn try_get(&self, idx: usize) -> Option<Header<'_, &[u8]>> {
+            let name: &[u8] = match idx {
+                0 => b"r\xffnk",
+                1 => b"rank",
+                _ => b"other",
+            };
+            Some(Header {
+                key: std::str::from_utf8(name).unwrap(), // as rdkafka does
+                value: Some(b"3".as_slice()),
+            })
+        }
+    }
+
+    #[test]
+    fn a_header_name_that_is_not_utf8_is_skipped_not_a_crash() {
+        assert_eq!(rank_in(&NotUtf8First), Some(3));
+        let (payload, headers) = worker_record(7, proto::worker_message::Body::Ack(proto::AdviceAck::default()));
+        let record = summaries_record(Some(b"job".as_slice()), Some(&headers), Some(&payload)).unwrap();
+        assert_eq!((record.job, record.rank, record.payload), ("job", 7, &payload[..]));
+        let record = summaries_record(Some(b"j".as_slice()), Some(&NotUtf8First), None).unwrap();
+        assert_eq!((record.rank, record.payload), (3, &[][..]));
+        let refused = |key: &'static [u8], headers: Option<&OwnedHeaders>| {
+            let (job, r) = summaries_record(Some(key), headers, None).unwrap_err();
+            (job, r.reason)
+        };
+        assert_eq!(refused(b"", Some(&headers)), (None, Reason::EmptyJob));
+        assert_eq!(refused(b"\xff", Some(&headers)), (None, Reason::EmptyJob));
+        assert_eq!(refused(b"j", None), (Some("j"), Reason::NoRank));
     }
 
     #[test]
