@@ -218,6 +218,8 @@ fn flags(args: &ServeArgs, given: &impl Fn(&str) -> bool) -> SettingsFile {
             stream_queue: given("stream_queue").then_some(args.stream_queue),
             // File-only: no flag yet.
             max_name_len: None,
+            max_layers: None,
+            max_world_size: None,
             max_batch: None,
         },
         store: StoreSection {

@@ -20,6 +20,8 @@
 //! max_message_bytes = 4194304
 //! stream_queue = 256
 //! max_name_len = 256            # layer names, rule profile, client version
+//! max_layers = 65536            # layers a job declares
+//! max_world_size = 65536        # a job's world size (ranks are below it)
 //! max_batch = 1024              # summaries per batch message
 //!
 //! [store]
@@ -83,6 +85,8 @@ pub mod ranges {
     pub const MAX_MESSAGE_BYTES: RangeInclusive<u64> = 1024..=(256 << 20);
     pub const STREAM_QUEUE: RangeInclusive<u64> = 1..=65536;
     pub const MAX_NAME_LEN: RangeInclusive<u64> = 16..=65536;
+    pub const MAX_LAYERS: RangeInclusive<u64> = 1..=crate::engine::MAX_LAYERS as u64;
+    pub const MAX_WORLD_SIZE: RangeInclusive<u64> = 1..=crate::engine::MAX_RANKS as u64;
     pub const MAX_BATCH: RangeInclusive<u64> = 1..=65536;
     pub const STORE_MAX_MIB: RangeFrom<u64> = 1..;
 }
@@ -162,6 +166,10 @@ pub struct LimitsSection {
     pub stream_queue: Option<u64>,
     /// Longest layer name, rule profile or client version in a Hello, in bytes.
     pub max_name_len: Option<u64>,
+    /// Most layers a job declares (a rank's state is about 190 bytes a layer).
+    pub max_layers: Option<u64>,
+    /// Highest world size a Hello may declare.
+    pub max_world_size: Option<u64>,
     /// Most summaries in one batch message.
     pub max_batch: Option<u64>,
 }
@@ -259,6 +267,8 @@ impl SettingsFile {
         )?;
         within("limits.stream_queue", limits.stream_queue, ranges::STREAM_QUEUE)?;
         within("limits.max_name_len", limits.max_name_len, ranges::MAX_NAME_LEN)?;
+        within("limits.max_layers", limits.max_layers, ranges::MAX_LAYERS)?;
+        within("limits.max_world_size", limits.max_world_size, ranges::MAX_WORLD_SIZE)?;
         within("limits.max_batch", limits.max_batch, ranges::MAX_BATCH)?;
         within("store.max_mib", self.store.max_mib, ranges::STORE_MAX_MIB)
     }
@@ -287,6 +297,8 @@ impl SettingsFile {
                 max_message_bytes: self.limits.max_message_bytes.or(lower.limits.max_message_bytes),
                 stream_queue: self.limits.stream_queue.or(lower.limits.stream_queue),
                 max_name_len: self.limits.max_name_len.or(lower.limits.max_name_len),
+                max_layers: self.limits.max_layers.or(lower.limits.max_layers),
+                max_world_size: self.limits.max_world_size.or(lower.limits.max_world_size),
                 max_batch: self.limits.max_batch.or(lower.limits.max_batch),
             },
             store: StoreSection {
@@ -336,6 +348,10 @@ impl SettingsFile {
                     max_name_len: limits
                         .max_name_len
                         .map_or(Limits::default().max_name_len, |n| n as usize),
+                    max_layers: limits.max_layers.map_or(Limits::default().max_layers, |n| n as usize),
+                    max_world_size: limits
+                        .max_world_size
+                        .map_or(Limits::default().max_world_size, |n| n as u32),
                     max_batch: limits.max_batch.map_or(Limits::default().max_batch, |n| n as usize),
                     ..Limits::default()
                 },
@@ -443,12 +459,17 @@ mod tests {
             [listen]
             grpc = "127.0.0.1:7000"
             metrics = "127.0.0.1:7001"
+            max_connections = 100
+            max_streams_per_connection = 10
+            first_request_timeout = "5s"
             [limits]
             max_jobs = 5
             job_ttl = "90s"
             max_message_bytes = 2048
             stream_queue = 8
             max_name_len = 64
+            max_layers = 100
+            max_world_size = 8
             max_batch = 16
             [store]
             dir = "/var/lib/gradguard"
@@ -470,6 +491,10 @@ mod tests {
         assert_eq!(s.service.limits.job_ttl, Duration::from_secs(90));
         assert_eq!((s.service.max_message_bytes, s.service.stream_queue), (2048, 8));
         assert_eq!((s.service.limits.max_name_len, s.service.limits.max_batch), (64, 16));
+        assert_eq!((s.service.limits.max_layers, s.service.limits.max_world_size), (100, 8));
+        let c = &s.service.connections;
+        assert_eq!((c.max_connections, c.max_streams_per_connection), (100, 10));
+        assert_eq!(c.first_request_timeout, Duration::from_secs(5));
         let store = s.service.store.unwrap();
         assert_eq!(store.dir, PathBuf::from("/var/lib/gradguard"));
         assert_eq!(store.sync, SyncMode::Normal);
