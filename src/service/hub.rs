@@ -454,12 +454,28 @@ impl Hub {
         self.metrics.active_streams.dec();
     }
 
-    /// Every tracked job's row as this replica sees it now, with its open streams.
-    pub fn live_jobs(&self) -> Vec<(JobRow, u32)> {
+    /// Tracked jobs' rows as this replica sees them now, with their open
+    /// streams, a page at a time: the first `limit` after `after` (from the
+    /// first when `None`), in id order. One pass over the tracked jobs that
+    /// copies only the page's rows.
+    pub fn live_jobs_after(&self, after: Option<&str>, limit: usize) -> Vec<(JobRow, u32)> {
         let core = self.core();
-        core.jobs
-            .iter()
-            .filter_map(|(id, j)| Some((j.row(id, core.mode.shape(id)?), j.streams.len() as u32)))
+        let mut page: std::collections::BTreeMap<&str, (&Job, Shape)> = std::collections::BTreeMap::new();
+        for (id, j) in &core.jobs {
+            let id: &str = id;
+            let fits = page.len() < limit || page.last_key_value().is_some_and(|(last, _)| id < *last);
+            if limit == 0 || after.is_some_and(|a| id <= a) || !fits {
+                continue;
+            }
+            if let Some(shape) = core.mode.shape(id) {
+                page.insert(id, (j, shape));
+                if page.len() > limit {
+                    page.pop_last();
+                }
+            }
+        }
+        page.into_iter()
+            .map(|(id, (j, shape))| (j.row(id, shape), j.streams.len() as u32))
             .collect()
     }
 

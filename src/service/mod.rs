@@ -56,6 +56,8 @@ pub struct Settings {
     pub max_message_bytes: usize,
     /// Server messages queued per stream; advice beyond it is dropped.
     pub stream_queue: usize,
+    /// How the Query service bounds its store reads.
+    pub queries: settings::QueryLimits,
     /// The durable store; `None` runs without one.
     pub store: Option<StoreSettings>,
     /// Cluster mode on these brokers; `None` runs embedded.
@@ -68,6 +70,7 @@ impl Default for Settings {
             limits: Limits::default(),
             max_message_bytes: settings::defaults::MAX_MESSAGE_BYTES as usize,
             stream_queue: settings::defaults::STREAM_QUEUE as usize,
+            queries: settings::QueryLimits::default(),
             store: None,
             kafka: None,
         }
@@ -180,7 +183,13 @@ impl Service {
         }
 
         let (stop, stopping) = tokio::sync::watch::channel(false);
-        let query = QueryServer::new(QueryService::new(hub.clone(), reader, watchers, stopping.clone()));
+        let query = QueryServer::new(QueryService::new(
+            hub.clone(),
+            reader,
+            watchers,
+            stopping.clone(),
+            settings.queries,
+        ));
         let max_message = settings.max_message_bytes;
         let ingest = IngestServer::new(IngestService::new(
             hub.clone(),

@@ -18,6 +18,8 @@
 //! stream_queue = 256
 //! max_name_len = 256            # layer names, rule profile, client version
 //! max_batch = 1024              # summaries per batch message
+//! max_concurrent_queries = 8    # store reads at once (default: one per CPU)
+//! query_timeout = "10s"         # a query's wait for a slot and its read
 //!
 //! [store]
 //! enabled = true                # false: run without a store
@@ -65,6 +67,14 @@ pub mod defaults {
     pub const DATA_DIR: &str = "gradguard-data";
     pub const RETENTION: &str = "30d";
     pub const STORE_MAX_MIB: u64 = 10240;
+    pub const QUERY_TIMEOUT: &str = "10s";
+
+    /// Store reads the Query service runs at once: one per CPU, at least 2.
+    pub fn max_concurrent_queries() -> u64 {
+        std::thread::available_parallelism()
+            .map_or(2, |n| n.get() as u64)
+            .max(2)
+    }
 }
 
 /// The values accepted, in the file as from the flags.
@@ -76,6 +86,7 @@ pub mod ranges {
     pub const STREAM_QUEUE: RangeInclusive<u64> = 1..=65536;
     pub const MAX_NAME_LEN: RangeInclusive<u64> = 16..=65536;
     pub const MAX_BATCH: RangeInclusive<u64> = 1..=65536;
+    pub const MAX_CONCURRENT_QUERIES: RangeInclusive<u64> = 1..=1024;
     pub const STORE_MAX_MIB: RangeFrom<u64> = 1..;
 }
 
@@ -148,6 +159,31 @@ pub struct LimitsSection {
     pub max_name_len: Option<u64>,
     /// Most summaries in one batch message.
     pub max_batch: Option<u64>,
+    /// Store reads the Query service runs at once; `--max-concurrent-queries`.
+    pub max_concurrent_queries: Option<u64>,
+    /// A query's wait for a slot and its read, e.g. `"10s"`; `--query-timeout`.
+    #[serde(deserialize_with = "duration")]
+    pub query_timeout: Option<Duration>,
+}
+
+/// How the Query service bounds its store reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueryLimits {
+    /// Store reads running at once; a query waits for one of these slots.
+    pub max_concurrent: usize,
+    /// From a query's arrival to its answer: a query that waited this long
+    /// for a slot is refused (RESOURCE_EXHAUSTED), one still reading then is
+    /// stopped (DEADLINE_EXCEEDED).
+    pub timeout: Duration,
+}
+
+impl Default for QueryLimits {
+    fn default() -> Self {
+        Self {
+            max_concurrent: defaults::max_concurrent_queries() as usize,
+            timeout: humantime::parse_duration(defaults::QUERY_TIMEOUT).expect("a valid default"),
+        }
+    }
 }
 
 /// `[store]`: the durable store.
@@ -234,6 +270,14 @@ impl SettingsFile {
         within("limits.stream_queue", limits.stream_queue, ranges::STREAM_QUEUE)?;
         within("limits.max_name_len", limits.max_name_len, ranges::MAX_NAME_LEN)?;
         within("limits.max_batch", limits.max_batch, ranges::MAX_BATCH)?;
+        within(
+            "limits.max_concurrent_queries",
+            limits.max_concurrent_queries,
+            ranges::MAX_CONCURRENT_QUERIES,
+        )?;
+        if limits.query_timeout.is_some_and(|t| t.is_zero()) {
+            return Err(("limits.query_timeout", "\"0s\"".into(), "must be more than 0".into()));
+        }
         within("store.max_mib", self.store.max_mib, ranges::STORE_MAX_MIB)
     }
 
@@ -256,6 +300,11 @@ impl SettingsFile {
                 stream_queue: self.limits.stream_queue.or(lower.limits.stream_queue),
                 max_name_len: self.limits.max_name_len.or(lower.limits.max_name_len),
                 max_batch: self.limits.max_batch.or(lower.limits.max_batch),
+                max_concurrent_queries: self
+                    .limits
+                    .max_concurrent_queries
+                    .or(lower.limits.max_concurrent_queries),
+                query_timeout: self.limits.query_timeout.or(lower.limits.query_timeout),
             },
             store: StoreSection {
                 enabled: self.store.enabled.or(lower.store.enabled),
@@ -309,6 +358,12 @@ impl SettingsFile {
                 },
                 max_message_bytes: limits.max_message_bytes.unwrap_or(defaults::MAX_MESSAGE_BYTES) as usize,
                 stream_queue: limits.stream_queue.unwrap_or(defaults::STREAM_QUEUE) as usize,
+                queries: QueryLimits {
+                    max_concurrent: limits
+                        .max_concurrent_queries
+                        .unwrap_or_else(defaults::max_concurrent_queries) as usize,
+                    timeout: duration(limits.query_timeout, defaults::QUERY_TIMEOUT),
+                },
                 store: store.enabled.unwrap_or(true).then(|| StoreSettings {
                     dir: store.dir.clone().unwrap_or_else(|| defaults::DATA_DIR.into()),
                     sync: store.sync.unwrap_or_default(),
@@ -387,6 +442,9 @@ mod tests {
         let service = Settings::default();
         assert_eq!(s.service.max_message_bytes, service.max_message_bytes);
         assert_eq!(s.service.stream_queue, service.stream_queue);
+        assert_eq!(s.service.queries, QueryLimits::default());
+        assert_eq!(s.service.queries.timeout, Duration::from_secs(10));
+        assert!(s.service.queries.max_concurrent >= 2);
         let store = s.service.store.expect("a store by default");
         assert_eq!(store.dir, PathBuf::from("gradguard-data"));
         assert_eq!(store.sync, SyncMode::Full);
@@ -410,6 +468,8 @@ mod tests {
             stream_queue = 8
             max_name_len = 64
             max_batch = 16
+            max_concurrent_queries = 3
+            query_timeout = "250ms"
             [store]
             dir = "/var/lib/gradguard"
             sync = "normal"
@@ -430,6 +490,13 @@ mod tests {
         assert_eq!(s.service.limits.job_ttl, Duration::from_secs(90));
         assert_eq!((s.service.max_message_bytes, s.service.stream_queue), (2048, 8));
         assert_eq!((s.service.limits.max_name_len, s.service.limits.max_batch), (64, 16));
+        assert_eq!(
+            s.service.queries,
+            QueryLimits {
+                max_concurrent: 3,
+                timeout: Duration::from_millis(250)
+            }
+        );
         let store = s.service.store.unwrap();
         assert_eq!(store.dir, PathBuf::from("/var/lib/gradguard"));
         assert_eq!(store.sync, SyncMode::Normal);
@@ -523,6 +590,14 @@ mod tests {
             (
                 "version = 1\n[limits]\nstream_queue = 100000\n",
                 "invalid setting in gg.toml: limits.stream_queue = 100000: must be between 1 and 65536",
+            ),
+            (
+                "version = 1\n[limits]\nmax_concurrent_queries = 0\n",
+                "invalid setting in gg.toml: limits.max_concurrent_queries = 0: must be between 1 and 1024",
+            ),
+            (
+                "version = 1\n[limits]\nquery_timeout = \"0s\"\n",
+                "invalid setting in gg.toml: limits.query_timeout = \"0s\": must be more than 0",
             ),
             (
                 "version = 1\n[store]\nmax_mib = 0\n",
