@@ -172,6 +172,13 @@ pub fn count_list<K: Display>(counts: impl IntoIterator<Item = (K, u64)>) -> Str
 /// Writes rows with padded columns, right-aligned where `right` says so; a
 /// left-aligned last column is not padded.
 pub fn write_table(out: &mut impl Write, rows: &[&[String]], right: &[bool]) -> io::Result<()> {
+    // A stored value may hold a newline or a terminal escape: shown escaped,
+    // it can neither break the table's lines nor drive the terminal.
+    let shown: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| r.iter().map(|cell| printable(cell)).collect())
+        .collect();
+    let rows: Vec<&[String]> = shown.iter().map(Vec::as_slice).collect();
     let cols = rows.first().map_or(0, |r| r.len());
     let widths: Vec<usize> = (0..cols)
         .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
@@ -198,9 +205,38 @@ pub fn write_table(out: &mut impl Write, rows: &[&[String]], right: &[bool]) -> 
     Ok(())
 }
 
+/// A table cell with its control characters escaped (`\n`, `\u{1b}`).
+fn printable(cell: &str) -> String {
+    cell.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_table_escapes_control_characters_and_pads_long_cells() {
+        let long = "x".repeat(70_000);
+        let rows: [&[String]; 2] = [
+            &["JOB".into(), "N".into()],
+            &[format!("a\nb\u{1b}[31m{long}"), "7".into()],
+        ];
+        let mut out = Vec::new();
+        write_table(&mut out, &rows, &[false, true]).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{:?}", &text[..100]);
+        assert!(lines[1].starts_with("a\\nb\\u{1b}[31mxxx") && lines[1].ends_with("  7"));
+        assert_eq!(lines[0].chars().count(), lines[1].chars().count());
+    }
 
     #[test]
     fn nonfinite_numbers_are_strings() {

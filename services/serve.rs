@@ -105,6 +105,17 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = defaults::STREAM_QUEUE, value_parser = clap::value_parser!(u64).range(ranges::STREAM_QUEUE))]
     pub stream_queue: u64,
 
+    /// Store reads the Query service runs at once (default: one per CPU, at
+    /// least 2); a query waits for one of these slots.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(ranges::MAX_CONCURRENT_QUERIES), env = "GRADGUARD_MAX_CONCURRENT_QUERIES")]
+    pub max_concurrent_queries: Option<u64>,
+
+    /// A query's time from arrival to answer: one that waited this long for
+    /// a slot is refused (RESOURCE_EXHAUSTED), one still reading the store
+    /// then is stopped (DEADLINE_EXCEEDED).
+    #[arg(long, default_value = defaults::QUERY_TIMEOUT, value_parser = positive_duration, env = "GRADGUARD_QUERY_TIMEOUT")]
+    pub query_timeout: Duration,
+
     /// Directory of the durable store (created when absent). A damaged store
     /// there is an error, never silently replaced.
     #[arg(
@@ -216,6 +227,8 @@ fn flags(args: &ServeArgs, given: &impl Fn(&str) -> bool) -> SettingsFile {
             first_summary_timeout: given("first_summary_timeout").then_some(args.first_summary_timeout),
             max_message_bytes: given("max_message_bytes").then_some(args.max_message_bytes),
             stream_queue: given("stream_queue").then_some(args.stream_queue),
+            max_concurrent_queries: args.max_concurrent_queries,
+            query_timeout: given("query_timeout").then_some(args.query_timeout),
             // File-only: no flag yet.
             max_name_len: None,
             max_layers: None,
@@ -233,6 +246,15 @@ fn flags(args: &ServeArgs, given: &impl Fn(&str) -> bool) -> SettingsFile {
             max_mib: given("store_max_mib").then_some(args.store_max_mib),
         },
         ..SettingsFile::default()
+    }
+}
+
+/// A duration flag that must be more than 0, e.g. `10s`, `500ms`.
+fn positive_duration(s: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(s) {
+        Ok(d) if d.is_zero() => Err("must be more than 0".to_owned()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(e.to_string()),
     }
 }
 

@@ -323,6 +323,50 @@ pub fn advice_from_proto(a: &proto::Advice) -> Result<Advice, String> {
 pub const DEFAULT_PAGE_SIZE: u32 = 100;
 pub const MAX_PAGE_SIZE: u32 = 1000;
 
+/// A `ListJobs` request's page: the job id to continue after (`None`: from
+/// the first job) and the page size.
+pub fn jobs_page_from_proto(page_size: u32, page_token: &str) -> Result<(Option<String>, u32), String> {
+    let after = if page_token.is_empty() {
+        None
+    } else {
+        Some(job_of_token(page_token).ok_or_else(|| {
+            format!(
+                "field page_token: {} is not a token this service issued",
+                excerpt(page_token)
+            )
+        })?)
+    };
+    let size = match page_size {
+        0 => DEFAULT_PAGE_SIZE,
+        n => n.min(MAX_PAGE_SIZE),
+    };
+    Ok((after, size))
+}
+
+/// The `ListJobs` page token that continues after `job`: `j` and the id's
+/// bytes in hex, so that a token that is not one is told apart.
+pub fn job_page_token(job: &str) -> String {
+    let mut token = String::with_capacity(1 + 2 * job.len());
+    token.push('j');
+    for b in job.bytes() {
+        token.push_str(&format!("{b:02x}"));
+    }
+    token
+}
+
+fn job_of_token(token: &str) -> Option<String> {
+    let hex = token.strip_prefix('j')?.as_bytes();
+    if hex.is_empty() || hex.len() % 2 != 0 {
+        return None;
+    }
+    let digit = |c: u8| char::from(c).to_digit(16).map(|d| d as u8);
+    let bytes = hex
+        .chunks(2)
+        .map(|p| Some(digit(p[0])? << 4 | digit(p[1])?))
+        .collect::<Option<Vec<u8>>>()?;
+    String::from_utf8(bytes).ok()
+}
+
 /// A client's string as an error message quotes it: whole when short, else
 /// its first 64 characters and its length (an error never echoes a megabyte).
 pub fn excerpt(s: &str) -> String {
@@ -396,6 +440,27 @@ mod tests {
         assert!(err.contains("(1048577 bytes)"), "{err}");
         let long = "é".repeat(100);
         assert_eq!(excerpt(&long), format!("{:?}… (200 bytes)", "é".repeat(64)));
+    }
+
+    #[test]
+    fn a_job_page_token_round_trips_and_a_bad_one_is_quoted_short() {
+        use super::*;
+        for job in ["a", "job-00042", "ünï code/with spaces", &"x".repeat(256)] {
+            let token = job_page_token(job);
+            assert_eq!(
+                jobs_page_from_proto(0, &token),
+                Ok((Some(job.to_owned()), DEFAULT_PAGE_SIZE))
+            );
+        }
+        assert_eq!(jobs_page_from_proto(0, ""), Ok((None, DEFAULT_PAGE_SIZE)));
+        assert_eq!(jobs_page_from_proto(5000, "").unwrap().1, MAX_PAGE_SIZE);
+        // Not hex, odd length, not UTF-8, empty, a number (another listing's token).
+        for bad in ["jzz", "j616", "jff", "j", "42", "job-1"] {
+            let err = jobs_page_from_proto(10, bad).unwrap_err();
+            assert!(err.starts_with("field page_token:"), "{err}");
+        }
+        let err = jobs_page_from_proto(10, &"j".repeat(1 << 20)).unwrap_err();
+        assert!(err.len() < 200 && err.contains("(1048576 bytes)"), "{err}");
     }
 
     #[test]

@@ -363,3 +363,59 @@ fn watch_prints_anomalies_as_they_are_stored() {
     let message = watch.stderr.recv_timeout(WATCH_TIMEOUT).expect("a message on stderr");
     assert!(message.contains(&url), "{message}");
 }
+
+#[test]
+fn jobs_follows_every_page_or_stops_at_the_limit() {
+    use gradguard::store::{Batch, JobRow, Store};
+    let dir = tempfile::tempdir().unwrap();
+    // More jobs than two of the largest pages; one with a long name holding a
+    // newline and a terminal escape.
+    let long = format!("z-\n\u{1b}[2J{}", "x".repeat(250));
+    let mut names: Vec<String> = (0..2_500).map(|i| format!("job-{i:04}")).collect();
+    names.push(long.clone());
+    let mut store = Store::open(dir.path()).unwrap();
+    let row = |job: &String| JobRow {
+        job: job.clone(),
+        first_seen: 1_790_000_000.0,
+        last_seen: 1_790_000_000.0,
+        ranks: 1,
+        world_size: Some(1),
+        layers: 2,
+        last_step: Some(1),
+        health: None,
+    };
+    store
+        .write(&Batch {
+            jobs: names.iter().map(row).collect(),
+            ..Batch::default()
+        })
+        .unwrap();
+    drop(store);
+    let server = common::Server::start_in(dir.path(), &[]);
+    let url = server.url();
+
+    let all = query(&url, &["jobs", "--json"]).json();
+    let listed: Vec<&str> = all.iter().map(|j| j["job"].as_str().unwrap()).collect();
+    assert_eq!(listed, names, "every job once, by id");
+
+    let first = query(&url, &["jobs", "--json", "--limit", "1500"]).json();
+    assert_eq!(first.len(), 1500);
+    assert_eq!(first[1499]["job"], "job-1499");
+
+    let table = query(&url, &["jobs", "--limit", "3"]);
+    table.assert_code(0);
+    assert_eq!(table.stdout.lines().count(), 4, "{}", table.stdout);
+    assert!(
+        table.stderr.contains("the first 3 shown; --limit for more"),
+        "{}",
+        table.stderr
+    );
+
+    // The whole table: one line per job, the long name escaped.
+    let table = query(&url, &["jobs"]);
+    table.assert_code(0);
+    assert_eq!(table.stdout.lines().count(), 1 + names.len());
+    assert!(!table.stdout.contains('\u{1b}'));
+    let last = table.stdout.lines().last().unwrap();
+    assert!(last.starts_with("z-\\n\\u{1b}[2Jxxx"), "{last}");
+}

@@ -941,3 +941,209 @@ async fn progress_follows_each_summary_after_its_advice() {
         assert!(advised.iter().all(|(at, a)| a.decided_at_step == *at), "{advised:?}");
     }
 }
+
+/// A data directory holding `n` stored jobs (`job-00000` ...), written with
+/// the library's own store writer, as `serve` writes it; job `job-00042`
+/// has anomalies and advice. Returns the names in id order.
+fn stored_jobs(dir: &std::path::Path, n: usize) -> Vec<String> {
+    use gradguard::model::{Advice, Finding, RuleId, Severity};
+    use gradguard::store::{Batch, JobRow, Store};
+    let names: Vec<String> = (0..n).map(|i| format!("job-{i:05}")).collect();
+    let mut store = Store::open(dir).expect("open the store");
+    let mut batch = Batch::default();
+    // Written in another order than their ids'.
+    for (i, name) in names.iter().enumerate().rev() {
+        batch.jobs.push(JobRow {
+            job: name.clone(),
+            first_seen: 1_790_000_000.0,
+            last_seen: 1_790_000_000.0 + (i % 97) as f64,
+            ranks: 8,
+            world_size: Some(8),
+            layers: 48,
+            last_step: Some(i as u64),
+            health: None,
+        });
+    }
+    for (step, severity) in [(1, Severity::Info), (2, Severity::Critical), (3, Severity::Critical)] {
+        batch.anomalies.push(Finding {
+            job: "job-00042".into(),
+            worker: Some(0),
+            step,
+            time: Some(1_790_000_000.0),
+            rule: RuleId::GradSpike,
+            severity,
+            layer: None,
+            value: 9.0,
+            threshold: 3.0,
+            message: "spike".into(),
+        });
+    }
+    batch.advice.push((
+        Advice {
+            id: 1,
+            job: "job-00042".into(),
+            target: None,
+            step: 3,
+            apply_from: 4,
+            action: Action::SkipStep,
+            severity: Severity::Critical,
+            rules: vec![RuleId::GradSpike],
+            reason: "spike".into(),
+            evidence: vec![],
+        },
+        1_790_000_000.0,
+    ));
+    store.write(&batch).expect("write the jobs");
+    names
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn list_jobs_over_20000_jobs_pages_every_job_once_in_order() {
+    use prost::Message;
+    use proto::query_client::QueryClient;
+    let dir = tempfile::tempdir().unwrap();
+    let mut names = stored_jobs(dir.path(), 20_000);
+    let server = Server::start_in(dir.path(), &[]);
+    // Live jobs: one also stored, one only live (between stored ids).
+    let mut c = client::connect(&server.url()).await.unwrap();
+    // A job is live once it holds its slot: its first summary.
+    let stored_and_live = WorkerStream::open(&mut c, hello("job-00007", 0, 1, 2)).await.unwrap();
+    let only_live = WorkerStream::open(&mut c, hello("job-12345-live", 0, 1, 2))
+        .await
+        .unwrap();
+    stored_and_live.sender.summary(summary(1, 2)).await.unwrap();
+    only_live.sender.summary(summary(1, 2)).await.unwrap();
+    server.wait_for("both live jobs to hold their slots", |text| {
+        sample(text, "gradguard_active_jobs") == Some(2.0)
+    });
+    names.push("job-12345-live".into());
+    names.sort();
+    let mut q = QueryClient::connect(server.url()).await.unwrap();
+
+    // An old client's empty request: the first page, of the default size.
+    let started = std::time::Instant::now();
+    let first = q
+        .list_jobs(proto::ListJobsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let first_took = started.elapsed();
+    assert_eq!(first.jobs.len(), wire::DEFAULT_PAGE_SIZE as usize);
+    assert_eq!(first.jobs[0].job, "job-00000");
+    assert!(!first.next_page_token.is_empty());
+    assert!(first_took < Duration::from_secs(2), "first page took {first_took:?}");
+    let job7 = &first.jobs[7];
+    assert_eq!(
+        (job7.job.as_str(), job7.live, job7.connected_streams),
+        ("job-00007", true, 1)
+    );
+    let job42 = &first.jobs[42];
+    assert_eq!(
+        (job42.anomalies_info, job42.anomalies_critical, job42.advice, job42.live),
+        (1, 2, 1, false)
+    );
+
+    // Every page, as large as the service gives (asked for more).
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    let mut pages = 0;
+    loop {
+        let page = q
+            .list_jobs(proto::ListJobsRequest {
+                page_size: 5_000,
+                page_token: token,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        pages += 1;
+        assert!(page.jobs.len() <= wire::MAX_PAGE_SIZE as usize, "{}", page.jobs.len());
+        let bytes = page.encoded_len();
+        assert!(bytes < 512 << 10, "a page of {} jobs is {bytes} bytes", page.jobs.len());
+        seen.extend(page.jobs.into_iter().map(|j| (j.job, j.live)));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(pages, 21, "20,001 jobs in pages of 1000");
+    let ids: Vec<&str> = seen.iter().map(|(j, _)| j.as_str()).collect();
+    assert_eq!(ids, names, "every job exactly once, in id order");
+    let live: Vec<&str> = seen.iter().filter(|(_, l)| *l).map(|(j, _)| j.as_str()).collect();
+    assert_eq!(live, ["job-00007", "job-12345-live"]);
+
+    // A page token the service never issued: refused, quoted short.
+    for bad in ["not-a-token".to_owned(), "j".repeat(100_000), "1234".into()] {
+        let status = q
+            .list_jobs(proto::ListJobsRequest {
+                page_size: 10,
+                page_token: bad,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(
+            status.message().contains("page_token") && status.message().len() < 300,
+            "{status:?}"
+        );
+    }
+    // GetJob still answers, with the counts.
+    let job = q
+        .get_job(proto::GetJobRequest {
+            job: "job-00042".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((job.anomalies_critical, job.advice, job.last_step), (2, 1, Some(42)));
+    let status = q
+        .get_job(proto::GetJobRequest {
+            job: "x".repeat(100_000),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    assert!(status.message().len() < 300, "{} bytes", status.message().len());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn queries_wait_for_a_slot_and_end_at_the_query_timeout() {
+    use proto::query_client::QueryClient;
+    let dir = tempfile::tempdir().unwrap();
+    stored_jobs(dir.path(), 2_000);
+    // One slot: forty calls at once wait their turn, and all are answered.
+    let server = Server::start_in(dir.path(), &["--max-concurrent-queries", "1"]);
+    let q = QueryClient::connect(server.url()).await.unwrap();
+    let calls: Vec<_> = (0..40)
+        .map(|_| {
+            let mut q = q.clone();
+            tokio::spawn(async move { q.list_jobs(proto::ListJobsRequest::default()).await })
+        })
+        .collect();
+    for call in calls {
+        assert_eq!(call.await.unwrap().unwrap().into_inner().jobs.len(), 100);
+    }
+    drop(server);
+
+    // No time at all: every store read ends at its deadline, naming it;
+    // what reads no store still answers.
+    let server = Server::start_in(dir.path(), &["--query-timeout", "1ns"]);
+    let mut q = QueryClient::connect(server.url()).await.unwrap();
+    let status = q.list_jobs(proto::ListJobsRequest::default()).await.unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(status.message().contains("query_timeout (1ns)"), "{status:?}");
+    let status = q
+        .get_job(proto::GetJobRequest {
+            job: "job-00001".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    q.get_rules(proto::GetRulesRequest::default()).await.unwrap();
+
+    for (flag, value) in [("--max-concurrent-queries", "0"), ("--query-timeout", "0s")] {
+        let (code, err) = serve_fails(&["--no-store", flag, value]);
+        assert_eq!(code, 2, "{err}");
+        assert!(err.contains(flag), "{err}");
+    }
+}

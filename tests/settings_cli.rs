@@ -292,6 +292,7 @@ fn the_readme_example_is_a_valid_settings_file_of_the_defaults() {
     let (e, d) = (&example.service, &defaults.service);
     assert_eq!(e.limits.max_jobs, d.limits.max_jobs);
     assert_eq!(e.limits.job_ttl, d.limits.job_ttl);
+    assert_eq!(e.queries.timeout, d.queries.timeout);
     assert_eq!(
         (e.max_message_bytes, e.stream_queue),
         (d.max_message_bytes, d.stream_queue)

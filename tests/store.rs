@@ -94,7 +94,12 @@ async fn an_exploding_job_is_queryable_and_survives_kill_9() {
         job.advice >= 2 && job.anomalies_critical + job.anomalies_warning > 0,
         "{job:?}"
     );
-    let listed = q.list_jobs(proto::ListJobsRequest {}).await.unwrap().into_inner().jobs;
+    let listed = q
+        .list_jobs(proto::ListJobsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs;
     assert_eq!(listed.iter().map(|j| j.job.as_str()).collect::<Vec<_>>(), ["boom"]);
 
     // Advice: what the workers received is what is stored, oldest first by id.
@@ -331,26 +336,61 @@ async fn bad_queries_get_their_status() {
     assert_eq!(status.code(), Code::FailedPrecondition);
 }
 
+/// Every file of a directory and its bytes.
+fn snapshot(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+    let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let path = e.unwrap().path();
+            (
+                path.file_name().unwrap().to_string_lossy().into_owned(),
+                std::fs::read(&path).unwrap(),
+            )
+        })
+        .collect();
+    files.sort();
+    files
+}
+
 #[test]
-fn a_damaged_data_dir_is_refused_and_left_alone() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("gradguard.db");
-    std::fs::write(&db, b"precious notes, not a database".repeat(200)).unwrap();
-    let before = std::fs::read(&db).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gradguard"))
-        .args([
-            "serve",
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--metrics-addr",
-            "127.0.0.1:0",
-            "--data-dir",
-        ])
-        .arg(dir.path())
-        .output()
+fn a_damaged_or_foreign_data_dir_is_refused_and_left_byte_identical() {
+    let garbage = tempfile::tempdir().unwrap();
+    std::fs::write(
+        garbage.path().join("gradguard.db"),
+        b"precious notes, not a database".repeat(200),
+    )
+    .unwrap();
+    // Another program's SQLite database, with a table of its own.
+    let foreign = tempfile::tempdir().unwrap();
+    let conn = rusqlite::Connection::open(foreign.path().join("gradguard.db")).unwrap();
+    conn.execute_batch("CREATE TABLE notes (body TEXT); INSERT INTO notes VALUES ('keep me');")
         .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("--data-dir") && err.contains("damaged"), "{err}");
-    assert_eq!(std::fs::read(&db).unwrap(), before);
+    drop(conn);
+    for (dir, found) in [
+        (&garbage, "not an SQLite database"),
+        (&foreign, "another program's SQLite database"),
+    ] {
+        let before = snapshot(dir.path());
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_gradguard"))
+            .args([
+                "serve",
+                "--grpc-addr",
+                "127.0.0.1:0",
+                "--metrics-addr",
+                "127.0.0.1:0",
+                "--data-dir",
+            ])
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains("--data-dir") && err.contains("gradguard.db") && err.contains(found),
+            "{err}"
+        );
+        assert!(out.stdout.is_empty(), "it never listened: {out:?}");
+        // The same bytes, and nothing new beside them: no -wal, -shm or lock file.
+        assert_eq!(snapshot(dir.path()), before, "{err}");
+    }
 }

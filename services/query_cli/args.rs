@@ -23,6 +23,11 @@ pub struct ServerArgs {
 
 #[derive(Debug, Args)]
 pub struct JobsArgs {
+    /// Print at most this many jobs, by job id (default: every job, asked
+    /// for a page at a time).
+    #[arg(long, value_parser = parse_limit)]
+    pub limit: Option<u64>,
+
     #[command(flatten)]
     pub server: ServerArgs,
 }

@@ -7,7 +7,6 @@ use gradguard::wire;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
-use super::ListArgs;
 use crate::cli::{Failure, status_text, warn};
 
 /// Runs one command's calls on a small single-threaded runtime.
@@ -37,7 +36,7 @@ pub(super) fn refused(url: &str, status: Status) -> Failure {
     }
 }
 
-/// The rows of a newest-first listing, and whether the server has more.
+/// The rows of a listing, and whether the server has more.
 #[derive(Debug)]
 pub(super) struct Listing<T> {
     pub(super) rows: Vec<T>,
@@ -45,10 +44,11 @@ pub(super) struct Listing<T> {
 }
 
 impl<T> Listing<T> {
-    /// Tells on stderr, after a table, that `--limit` cut it short.
-    pub(super) fn note_more(&self, args: &ListArgs) {
-        if self.more && !args.server.json {
-            warn(&format!("(the newest {} shown; --limit for more)", args.limit));
+    /// Tells on stderr, after a table, that `--limit` cut it short; `which`
+    /// says which rows were shown (`newest`, `first`).
+    pub(super) fn note_more(&self, json: bool, which: &str) {
+        if self.more && !json {
+            warn(&format!("(the {which} {} shown; --limit for more)", self.rows.len()));
         }
     }
 }

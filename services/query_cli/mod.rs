@@ -45,26 +45,34 @@ use text::{
 /// How many of a job's latest anomalies, and of its latest advice, `job` shows.
 const RECENT: u32 = 10;
 
-/// `gradguard jobs`: every job the server knows, stored or live.
+/// `gradguard jobs`: every job the server knows, stored or live, by job id
+/// (or the first `--limit`), asked for a page at a time.
 pub fn jobs(args: &JobsArgs) -> Result<ExitCode, Failure> {
     let url = &args.server.server;
-    let jobs = block_on(async {
-        let mut query = connect(url).await?;
-        let response = query
-            .list_jobs(proto::ListJobsRequest {})
-            .await
-            .map_err(|s| refused(url, s))?;
-        Ok(response.into_inner().jobs)
+    let listing = block_on(async {
+        let query = connect(url).await?;
+        collect_pages(args.limit.unwrap_or(u64::MAX), async |page_size, page_token| {
+            let page = query
+                .clone()
+                .list_jobs(proto::ListJobsRequest { page_size, page_token })
+                .await?
+                .into_inner();
+            Ok((page.jobs, page.next_page_token))
+        })
+        .await
+        .map_err(|s| refused(url, s))
     })?;
-    emit(|out| {
+    let code = emit(|out| {
         if args.server.json {
-            jobs.iter().try_for_each(|j| json_line(out, &JobLine::new(j)))
-        } else if jobs.is_empty() {
+            listing.rows.iter().try_for_each(|j| json_line(out, &JobLine::new(j)))
+        } else if listing.rows.is_empty() {
             writeln!(out, "No jobs.")
         } else {
-            write_rows(out, JOB_COLUMNS, jobs.iter().map(job_row), None)
+            write_rows(out, JOB_COLUMNS, listing.rows.iter().map(job_row), None)
         }
-    })
+    })?;
+    listing.note_more(args.server.json, "first");
+    Ok(code)
 }
 
 /// `gradguard job JOB`: one job's details, its latest anomalies and advice.
@@ -152,7 +160,7 @@ pub fn anomalies(args: &ListArgs) -> Result<ExitCode, Failure> {
             write_rows(out, ANOMALY_COLUMNS, listing.rows.iter().map(anomaly_row), None)
         }
     })?;
-    listing.note_more(args);
+    listing.note_more(args.server.json, "newest");
     Ok(code)
 }
 
@@ -186,7 +194,7 @@ pub fn advice(args: &ListArgs) -> Result<ExitCode, Failure> {
             write_rows(out, ADVICE_COLUMNS, listing.rows.iter().map(advice_row), None)
         }
     })?;
-    listing.note_more(args);
+    listing.note_more(args.server.json, "newest");
     Ok(code)
 }
 

@@ -26,7 +26,7 @@ use super::mode::{Greeting, Mode, Shape};
 use crate::clock::unix_now;
 use crate::engine::Output;
 use crate::intake::{Declared, Limits, Reason, Refusal};
-use crate::model::{Severity, Summary};
+use crate::model::Summary;
 use crate::proto::{self, server_message};
 use crate::recorder::{Record, Recorder};
 use crate::store::{Ack, JobRow};
@@ -258,7 +258,7 @@ impl Hub {
         job.last_active = received;
         job.last_seen = scratch.time.unwrap_or(job.last_seen);
         job.dirty = true;
-        update_gauges(&job.gauges, scratch, health);
+        job.gauges.update(scratch, health);
         let progress = at.declared.progress.then(|| Delivery {
             message: proto::ServerMessage {
                 body: Some(server_message::Body::Progress(proto::Progress { step: p.step })),
@@ -461,12 +461,28 @@ impl Hub {
         self.metrics.active_streams.dec();
     }
 
-    /// Every tracked job's row as this replica sees it now, with its open streams.
-    pub fn live_jobs(&self) -> Vec<(JobRow, u32)> {
+    /// Tracked jobs' rows as this replica sees them now, with their open
+    /// streams, a page at a time: the first `limit` after `after` (from the
+    /// first when `None`), in id order. One pass over the tracked jobs that
+    /// copies only the page's rows.
+    pub fn live_jobs_after(&self, after: Option<&str>, limit: usize) -> Vec<(JobRow, u32)> {
         let core = self.core();
-        core.jobs
-            .iter()
-            .filter_map(|(id, j)| Some((j.row(id, core.mode.shape(id)?), j.streams.len() as u32)))
+        let mut page: std::collections::BTreeMap<&str, (&Job, Shape)> = std::collections::BTreeMap::new();
+        for (id, j) in &core.jobs {
+            let id: &str = id;
+            let fits = page.len() < limit || page.last_key_value().is_some_and(|(last, _)| id < *last);
+            if limit == 0 || after.is_some_and(|a| id <= a) || !fits {
+                continue;
+            }
+            if let Some(shape) = core.mode.shape(id) {
+                page.insert(id, (j, shape));
+                if page.len() > limit {
+                    page.pop_last();
+                }
+            }
+        }
+        page.into_iter()
+            .map(|(id, (j, shape))| (j.row(id, shape), j.streams.len() as u32))
             .collect()
     }
 
@@ -557,34 +573,4 @@ fn deliver(metrics: &HubMetrics, deliveries: &[Delivery], received: Option<Insta
             metrics.advice_latency.observe(received.elapsed().as_secs_f64());
         }
     }
-}
-
-fn update_gauges(g: &JobGauges, s: &Summary, health: Option<Severity>) {
-    let norm = s.grad_norm.or_else(|| {
-        (!s.layers.is_empty()).then(|| {
-            s.layers
-                .iter()
-                .map(|l| f64::from(l.l2) * f64::from(l.l2))
-                .sum::<f64>()
-                .sqrt()
-        })
-    });
-    if let Some(n) = norm {
-        g.grad_norm.set(n);
-    }
-    if let Some(l) = s.loss {
-        g.loss.set(l);
-    }
-    if let Some(lr) = s.lr {
-        g.lr.set(lr);
-    }
-    if let Some(t) = s.time {
-        g.last_summary.set(t);
-    }
-    g.health.set(match health {
-        None => 0.0,
-        Some(Severity::Info) => 1.0,
-        Some(Severity::Warning) => 2.0,
-        Some(Severity::Critical) => 3.0,
-    });
 }

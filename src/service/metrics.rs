@@ -21,6 +21,7 @@ use prometheus::{
 };
 
 use crate::intake::IntakeMetrics;
+use crate::model::{Severity, Summary};
 
 /// The hub's series.
 #[derive(Clone)]
@@ -50,6 +51,40 @@ pub struct JobGauges {
     pub last_summary: Gauge,
     pub streams: Gauge,
     pub unacked: Gauge,
+}
+
+impl JobGauges {
+    /// Sets the job's gauges from its latest summary and its health.
+    pub fn update(&self, s: &Summary, health: Option<Severity>) {
+        let g = self;
+        let norm = s.grad_norm.or_else(|| {
+            (!s.layers.is_empty()).then(|| {
+                s.layers
+                    .iter()
+                    .map(|l| f64::from(l.l2) * f64::from(l.l2))
+                    .sum::<f64>()
+                    .sqrt()
+            })
+        });
+        if let Some(n) = norm {
+            g.grad_norm.set(n);
+        }
+        if let Some(l) = s.loss {
+            g.loss.set(l);
+        }
+        if let Some(lr) = s.lr {
+            g.lr.set(lr);
+        }
+        if let Some(t) = s.time {
+            g.last_summary.set(t);
+        }
+        g.health.set(match health {
+            None => 0.0,
+            Some(Severity::Info) => 1.0,
+            Some(Severity::Warning) => 2.0,
+            Some(Severity::Critical) => 3.0,
+        });
+    }
 }
 
 /// Buckets of latencies, in seconds: 50 µs to 1 s.

@@ -59,6 +59,8 @@ pub struct Settings {
     pub stream_queue: usize,
     /// What the gRPC listener's connections can hold.
     pub connections: ConnectionLimits,
+    /// How the Query service bounds its store reads.
+    pub queries: settings::QueryLimits,
     /// The durable store; `None` runs without one.
     pub store: Option<StoreSettings>,
     /// Cluster mode on these brokers; `None` runs embedded.
@@ -72,6 +74,7 @@ impl Default for Settings {
             max_message_bytes: settings::defaults::MAX_MESSAGE_BYTES as usize,
             stream_queue: settings::defaults::STREAM_QUEUE as usize,
             connections: ConnectionLimits::default(),
+            queries: settings::QueryLimits::default(),
             store: None,
             kafka: None,
         }
@@ -184,7 +187,13 @@ impl Service {
         }
 
         let (stop, stopping) = tokio::sync::watch::channel(false);
-        let query = QueryServer::new(QueryService::new(hub.clone(), reader, watchers, stopping.clone()));
+        let query = QueryServer::new(QueryService::new(
+            hub.clone(),
+            reader,
+            watchers,
+            stopping.clone(),
+            settings.queries,
+        ));
         let max_message = settings.max_message_bytes;
         let ingest = IngestServer::new(IngestService::new(
             hub.clone(),

@@ -1,26 +1,37 @@
 //! `gradguard.v1.Query`: jobs, anomalies and advice from the store, merged
 //! with what the running engine knows now; a live feed of new anomalies.
 //!
-//! Store reads block, so they run on tokio's blocking pool; the store's
-//! reader keeps a few connections, and SQLite's WAL lets them read while the
-//! writer commits.
+//! Store reads block, so they run on tokio's blocking pool, a bounded number
+//! at once ([`Slots`]: `max_concurrent_queries`), each within `query_timeout`
+//! of its arrival: a query that waited that long for a slot is refused
+//! (RESOURCE_EXHAUSTED), one still reading then is stopped inside SQLite
+//! (DEADLINE_EXCEEDED). The store's reader keeps a connection per slot, and
+//! SQLite's WAL lets them read while the writer commits.
+//!
+//! `ListJobs` pages by job id: a page is the first jobs after the token's id
+//! among the stored ones (one indexed read, counts included) and the live
+//! ones the hub tracks (one pass over them), merged.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::proto::{self, query_server::Query};
-use crate::store::{JobRow, Reader, StoreError};
+use crate::store::{JobCounts, JobRow, Reader, StoreError};
 use crate::wire;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{Semaphore, broadcast, mpsc};
+use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::hub::Hub;
+use super::settings::QueryLimits;
 use crate::recorder::Watchers;
 
 pub struct QueryService {
     hub: Arc<Hub>,
-    reader: Option<Arc<Reader>>,
+    reader: Option<Reader>,
+    slots: Slots,
     watchers: Watchers,
     /// Turns true when the service stops: watch streams end then.
     stopping: tokio::sync::watch::Receiver<bool>,
@@ -32,35 +43,38 @@ impl QueryService {
         reader: Option<Arc<Reader>>,
         watchers: Watchers,
         stopping: tokio::sync::watch::Receiver<bool>,
+        limits: QueryLimits,
     ) -> Self {
+        let reader = reader.map(|r| {
+            r.keep(limits.max_concurrent);
+            (*r).clone()
+        });
         Self {
             hub,
             reader,
+            slots: Slots::new(limits),
             watchers,
             stopping,
         }
     }
 
-    fn reader(&self) -> Result<Arc<Reader>, Status> {
+    fn reader(&self) -> Result<&Reader, Status> {
         self.reader
-            .clone()
+            .as_ref()
             .ok_or_else(|| Status::failed_precondition("the service runs without a store (--no-store)"))
     }
 
-    /// Runs a store read on the blocking pool.
+    /// Runs a store read in a slot, within the query timeout.
     async fn read<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Reader) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, Status> {
-        let reader = self.reader()?;
-        tokio::task::spawn_blocking(move || f(&reader))
-            .await
-            .map_err(|e| Status::internal(format!("store read panicked: {e}")))?
-            .map_err(|e| Status::internal(e.to_string()))
+        self.slots.read(self.reader()?, f).await
     }
 
-    /// A job's wire form: the stored row, overlaid with the live view, plus counts.
-    async fn job(&self, stored: Option<JobRow>, live: Option<(JobRow, u32)>) -> Result<proto::Job, Status> {
+    /// A job's wire form: the stored row and counts, overlaid with the live
+    /// view; `None` when neither knows it.
+    fn merge(&self, stored: Option<JobRow>, counts: JobCounts, live: Option<(JobRow, u32)>) -> Option<proto::Job> {
         let (row, streams, is_live) = match (stored, live) {
             // Cluster mode: the stored row is the owner's view; this replica
             // only knows which streams it holds.
@@ -75,23 +89,80 @@ impl QueryService {
             ),
             (None, Some((l, n))) => (l, n, true),
             (Some(s), None) => (s, 0, false),
-            (None, None) => return Err(Status::not_found("no such job")),
+            (None, None) => return None,
         };
-        let name = row.job.clone();
-        let (counts, advice) = match self.reader {
-            Some(_) => self.read(move |r| r.job_counts(&name)).await?,
-            None => ([0; 3], 0),
-        };
-        Ok(proto::Job {
+        Some(proto::Job {
             live: is_live,
             connected_streams: streams,
-            anomalies_info: counts[0],
-            anomalies_warning: counts[1],
-            anomalies_critical: counts[2],
-            advice,
+            anomalies_info: counts.info,
+            anomalies_warning: counts.warning,
+            anomalies_critical: counts.critical,
+            advice: counts.advice,
             ..wire::job_to_proto(&row)
         })
     }
+}
+
+/// The query slots: at most `max_concurrent` store reads at once, each
+/// answered within `timeout` of its arrival or refused.
+pub(super) struct Slots {
+    free: Arc<Semaphore>,
+    limits: QueryLimits,
+}
+
+impl Slots {
+    pub(super) fn new(limits: QueryLimits) -> Self {
+        Self {
+            free: Arc::new(Semaphore::new(limits.max_concurrent.max(1))),
+            limits,
+        }
+    }
+
+    /// Waits for a slot, then runs `f` on the blocking pool with the reader's
+    /// deadline set, so SQLite stops it there. The slot is the read's until
+    /// it ends, even when its caller was answered at the deadline.
+    pub(super) async fn read<T: Send + 'static>(
+        &self,
+        reader: &Reader,
+        f: impl FnOnce(&Reader) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, Status> {
+        let deadline = Instant::now() + self.limits.timeout;
+        let slot = match tokio::time::timeout_at(deadline, self.free.clone().acquire_owned()).await {
+            Ok(Ok(slot)) => slot,
+            Ok(Err(_)) => return Err(Status::unavailable("the service is shutting down")),
+            Err(_) => return Err(self.busy()),
+        };
+        let reader = reader.until(deadline.into_std());
+        let read = tokio::task::spawn_blocking(move || {
+            let _slot = slot;
+            f(&reader)
+        });
+        match tokio::time::timeout_at(deadline, read).await {
+            Ok(Ok(Ok(value))) => Ok(value),
+            Ok(Ok(Err(StoreError::Interrupted))) | Err(_) => Err(self.slow()),
+            Ok(Ok(Err(e))) => Err(Status::internal(e.to_string())),
+            Ok(Err(e)) => Err(Status::internal(format!("store read panicked: {e}"))),
+        }
+    }
+
+    fn busy(&self) -> Status {
+        Status::resource_exhausted(format!(
+            "the service is busy: all {} query slots (max_concurrent_queries) stayed taken for {} (query_timeout); try again later",
+            self.limits.max_concurrent,
+            duration_text(self.limits.timeout)
+        ))
+    }
+
+    fn slow(&self) -> Status {
+        Status::deadline_exceeded(format!(
+            "the query ran past query_timeout ({}) and was stopped; narrow it (a filter, a smaller page_size)",
+            duration_text(self.limits.timeout)
+        ))
+    }
+}
+
+fn duration_text(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
 }
 
 type AnomalyStream = ReceiverStream<Result<proto::Anomaly, Status>>;
@@ -110,28 +181,45 @@ async fn until_true(flag: &mut tokio::sync::watch::Receiver<bool>) {
 
 #[tonic::async_trait]
 impl Query for QueryService {
-    async fn list_jobs(&self, _: Request<proto::ListJobsRequest>) -> Result<Response<proto::ListJobsResponse>, Status> {
+    async fn list_jobs(
+        &self,
+        request: Request<proto::ListJobsRequest>,
+    ) -> Result<Response<proto::ListJobsResponse>, Status> {
+        let r = request.into_inner();
+        let (after, size) = wire::jobs_page_from_proto(r.page_size, &r.page_token).map_err(Status::invalid_argument)?;
+        // One more than the page tells whether there is a next page.
+        let want = size as usize + 1;
+        let live = self.hub.live_jobs_after(after.as_deref(), want);
         let stored = match self.reader {
-            Some(_) => self.read(|r| r.jobs()).await?,
+            Some(_) => {
+                // The live jobs' counts come with the stored page.
+                let names: Vec<String> = live.iter().map(|(row, _)| row.job.clone()).collect();
+                self.read(move |reader| reader.jobs_page(after.as_deref(), want as u32, &names))
+                    .await?
+            }
             None => Vec::new(),
         };
-        let mut live: HashMap<String, (JobRow, u32)> = self
-            .hub
-            .live_jobs()
-            .into_iter()
-            .map(|(row, n)| (row.job.clone(), (row, n)))
-            .collect();
-        let mut jobs = Vec::with_capacity(stored.len() + live.len());
-        for row in stored {
-            let l = live.remove(&row.job);
-            jobs.push(self.job(Some(row), l).await?);
+        let mut live: BTreeMap<String, (JobRow, u32)> = live.into_iter().map(|l| (l.0.job.clone(), l)).collect();
+        let mut jobs = BTreeMap::new();
+        for s in stored {
+            let l = live.remove(&s.job);
+            if let Some(job) = self.merge(s.row, s.counts, l) {
+                jobs.insert(s.job, job);
+            }
         }
-        for l in live.into_values() {
-            jobs.push(self.job(None, Some(l)).await?);
+        for (name, l) in live {
+            if let Some(job) = self.merge(None, JobCounts::default(), Some(l)) {
+                jobs.insert(name, job);
+            }
         }
-        // Most recently active first, as the store lists them.
-        jobs.sort_by(|a, b| b.last_seen.total_cmp(&a.last_seen).then_with(|| a.job.cmp(&b.job)));
-        Ok(Response::new(proto::ListJobsResponse { jobs }))
+        let mut jobs: Vec<proto::Job> = jobs.into_values().collect();
+        let next_page_token = if jobs.len() > size as usize {
+            jobs.truncate(size as usize);
+            jobs.last().map(|j| wire::job_page_token(&j.job)).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(proto::ListJobsResponse { jobs, next_page_token }))
     }
 
     async fn get_job(&self, request: Request<proto::GetJobRequest>) -> Result<Response<proto::Job>, Status> {
@@ -139,21 +227,18 @@ impl Query for QueryService {
         if name.is_empty() {
             return Err(Status::invalid_argument("field job: must not be empty"));
         }
-        let stored = match self.reader {
+        let (row, counts) = match self.reader {
             Some(_) => {
                 let n = name.clone();
-                self.read(move |r| r.job(&n)).await?
+                let stored = self.read(move |r| r.stored_job(&n)).await?;
+                (stored.row, stored.counts)
             }
-            None => None,
+            None => (None, JobCounts::default()),
         };
         let live = self.hub.live_job(&name);
-        self.job(stored, live)
-            .await
+        self.merge(row, counts, live)
             .map(Response::new)
-            .map_err(|s| match s.code() {
-                tonic::Code::NotFound => Status::not_found(format!("field job: no job {name:?} is known")),
-                _ => s,
-            })
+            .ok_or_else(|| Status::not_found(format!("field job: no job {} is known", wire::excerpt(&name))))
     }
 
     async fn list_anomalies(
@@ -191,6 +276,7 @@ impl Query for QueryService {
         request: Request<proto::WatchAnomaliesRequest>,
     ) -> Result<Response<AnomalyStream>, Status> {
         let r = request.into_inner();
+        // No store read: the feed takes no query slot.
         self.reader()?;
         let min = wire::severity_from_proto(r.min_severity, "min_severity")
             .map_err(Status::invalid_argument)?
@@ -239,3 +325,6 @@ impl Query for QueryService {
         Ok(Response::new(proto::Rules { job, toml }))
     }
 }
+
+#[cfg(test)]
+mod tests;

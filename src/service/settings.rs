@@ -23,6 +23,8 @@
 //! max_layers = 65536            # layers a job declares
 //! max_world_size = 65536        # a job's world size (ranks are below it)
 //! max_batch = 1024              # summaries per batch message
+//! max_concurrent_queries = 8    # store reads at once (default: one per CPU)
+//! query_timeout = "10s"         # a query's wait for a slot and its read
 //!
 //! [store]
 //! enabled = true                # false: run without a store
@@ -73,6 +75,14 @@ pub mod defaults {
     pub const DATA_DIR: &str = "gradguard-data";
     pub const RETENTION: &str = "30d";
     pub const STORE_MAX_MIB: u64 = 10240;
+    pub const QUERY_TIMEOUT: &str = "10s";
+
+    /// Store reads the Query service runs at once: one per CPU, at least 2.
+    pub fn max_concurrent_queries() -> u64 {
+        std::thread::available_parallelism()
+            .map_or(2, |n| n.get() as u64)
+            .max(2)
+    }
 }
 
 /// The values accepted, in the file as from the flags.
@@ -88,6 +98,7 @@ pub mod ranges {
     pub const MAX_LAYERS: RangeInclusive<u64> = 1..=crate::engine::MAX_LAYERS as u64;
     pub const MAX_WORLD_SIZE: RangeInclusive<u64> = 1..=crate::engine::MAX_RANKS as u64;
     pub const MAX_BATCH: RangeInclusive<u64> = 1..=65536;
+    pub const MAX_CONCURRENT_QUERIES: RangeInclusive<u64> = 1..=1024;
     pub const STORE_MAX_MIB: RangeFrom<u64> = 1..;
 }
 
@@ -172,6 +183,31 @@ pub struct LimitsSection {
     pub max_world_size: Option<u64>,
     /// Most summaries in one batch message.
     pub max_batch: Option<u64>,
+    /// Store reads the Query service runs at once; `--max-concurrent-queries`.
+    pub max_concurrent_queries: Option<u64>,
+    /// A query's wait for a slot and its read, e.g. `"10s"`; `--query-timeout`.
+    #[serde(deserialize_with = "duration")]
+    pub query_timeout: Option<Duration>,
+}
+
+/// How the Query service bounds its store reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueryLimits {
+    /// Store reads running at once; a query waits for one of these slots.
+    pub max_concurrent: usize,
+    /// From a query's arrival to its answer: a query that waited this long
+    /// for a slot is refused (RESOURCE_EXHAUSTED), one still reading then is
+    /// stopped (DEADLINE_EXCEEDED).
+    pub timeout: Duration,
+}
+
+impl Default for QueryLimits {
+    fn default() -> Self {
+        Self {
+            max_concurrent: defaults::max_concurrent_queries() as usize,
+            timeout: humantime::parse_duration(defaults::QUERY_TIMEOUT).expect("a valid default"),
+        }
+    }
 }
 
 /// `[store]`: the durable store.
@@ -270,6 +306,14 @@ impl SettingsFile {
         within("limits.max_layers", limits.max_layers, ranges::MAX_LAYERS)?;
         within("limits.max_world_size", limits.max_world_size, ranges::MAX_WORLD_SIZE)?;
         within("limits.max_batch", limits.max_batch, ranges::MAX_BATCH)?;
+        within(
+            "limits.max_concurrent_queries",
+            limits.max_concurrent_queries,
+            ranges::MAX_CONCURRENT_QUERIES,
+        )?;
+        if limits.query_timeout.is_some_and(|t| t.is_zero()) {
+            return Err(("limits.query_timeout", "\"0s\"".into(), "must be more than 0".into()));
+        }
         within("store.max_mib", self.store.max_mib, ranges::STORE_MAX_MIB)
     }
 
@@ -300,6 +344,11 @@ impl SettingsFile {
                 max_layers: self.limits.max_layers.or(lower.limits.max_layers),
                 max_world_size: self.limits.max_world_size.or(lower.limits.max_world_size),
                 max_batch: self.limits.max_batch.or(lower.limits.max_batch),
+                max_concurrent_queries: self
+                    .limits
+                    .max_concurrent_queries
+                    .or(lower.limits.max_concurrent_queries),
+                query_timeout: self.limits.query_timeout.or(lower.limits.query_timeout),
             },
             store: StoreSection {
                 enabled: self.store.enabled.or(lower.store.enabled),
@@ -364,6 +413,12 @@ impl SettingsFile {
                         .unwrap_or(defaults::MAX_STREAMS_PER_CONNECTION)
                         as u32,
                     first_request_timeout: duration(listen.first_request_timeout, defaults::FIRST_REQUEST_TIMEOUT),
+                },
+                queries: QueryLimits {
+                    max_concurrent: limits
+                        .max_concurrent_queries
+                        .unwrap_or_else(defaults::max_concurrent_queries) as usize,
+                    timeout: duration(limits.query_timeout, defaults::QUERY_TIMEOUT),
                 },
                 store: store.enabled.unwrap_or(true).then(|| StoreSettings {
                     dir: store.dir.clone().unwrap_or_else(|| defaults::DATA_DIR.into()),
@@ -443,6 +498,9 @@ mod tests {
         let service = Settings::default();
         assert_eq!(s.service.max_message_bytes, service.max_message_bytes);
         assert_eq!(s.service.stream_queue, service.stream_queue);
+        assert_eq!(s.service.queries, QueryLimits::default());
+        assert_eq!(s.service.queries.timeout, Duration::from_secs(10));
+        assert!(s.service.queries.max_concurrent >= 2);
         let store = s.service.store.expect("a store by default");
         assert_eq!(store.dir, PathBuf::from("gradguard-data"));
         assert_eq!(store.sync, SyncMode::Full);
@@ -471,6 +529,8 @@ mod tests {
             max_layers = 100
             max_world_size = 8
             max_batch = 16
+            max_concurrent_queries = 3
+            query_timeout = "250ms"
             [store]
             dir = "/var/lib/gradguard"
             sync = "normal"
@@ -495,6 +555,13 @@ mod tests {
         let c = &s.service.connections;
         assert_eq!((c.max_connections, c.max_streams_per_connection), (100, 10));
         assert_eq!(c.first_request_timeout, Duration::from_secs(5));
+        assert_eq!(
+            s.service.queries,
+            QueryLimits {
+                max_concurrent: 3,
+                timeout: Duration::from_millis(250)
+            }
+        );
         let store = s.service.store.unwrap();
         assert_eq!(store.dir, PathBuf::from("/var/lib/gradguard"));
         assert_eq!(store.sync, SyncMode::Normal);
@@ -588,6 +655,14 @@ mod tests {
             (
                 "version = 1\n[limits]\nstream_queue = 100000\n",
                 "invalid setting in gg.toml: limits.stream_queue = 100000: must be between 1 and 65536",
+            ),
+            (
+                "version = 1\n[limits]\nmax_concurrent_queries = 0\n",
+                "invalid setting in gg.toml: limits.max_concurrent_queries = 0: must be between 1 and 1024",
+            ),
+            (
+                "version = 1\n[limits]\nquery_timeout = \"0s\"\n",
+                "invalid setting in gg.toml: limits.query_timeout = \"0s\": must be more than 0",
             ),
             (
                 "version = 1\n[store]\nmax_mib = 0\n",

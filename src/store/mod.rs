@@ -11,10 +11,19 @@
 //!
 //! Listing is newest first by a monotonic id; a page token is the id to
 //! continue below, so pages never repeat or skip a row while new rows arrive.
+//! Jobs are listed by id (keyset pages too), with their counts of anomalies
+//! and advice from `job_counts`, which the writer keeps in step with every
+//! insert and delete: a page of jobs costs one indexed range read, however
+//! many jobs or anomalies there are.
+//!
+//! An existing file is inspected read-only first ([`inspect`]): a file that
+//! is not a gradguard store is refused as it was found, nothing written to
+//! it or beside it.
 //!
 //! Non-finite values: SQLite stores NaN as NULL, so a NULL value reads back as
 //! NaN; infinities round-trip.
 
+mod inspect;
 mod read;
 mod write;
 
@@ -41,8 +50,10 @@ pub enum SyncMode {
 /// Name of the database file inside the data directory.
 pub const DB_FILE: &str = "gradguard.db";
 
-/// The schema version this build writes (`PRAGMA user_version`).
-const SCHEMA_VERSION: i64 = 1;
+/// The schema version this build writes (`PRAGMA user_version`). 2 added
+/// `job_counts`; a version 1 store is upgraded when opened (its counts are
+/// counted once then).
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS jobs (
@@ -101,6 +112,22 @@ CREATE TABLE IF NOT EXISTS acks (
     time         REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS acks_advice ON acks (advice_id);
+CREATE TABLE IF NOT EXISTS job_counts (
+    job         TEXT PRIMARY KEY,
+    info        INTEGER NOT NULL DEFAULT 0,
+    warning     INTEGER NOT NULL DEFAULT 0,
+    critical    INTEGER NOT NULL DEFAULT 0,
+    advice      INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+";
+
+/// Counts a version 1 store's anomalies and advice into `job_counts`, once.
+const COUNT_ONCE: &str = "
+INSERT INTO job_counts (job, info, warning, critical, advice)
+    SELECT job, sum(severity = 1), sum(severity = 2), sum(severity = 3), 0 FROM anomalies GROUP BY job;
+INSERT INTO job_counts (job, advice)
+    SELECT job, count(*) FROM advice WHERE true GROUP BY job
+    ON CONFLICT (job) DO UPDATE SET advice = excluded.advice;
 ";
 
 /// Why the store cannot be opened or used.
@@ -126,6 +153,9 @@ pub enum StoreError {
     Newer { path: PathBuf, found: i64 },
     #[error("the data directory {dir} is in use by another gradguard ({holder}): one service per data directory")]
     Locked { dir: PathBuf, holder: String },
+    /// A read ran past the deadline it was given ([`Reader::until`]) and was stopped.
+    #[error("the read ran past its deadline and was stopped")]
+    Interrupted,
     #[error("store: {0}")]
     Sql(#[from] rusqlite::Error),
 }
@@ -142,6 +172,24 @@ pub struct JobRow {
     pub last_step: Option<u64>,
     /// Worst open problem: `None` when healthy.
     pub health: Option<Severity>,
+}
+
+/// A job's stored anomalies, by severity, and its stored advice.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct JobCounts {
+    pub info: u64,
+    pub warning: u64,
+    pub critical: u64,
+    pub advice: u64,
+}
+
+/// A job as the store knows it: its row (`None` for a name the store has
+/// counts of, or nothing at all, but no row) and its counts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredJob {
+    pub job: String,
+    pub row: Option<JobRow>,
+    pub counts: JobCounts,
 }
 
 /// A stored anomaly: a finding with its id.

@@ -1,103 +1,168 @@
 //! Queries, on a small pool of read-only connections.
 
 use crate::model::{Advice, Finding, Severity};
-use rusqlite::{Connection, OpenFlags, OptionalExtension, params_from_iter, types::Value};
+use rusqlite::ffi::ErrorCode;
+use rusqlite::{Connection, OpenFlags, params, params_from_iter, types::Value};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use super::write::used_bytes;
 use super::*;
 
 /// Queries, on a small pool of read-only connections; safe to share between
-/// threads. Each call blocks: run it off async workers.
+/// threads, and cheap to clone (clones share the pool). Each call blocks: run
+/// it off async workers.
+#[derive(Clone)]
 pub struct Reader {
+    shared: Arc<Shared>,
+    /// Reads still running then are stopped ([`StoreError::Interrupted`]).
+    deadline: Option<Instant>,
+}
+
+struct Shared {
     path: PathBuf,
     pool: Mutex<Vec<Connection>>,
+    /// Connections kept for the next read.
+    keep: AtomicUsize,
 }
 
 impl std::fmt::Debug for Reader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Reader").field("path", &self.path).finish()
+        f.debug_struct("Reader")
+            .field("path", &self.shared.path)
+            .field("deadline", &self.deadline)
+            .finish()
     }
 }
 
+/// SQLite virtual machine steps between two looks at a read's deadline (a
+/// few microseconds of work).
+const DEADLINE_EVERY: i32 = 1_000;
+
+/// Columns of a job page: the row (NULL when the store has none), then the counts.
+const JOB_SELECT: &str =
+    "SELECT p.job, j.first_seen, j.last_seen, j.ranks, j.world_size, j.layers, j.last_step, j.health,
+         coalesce(c.info, 0), coalesce(c.warning, 0), coalesce(c.critical, 0), coalesce(c.advice, 0)";
+
 impl Reader {
-    /// Opens the store in `dir` for reading; it must exist.
+    /// Opens the store in `dir` for reading; it must exist. Keeps up to 8
+    /// connections for the next reads ([`Reader::keep`]).
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         let reader = Self {
-            path: db_path(dir),
-            pool: Mutex::new(Vec::new()),
+            shared: Arc::new(Shared {
+                path: db_path(dir),
+                pool: Mutex::new(Vec::new()),
+                keep: AtomicUsize::new(8),
+            }),
+            deadline: None,
         };
         let conn = reader.connect()?;
         reader.put(conn);
         Ok(reader)
     }
 
+    /// Keeps up to `n` connections (as many as reads run at once saves
+    /// opening one per read), for this reader and its clones.
+    pub fn keep(&self, n: usize) {
+        self.shared.keep.store(n.max(1), Ordering::Relaxed);
+    }
+
+    /// This reader with a deadline: a read still running then stops with
+    /// [`StoreError::Interrupted`], and one asked for later does not start.
+    pub fn until(&self, deadline: Instant) -> Reader {
+        Reader {
+            shared: self.shared.clone(),
+            deadline: Some(deadline),
+        }
+    }
+
     fn connect(&self) -> Result<Connection, StoreError> {
+        let path = &self.shared.path;
         let conn = Connection::open_with_flags(
-            &self.path,
+            path,
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI,
         )
-        .map_err(|e| corrupt_or(&self.path, e))?;
+        .map_err(|e| corrupt_or(path, e))?;
         configure(&conn)?;
         Ok(conn)
     }
 
     fn put(&self, conn: Connection) {
-        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
-        if pool.len() < 8 {
+        let mut pool = self.shared.pool.lock().unwrap_or_else(|p| p.into_inner());
+        if pool.len() < self.shared.keep.load(Ordering::Relaxed) {
             pool.push(conn);
         }
     }
 
-    fn with<T>(&self, f: impl FnOnce(&Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
-        let pooled = self.pool.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        let conn = match pooled {
+    pub(super) fn with<T>(&self, f: impl FnOnce(&Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        if self.deadline.is_some_and(|d| Instant::now() >= d) {
+            return Err(StoreError::Interrupted);
+        }
+        let pooled = self.shared.pool.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let mut conn = match pooled {
             Some(c) => c,
             None => self.connect()?,
         };
+        if let Some(deadline) = self.deadline {
+            conn.progress_handler(DEADLINE_EVERY, Some(move || Instant::now() >= deadline))?;
+        }
         let result = f(&conn);
+        if self.deadline.is_some() {
+            conn.progress_handler(0, None::<fn() -> bool>)?;
+        }
         self.put(conn);
-        result
+        result.map_err(|e| match e {
+            StoreError::Sql(e) if e.sqlite_error_code() == Some(ErrorCode::OperationInterrupted) => {
+                StoreError::Interrupted
+            }
+            e => e,
+        })
     }
 
-    pub fn jobs(&self) -> Result<Vec<JobRow>, StoreError> {
+    /// A page of jobs by id: the first `limit` stored jobs after `after`
+    /// (from the first when `None`), and the jobs named in `also` (with or
+    /// without a stored row), each with its counts; in id order. One indexed
+    /// range read and lookups by key: no scan of every job or anomaly.
+    pub fn jobs_page(&self, after: Option<&str>, limit: u32, also: &[String]) -> Result<Vec<StoredJob>, StoreError> {
+        let also = serde_json::to_string(also).unwrap_or_else(|_| "[]".into());
         self.with(|c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT job, first_seen, last_seen, ranks, world_size, layers, last_step, health
-                 FROM jobs ORDER BY last_seen DESC, job",
-            )?;
-            let rows = stmt.query_map([], job_row)?.collect::<Result<Vec<_>, _>>()?;
+            let mut stmt = c.prepare_cached(&format!(
+                "{JOB_SELECT}
+                 FROM (SELECT job FROM (SELECT job FROM jobs WHERE job > ?1 ORDER BY job LIMIT ?2)
+                       UNION SELECT value FROM json_each(?3)) AS p
+                 LEFT JOIN jobs AS j ON j.job = p.job
+                 LEFT JOIN job_counts AS c ON c.job = p.job
+                 ORDER BY p.job"
+            ))?;
+            let rows = stmt
+                .query_map(params![after.unwrap_or(""), limit, also], stored_job)?
+                .collect::<Result<Vec<_>, _>>()?;
             Ok(rows)
         })
     }
 
-    pub fn job(&self, job: &str) -> Result<Option<JobRow>, StoreError> {
+    /// One job's stored row (if any) and counts.
+    pub fn stored_job(&self, job: &str) -> Result<StoredJob, StoreError> {
         self.with(|c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT job, first_seen, last_seen, ranks, world_size, layers, last_step, health
-                 FROM jobs WHERE job = ?1",
-            )?;
-            Ok(stmt.query_row([job], job_row).optional()?)
+            let mut stmt = c.prepare_cached(&format!(
+                "{JOB_SELECT}
+                 FROM (SELECT ?1 AS job) AS p
+                 LEFT JOIN jobs AS j ON j.job = p.job
+                 LEFT JOIN job_counts AS c ON c.job = p.job"
+            ))?;
+            Ok(stmt.query_row([job], stored_job)?)
         })
     }
 
-    /// Anomaly and advice counts of a job, by severity (info, warning, critical).
-    pub fn job_counts(&self, job: &str) -> Result<([u64; 3], u64), StoreError> {
-        self.with(|c| {
-            let mut counts = [0u64; 3];
-            let mut stmt =
-                c.prepare_cached("SELECT severity, count(*) FROM anomalies WHERE job = ?1 GROUP BY severity")?;
-            let rows = stmt.query_map([job], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))?;
-            for row in rows {
-                let (s, n) = row?;
-                if let Some(slot) = usize::try_from(s - 1).ok().and_then(|i| counts.get_mut(i)) {
-                    *slot = n as u64;
-                }
-            }
-            let advice: i64 = c.query_row("SELECT count(*) FROM advice WHERE job = ?1", [job], |r| r.get(0))?;
-            Ok((counts, advice as u64))
-        })
+    pub fn job(&self, job: &str) -> Result<Option<JobRow>, StoreError> {
+        Ok(self.stored_job(job)?.row)
+    }
+
+    /// Anomaly and advice counts of a job.
+    pub fn job_counts(&self, job: &str) -> Result<JobCounts, StoreError> {
+        Ok(self.stored_job(job)?.counts)
     }
 
     pub fn anomalies(&self, f: &Filter) -> Result<Page<StoredAnomaly>, StoreError> {
@@ -172,6 +237,22 @@ impl Reader {
     pub fn used_bytes(&self) -> Result<u64, StoreError> {
         self.with(used_bytes)
     }
+}
+
+/// A row of [`JOB_SELECT`].
+fn stored_job(r: &rusqlite::Row) -> rusqlite::Result<StoredJob> {
+    let has_row = r.get_ref(1)?.data_type() != rusqlite::types::Type::Null;
+    let count = |i| -> rusqlite::Result<u64> { Ok(r.get::<_, i64>(i)?.max(0) as u64) };
+    Ok(StoredJob {
+        job: r.get(0)?,
+        row: if has_row { Some(job_row(r)?) } else { None },
+        counts: JobCounts {
+            info: count(8)?,
+            warning: count(9)?,
+            critical: count(10)?,
+            advice: count(11)?,
+        },
+    })
 }
 
 /// Cuts a `limit + 1` row result into a page and the next page's token.

@@ -91,7 +91,19 @@ fn everything_written_reads_back() {
         .unwrap();
 
     let reader = store.reader().unwrap();
-    assert_eq!(reader.jobs().unwrap(), [job("a", 9, Some(Severity::Critical))]);
+    assert_eq!(
+        reader.jobs_page(None, 10, &[]).unwrap(),
+        [StoredJob {
+            job: "a".into(),
+            row: Some(job("a", 9, Some(Severity::Critical))),
+            counts: JobCounts {
+                info: 1,
+                warning: 0,
+                critical: 1,
+                advice: 1
+            },
+        }]
+    );
     assert_eq!(reader.job("nope").unwrap(), None);
     let page = reader
         .anomalies(&Filter {
@@ -120,7 +132,15 @@ fn everything_written_reads_back() {
         advice(3, "a", 5, Action::ClipGradients { max_norm: 1.5 })
     );
     assert_eq!((stored.applied, stored.declined), (2, 1));
-    assert_eq!(reader.job_counts("a").unwrap(), ([1, 0, 1], 1));
+    assert_eq!(
+        reader.job_counts("a").unwrap(),
+        JobCounts {
+            info: 1,
+            warning: 0,
+            critical: 1,
+            advice: 1
+        }
+    );
     assert_eq!(store.max_advice_id().unwrap(), 3);
 }
 
@@ -307,24 +327,201 @@ fn one_store_per_data_directory() {
     drop(Store::open(dir.path()).unwrap());
 }
 
-#[test]
-fn a_damaged_store_is_an_error_and_left_alone() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join(DB_FILE);
-    let garbage = b"this is not a database, it is someone's notes".repeat(100);
-    std::fs::write(&path, &garbage).unwrap();
-    let err = Store::open(dir.path()).unwrap_err();
-    assert!(matches!(err, StoreError::Corrupt { .. }), "{err:?}");
-    assert!(err.to_string().contains("gradguard.db"), "{err}");
-    assert_eq!(std::fs::read(&path).unwrap(), garbage);
+/// Every file of a directory and its bytes.
+fn snapshot(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+    let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let path = e.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            (name, std::fs::read(&path).unwrap())
+        })
+        .collect();
+    files.sort();
+    files
+}
 
-    // Another program's SQLite database is not ours either.
-    let other = tempfile::tempdir().unwrap();
-    let conn = Connection::open(other.path().join(DB_FILE)).unwrap();
-    conn.execute_batch("CREATE TABLE notes (body TEXT)").unwrap();
+#[test]
+fn a_damaged_or_foreign_file_is_refused_and_left_byte_identical() {
+    let garbage = tempfile::tempdir().unwrap();
+    std::fs::write(
+        garbage.path().join(DB_FILE),
+        b"this is not a database, it is someone's notes".repeat(100),
+    )
+    .unwrap();
+    // Another program's SQLite databases: rollback journal, and WAL mode
+    // (closed, so without its -wal and -shm files).
+    let foreign = |journal: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+        conn.pragma_update(None, "journal_mode", journal).unwrap();
+        conn.execute_batch("CREATE TABLE notes (body TEXT); INSERT INTO notes VALUES ('keep me');")
+            .unwrap();
+        drop(conn);
+        dir
+    };
+    let (rollback, wal) = (foreign("DELETE"), foreign("WAL"));
+    // One with a schema version, but not ours.
+    let versioned = foreign("DELETE");
+    let conn = Connection::open(versioned.path().join(DB_FILE)).unwrap();
+    conn.pragma_update(None, "user_version", 1).unwrap();
     drop(conn);
-    let err = Store::open(other.path()).unwrap_err();
-    assert!(err.to_string().contains("other tables"), "{err}");
+    for (dir, expected) in [
+        (&garbage, "not an SQLite database"),
+        (&rollback, "other tables (\"notes\")"),
+        (&wal, "other tables (\"notes\")"),
+        (&versioned, "schema version 1 without gradguard's tables"),
+    ] {
+        let before = snapshot(dir.path());
+        assert_eq!(before.len(), 1, "{before:?}");
+        let err = Store::open(dir.path()).unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt { .. }), "{err:?}");
+        let message = err.to_string();
+        assert!(
+            message.contains("gradguard.db") && message.contains(expected),
+            "{message}"
+        );
+        // Not a byte changed, and nothing beside it: no -wal, -shm or lock file.
+        assert_eq!(snapshot(dir.path()), before, "{message}");
+    }
+}
+
+#[test]
+fn a_version_1_store_is_upgraded_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(dir.path()).unwrap();
+    store
+        .write(&Batch {
+            jobs: vec![job("a", 1, None), job("b", 1, None)],
+            anomalies: vec![
+                finding("a", 1, RuleId::GradSpike, Severity::Warning, None),
+                finding("a", 2, RuleId::GradSpike, Severity::Warning, None),
+                finding("c", 2, RuleId::GradSpike, Severity::Critical, None),
+            ],
+            advice: vec![(advice(1, "b", 1, Action::SkipStep), 1.0)],
+            ..Batch::default()
+        })
+        .unwrap();
+    drop(store);
+    // What version 1 was: no job_counts.
+    let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+    conn.execute_batch("DROP TABLE job_counts; PRAGMA user_version = 1;")
+        .unwrap();
+    drop(conn);
+    let store = Store::open(dir.path()).unwrap();
+    let reader = store.reader().unwrap();
+    let counts = |name: &str| reader.job_counts(name).unwrap();
+    assert_eq!((counts("a").warning, counts("a").advice), (2, 0));
+    assert_eq!((counts("b").warning, counts("b").advice), (0, 1));
+    assert_eq!(counts("c").critical, 1, "counts of a job without a row");
+    let version: i64 = Connection::open(dir.path().join(DB_FILE))
+        .unwrap()
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, SCHEMA_VERSION);
+}
+
+#[test]
+fn job_pages_go_by_id_with_counts_kept_through_writes_and_pruning() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(dir.path()).unwrap();
+    let names: Vec<String> = (0..250).map(|i| format!("job-{i:03}")).collect();
+    let mut batch = Batch::default();
+    for (i, name) in names.iter().enumerate().rev() {
+        batch.jobs.push(job(name, i as u64, None));
+        for step in 0..(i % 4) as u64 {
+            let severity = [Severity::Info, Severity::Warning, Severity::Critical][step as usize % 3];
+            batch
+                .anomalies
+                .push(finding(name, step, RuleId::GradSpike, severity, None));
+        }
+    }
+    batch.advice.push((advice(7, "job-003", 1, Action::SkipStep), 1.0));
+    store.write(&batch).unwrap();
+    let reader = store.reader().unwrap();
+    // What the counts must be: counted from the rows themselves.
+    let recount = |name: &str| -> JobCounts {
+        let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+        let n = |sql: &str| -> u64 { conn.query_row(sql, [name], |r| r.get::<_, i64>(0)).unwrap() as u64 };
+        JobCounts {
+            info: n("SELECT count(*) FROM anomalies WHERE job = ?1 AND severity = 1"),
+            warning: n("SELECT count(*) FROM anomalies WHERE job = ?1 AND severity = 2"),
+            critical: n("SELECT count(*) FROM anomalies WHERE job = ?1 AND severity = 3"),
+            advice: n("SELECT count(*) FROM advice WHERE job = ?1"),
+        }
+    };
+    let mut seen = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = reader.jobs_page(after.as_deref(), 101, &[]).unwrap();
+        assert!(page.len() <= 101);
+        let more = page.len() == 101;
+        for j in page.iter().take(100) {
+            assert_eq!(j.counts, recount(&j.job), "{}", j.job);
+            assert_eq!(j.row.as_ref().map(|r| r.job.as_str()), Some(j.job.as_str()));
+            seen.push(j.job.clone());
+        }
+        if !more {
+            break;
+        }
+        after = seen.last().cloned();
+    }
+    assert_eq!(seen, names);
+    assert_eq!(reader.job_counts("job-003").unwrap().advice, 1);
+
+    // Named jobs come too, row or not, in id order.
+    let page = reader
+        .jobs_page(Some("job-247"), 5, &["job-000".into(), "ghost".into()])
+        .unwrap();
+    let ids: Vec<&str> = page.iter().map(|j| j.job.as_str()).collect();
+    assert_eq!(ids, ["ghost", "job-000", "job-248", "job-249"]);
+    assert_eq!((page[0].row.as_ref(), page[0].counts), (None, JobCounts::default()));
+
+    // Pruning takes the deleted rows off the counts: by age, then by size.
+    store
+        .prune(
+            &Retention {
+                max_age_secs: Some(1_000.0),
+                max_bytes: None,
+            },
+            2_001.5,
+        )
+        .unwrap();
+    store
+        .prune(
+            &Retention {
+                max_age_secs: None,
+                max_bytes: Some(store.used_bytes().unwrap() - 1),
+            },
+            0.0,
+        )
+        .unwrap();
+    for name in ["job-003", "job-006", "job-249"] {
+        assert_eq!(reader.job_counts(name).unwrap(), recount(name), "{name}");
+    }
+}
+
+#[test]
+fn a_read_past_its_deadline_is_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let reader = store.reader().unwrap();
+    // A read that would take minutes: only the deadline ends it.
+    let endless = |c: &Connection| -> Result<i64, StoreError> {
+        Ok(c.query_row(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n) SELECT count(*) FROM n WHERE i < 0",
+            [],
+            |r| r.get(0),
+        )?)
+    };
+    let started = std::time::Instant::now();
+    let deadline = started + std::time::Duration::from_millis(50);
+    let err = reader.until(deadline).with(endless).unwrap_err();
+    assert!(matches!(err, StoreError::Interrupted), "{err:?}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    // Past the deadline nothing starts; the same connections serve on.
+    assert!(matches!(reader.until(deadline).job("a"), Err(StoreError::Interrupted)));
+    assert_eq!(reader.job("a").unwrap(), None);
 }
 
 #[test]

@@ -1,8 +1,10 @@
 //! The writer: the only read-write connection, and the checkpointer.
 
 use rusqlite::{Connection, params};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use super::inspect::{Found, inspect};
 use super::*;
 
 /// The writer: owns the only read-write connection.
@@ -78,9 +80,17 @@ impl Store {
             path: dir.to_owned(),
             source,
         })?;
-        let lock = lock(dir)?;
         let path = db_path(dir);
-        let conn = Connection::open(&path).map_err(|e| corrupt_or(&path, e))?;
+        // Before the lock: a file that is not ours is refused with nothing
+        // made beside it, not even the lock file.
+        inspect(&path, false)?;
+        let lock = lock(dir)?;
+        // Again under the lock, thoroughly: no other gradguard writes it now.
+        let version = match inspect(&path, true)? {
+            Found::Nothing => 0,
+            Found::Store { version } => version,
+        };
+        let mut conn = Connection::open(&path).map_err(|e| corrupt_or(&path, e))?;
         configure(&conn).map_err(|e| corrupt_or(&path, e))?;
         let mode: String = conn
             .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
@@ -99,29 +109,16 @@ impl Store {
         // The service checkpoints from its own thread (Checkpointer); this
         // automatic one is the backstop if that falls behind.
         conn.pragma_update(None, "wal_autocheckpoint", 20_000)?;
-        let check: String = conn
-            .query_row("PRAGMA quick_check", [], |r| r.get(0))
-            .map_err(|e| corrupt_or(&path, e))?;
-        if check != "ok" {
-            return Err(StoreError::Corrupt { path, detail: check });
+        // The schema, and what an older version lacks, in one transaction.
+        let tx = conn.transaction()?;
+        tx.execute_batch(SCHEMA)?;
+        if version == 1 {
+            tx.execute_batch(COUNT_ONCE)?;
         }
-        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-        if version > SCHEMA_VERSION {
-            return Err(StoreError::Newer { path, found: version });
+        if version != SCHEMA_VERSION {
+            tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         }
-        let tables: i64 = conn.query_row(
-            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'",
-            [],
-            |r| r.get(0),
-        )?;
-        if version == 0 && tables > 0 {
-            return Err(StoreError::Corrupt {
-                path,
-                detail: "the file holds other tables".into(),
-            });
-        }
-        conn.execute_batch(SCHEMA)?;
-        conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        tx.commit()?;
         Ok(Self {
             conn,
             path,
@@ -145,6 +142,8 @@ impl Store {
     pub fn write(&mut self, batch: &Batch) -> Result<Vec<u64>, StoreError> {
         let tx = self.conn.transaction()?;
         let mut ids = Vec::with_capacity(batch.anomalies.len());
+        // What the batch adds to each job's counts: info, warning, critical, advice.
+        let mut counts: HashMap<&str, [i64; 4]> = HashMap::new();
         {
             let mut job = tx.prepare_cached(
                 "INSERT INTO jobs (job, first_seen, last_seen, ranks, world_size, layers, last_step, health)
@@ -187,6 +186,10 @@ impl Store {
                     f.threshold,
                     f.message,
                 ])?;
+                if inserted == 1 {
+                    let code = severity_code(Some(f.severity));
+                    counts.entry(&f.job).or_default()[(code - 1) as usize] += 1;
+                }
                 match id {
                     None => ids.push(tx.last_insert_rowid() as u64),
                     Some(id) if inserted == 1 => ids.push(id),
@@ -202,7 +205,7 @@ impl Store {
             for (a, time) in &batch.advice {
                 let rules: Vec<&str> = a.rules.iter().map(|r| r.as_str()).collect();
                 let evidence = serde_json::to_string(&a.evidence).unwrap_or_else(|_| "[]".into());
-                advice.execute(params![
+                let inserted = advice.execute(params![
                     a.id as i64,
                     &*a.job,
                     a.target,
@@ -216,6 +219,17 @@ impl Store {
                     evidence,
                     time,
                 ])?;
+                if inserted == 1 {
+                    counts.entry(&a.job).or_default()[3] += 1;
+                }
+            }
+            let mut count = tx.prepare_cached(
+                "INSERT INTO job_counts (job, info, warning, critical, advice) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (job) DO UPDATE SET info = info + excluded.info, warning = warning + excluded.warning,
+                   critical = critical + excluded.critical, advice = advice + excluded.advice",
+            )?;
+            for (job, [i, w, c, a]) in &counts {
+                count.execute(params![job, i, w, c, a])?;
             }
             let mut ack = tx.prepare_cached(
                 "INSERT INTO acks (advice_id, job, rank, applied_step, applied, note, time)
@@ -248,30 +262,34 @@ impl Store {
         let mut pruned = Pruned::default();
         if let Some(age) = retention.max_age_secs {
             let cutoff = now - age;
-            pruned.anomalies += self.conn.execute("DELETE FROM anomalies WHERE time < ?1", [cutoff])? as u64;
-            pruned.advice += self.conn.execute("DELETE FROM advice WHERE time < ?1", [cutoff])? as u64;
-            self.conn.execute("DELETE FROM acks WHERE time < ?1", [cutoff])?;
-            self.conn.execute("DELETE FROM jobs WHERE last_seen < ?1", [cutoff])?;
+            let tx = self.conn.transaction()?;
+            pruned.anomalies += delete_counted(&tx, Counted::Anomalies, "WHERE time < ?1", cutoff)?;
+            pruned.advice += delete_counted(&tx, Counted::Advice, "WHERE time < ?1", cutoff)?;
+            tx.execute("DELETE FROM acks WHERE time < ?1", [cutoff])?;
+            tx.execute("DELETE FROM jobs WHERE last_seen < ?1", [cutoff])?;
+            tx.commit()?;
         }
         if let Some(max) = retention.max_bytes {
             const CHUNK: i64 = 1_000;
             while self.used_bytes()? > max {
-                let a = self.conn.execute(
-                    "DELETE FROM anomalies WHERE id IN (SELECT id FROM anomalies ORDER BY id LIMIT ?1)",
-                    [CHUNK],
-                )? as u64;
-                let d = self.conn.execute(
-                    "DELETE FROM advice WHERE id IN (SELECT id FROM advice ORDER BY id LIMIT ?1)",
-                    [CHUNK / 10],
-                )? as u64;
-                self.conn
-                    .execute("DELETE FROM acks WHERE advice_id NOT IN (SELECT id FROM advice)", [])?;
+                let tx = self.conn.transaction()?;
+                let oldest = "WHERE id IN (SELECT id FROM {table} ORDER BY id LIMIT ?1)";
+                let a = delete_counted(&tx, Counted::Anomalies, oldest, CHUNK)?;
+                let d = delete_counted(&tx, Counted::Advice, oldest, CHUNK / 10)?;
+                tx.execute("DELETE FROM acks WHERE advice_id NOT IN (SELECT id FROM advice)", [])?;
+                tx.commit()?;
                 pruned.anomalies += a;
                 pruned.advice += d;
                 if a + d == 0 {
                     break;
                 }
             }
+        }
+        if pruned.anomalies + pruned.advice > 0 {
+            self.conn.execute(
+                "DELETE FROM job_counts WHERE info = 0 AND warning = 0 AND critical = 0 AND advice = 0",
+                [],
+            )?;
         }
         Ok(pruned)
     }
@@ -316,6 +334,45 @@ impl Checkpointer {
         self.conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))?;
         Ok(())
     }
+}
+
+/// A table whose rows `job_counts` counts.
+#[derive(Clone, Copy)]
+enum Counted {
+    Anomalies,
+    Advice,
+}
+
+/// Deletes the rows of `table` that `filter` (`{table}` stands for the
+/// table's name) selects, and takes them off their jobs' counts; returns how
+/// many. Run inside a transaction, so the counts never disagree with the rows.
+fn delete_counted(
+    tx: &Connection,
+    table: Counted,
+    filter: &str,
+    value: impl rusqlite::ToSql,
+) -> Result<u64, StoreError> {
+    let (name, sums, set) = match table {
+        Counted::Anomalies => (
+            "anomalies",
+            "sum(severity = 1) AS i, sum(severity = 2) AS w, sum(severity = 3) AS c, 0 AS a",
+            "info = info - d.i, warning = warning - d.w, critical = critical - d.c",
+        ),
+        Counted::Advice => (
+            "advice",
+            "0 AS i, 0 AS w, 0 AS c, count(*) AS a",
+            "advice = advice - d.a",
+        ),
+    };
+    let filter = filter.replace("{table}", name);
+    tx.prepare_cached(&format!(
+        "UPDATE job_counts SET {set}
+         FROM (SELECT job, {sums} FROM {name} {filter} GROUP BY job) AS d WHERE job_counts.job = d.job"
+    ))?
+    .execute([&value])?;
+    Ok(tx
+        .prepare_cached(&format!("DELETE FROM {name} {filter}"))?
+        .execute([&value])? as u64)
 }
 
 pub(super) fn used_bytes(conn: &Connection) -> Result<u64, StoreError> {

@@ -272,14 +272,20 @@ class Job(_message.Message):
     def __init__(self, job: _Optional[str] = ..., first_seen: _Optional[float] = ..., last_seen: _Optional[float] = ..., ranks: _Optional[int] = ..., world_size: _Optional[int] = ..., layers: _Optional[int] = ..., last_step: _Optional[int] = ..., health: _Optional[_Union[Health, str]] = ..., live: _Optional[bool] = ..., connected_streams: _Optional[int] = ..., anomalies_info: _Optional[int] = ..., anomalies_warning: _Optional[int] = ..., anomalies_critical: _Optional[int] = ..., advice: _Optional[int] = ...) -> None: ...
 
 class ListJobsRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("page_size", "page_token")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListJobsResponse(_message.Message):
-    __slots__ = ("jobs",)
+    __slots__ = ("jobs", "next_page_token")
     JOBS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     jobs: _containers.RepeatedCompositeFieldContainer[Job]
-    def __init__(self, jobs: _Optional[_Iterable[_Union[Job, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, jobs: _Optional[_Iterable[_Union[Job, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
     __slots__ = ("job",)

@@ -101,9 +101,14 @@ class Ingest:
 
 
 class QueryStub:
-    """Stored jobs, anomalies and advice. Listings are newest first; a page token
-    is opaque: pass the previous response's next_page_token to continue (empty
-    when there is no next page).
+    """Stored jobs, anomalies and advice. Anomalies and advice are listed newest
+    first, jobs by job id; a page token is opaque: pass the previous response's
+    next_page_token to continue (empty when there is no next page).
+
+    Every call but WatchAnomalies and GetRules reads the store: at most
+    max_concurrent_queries such reads run at once, and one that cannot start
+    and finish within query_timeout fails: RESOURCE_EXHAUSTED when it waited
+    that long for its turn, DEADLINE_EXCEEDED when it ran that long.
     """
 
     def __init__(self, channel):
@@ -145,13 +150,19 @@ class QueryStub:
 
 
 class QueryServicer:
-    """Stored jobs, anomalies and advice. Listings are newest first; a page token
-    is opaque: pass the previous response's next_page_token to continue (empty
-    when there is no next page).
+    """Stored jobs, anomalies and advice. Anomalies and advice are listed newest
+    first, jobs by job id; a page token is opaque: pass the previous response's
+    next_page_token to continue (empty when there is no next page).
+
+    Every call but WatchAnomalies and GetRules reads the store: at most
+    max_concurrent_queries such reads run at once, and one that cannot start
+    and finish within query_timeout fails: RESOURCE_EXHAUSTED when it waited
+    that long for its turn, DEADLINE_EXCEEDED when it ran that long.
     """
 
     def ListJobs(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Stored and live jobs, by job id, a page at a time.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -231,9 +242,14 @@ def add_QueryServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Query:
-    """Stored jobs, anomalies and advice. Listings are newest first; a page token
-    is opaque: pass the previous response's next_page_token to continue (empty
-    when there is no next page).
+    """Stored jobs, anomalies and advice. Anomalies and advice are listed newest
+    first, jobs by job id; a page token is opaque: pass the previous response's
+    next_page_token to continue (empty when there is no next page).
+
+    Every call but WatchAnomalies and GetRules reads the store: at most
+    max_concurrent_queries such reads run at once, and one that cannot start
+    and finish within query_timeout fails: RESOURCE_EXHAUSTED when it waited
+    that long for its turn, DEADLINE_EXCEEDED when it ran that long.
     """
 
     @staticmethod
