@@ -3,7 +3,8 @@
 use std::sync::Arc;
 
 use super::{Limits, Reason, Refusal};
-use crate::engine::JobSpec;
+use crate::config::RuleBook;
+use crate::engine::{EngineError, JobSpec};
 use crate::model::JobId;
 use crate::proto;
 
@@ -20,6 +21,14 @@ pub struct Declared {
 }
 
 impl Declared {
+    /// The one check of a Hello that needs no job state: its rule profile
+    /// exists in `book` (as the job's owner would find).
+    pub fn check_profile(&self, book: &RuleBook) -> Result<(), Refusal> {
+        book.for_job(&self.job, self.profile.as_deref())
+            .map(drop)
+            .map_err(|e| Refusal::from(&EngineError::from(e)))
+    }
+
     pub fn spec(&self) -> JobSpec<'_> {
         JobSpec {
             layer_names: &self.layer_names,

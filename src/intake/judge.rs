@@ -2,7 +2,7 @@
 //! summaries, acts on acknowledgements, and counts what it decided.
 
 use super::{Declared, IntakeMetrics, Limits, Reason, Refusal, convert};
-use crate::engine::{Engine, EngineError, Output};
+use crate::engine::{Engine, Output};
 use crate::model::{Action, Advice, Finding, Summary};
 use crate::proto;
 
@@ -37,16 +37,6 @@ impl Judge {
 
     pub fn metrics(&self) -> &IntakeMetrics {
         &self.metrics
-    }
-
-    /// Checks what a Hello for a job not yet tracked can be checked for
-    /// without creating it: its rule profile exists.
-    pub fn check(&self, d: &Declared) -> Result<(), Refusal> {
-        self.engine
-            .rule_book()
-            .for_job(&d.job, d.profile.as_deref())
-            .map(drop)
-            .map_err(|e| Refusal::from(&EngineError::from(e)))
     }
 
     /// Declares a rank's view of its job. A job beyond [`Limits::max_jobs`]

@@ -64,9 +64,7 @@ impl Forwarding {
 impl Mode for Forwarding {
     fn hello(&mut self, d: &Declared, hello: &proto::Hello) -> Result<Greeting, Refusal> {
         // An unknown profile is refused here, as the owner would.
-        self.book
-            .for_job(&d.job, d.profile.as_deref())
-            .map_err(|e| Refusal::from(&EngineError::from(e)))?;
+        d.check_profile(&self.book)?;
         if !self.jobs.contains_key(&d.job) {
             return Ok(Greeting::Pending);
         }

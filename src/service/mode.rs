@@ -71,7 +71,7 @@ pub trait Mode: Send + 'static {
 impl Mode for Judge {
     fn hello(&mut self, d: &Declared, _: &proto::Hello) -> Result<Greeting, Refusal> {
         if !self.engine().has_job(&d.job) {
-            self.check(d)?;
+            d.check_profile(self.engine().rule_book())?;
             return Ok(Greeting::Pending);
         }
         self.declare(d)?;

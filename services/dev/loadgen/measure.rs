@@ -214,9 +214,8 @@ pub(super) async fn measure(args: &LoadgenArgs, target: &str, memory: MemorySour
         errors,
         server_resident_memory_bytes: memory.as_ref().ok().copied(),
         server_resident_memory_unknown: memory.err(),
-        memory_growth_last_half: (every.is_some())
-            .then(|| growth_over_last_half(&memory_samples))
-            .flatten(),
+        // One sample (no --memory-every) has no middle: no growth.
+        memory_growth_last_half: growth_over_last_half(&memory_samples),
         memory_samples: if every.is_some() { memory_samples } else { Vec::new() },
         first_error,
     })
