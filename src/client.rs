@@ -198,23 +198,34 @@ pub fn causes(e: &dyn std::error::Error) -> String {
 }
 
 /// What to check when a call on `url` failed at the transport: a
-/// plaintext client talking to a TLS server (or the other way round) sees
-/// only an HTTP/2 or connection error.
-pub fn transport_hint(url: &str, status: &Status) -> &'static str {
-    let transport = matches!(status.code(), tonic::Code::Unknown | tonic::Code::Unavailable)
-        && [
-            "h2 protocol error",
-            "transport error",
-            "connection",
-            "tls",
-            "certificate",
-        ]
-        .iter()
-        .any(|m| status.message().to_lowercase().contains(m));
-    if transport {
-        hint(url.starts_with("https://"))
-    } else {
-        ""
+/// plaintext client talking to a TLS server (or the other way round), or a
+/// TLS 1.3 server refusing the client's certificate after the handshake,
+/// shows only as an HTTP/2 or connection error.
+pub fn transport_hint(url: &str, security: &ClientSecurity, status: &Status) -> &'static str {
+    let message = status.message().to_lowercase();
+    let transport = matches!(
+        status.code(),
+        tonic::Code::Unknown | tonic::Code::Unavailable | tonic::Code::Cancelled
+    ) && [
+        "h2 protocol error",
+        "transport error",
+        "connection",
+        "tls",
+        "certificate",
+        "canceled",
+        "cancelled",
+    ]
+    .iter()
+    .any(|m| message.contains(m));
+    match (transport, url.starts_with("https://"), security.tls_cert.is_some()) {
+        (false, _, _) => "",
+        (true, false, _) => hint(false),
+        (true, true, false) => {
+            " (with https://: does the server ask for a client certificate (mutual TLS)? Then pass --tls-cert and --tls-key)"
+        }
+        (true, true, true) => {
+            " (with https://: does the server trust the CA that signed the client certificate (--tls-cert)?)"
+        }
     }
 }
 

@@ -28,11 +28,15 @@ pub(super) async fn connect(url: &str, security: &ClientSecurity) -> Result<Quer
 
 /// A query the server answered with an error: the command's fault (exit 2)
 /// when the server calls it invalid, otherwise exit 1.
-pub(super) fn refused(url: &str, status: Status) -> Failure {
+pub(super) fn refused(url: &str, security: &ClientSecurity, status: Status) -> Failure {
+    // A transport failure's status carries its cause (a TLS alert, say).
+    let cause = std::error::Error::source(&status)
+        .map(|e| format!(" ({})", client::causes(e)))
+        .unwrap_or_default();
     let error = anyhow!(
-        "{url}: {}{}",
+        "{url}: {}{cause}{}",
         status_text(&status),
-        client::transport_hint(url, &status)
+        client::transport_hint(url, security, &status)
     );
     match status.code() {
         Code::InvalidArgument => Failure::usage(error),

@@ -61,7 +61,7 @@ pub fn jobs(args: &JobsArgs) -> Result<ExitCode, Failure> {
             Ok((page.jobs, page.next_page_token))
         })
         .await
-        .map_err(|s| refused(url, s))
+        .map_err(|s| refused(url, &security, s))
     })?;
     let code = emit(|out| {
         if args.server.json {
@@ -88,7 +88,7 @@ pub fn job(args: &JobArgs) -> Result<ExitCode, Failure> {
             Err(s) if s.code() == Code::NotFound => {
                 return Err(Failure::input(anyhow!("no job {:?} is known to {url}", args.job)));
             }
-            Err(s) => return Err(refused(url, s)),
+            Err(s) => return Err(refused(url, &security, s)),
         };
         let filter = Some(proto::Filter {
             job: args.job.clone(),
@@ -101,7 +101,7 @@ pub fn job(args: &JobArgs) -> Result<ExitCode, Failure> {
                 page_token: String::new(),
             })
             .await
-            .map_err(|s| refused(url, s))?
+            .map_err(|s| refused(url, &security, s))?
             .into_inner()
             .anomalies;
         let advice = query
@@ -111,7 +111,7 @@ pub fn job(args: &JobArgs) -> Result<ExitCode, Failure> {
                 page_token: String::new(),
             })
             .await
-            .map_err(|s| refused(url, s))?
+            .map_err(|s| refused(url, &security, s))?
             .into_inner()
             .advice;
         Ok((job, anomalies, advice))
@@ -149,7 +149,7 @@ pub fn anomalies(args: &ListArgs) -> Result<ExitCode, Failure> {
             Ok((page.anomalies, page.next_page_token))
         })
         .await
-        .map_err(|s| refused(url, s))
+        .map_err(|s| refused(url, &security, s))
     })?;
     let code = emit(|out| {
         if args.server.json {
@@ -187,7 +187,7 @@ pub fn advice(args: &ListArgs) -> Result<ExitCode, Failure> {
             Ok((page.advice, page.next_page_token))
         })
         .await
-        .map_err(|s| refused(url, s))
+        .map_err(|s| refused(url, &security, s))
     })?;
     let code = emit(|out| {
         if args.server.json {
@@ -217,7 +217,7 @@ pub fn watch(args: &WatchArgs) -> Result<ExitCode, Failure> {
         let mut feed = query
             .watch_anomalies(request)
             .await
-            .map_err(|s| refused(url, s))?
+            .map_err(|s| refused(url, &security, s))?
             .into_inner();
         warn(&format!("watching anomalies on {url}"));
         let interrupted = tokio::signal::ctrl_c();

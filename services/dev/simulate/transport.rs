@@ -148,11 +148,11 @@ pub(super) async fn open_ranks(
     for rank in 0..cfg.workers {
         let mut client = client::connect_with(url, security)
             .await
-            .map_err(|e| open_failure(url, rank, e))?;
+            .map_err(|e| open_failure(url, security, rank, e))?;
         let hello = hello(scenario, &names, rank);
         let stream = WorkerStream::open(&mut client, hello)
             .await
-            .map_err(|e| open_failure(url, rank, e))?;
+            .map_err(|e| open_failure(url, security, rank, e))?;
         // A job the server already has steps for would refuse ours as
         // duplicates (steps must increase), or mix two runs in one history.
         // Some(0) is not checked: a server may report "none" as 0.
@@ -169,7 +169,7 @@ pub(super) async fn open_ranks(
     Ok(ranks)
 }
 
-fn open_failure(url: &str, rank: u32, error: ClientError) -> Failure {
+fn open_failure(url: &str, security: &ClientSecurity, rank: u32, error: ClientError) -> Failure {
     match error {
         ClientError::Url { .. } => Failure::usage(anyhow!("--server: {error}")),
         ClientError::Connect { .. } => Failure::input(error),
@@ -177,7 +177,7 @@ fn open_failure(url: &str, rank: u32, error: ClientError) -> Failure {
         ClientError::Status(status) => Failure::input(anyhow!(
             "{url} refused the stream of rank {rank}: {}{}",
             status_text(&status),
-            client::transport_hint(url, &status)
+            client::transport_hint(url, security, &status)
         )),
         ClientError::NoWelcome | ClientError::Closed => {
             Failure::input(anyhow!("{url}: stream of rank {rank}: {error}"))
