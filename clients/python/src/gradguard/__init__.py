@@ -53,8 +53,9 @@ def watch(
     - `tls_ca`: a PEM bundle to verify the server with (default
       `$GRADGUARD_TLS_CA`, else the system roots); `tls_cert` and `tls_key`:
       this worker's PEM certificate and key for mutual TLS (default
-      `$GRADGUARD_TLS_CLIENT_CERT`, `$GRADGUARD_TLS_CLIENT_KEY`). Giving any
-      of them selects TLS for a bare `host:port`. A file that cannot be read
+      `$GRADGUARD_TLS_CLIENT_CERT`, `$GRADGUARD_TLS_CLIENT_KEY`). Any of
+      them, given or from the environment, selects TLS for a bare
+      `host:port` (and is an error with `http://`). A file that cannot be read
       raises ValueError here; a service that refuses the credentials
       (UNAUTHENTICATED, PERMISSION_DENIED) is logged once as an error and
       shows in `guard.stats.refused` and `last_error`, and the guard stops

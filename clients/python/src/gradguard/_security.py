@@ -2,7 +2,8 @@
 TLS), and the bearer token, from `watch()`'s options or the environment.
 
 Conventions shared with the Rust CLI: `https://host:port` is TLS, `http://`
-or a bare `host:port` plaintext; `GRADGUARD_TOKEN` (or `GRADGUARD_TOKEN_FILE`,
+plaintext, and a bare `host:port` TLS when a CA or client certificate is given
+(by option or variable), else plaintext; `GRADGUARD_TOKEN` (or `GRADGUARD_TOKEN_FILE`,
 trailing whitespace stripped) is the token, sent as `authorization: Bearer`
 metadata; `GRADGUARD_TLS_CA` verifies the server (else the system roots);
 `GRADGUARD_TLS_CLIENT_CERT` and `GRADGUARD_TLS_CLIENT_KEY` are the client's
@@ -157,18 +158,20 @@ def resolve(
     tls_key=...)`, each option falling back on its environment variable.
     Raises ValueError naming the option (or variable) and the path."""
     env = os.environ if env is None else env
-    target, scheme_tls = _split(server if server is not None else env.get(ENV_SERVER) or DEFAULT_SERVER)
+    if server is None:
+        server = env.get(ENV_SERVER) or DEFAULT_SERVER
+    target, scheme_tls = _split(server)
 
-    given = [name for name, v in (("tls_ca", tls_ca), ("tls_cert", tls_cert), ("tls_key", tls_key)) if v is not None]
-    if scheme_tls is False and given:
-        raise ValueError(f"{', '.join(given)} given, but server {server!r} is plaintext (http://): use https://")
-    tls = scheme_tls if scheme_tls is not None else bool(given)
+    ca, ca_from = _option(tls_ca, "tls_ca", env, ENV_TLS_CA)
+    cert, cert_from = _option(tls_cert, "tls_cert", env, ENV_TLS_CERT)
+    pkey, key_from = _option(tls_key, "tls_key", env, ENV_TLS_KEY)
+    files = [source for value, source in ((ca, ca_from), (cert, cert_from), (pkey, key_from)) if value]
+    if scheme_tls is False and files:
+        raise ValueError(f"{', '.join(files)} given, but server {server!r} is plaintext (http://): use https://")
+    tls = scheme_tls if scheme_tls is not None else bool(files)
 
     roots = key = chain = None
     if tls:
-        ca, ca_from = _option(tls_ca, "tls_ca", env, ENV_TLS_CA)
-        cert, cert_from = _option(tls_cert, "tls_cert", env, ENV_TLS_CERT)
-        pkey, key_from = _option(tls_key, "tls_key", env, ENV_TLS_KEY)
         if bool(cert) != bool(pkey):
             have, lack = (cert_from, "tls_key or " + ENV_TLS_KEY) if cert else (key_from, "tls_cert or " + ENV_TLS_CERT)
             raise ValueError(f"{have} given without {lack}: mutual TLS needs the client certificate and its key")
@@ -176,8 +179,6 @@ def resolve(
         if cert:
             chain = _read(cert, cert_from, pem=True)
             key = _read(pkey, key_from, pem=True)
-    elif any(env.get(v) for v in (ENV_TLS_CA, ENV_TLS_CERT, ENV_TLS_KEY)):
-        log.warning("gradguard: %s is plaintext; the GRADGUARD_TLS_* variables apply only to https:// servers", target)
 
     bearer = _token(token, env)
     endpoint = Endpoint(

@@ -270,6 +270,9 @@ class Connection(threading.Thread):
 
 # Statuses a retry cannot change: the credentials or their scope are wrong.
 REFUSALS = ("UNAUTHENTICATED", "PERMISSION_DENIED")
+# In the details of a connection that failed at TLS, or at a plaintext
+# client's first bytes to a TLS server.
+TLS_SIGNS = ("TSI_", "SSL", "andshake", "Socket closed")
 
 
 class GrpcConnection(Connection):
@@ -323,11 +326,25 @@ class GrpcConnection(Connection):
                 elif e.code().name in REFUSALS:
                     self._refuse(f"{e.code().name}: {e.details()}")
                 else:
-                    self._error(f"{e.code().name}: {e.details()}")
+                    self._error(f"{e.code().name}: {e.details()}{self._hint(e)}")
             finally:
                 done.set()
                 self.outbox.wake()  # gRPC's thread may wait in `take` for the next message
                 call.cancel()
+
+    def _hint(self, e) -> str:
+        """What to check when the connection failed at TLS (a plaintext
+        client of a TLS server sees only a closed socket, a client without
+        the certificate a mutual-TLS server asks for, a corrupted record)."""
+        details = e.details() or ""
+        if e.code().name != "UNAVAILABLE" or not any(m in details for m in TLS_SIGNS):
+            return ""
+        if self.endpoint.tls:
+            return (
+                " (TLS: is the server serving TLS, does tls_ca hold the CA that signed its certificate,"
+                " and does it ask for a client certificate (tls_cert, tls_key)?)"
+            )
+        return " (plaintext: is the server serving TLS? Then use https:// and tls_ca)"
 
     def _requests(self, welcomed: threading.Event, done: threading.Event) -> Iterator[pb.WorkerMessage]:
         yield pb.WorkerMessage(hello=self.hello)
