@@ -6,6 +6,7 @@ here by the openssl CLI: a P-256 CA, a server certificate for localhost and
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 import secrets
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from conftest import gradguard_bin
 from problems import Regression
 
 import gradguard
@@ -276,6 +278,11 @@ def test_the_token_from_the_environment(auth_server, certs, tmp_path, monkeypatc
     guard = train("team-a/file", server=auth_server.url)
     assert guard.stats.sent == STEPS and guard.stats.last_error == "", guard.stats
     assert query_job(auth_server, "team-a/file", certs, token=auth_server.tokens["team-a"]).last_step == STEPS
+    # The CLI reads the same variables.
+    command = [gradguard_bin(), "jobs", "--json", "--server", auth_server.url]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
+    assert out.returncode == 0, out.stderr
+    assert {json.loads(line)["job"] for line in out.stdout.splitlines()} >= {"team-a/env", "team-a/file"}, out.stdout
 
 
 @pytest.mark.parametrize("token", [None, "not-a-known-token"])
