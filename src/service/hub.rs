@@ -21,11 +21,12 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 use tonic::Status;
 
+pub use super::attachment::Attachment;
 use super::metrics::{HubMetrics, JobGauges};
 use super::mode::{Greeting, Mode, Shape};
 use crate::clock::unix_now;
 use crate::engine::Output;
-use crate::intake::{Declared, Limits, Reason, Refusal};
+use crate::intake::{Declared, Limits, Refusal};
 use crate::model::Summary;
 use crate::proto::{self, server_message};
 use crate::recorder::{Record, Recorder};
@@ -118,40 +119,6 @@ struct Stream {
     id: u64,
     outbox: Outbox,
     principal: Option<Arc<str>>,
-}
-
-/// What a stream is, once its Hello was accepted.
-#[derive(Debug, Clone)]
-pub struct Attachment {
-    pub stream: u64,
-    pub declared: Declared,
-    /// Who opened it (`None` without `--auth`): only a stream of the same
-    /// principal replaces it.
-    pub principal: Option<Arc<str>>,
-}
-
-impl Attachment {
-    /// What ends a stream that a newer one of the same job and rank replaced.
-    fn replaced(&self) -> Refusal {
-        Refusal::new(
-            Reason::Replaced,
-            format!(
-                "replaced by a newer stream of job {:?} rank {}",
-                &*self.declared.job, self.declared.rank
-            ),
-        )
-    }
-
-    /// What refuses a stream for a rank another principal's stream holds.
-    fn held(&self) -> Refusal {
-        Refusal::new(
-            Reason::RankHeld,
-            format!(
-                "job {:?} rank {} is streamed by another principal; only a stream of the same principal replaces it",
-                &*self.declared.job, self.declared.rank
-            ),
-        )
-    }
 }
 
 impl Hub {

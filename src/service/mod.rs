@@ -7,6 +7,7 @@
 //! [`run`] is both around a shutdown future.
 
 pub mod access;
+mod attachment;
 pub mod connections;
 mod forward;
 mod hub;

@@ -319,6 +319,9 @@ impl Query for QueryService {
         let r = request.into_inner();
         if !r.job.is_empty() {
             self.may_query(&caller, &r.job)?;
+        } else if !caller.queries_something() {
+            // A watch that could never show a thing is a mistake to say.
+            return Err(self.gate.out_of_scope(&caller, "watch", "(any)"));
         }
         // No store read: the feed takes no query slot.
         self.reader()?;
