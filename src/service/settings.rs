@@ -655,6 +655,47 @@ mod tests {
     }
 
     #[test]
+    fn the_security_section_maps_and_half_a_tls_setup_is_an_error() {
+        let file = parse(
+            "version = 1\n[security]\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"\ntls_client_ca = \"ca.pem\"\nmetrics_tls = true\nauth = \"auth.toml\"\n",
+        )
+        .unwrap();
+        let security = file.resolve(None).unwrap().service.security;
+        assert_eq!(
+            security.tls,
+            Some(crate::auth::tls::TlsFiles {
+                cert: "c.pem".into(),
+                key: "k.pem".into(),
+                client_ca: Some("ca.pem".into()),
+            })
+        );
+        assert!(security.metrics_tls);
+        assert_eq!(security.auth, Some(PathBuf::from("auth.toml")));
+        assert_eq!(
+            parse("version = 1\n").unwrap().resolve(None).unwrap().service.security,
+            Default::default()
+        );
+        for (section, says) in [
+            ("tls_cert = \"c.pem\"", "--tls-cert (security.tls_cert) needs --tls-key"),
+            ("tls_key = \"k.pem\"", "--tls-key (security.tls_key) needs --tls-cert"),
+            (
+                "tls_client_ca = \"ca.pem\"",
+                "--tls-client-ca ca.pem (security.tls_client_ca) needs --tls-cert",
+            ),
+            (
+                "metrics_tls = true",
+                "--metrics-tls (security.metrics_tls) needs --tls-cert",
+            ),
+        ] {
+            let e = parse(&format!("version = 1\n[security]\n{section}\n"))
+                .unwrap()
+                .resolve(None)
+                .unwrap_err();
+            assert!(e.to_string().starts_with(says), "{e}");
+        }
+    }
+
+    #[test]
     fn flags_override_the_file_field_by_field() {
         let file = parse("version = 1\n[limits]\nmax_jobs = 5\nstream_queue = 8\n[store]\ndir = \"d\"\n").unwrap();
         let flags = SettingsFile {
