@@ -60,7 +60,7 @@ pub(super) async fn measure(args: &LoadgenArgs, target: &str, memory: MemorySour
             Ok(Ok(stream)) => opened.push((i as u32, stream)),
             Ok(Err(e)) => {
                 errors += 1;
-                first_error.get_or_insert_with(|| format!("stream {i}: {}", error_chain(&e)));
+                first_error.get_or_insert_with(|| format!("stream {i}: {}", client::causes(&e)));
             }
             Err(e) => {
                 errors += 1;
@@ -152,7 +152,7 @@ pub(super) async fn measure(args: &LoadgenArgs, target: &str, memory: MemorySour
             Ok(Ok((sent, result))) => {
                 summaries += sent;
                 if let Err(e) = result {
-                    failed = Some(format!("sending: {}", error_chain(&e)));
+                    failed = Some(format!("sending: {}", client::causes(&e)));
                 }
             }
             Ok(Err(e)) => failed = Some(format!("sender: {e}")),
@@ -234,21 +234,6 @@ pub(super) fn growth_over_last_half(samples: &[MemorySample]) -> Option<f64> {
     })?;
     (middle.bytes > 0 && middle.at_s < last.at_s)
         .then(|| (last.bytes as f64 - middle.bytes as f64) / middle.bytes as f64)
-}
-
-/// An error with its causes, for one line on stderr (as [`crate::cli::describe`]).
-pub(super) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut message = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !message.contains(&text) {
-            message.push_str(": ");
-            message.push_str(&text);
-        }
-        source = cause.source();
-    }
-    message
 }
 
 /// When and how one stream sends.

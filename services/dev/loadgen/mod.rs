@@ -49,7 +49,7 @@ use tonic::codegen::http::Uri;
 
 use crate::cli::Failure;
 use baseline::SinkChild;
-use measure::{error_chain, measure};
+use measure::measure;
 use memory::MemorySource;
 use report::human;
 
@@ -235,7 +235,7 @@ pub fn run(args: &LoadgenArgs) -> Result<ExitCode, Failure> {
     // Fail before the sink's run, not a whole --duration later.
     runtime
         .block_on(client::connect_with(&args.server, &security_for(args, &args.server)?))
-        .map_err(|e| Failure::input(anyhow!("cannot reach --server: {}", error_chain(&e))))?;
+        .map_err(|e| Failure::input(anyhow!("cannot reach --server: {}", client::causes(&e))))?;
     // The sink, if it is the baseline, lives for every round.
     let mut sink = None;
     let (label, key, base_url, base_memory) = match &args.compare {
