@@ -155,7 +155,7 @@ async fn main() {
         let mut times = Vec::new();
         for _ in 0..20 {
             let t = Instant::now();
-            let rows = reader.jobs_page(None, size + 1, &[]).expect("a page");
+            let rows = reader.jobs_page(None, size + 1, &[], None).expect("a page");
             times.push(t.elapsed());
             assert_eq!(rows.len(), (size as usize + 1).min(jobs));
         }
@@ -164,7 +164,7 @@ async fn main() {
         let mut after: Option<String> = None;
         let mut n = 0;
         loop {
-            let rows = reader.jobs_page(after.as_deref(), size, &[]).expect("a page");
+            let rows = reader.jobs_page(after.as_deref(), size, &[], None).expect("a page");
             n += rows.len();
             match rows.last() {
                 Some(last) if rows.len() == size as usize => after = Some(last.job.clone()),

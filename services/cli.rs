@@ -52,6 +52,105 @@ pub enum Command {
     Advice(crate::query_cli::ListArgs),
     /// Print anomalies as a running server stores them, until Ctrl-C.
     Watch(crate::query_cli::WatchArgs),
+    /// Helpers for `serve --auth` files.
+    #[command(subcommand)]
+    Auth(AuthCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuthCommand {
+    /// Print the `token_sha256` of a bearer token read from stdin (one line;
+    /// the token never goes on a command line).
+    HashToken,
+    /// Check an auth file as `serve --auth` would, and list its principals.
+    Check {
+        /// The auth file (TOML).
+        file: PathBuf,
+    },
+}
+
+/// `gradguard auth ...`.
+pub fn auth(command: &AuthCommand) -> Result<ExitCode, Failure> {
+    match command {
+        AuthCommand::HashToken => {
+            let mut token = String::new();
+            io::stdin()
+                .read_line(&mut token)
+                .map_err(|e| Failure::input(anyhow::anyhow!("cannot read the token from stdin: {e}")))?;
+            let token = token.trim();
+            if token.is_empty() {
+                return Err(Failure::usage(anyhow::anyhow!("no token on stdin")));
+            }
+            println!("{}", gradguard::auth::sha256_hex(token));
+        }
+        AuthCommand::Check { file } => {
+            let principals = gradguard::auth::Principals::load(file).map_err(Failure::usage)?;
+            for name in principals.names() {
+                println!("{name}");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// How a client command proves itself to the server and checks it: TLS
+/// and a bearer token (every command that calls a server has these).
+#[derive(Debug, Clone, Default, Args)]
+pub struct ClientSecurityArgs {
+    /// PEM CA certificates that sign the server's certificate (TLS; the
+    /// system's roots when absent with an `https://` server).
+    #[arg(long, value_name = "FILE", env = "GRADGUARD_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+
+    /// A PEM client certificate, for servers that ask for one (mutual TLS; with `--tls-key`).
+    #[arg(long, value_name = "FILE", env = "GRADGUARD_TLS_CLIENT_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The PEM private key of `--tls-cert`.
+    #[arg(long, value_name = "FILE", env = "GRADGUARD_TLS_CLIENT_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// The bearer token (prefer the environment variable or `--token-file`:
+    /// a flag shows in the process list).
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "GRADGUARD_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "token_file"
+    )]
+    pub token: Option<String>,
+
+    /// A file holding the bearer token.
+    #[arg(long, value_name = "FILE", env = "GRADGUARD_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+}
+
+impl ClientSecurityArgs {
+    /// The client's security settings; an unreadable token file is a usage error.
+    pub fn security(&self) -> Result<gradguard::client::ClientSecurity, Failure> {
+        let token = match (&self.token, &self.token_file) {
+            (Some(t), _) => Some(t.clone()),
+            (None, Some(path)) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|e| Failure::usage(anyhow::anyhow!("--token-file {}: {e}", path.display())))?
+                    .trim()
+                    .to_owned(),
+            ),
+            (None, None) => None,
+        };
+        if token.as_deref() == Some("") {
+            return Err(Failure::usage(anyhow::anyhow!(
+                "the token (--token, --token-file) is empty"
+            )));
+        }
+        Ok(gradguard::client::ClientSecurity {
+            tls_ca: self.tls_ca.clone(),
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
+            token,
+        })
+    }
 }
 
 #[derive(Debug, Args)]

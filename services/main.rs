@@ -36,6 +36,7 @@ fn main() -> ExitCode {
         cli::Command::Anomalies(args) => query_cli::anomalies(args),
         cli::Command::Advice(args) => query_cli::advice(args),
         cli::Command::Watch(args) => query_cli::watch(args),
+        cli::Command::Auth(command) => cli::auth(command),
     };
     result.unwrap_or_else(|failure| {
         cli::warn(&format!("gradguard: {}", cli::describe(&failure.error)));

@@ -19,8 +19,10 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::parser::ValueSource;
 use clap::{ArgMatches, Args};
+use gradguard::auth::Principals;
+use gradguard::auth::tls::ServerTls;
 use gradguard::config::RuleBook;
-use gradguard::service::settings::{LimitsSection, Listen, StoreSection, defaults, ranges};
+use gradguard::service::settings::{LimitsSection, Listen, SecuritySection, StoreSection, defaults, ranges};
 use gradguard::service::{Listeners, ServeSettings, Service, SettingsFile};
 use gradguard::store::SyncMode;
 use tokio::net::TcpListener;
@@ -152,6 +154,30 @@ pub struct ServeArgs {
     #[arg(long, value_name = "HOST:PORT", env = "GRADGUARD_KAFKA_BROKERS")]
     pub kafka_brokers: Option<String>,
 
+    /// Serve gRPC over TLS with this PEM certificate chain (with `--tls-key`).
+    /// The files are re-read when they change: replace them to rotate.
+    #[arg(long, value_name = "FILE", env = "GRADGUARD_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The PEM private key of `--tls-cert`.
+    #[arg(long, value_name = "FILE", env = "GRADGUARD_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Mutual TLS: clients must present a certificate signed by a CA in this
+    /// PEM file (needs `--tls-cert`).
+    #[arg(long, value_name = "FILE", env = "GRADGUARD_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// Serve the metrics port (`/metrics`, `/healthz`) over TLS too, with the
+    /// same certificate (no client certificate is asked for).
+    #[arg(long, env = "GRADGUARD_METRICS_TLS")]
+    pub metrics_tls: bool,
+
+    /// Principals and their scopes (TOML; re-read on SIGHUP). Without it,
+    /// anyone who reaches the gRPC port can read and steer every job.
+    #[arg(long, value_name = "FILE", env = "GRADGUARD_AUTH")]
+    pub auth: Option<PathBuf>,
+
     /// Worker threads of the async runtime (default: one per CPU).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1024))]
     pub threads: Option<u64>,
@@ -197,6 +223,15 @@ pub fn run(args: &ServeArgs, matches: &ArgMatches) -> Result<(), Failure> {
         .resolve(args.kafka_brokers.as_deref())
         .context(kafka_from)
         .map_err(Failure::usage)?;
+    // The auth file and the certificates are checked before anything starts:
+    // a bad one is a usage error naming the file (and the line).
+    let security = &settings.service.security;
+    if let Some(path) = &security.auth {
+        Principals::load(path).map_err(Failure::usage)?;
+    }
+    if let Some(files) = &security.tls {
+        ServerTls::load(files.clone()).map_err(Failure::usage)?;
+    }
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = args.threads {
         runtime.worker_threads(n as usize);
@@ -244,6 +279,13 @@ fn flags(args: &ServeArgs, given: &impl Fn(&str) -> bool) -> SettingsFile {
             }),
             retention: given("retention").then_some(args.retention),
             max_mib: given("store_max_mib").then_some(args.store_max_mib),
+        },
+        security: SecuritySection {
+            tls_cert: args.tls_cert.clone(),
+            tls_key: args.tls_key.clone(),
+            tls_client_ca: args.tls_client_ca.clone(),
+            metrics_tls: args.metrics_tls.then_some(true),
+            auth: args.auth.clone(),
         },
         ..SettingsFile::default()
     }

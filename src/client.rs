@@ -4,9 +4,14 @@
 
 use std::time::Duration;
 
+use std::path::PathBuf;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
+
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Status, Streaming};
 
 use crate::proto::{self, ingest_client::IngestClient, server_message, worker_message};
@@ -23,12 +28,14 @@ pub enum ClientError {
         #[source]
         source: tonic::transport::Error,
     },
-    #[error("cannot connect to {url}: {source}")]
+    #[error("cannot connect to {url}: {detail}{hint}")]
     Connect {
         url: String,
-        #[source]
-        source: tonic::transport::Error,
+        detail: String,
+        hint: &'static str,
     },
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error("server refused the stream: {0}")]
     Status(#[from] Status),
     #[error("server ended the stream before its Welcome")]
@@ -37,32 +44,198 @@ pub enum ClientError {
     Closed,
 }
 
-/// Connects to a gradguard server (`http://host:port`; `host:port` is taken as http).
-pub async fn connect(url: &str) -> Result<IngestClient<Channel>, ClientError> {
-    Ok(IngestClient::new(channel(url).await?).max_decoding_message_size(64 << 20))
+/// How a client proves itself and checks the server: TLS (`https://` URLs,
+/// or any of the TLS files given) and a bearer token. `Debug` never shows
+/// the token.
+#[derive(Clone, Default)]
+pub struct ClientSecurity {
+    /// PEM CA certificates the server's certificate must chain to (the
+    /// system's roots when unset).
+    pub tls_ca: Option<PathBuf>,
+    /// A PEM client certificate and its key, for mutual TLS.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Sent as `authorization: Bearer <token>` on every call.
+    pub token: Option<String>,
 }
 
-/// A connection to a gradguard server, for any of its services (`Ingest`,
-/// `Query`); `host:port` is taken as http.
-pub async fn channel(url: &str) -> Result<Channel, ClientError> {
+impl std::fmt::Debug for ClientSecurity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientSecurity")
+            .field("tls_ca", &self.tls_ca)
+            .field("tls_cert", &self.tls_cert)
+            .field("tls_key", &self.tls_key)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+impl ClientSecurity {
+    fn wants_tls(&self) -> bool {
+        self.tls_ca.is_some() || self.tls_cert.is_some()
+    }
+
+    /// The TLS configuration these files give.
+    fn tls_config(&self) -> Result<ClientTlsConfig, ClientError> {
+        let read = |path: &PathBuf, flag: &'static str| {
+            std::fs::read(path).map_err(|e| ClientError::Tls(format!("{flag} {}: {e}", path.display())))
+        };
+        let mut config = ClientTlsConfig::new();
+        config = match &self.tls_ca {
+            Some(ca) => config.ca_certificate(Certificate::from_pem(read(ca, "--tls-ca")?)),
+            None => config.with_native_roots(),
+        };
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => {
+                config = config.identity(Identity::from_pem(read(cert, "--tls-cert")?, read(key, "--tls-key")?));
+            }
+            (None, None) => {}
+            (Some(_), None) => return Err(ClientError::Tls("--tls-cert needs --tls-key".into())),
+            (None, Some(_)) => return Err(ClientError::Tls("--tls-key needs --tls-cert".into())),
+        }
+        Ok(config)
+    }
+
+    fn credentials(&self) -> Result<Credentials, ClientError> {
+        let token = match &self.token {
+            None => None,
+            Some(t) => {
+                let value = MetadataValue::try_from(format!("Bearer {}", t.trim()))
+                    .map_err(|_| ClientError::Tls("the token holds characters a gRPC header cannot carry".into()))?;
+                Some(value)
+            }
+        };
+        Ok(Credentials { token })
+    }
+}
+
+/// Adds the bearer token to every call of a channel.
+#[derive(Clone, Default)]
+pub struct Credentials {
+    token: Option<MetadataValue<Ascii>>,
+}
+
+impl Interceptor for Credentials {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(token) = &self.token {
+            request.metadata_mut().insert("authorization", token.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A connection to a gradguard server with its credentials, for any of its
+/// services (`Ingest`, `Query`).
+pub type GrpcChannel = InterceptedService<Channel, Credentials>;
+
+/// Connects to a gradguard server (`http://host:port`; `host:port` is taken as http).
+pub async fn connect(url: &str) -> Result<IngestClient<GrpcChannel>, ClientError> {
+    connect_with(url, &ClientSecurity::default()).await
+}
+
+/// Connects to a gradguard server with TLS and a token.
+pub async fn connect_with(url: &str, security: &ClientSecurity) -> Result<IngestClient<GrpcChannel>, ClientError> {
+    Ok(IngestClient::new(channel(url, security).await?).max_decoding_message_size(64 << 20))
+}
+
+/// A connection to a gradguard server: TLS for `https://` (or when TLS
+/// files are given), the token on every call; `host:port` is taken as http,
+/// or https with TLS files.
+pub async fn channel(url: &str, security: &ClientSecurity) -> Result<GrpcChannel, ClientError> {
     let full = if url.contains("://") {
         url.to_owned()
+    } else if security.wants_tls() {
+        format!("https://{url}")
     } else {
         format!("http://{url}")
     };
-    let endpoint = Endpoint::from_shared(full).map_err(|source| ClientError::Url {
+    let tls = full.starts_with("https://");
+    if !tls && security.wants_tls() {
+        return Err(ClientError::Tls(format!(
+            "{url} is plaintext (http://) but TLS files were given: use https://"
+        )));
+    }
+    let mut endpoint = Endpoint::from_shared(full).map_err(|source| ClientError::Url {
         url: url.to_owned(),
         source,
     })?;
-    endpoint
+    if tls {
+        endpoint = endpoint
+            .tls_config(security.tls_config()?)
+            .map_err(|source| ClientError::Url {
+                url: url.to_owned(),
+                source,
+            })?;
+    }
+    let credentials = security.credentials()?;
+    let channel = endpoint
         .connect_timeout(Duration::from_secs(10))
         .tcp_nodelay(true)
         .connect()
         .await
         .map_err(|source| ClientError::Connect {
             url: url.to_owned(),
-            source,
-        })
+            detail: causes(&source),
+            hint: hint(tls),
+        })?;
+    Ok(InterceptedService::new(channel, credentials))
+}
+
+/// An error and its causes, `: `-separated (tonic's own message is only
+/// "transport error").
+pub fn causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let next = s.to_string();
+        if !text.contains(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = s.source();
+    }
+    text
+}
+
+/// What to check when a call on `url` failed at the transport: a
+/// plaintext client talking to a TLS server (or the other way round), or a
+/// TLS 1.3 server refusing the client's certificate after the handshake,
+/// shows only as an HTTP/2 or connection error.
+pub fn transport_hint(url: &str, security: &ClientSecurity, status: &Status) -> &'static str {
+    let message = status.message().to_lowercase();
+    let transport = matches!(
+        status.code(),
+        tonic::Code::Unknown | tonic::Code::Unavailable | tonic::Code::Cancelled
+    ) && [
+        "h2 protocol error",
+        "transport error",
+        "connection",
+        "tls",
+        "certificate",
+        "canceled",
+        "cancelled",
+    ]
+    .iter()
+    .any(|m| message.contains(m));
+    match (transport, url.starts_with("https://"), security.tls_cert.is_some()) {
+        (false, _, _) => "",
+        (true, false, _) => hint(false),
+        (true, true, false) => {
+            " (with https://: does the server ask for a client certificate (mutual TLS)? Then pass --tls-cert and --tls-key)"
+        }
+        (true, true, true) => {
+            " (with https://: does the server trust the CA that signed the client certificate (--tls-cert)?)"
+        }
+    }
+}
+
+/// What to check when a connection fails.
+pub fn hint(tls: bool) -> &'static str {
+    if tls {
+        " (with https://: is the server serving TLS, and does --tls-ca hold the CA that signed its certificate?)"
+    } else {
+        " (with http://: is the server serving TLS? Then use https:// and --tls-ca)"
+    }
 }
 
 /// An open worker stream, after the server's Welcome.
@@ -76,7 +249,7 @@ pub struct WorkerStream {
 impl WorkerStream {
     /// Opens a stream and introduces the worker; returns once the server has
     /// answered with its Welcome (or refused the Hello).
-    pub async fn open(client: &mut IngestClient<Channel>, hello: proto::Hello) -> Result<Self, ClientError> {
+    pub async fn open(client: &mut IngestClient<GrpcChannel>, hello: proto::Hello) -> Result<Self, ClientError> {
         let (tx, rx) = mpsc::channel(SEND_QUEUE);
         let sender = StreamSender { tx };
         sender.send(worker_message::Body::Hello(hello)).await?;

@@ -26,6 +26,7 @@
 //!   the commit that holds it).
 //! - [`store`]: the durable store (SQLite): jobs, anomalies, advice, acks.
 //! - [`clock`]: the service's clock.
+//! - [`auth`]: principals and scopes (`serve --auth`), and TLS (`serve --tls-*`).
 //! - [`client`]: the worker side of the gRPC ingest stream (simulator, load
 //!   generator, tests).
 //! - [`quality`]: the detection-quality harness: the engine against the anchor
@@ -36,6 +37,7 @@
 //!   generated decoder, for `tests/differential.rs` and
 //!   `examples/differential.rs`.
 
+pub mod auth;
 pub mod client;
 pub mod clock;
 pub mod cluster;

@@ -412,6 +412,7 @@ pub fn filter_from_proto(f: Option<&proto::Filter>, page_size: u32, page_token: 
         }
     }
     Ok(Filter {
+        jobs: None,
         job: (!f.job.is_empty()).then(|| f.job.clone()),
         rule,
         min_severity: severity_from_proto(f.min_severity, "filter.min_severity")?,

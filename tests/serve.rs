@@ -192,7 +192,7 @@ async fn rank_outlier_gets_inspect_worker_advice_on_every_stream() {
 
 /// Opens a raw stream, sends `messages` and keeps its half open, and returns
 /// the status the server ended the stream with.
-async fn refused(client: &mut IngestClient<Channel>, messages: Vec<WorkerMessage>) -> tonic::Status {
+async fn refused(client: &mut IngestClient<client::GrpcChannel>, messages: Vec<WorkerMessage>) -> tonic::Status {
     let (tx, rx) = mpsc::channel(messages.len() + 1);
     for m in messages {
         tx.send(m).await.unwrap();

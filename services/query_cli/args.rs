@@ -7,7 +7,7 @@ use gradguard::{proto, wire};
 /// Where the server is and how to print its answers; every query command has these.
 #[derive(Debug, Args)]
 pub struct ServerArgs {
-    /// The gradguard server's gRPC address (`http://host:port`; `host:port` is taken as http).
+    /// The gradguard server's gRPC address (`http://host:port`, `https://host:port` for TLS; `host:port` is taken as http).
     #[arg(
         long,
         value_name = "URL",
@@ -15,6 +15,9 @@ pub struct ServerArgs {
         default_value = "http://localhost:50051"
     )]
     pub server: String,
+
+    #[command(flatten)]
+    pub security: crate::cli::ClientSecurityArgs,
 
     /// Write one JSON object per line.
     #[arg(long)]

@@ -1,10 +1,9 @@
 //! Talking to the server: the runtime, the connection, refusals, paging.
 
 use anyhow::anyhow;
-use gradguard::client::{self, ClientError};
+use gradguard::client::{self, ClientError, ClientSecurity, GrpcChannel};
 use gradguard::proto::query_client::QueryClient;
 use gradguard::wire;
-use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use crate::cli::{Failure, status_text, warn};
@@ -18,18 +17,27 @@ pub(super) fn block_on<T>(work: impl Future<Output = Result<T, Failure>>) -> Res
         .block_on(work)
 }
 
-pub(super) async fn connect(url: &str) -> Result<QueryClient<Channel>, Failure> {
-    match client::channel(url).await {
+pub(super) async fn connect(url: &str, security: &ClientSecurity) -> Result<QueryClient<GrpcChannel>, Failure> {
+    match client::channel(url, security).await {
         Ok(channel) => Ok(QueryClient::new(channel).max_decoding_message_size(64 << 20)),
         Err(e @ ClientError::Url { .. }) => Err(Failure::usage(anyhow!("--server: {e}"))),
+        Err(e @ ClientError::Tls(_)) => Err(Failure::usage(e)),
         Err(e) => Err(Failure::input(e)),
     }
 }
 
 /// A query the server answered with an error: the command's fault (exit 2)
 /// when the server calls it invalid, otherwise exit 1.
-pub(super) fn refused(url: &str, status: Status) -> Failure {
-    let error = anyhow!("{url}: {}", status_text(&status));
+pub(super) fn refused(url: &str, security: &ClientSecurity, status: Status) -> Failure {
+    // A transport failure's status carries its cause (a TLS alert, say).
+    let cause = std::error::Error::source(&status)
+        .map(|e| format!(" ({})", client::causes(e)))
+        .unwrap_or_default();
+    let error = anyhow!(
+        "{url}: {}{cause}{}",
+        status_text(&status),
+        client::transport_hint(url, security, &status)
+    );
     match status.code() {
         Code::InvalidArgument => Failure::usage(error),
         _ => Failure::input(error),

@@ -49,8 +49,9 @@ const RECENT: u32 = 10;
 /// (or the first `--limit`), asked for a page at a time.
 pub fn jobs(args: &JobsArgs) -> Result<ExitCode, Failure> {
     let url = &args.server.server;
+    let security = args.server.security.security()?;
     let listing = block_on(async {
-        let query = connect(url).await?;
+        let query = connect(url, &security).await?;
         collect_pages(args.limit.unwrap_or(u64::MAX), async |page_size, page_token| {
             let page = query
                 .clone()
@@ -60,7 +61,7 @@ pub fn jobs(args: &JobsArgs) -> Result<ExitCode, Failure> {
             Ok((page.jobs, page.next_page_token))
         })
         .await
-        .map_err(|s| refused(url, s))
+        .map_err(|s| refused(url, &security, s))
     })?;
     let code = emit(|out| {
         if args.server.json {
@@ -78,15 +79,16 @@ pub fn jobs(args: &JobsArgs) -> Result<ExitCode, Failure> {
 /// `gradguard job JOB`: one job's details, its latest anomalies and advice.
 pub fn job(args: &JobArgs) -> Result<ExitCode, Failure> {
     let url = &args.server.server;
+    let security = args.server.security.security()?;
     let (job, anomalies, advice) = block_on(async {
-        let mut query = connect(url).await?;
+        let mut query = connect(url, &security).await?;
         let request = proto::GetJobRequest { job: args.job.clone() };
         let job = match query.get_job(request).await {
             Ok(job) => job.into_inner(),
             Err(s) if s.code() == Code::NotFound => {
                 return Err(Failure::input(anyhow!("no job {:?} is known to {url}", args.job)));
             }
-            Err(s) => return Err(refused(url, s)),
+            Err(s) => return Err(refused(url, &security, s)),
         };
         let filter = Some(proto::Filter {
             job: args.job.clone(),
@@ -99,7 +101,7 @@ pub fn job(args: &JobArgs) -> Result<ExitCode, Failure> {
                 page_token: String::new(),
             })
             .await
-            .map_err(|s| refused(url, s))?
+            .map_err(|s| refused(url, &security, s))?
             .into_inner()
             .anomalies;
         let advice = query
@@ -109,7 +111,7 @@ pub fn job(args: &JobArgs) -> Result<ExitCode, Failure> {
                 page_token: String::new(),
             })
             .await
-            .map_err(|s| refused(url, s))?
+            .map_err(|s| refused(url, &security, s))?
             .into_inner()
             .advice;
         Ok((job, anomalies, advice))
@@ -130,9 +132,10 @@ pub fn job(args: &JobArgs) -> Result<ExitCode, Failure> {
 /// `gradguard anomalies`: stored anomalies, newest first.
 pub fn anomalies(args: &ListArgs) -> Result<ExitCode, Failure> {
     let url = &args.server.server;
+    let security = args.server.security.security()?;
     let filter = Some(args.filter.to_proto());
     let listing = block_on(async {
-        let query = connect(url).await?;
+        let query = connect(url, &security).await?;
         collect_pages(args.limit, async |page_size, page_token| {
             let page = query
                 .clone()
@@ -146,7 +149,7 @@ pub fn anomalies(args: &ListArgs) -> Result<ExitCode, Failure> {
             Ok((page.anomalies, page.next_page_token))
         })
         .await
-        .map_err(|s| refused(url, s))
+        .map_err(|s| refused(url, &security, s))
     })?;
     let code = emit(|out| {
         if args.server.json {
@@ -167,9 +170,10 @@ pub fn anomalies(args: &ListArgs) -> Result<ExitCode, Failure> {
 /// `gradguard advice`: stored advice, newest first.
 pub fn advice(args: &ListArgs) -> Result<ExitCode, Failure> {
     let url = &args.server.server;
+    let security = args.server.security.security()?;
     let filter = Some(args.filter.to_proto());
     let listing = block_on(async {
-        let query = connect(url).await?;
+        let query = connect(url, &security).await?;
         collect_pages(args.limit, async |page_size, page_token| {
             let page = query
                 .clone()
@@ -183,7 +187,7 @@ pub fn advice(args: &ListArgs) -> Result<ExitCode, Failure> {
             Ok((page.advice, page.next_page_token))
         })
         .await
-        .map_err(|s| refused(url, s))
+        .map_err(|s| refused(url, &security, s))
     })?;
     let code = emit(|out| {
         if args.server.json {
@@ -203,8 +207,9 @@ pub fn advice(args: &ListArgs) -> Result<ExitCode, Failure> {
 /// on stderr (`watching anomalies on URL`): from then on nothing is missed.
 pub fn watch(args: &WatchArgs) -> Result<ExitCode, Failure> {
     let url = &args.server.server;
+    let security = args.server.security.security()?;
     block_on(async {
-        let mut query = connect(url).await?;
+        let mut query = connect(url, &security).await?;
         let request = proto::WatchAnomaliesRequest {
             job: args.job.clone().unwrap_or_default(),
             min_severity: min_severity(args.severity),
@@ -212,7 +217,7 @@ pub fn watch(args: &WatchArgs) -> Result<ExitCode, Failure> {
         let mut feed = query
             .watch_anomalies(request)
             .await
-            .map_err(|s| refused(url, s))?
+            .map_err(|s| refused(url, &security, s))?
             .into_inner();
         warn(&format!("watching anomalies on {url}"));
         let interrupted = tokio::signal::ctrl_c();

@@ -48,11 +48,15 @@ pub enum Reason {
     TooManyJobs,
     /// A stream replaced by a newer one of the same job and rank.
     Replaced,
+    /// A Hello for a job outside the caller's `ingest:` scopes.
+    NotPermitted,
+    /// A stream for a rank that another principal's stream holds.
+    RankHeld,
 }
 
 impl Reason {
     /// Every reason, for tests and documentation.
-    pub const ALL: [Reason; 20] = [
+    pub const ALL: [Reason; 22] = [
         Reason::Undecodable,
         Reason::MessageTooLarge,
         Reason::EmptyMessage,
@@ -73,6 +77,8 @@ impl Reason {
         Reason::UnknownProfile,
         Reason::TooManyJobs,
         Reason::Replaced,
+        Reason::NotPermitted,
+        Reason::RankHeld,
     ];
 
     /// The stable label, for metrics and logs.
@@ -98,6 +104,8 @@ impl Reason {
             Reason::UnknownProfile => "config",
             Reason::TooManyJobs => "too_many_jobs",
             Reason::Replaced => "replaced",
+            Reason::NotPermitted => "not_permitted",
+            Reason::RankHeld => "rank_held",
         }
     }
 
@@ -106,6 +114,7 @@ impl Reason {
         match self {
             Reason::TooManyJobs => Code::ResourceExhausted,
             Reason::Replaced => Code::Aborted,
+            Reason::NotPermitted | Reason::RankHeld => Code::PermissionDenied,
             Reason::HelloTimeout => Code::DeadlineExceeded,
             _ => Code::InvalidArgument,
         }

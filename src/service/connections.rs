@@ -15,6 +15,12 @@
 //!   back-off period) and retried after 10 ms, doubling to 1 s, instead of
 //!   being retried at once forever.
 //!
+//! - **TLS** when the service has a certificate ([`ServerTls`]): each
+//!   connection's handshake runs in its own task, within the first-request
+//!   deadline, so a slow or silent client never holds up the accept loop;
+//!   a client certificate's names go with the connection ([`PeerInfo`]) to
+//!   the access gate.
+//!
 //! HTTP/2 keep-alive (dead peers) and the streams per connection are the
 //! tonic server's settings, set beside this in `Service::start`.
 
@@ -32,8 +38,12 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::time::{Instant, Sleep};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::server::{Connected, TcpConnectInfo};
+use tonic::transport::server::Connected;
+
+use crate::auth::tls::{ServerTls, peer_names};
 
 /// File descriptors kept for what is not a gRPC connection.
 pub const RESERVED_FILES: u64 = 256;
@@ -103,7 +113,7 @@ impl ConnectionMetrics {
         let closed = IntCounterVec::new(
             Opts::new(
                 "gradguard_grpc_connections_closed_total",
-                "gRPC connections the service closed: over the cap when accepted (at_capacity), or silent past --first-request-timeout (silent)",
+                "gRPC connections the service closed: over the cap when accepted (at_capacity), silent past --first-request-timeout (silent), or a failed TLS handshake (tls_handshake)",
             ),
             &["reason"],
         )
@@ -113,7 +123,7 @@ impl ConnectionMetrics {
             "Failed accepts of the gRPC listener (e.g. the open-file limit reached)",
         )
         .expect("valid metric");
-        for reason in ["at_capacity", "silent"] {
+        for reason in ["at_capacity", "silent", "tls_handshake"] {
             closed.with_label_values(&[reason]);
         }
         registry.register(Box::new(open.clone())).expect("register");
@@ -152,12 +162,14 @@ impl Waiting {
 }
 
 /// Accepts connections on `listener` within the limits, until `stop`
-/// resolves; the stream is what the tonic server serves.
+/// resolves, over TLS when `tls` is set; the stream is what the tonic
+/// server serves.
 pub fn accept(
     listener: TcpListener,
     limits: &ConnectionLimits,
     metrics: ConnectionMetrics,
     waiting: Arc<Waiting>,
+    tls: Option<Arc<ServerTls>>,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> ReceiverStream<io::Result<Connection>> {
     let cap = limits.effective_max_connections();
@@ -200,24 +212,67 @@ pub fn accept(
             waiting.insert(remote);
             metrics.open.inc();
             let conn = Connection {
-                info: TcpConnectInfo {
+                info: PeerInfo {
                     local_addr: tcp.local_addr().ok(),
-                    remote_addr: Some(remote),
+                    remote_addr: remote,
+                    client_names: Arc::default(),
                 },
-                tcp,
+                io: Io::Plain(tcp),
                 deadline: Some(Box::pin(tokio::time::sleep(timeout))),
-                remote,
                 waiting: waiting.clone(),
                 metrics: metrics.clone(),
                 _slot: slot,
                 timed_out: false,
             };
-            if tx.send(Ok(conn)).await.is_err() {
-                break;
+            match &tls {
+                None => {
+                    if tx.send(Ok(conn)).await.is_err() {
+                        break;
+                    }
+                }
+                Some(tls) => {
+                    tokio::spawn(handshake(conn, TlsAcceptor::from(tls.grpc()), tx.clone()));
+                }
             }
         }
     });
     ReceiverStream::new(rx)
+}
+
+/// Runs a connection's TLS handshake, within its first-request deadline,
+/// and hands it to the server when it succeeds.
+async fn handshake(mut conn: Connection, acceptor: TlsAcceptor, tx: mpsc::Sender<io::Result<Connection>>) {
+    let Io::Plain(tcp) = std::mem::replace(&mut conn.io, Io::Closed) else {
+        return;
+    };
+    let deadline = conn.deadline.as_mut().map(|d| d.deadline());
+    let accepted = match deadline {
+        Some(at) => tokio::time::timeout_at(at, acceptor.accept(tcp)).await,
+        None => Ok(acceptor.accept(tcp).await),
+    };
+    match accepted {
+        Ok(Ok(tls)) => {
+            let names = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|certs| certs.first())
+                .map(peer_names)
+                .unwrap_or_default();
+            conn.info.client_names = names.into();
+            conn.io = Io::Tls(Box::new(tls));
+            let _ = tx.send(Ok(conn)).await;
+        }
+        Ok(Err(e)) => {
+            conn.metrics.closed.with_label_values(&["tls_handshake"]).inc();
+            tracing::debug!(remote = %conn.info.remote_addr, error = %e, "TLS handshake failed");
+        }
+        Err(_) => {
+            conn.timed_out = true;
+            conn.metrics.closed.with_label_values(&["silent"]).inc();
+            tracing::debug!(remote = %conn.info.remote_addr, "closing a connection whose TLS handshake did not end within --first-request-timeout");
+        }
+    }
 }
 
 /// Accept errors about one connection (it went away before it was
@@ -265,14 +320,32 @@ impl Backoff {
 
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
+/// What the service knows of a connection's other end; in every request's
+/// extensions.
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    pub local_addr: Option<SocketAddr>,
+    pub remote_addr: SocketAddr,
+    /// The names of its verified client certificate (DNS names, then the
+    /// common name); empty without one.
+    pub client_names: Arc<[String]>,
+}
+
+/// A connection's byte stream.
+enum Io {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+    /// Taken for the handshake.
+    Closed,
+}
+
 /// One accepted connection: the socket, its slot under the cap, and its
 /// first-request deadline.
 pub struct Connection {
-    tcp: TcpStream,
-    info: TcpConnectInfo,
+    io: Io,
+    info: PeerInfo,
     /// Armed until a request starts on the connection.
     deadline: Option<Pin<Box<Sleep>>>,
-    remote: SocketAddr,
     waiting: Arc<Waiting>,
     metrics: ConnectionMetrics,
     _slot: OwnedSemaphorePermit,
@@ -280,9 +353,9 @@ pub struct Connection {
 }
 
 impl Connected for Connection {
-    type ConnectInfo = TcpConnectInfo;
+    type ConnectInfo = PeerInfo;
 
-    fn connect_info(&self) -> TcpConnectInfo {
+    fn connect_info(&self) -> PeerInfo {
         self.info.clone()
     }
 }
@@ -290,20 +363,36 @@ impl Connected for Connection {
 impl Drop for Connection {
     fn drop(&mut self) {
         self.metrics.open.dec();
-        self.waiting.started(Some(self.remote));
+        self.waiting.started(Some(self.info.remote_addr));
     }
+}
+
+/// Forwards a call to the connection's byte stream.
+macro_rules! on_io {
+    ($self:expr, $io:ident => $call:expr, $closed:expr) => {
+        match &mut $self.io {
+            Io::Plain($io) => $call,
+            Io::Tls($io) => $call,
+            Io::Closed => $closed,
+        }
+    };
+}
+
+fn closed() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "connection closed")
 }
 
 impl AsyncRead for Connection {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        let remote = this.info.remote_addr;
         if let Some(deadline) = this.deadline.as_mut() {
-            if !this.waiting.is_waiting(this.remote) {
+            if !this.waiting.is_waiting(remote) {
                 this.deadline = None;
             } else if deadline.as_mut().poll(cx).is_ready() {
                 if !std::mem::replace(&mut this.timed_out, true) {
                     this.metrics.closed.with_label_values(&["silent"]).inc();
-                    tracing::debug!(remote = %this.remote, "closing a connection that started no request (--first-request-timeout)");
+                    tracing::debug!(%remote, "closing a connection that started no request (--first-request-timeout)");
                 }
                 return Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::TimedOut,
@@ -311,21 +400,21 @@ impl AsyncRead for Connection {
                 )));
             }
         }
-        Pin::new(&mut this.tcp).poll_read(cx, buf)
+        on_io!(this, io => Pin::new(io).poll_read(cx, buf), Poll::Ready(Err(closed())))
     }
 }
 
 impl AsyncWrite for Connection {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.tcp).poll_write(cx, buf)
+        on_io!(self, io => Pin::new(io).poll_write(cx, buf), Poll::Ready(Err(closed())))
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.tcp).poll_flush(cx)
+        on_io!(self, io => Pin::new(io).poll_flush(cx), Poll::Ready(Ok(())))
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.tcp).poll_shutdown(cx)
+        on_io!(self, io => Pin::new(io).poll_shutdown(cx), Poll::Ready(Ok(())))
     }
 
     fn poll_write_vectored(
@@ -333,10 +422,14 @@ impl AsyncWrite for Connection {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs)
+        on_io!(self, io => Pin::new(io).poll_write_vectored(cx, bufs), Poll::Ready(Err(closed())))
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.tcp.is_write_vectored()
+        match &self.io {
+            Io::Plain(io) => io.is_write_vectored(),
+            Io::Tls(io) => io.is_write_vectored(),
+            Io::Closed => false,
+        }
     }
 }

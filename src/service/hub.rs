@@ -15,7 +15,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use tokio::sync::mpsc;
@@ -117,6 +117,7 @@ impl Job {
 struct Stream {
     id: u64,
     outbox: Outbox,
+    principal: Option<Arc<str>>,
 }
 
 /// What a stream is, once its Hello was accepted.
@@ -124,6 +125,9 @@ struct Stream {
 pub struct Attachment {
     pub stream: u64,
     pub declared: Declared,
+    /// Who opened it (`None` without `--auth`): only a stream of the same
+    /// principal replaces it.
+    pub principal: Option<Arc<str>>,
 }
 
 impl Attachment {
@@ -133,6 +137,17 @@ impl Attachment {
             Reason::Replaced,
             format!(
                 "replaced by a newer stream of job {:?} rank {}",
+                &*self.declared.job, self.declared.rank
+            ),
+        )
+    }
+
+    /// What refuses a stream for a rank another principal's stream holds.
+    fn held(&self) -> Refusal {
+        Refusal::new(
+            Reason::RankHeld,
+            format!(
+                "job {:?} rank {} is streamed by another principal; only a stream of the same principal replaces it",
                 &*self.declared.job, self.declared.rank
             ),
         )
@@ -171,16 +186,26 @@ impl Hub {
     /// already held is attached now (replacing an older stream of its rank);
     /// one of a new job only when its first summary takes the job's slot, so
     /// Hellos alone hold no job and no slot.
-    pub fn hello(&self, stream: u64, outbox: &Outbox, hello: proto::Hello) -> Result<Attachment, Refusal> {
+    pub fn hello(
+        &self,
+        stream: u64,
+        principal: Option<Arc<str>>,
+        outbox: &Outbox,
+        hello: proto::Hello,
+    ) -> Result<Attachment, Refusal> {
         let mut declared = self.limits.check_hello(hello.clone())?;
         let mut core = self.core();
         let core = &mut *core;
         // Forwarded summaries are decided on elsewhere, later.
         declared.progress &= core.mode.decides();
-        let at = Attachment { stream, declared };
+        let at = Attachment {
+            stream,
+            declared,
+            principal,
+        };
         let last_step = match core.mode.hello(&at.declared, &hello)? {
             Greeting::Held { last_step } => {
-                self.attach(core, &at, outbox);
+                self.attach(core, &at, outbox)?;
                 last_step
             }
             Greeting::Pending => None,
@@ -200,20 +225,32 @@ impl Hub {
     }
 
     /// Attaches the stream to its job's entry as its rank's stream; an older
-    /// stream of the rank is told it was replaced.
-    fn attach(&self, core: &mut Core, at: &Attachment, outbox: &Outbox) {
+    /// stream of the rank is told it was replaced. A rank another
+    /// principal's stream holds is refused, and that stream goes on.
+    fn attach(&self, core: &mut Core, at: &Attachment, outbox: &Outbox) -> Result<(), Refusal> {
+        if let Some(held) = core
+            .jobs
+            .get(&at.declared.job)
+            .and_then(|j| j.streams.get(&at.declared.rank))
+            && held.id != at.stream
+            && held.principal != at.principal
+        {
+            return Err(at.held());
+        }
         let job = self.track(core, &at.declared);
         let previous = job.streams.insert(
             at.declared.rank,
             Stream {
                 id: at.stream,
                 outbox: outbox.clone(),
+                principal: at.principal.clone(),
             },
         );
         if let Some(old) = previous.filter(|old| old.id != at.stream) {
             let _ = old.outbox.try_send(Err(at.replaced().status()));
         }
         job.set_streams();
+        Ok(())
     }
 
     /// The hub's entry of a job the mode accepted, created when new.
@@ -293,9 +330,14 @@ impl Hub {
             report_progress: d.progress,
             ..Default::default()
         };
+        // The rank's holder is checked before the job takes a slot.
+        if let Some(held) = core.jobs.get(&d.job).and_then(|job| job.streams.get(&d.rank))
+            && held.principal != at.principal
+        {
+            return Err(at.held());
+        }
         core.mode.admit(d, &hello)?;
-        self.attach(core, at, outbox);
-        Ok(())
+        self.attach(core, at, outbox)
     }
 
     /// The findings' and advice's books; the advice to the job's streams,
@@ -463,15 +505,20 @@ impl Hub {
 
     /// Tracked jobs' rows as this replica sees them now, with their open
     /// streams, a page at a time: the first `limit` after `after` (from the
-    /// first when `None`), in id order. One pass over the tracked jobs that
-    /// copies only the page's rows.
-    pub fn live_jobs_after(&self, after: Option<&str>, limit: usize) -> Vec<(JobRow, u32)> {
+    /// first when `None`) that `visible` lets through, in id order. One pass
+    /// over the tracked jobs that copies only the page's rows.
+    pub fn live_jobs_after(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        visible: impl Fn(&str) -> bool,
+    ) -> Vec<(JobRow, u32)> {
         let core = self.core();
         let mut page: std::collections::BTreeMap<&str, (&Job, Shape)> = std::collections::BTreeMap::new();
         for (id, j) in &core.jobs {
             let id: &str = id;
             let fits = page.len() < limit || page.last_key_value().is_some_and(|(last, _)| id < *last);
-            if limit == 0 || after.is_some_and(|a| id <= a) || !fits {
+            if limit == 0 || after.is_some_and(|a| id <= a) || !fits || !visible(id) {
                 continue;
             }
             if let Some(shape) = core.mode.shape(id) {

@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status, Streaming};
 
+use super::access::{Caller, Failure, Gate};
 use super::hub::{Attachment, Hub, Outbox};
 use crate::intake::{Decoder, IntakeMetrics, Parts, Reason, Refusal, no_hello};
 use crate::model::Summary;
@@ -24,6 +25,7 @@ use crate::proto::{self};
 
 pub struct IngestService {
     hub: Arc<Hub>,
+    gate: Arc<Gate>,
     metrics: IntakeMetrics,
     /// Server messages queued per stream before advice is dropped.
     queue: usize,
@@ -31,9 +33,10 @@ pub struct IngestService {
 }
 
 impl IngestService {
-    pub fn new(hub: Arc<Hub>, metrics: IntakeMetrics, queue: usize, max_message_bytes: usize) -> Self {
+    pub fn new(hub: Arc<Hub>, metrics: IntakeMetrics, queue: usize, max_message_bytes: usize, gate: Arc<Gate>) -> Self {
         Self {
             hub,
+            gate,
             metrics,
             queue,
             max_message_bytes,
@@ -46,11 +49,14 @@ impl Ingest for IngestService {
     type StreamStream = ReceiverStream<Result<proto::ServerMessage, Status>>;
 
     async fn stream(&self, request: Request<Streaming<Frame>>) -> Result<Response<Self::StreamStream>, Status> {
+        let caller = Caller::of(&request)?;
         let (outbox, rx) = mpsc::channel(self.queue);
         let session = Session {
             stream: Stream {
                 id: self.hub.next_stream_id(),
                 hub: self.hub.clone(),
+                gate: self.gate.clone(),
+                caller,
                 outbox,
                 attachment: None,
                 scratch: Summary::default(),
@@ -78,6 +84,9 @@ struct Session {
 struct Stream {
     id: u64,
     hub: Arc<Hub>,
+    gate: Arc<Gate>,
+    /// Who opened it: what it may ingest, and whose streams it may replace.
+    caller: Caller,
     outbox: Outbox,
     attachment: Option<Attachment>,
     /// Every summary of the stream is converted into this one: it keeps its
@@ -170,6 +179,16 @@ impl Session {
     }
 }
 
+impl Stream {
+    /// Counts a refused takeover with the access gate's refusals.
+    fn held(&self, refusal: &Refusal) {
+        if refusal.reason == Reason::RankHeld {
+            self.gate
+                .count(self.caller.label(), Failure::Takeover, &refusal.message);
+        }
+    }
+}
+
 impl Parts for Stream {
     fn hello(&mut self, hello: proto::Hello) -> Result<(), Refusal> {
         if let Some(at) = &self.attachment {
@@ -181,7 +200,16 @@ impl Parts for Stream {
                 ),
             ));
         }
-        self.attachment = Some(self.hub.hello(self.id, &self.outbox, hello)?);
+        // Before anything about the job is looked up or told.
+        if !self.caller.may_ingest(&hello.job) {
+            let status = self.gate.out_of_scope(&self.caller, "ingest", &hello.job);
+            return Err(Refusal::new(Reason::NotPermitted, status.message()));
+        }
+        self.attachment = Some(
+            self.hub
+                .hello(self.id, self.caller.identity(), &self.outbox, hello)
+                .inspect_err(|r| self.held(r))?,
+        );
         Ok(())
     }
 
@@ -206,7 +234,8 @@ impl Parts for Stream {
             ));
         };
         self.hub
-            .summary(at, &self.outbox, summary, &mut self.scratch, self.received)?;
+            .summary(at, &self.outbox, summary, &mut self.scratch, self.received)
+            .inspect_err(|r| self.held(r))?;
         self.started = true;
         Ok(())
     }

@@ -12,7 +12,17 @@
 //! Alerts belong on the counters (`increase(gradguard_anomalies_total[5m]) > 0`):
 //! a one-step spike never shows in a gauge scraped every 15 s.
 
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
 use axum::Router;
+use tokio::net::TcpStream;
+use tokio::sync::{Semaphore, mpsc};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+
+use crate::auth::tls::ServerTls;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
@@ -210,13 +220,90 @@ pub fn router(registry: Registry) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
 }
 
-/// Serves the router on an already bound listener until `shutdown` resolves.
+/// Serves the router on an already bound listener until `shutdown`
+/// resolves, over TLS when `tls` is set.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     registry: Registry,
+    tls: Option<Arc<ServerTls>>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(registry))
-        .with_graceful_shutdown(shutdown)
-        .await
+    match tls {
+        None => {
+            axum::serve(listener, router(registry))
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+        Some(tls) => {
+            axum::serve(TlsListener::new(listener, tls)?, router(registry))
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+    }
+}
+
+/// The metrics port over TLS: connections accepted and their handshakes run
+/// apart (at most [`HANDSHAKES`] at once, each within [`HANDSHAKE_TIMEOUT`]),
+/// so one slow client holds up no scrape.
+struct TlsListener {
+    ready: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+    addr: SocketAddr,
+}
+
+const HANDSHAKES: usize = 64;
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl TlsListener {
+    fn new(listener: tokio::net::TcpListener, tls: Arc<ServerTls>) -> std::io::Result<Self> {
+        let addr = listener.local_addr()?;
+        let (tx, ready) = mpsc::channel(HANDSHAKES);
+        let slots = Arc::new(Semaphore::new(HANDSHAKES));
+        tokio::spawn(async move {
+            loop {
+                let Ok(slot) = slots.clone().acquire_owned().await else {
+                    return;
+                };
+                let (tcp, remote) = tokio::select! {
+                    () = tx.closed() => return,
+                    accepted = listener.accept() => match accepted {
+                        Ok(a) => a,
+                        Err(e) => {
+                            tracing::debug!(error = %e, "metrics port: accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    },
+                };
+                let acceptor = TlsAcceptor::from(tls.http());
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let _slot = slot;
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(stream)) => {
+                            let _ = tx.send((stream, remote)).await;
+                        }
+                        Ok(Err(e)) => tracing::debug!(%remote, error = %e, "metrics port: TLS handshake failed"),
+                        Err(_) => tracing::debug!(%remote, "metrics port: TLS handshake timed out"),
+                    }
+                });
+            }
+        });
+        Ok(Self { ready, addr })
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = TlsStream<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.ready.recv().await {
+            Some(ready) => ready,
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        Ok(self.addr)
+    }
 }

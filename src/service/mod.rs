@@ -6,6 +6,7 @@
 //! test can run it in-process on port 0), [`Service::stop`] shuts it down;
 //! [`run`] is both around a shutdown future.
 
+pub mod access;
 pub mod connections;
 mod forward;
 mod hub;
@@ -23,7 +24,9 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
+use tonic::service::interceptor::InterceptedService;
 
+use crate::auth::tls::{ServerTls, TlsFiles};
 use crate::cluster::detector::Detector;
 use crate::cluster::feed::start_feed;
 use crate::cluster::relay::{Forwarder, relay_advice};
@@ -35,7 +38,9 @@ use crate::proto::frames::ingest_server::IngestServer;
 use crate::proto::{self, query_server::QueryServer};
 use crate::recorder::{Recorder, StoreMetrics};
 use crate::store::{Retention, Store, SyncMode};
+use access::Gate;
 pub use connections::ConnectionLimits;
+use connections::PeerInfo;
 use forward::Forwarding;
 use hub::Hub;
 use ingest::IngestService;
@@ -65,6 +70,19 @@ pub struct Settings {
     pub store: Option<StoreSettings>,
     /// Cluster mode on these brokers; `None` runs embedded.
     pub kafka: Option<KafkaConfig>,
+    /// TLS and who may call.
+    pub security: Security,
+}
+
+/// TLS on the ports, and the principals that may call.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Security {
+    /// TLS on the gRPC port (and client certificates when `client_ca` is set).
+    pub tls: Option<TlsFiles>,
+    /// TLS on the metrics port too, with the same certificate.
+    pub metrics_tls: bool,
+    /// The auth file; `None` lets anyone who reaches the port do anything.
+    pub auth: Option<PathBuf>,
 }
 
 impl Default for Settings {
@@ -77,6 +95,7 @@ impl Default for Settings {
             queries: settings::QueryLimits::default(),
             store: None,
             kafka: None,
+            security: Security::default(),
         }
     }
 }
@@ -132,6 +151,17 @@ impl Service {
         let intake = IntakeMetrics::register(&registry);
         let hub_metrics = HubMetrics::register(&registry, intake.clone());
         let limits = settings.limits.clone();
+        let security = &settings.security;
+        let tls = match &security.tls {
+            Some(files) => Some(Arc::new(ServerTls::load(files.clone())?)),
+            None => None,
+        };
+        let gate = Arc::new(Gate::new(security.auth.clone(), &registry)?);
+        if gate.is_open() {
+            tracing::warn!(
+                "no --auth: anyone who can reach the gRPC port can read and steer every job (rollback, halt)"
+            );
+        }
 
         let store = match &settings.store {
             Some(s) => Some((
@@ -193,6 +223,7 @@ impl Service {
             watchers,
             stopping.clone(),
             settings.queries,
+            gate.clone(),
         ));
         let max_message = settings.max_message_bytes;
         let ingest = IngestServer::new(IngestService::new(
@@ -200,8 +231,12 @@ impl Service {
             intake,
             settings.stream_queue,
             max_message,
+            gate.clone(),
         ))
         .max_decoding_message_size(max_message);
+        let check = access::Check(gate.clone());
+        let ingest = InterceptedService::new(ingest, check.clone());
+        let query = InterceptedService::new(query, check.clone());
         let (health_reporter, health) = tonic_health::server::health_reporter();
         health_reporter.set_serving::<IngestServer<IngestService>>().await;
         if let Some(c) = &cluster {
@@ -216,6 +251,8 @@ impl Service {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()
             .context("cannot build the reflection service")?;
+        let reflection = InterceptedService::new(reflection, check);
+        background.push(tokio::spawn(reload_security(gate.clone(), tls.clone())));
         background.push({
             let hub = hub.clone();
             tokio::spawn(async move {
@@ -246,6 +283,7 @@ impl Service {
             limits,
             connections::ConnectionMetrics::register(&registry),
             waiting.clone(),
+            tls.clone(),
             stopped(),
         );
         let grpc = tonic::transport::Server::builder()
@@ -255,7 +293,7 @@ impl Service {
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
             .layer(tonic::service::InterceptorLayer::new(move |req: tonic::Request<()>| {
-                waiting.started(req.remote_addr());
+                waiting.started(req.extensions().get::<PeerInfo>().map(|p| p.remote_addr));
                 Ok(req)
             }))
             .add_service(health)
@@ -263,7 +301,8 @@ impl Service {
             .add_service(ingest)
             .add_service(query)
             .serve_with_incoming_shutdown(incoming, stopped());
-        let http = metrics::serve(listeners.http, registry, stopped());
+        let metrics_tls = tls.clone().filter(|_| security.metrics_tls);
+        let http = metrics::serve(listeners.http, registry, metrics_tls, stopped());
         let servers = vec![
             tokio::spawn(async move {
                 if let Err(e) = grpc.await {
@@ -276,7 +315,15 @@ impl Service {
                 }
             }),
         ];
-        tracing::info!(%grpc_addr, %http_addr, version = env!("CARGO_PKG_VERSION"), "gradguard serving");
+        tracing::info!(
+            %grpc_addr,
+            %http_addr,
+            tls = tls.is_some(),
+            metrics_tls = security.metrics_tls,
+            auth = !gate.is_open(),
+            version = env!("CARGO_PKG_VERSION"),
+            "gradguard serving"
+        );
         Ok(Self {
             grpc_addr,
             http_addr,
@@ -314,6 +361,46 @@ impl Service {
         let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
     }
 }
+
+/// Re-reads the auth file on SIGHUP, and the TLS files when they change
+/// (checked every few seconds, and on SIGHUP). What does not load is logged
+/// and the previous principals or certificates stay.
+async fn reload_security(gate: Arc<Gate>, tls: Option<Arc<ServerTls>>) {
+    let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP: the auth file will not be re-read");
+            None
+        }
+    };
+    let mut every = tokio::time::interval(TLS_CHECK_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let hup = tokio::select! {
+            _ = every.tick() => false,
+            Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => None } } => true,
+        };
+        if hup {
+            match gate.reload() {
+                Ok(Some(n)) => tracing::info!(principals = n, "SIGHUP: auth file re-read"),
+                Ok(None) => tracing::info!("SIGHUP: no auth file to re-read (no --auth)"),
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "SIGHUP: the auth file does not load; the previous principals stay")
+                }
+            }
+        }
+        if let Some(tls) = &tls {
+            match tls.reload(hup) {
+                Ok(true) => tracing::info!(cert = %tls.files().cert.display(), "TLS certificate re-read"),
+                Ok(false) => {}
+                Err(e) => tracing::error!(error = %e, "the TLS files do not load; the previous certificate stays"),
+            }
+        }
+    }
+}
+
+/// How often the TLS files are checked for a change.
+const TLS_CHECK_EVERY: Duration = Duration::from_secs(5);
 
 /// Reports the brokers' reachability: gRPC health (NOT_SERVING while every
 /// broker is down, so a load balancer moves workers away) and the gauge.

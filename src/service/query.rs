@@ -17,19 +17,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::proto::{self, query_server::Query};
-use crate::store::{JobCounts, JobRow, Reader, StoreError};
+use crate::store::{Filter, JobCounts, JobRow, Reader, StoreError};
 use crate::wire;
 use tokio::sync::{Semaphore, broadcast, mpsc};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use super::access::{Caller, Gate};
 use super::hub::Hub;
 use super::settings::QueryLimits;
 use crate::recorder::Watchers;
 
 pub struct QueryService {
     hub: Arc<Hub>,
+    gate: Arc<Gate>,
     reader: Option<Reader>,
     slots: Slots,
     watchers: Watchers,
@@ -44,6 +46,7 @@ impl QueryService {
         watchers: Watchers,
         stopping: tokio::sync::watch::Receiver<bool>,
         limits: QueryLimits,
+        gate: Arc<Gate>,
     ) -> Self {
         let reader = reader.map(|r| {
             r.keep(limits.max_concurrent);
@@ -51,6 +54,7 @@ impl QueryService {
         });
         Self {
             hub,
+            gate,
             reader,
             slots: Slots::new(limits),
             watchers,
@@ -62,6 +66,28 @@ impl QueryService {
         self.reader
             .as_ref()
             .ok_or_else(|| Status::failed_precondition("the service runs without a store (--no-store)"))
+    }
+
+    /// Refuses a job outside the caller's `query:` scopes, whether or not
+    /// the job exists: the answer tells nothing of other jobs.
+    fn may_query(&self, caller: &Caller, job: &str) -> Result<(), Status> {
+        if caller.may_query(job) {
+            Ok(())
+        } else {
+            Err(self.gate.out_of_scope(caller, "query", job))
+        }
+    }
+
+    /// A listing's store filter limited to the caller's jobs: a named job
+    /// must be in scope, no job means the jobs in scope. `None`: the
+    /// caller may query no job at all (an empty answer).
+    fn scoped(&self, caller: &Caller, mut filter: Filter) -> Result<Option<Filter>, Status> {
+        if let Some(job) = &filter.job {
+            self.may_query(caller, job)?;
+            return Ok(Some(filter));
+        }
+        filter.jobs = caller.query_globs();
+        Ok(filter.jobs.as_ref().is_none_or(|g| !g.is_empty()).then_some(filter))
     }
 
     /// Runs a store read in a slot, within the query timeout.
@@ -185,19 +211,23 @@ impl Query for QueryService {
         &self,
         request: Request<proto::ListJobsRequest>,
     ) -> Result<Response<proto::ListJobsResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let r = request.into_inner();
         let (after, size) = wire::jobs_page_from_proto(r.page_size, &r.page_token).map_err(Status::invalid_argument)?;
         // One more than the page tells whether there is a next page.
         let want = size as usize + 1;
-        let live = self.hub.live_jobs_after(after.as_deref(), want);
+        let live = self
+            .hub
+            .live_jobs_after(after.as_deref(), want, |job| caller.may_query(job));
+        let only = caller.query_globs();
         let stored = match self.reader {
-            Some(_) => {
+            Some(_) if caller.queries_something() => {
                 // The live jobs' counts come with the stored page.
                 let names: Vec<String> = live.iter().map(|(row, _)| row.job.clone()).collect();
-                self.read(move |reader| reader.jobs_page(after.as_deref(), want as u32, &names))
+                self.read(move |reader| reader.jobs_page(after.as_deref(), want as u32, &names, only.as_deref()))
                     .await?
             }
-            None => Vec::new(),
+            _ => Vec::new(),
         };
         let mut live: BTreeMap<String, (JobRow, u32)> = live.into_iter().map(|l| (l.0.job.clone(), l)).collect();
         let mut jobs = BTreeMap::new();
@@ -223,10 +253,12 @@ impl Query for QueryService {
     }
 
     async fn get_job(&self, request: Request<proto::GetJobRequest>) -> Result<Response<proto::Job>, Status> {
+        let caller = Caller::of(&request)?;
         let name = request.into_inner().job;
         if name.is_empty() {
             return Err(Status::invalid_argument("field job: must not be empty"));
         }
+        self.may_query(&caller, &name)?;
         let (row, counts) = match self.reader {
             Some(_) => {
                 let n = name.clone();
@@ -245,9 +277,13 @@ impl Query for QueryService {
         &self,
         request: Request<proto::ListAnomaliesRequest>,
     ) -> Result<Response<proto::ListAnomaliesResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let r = request.into_inner();
         let filter =
             wire::filter_from_proto(r.filter.as_ref(), r.page_size, &r.page_token).map_err(Status::invalid_argument)?;
+        let Some(filter) = self.scoped(&caller, filter)? else {
+            return Ok(Response::new(proto::ListAnomaliesResponse::default()));
+        };
         let page = self.read(move |reader| reader.anomalies(&filter)).await?;
         Ok(Response::new(proto::ListAnomaliesResponse {
             anomalies: page.items.iter().map(wire::stored_anomaly_to_proto).collect(),
@@ -259,9 +295,13 @@ impl Query for QueryService {
         &self,
         request: Request<proto::ListAdviceRequest>,
     ) -> Result<Response<proto::ListAdviceResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let r = request.into_inner();
         let filter =
             wire::filter_from_proto(r.filter.as_ref(), r.page_size, &r.page_token).map_err(Status::invalid_argument)?;
+        let Some(filter) = self.scoped(&caller, filter)? else {
+            return Ok(Response::new(proto::ListAdviceResponse::default()));
+        };
         let page = self.read(move |reader| reader.advice(&filter)).await?;
         Ok(Response::new(proto::ListAdviceResponse {
             advice: page.items.iter().map(wire::stored_advice_to_proto).collect(),
@@ -275,7 +315,11 @@ impl Query for QueryService {
         &self,
         request: Request<proto::WatchAnomaliesRequest>,
     ) -> Result<Response<AnomalyStream>, Status> {
+        let caller = Caller::of(&request)?;
         let r = request.into_inner();
+        if !r.job.is_empty() {
+            self.may_query(&caller, &r.job)?;
+        }
         // No store read: the feed takes no query slot.
         self.reader()?;
         let min = wire::severity_from_proto(r.min_severity, "min_severity")
@@ -308,7 +352,10 @@ impl Query for QueryService {
                     }
                     Err(broadcast::error::RecvError::Closed) => return,
                 };
-                if (!r.job.is_empty() && anomaly.job != r.job) || anomaly.severity < min {
+                if (!r.job.is_empty() && anomaly.job != r.job)
+                    || anomaly.severity < min
+                    || !caller.may_query(&anomaly.job)
+                {
                     continue;
                 }
                 if tx.send(Ok((*anomaly).clone())).await.is_err() {
@@ -320,7 +367,13 @@ impl Query for QueryService {
     }
 
     async fn get_rules(&self, request: Request<proto::GetRulesRequest>) -> Result<Response<proto::Rules>, Status> {
+        let caller = Caller::of(&request)?;
         let job = request.into_inner().job;
+        if !job.is_empty() {
+            self.may_query(&caller, &job)?;
+        } else if !caller.queries_something() {
+            return Err(self.gate.out_of_scope(&caller, "query the rules of", "(default)"));
+        }
         let toml = self.hub.rules_toml(&job).map_err(Status::internal)?;
         Ok(Response::new(proto::Rules { job, toml }))
     }

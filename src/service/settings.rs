@@ -35,6 +35,13 @@
 //!
 //! [kafka]                       # cluster mode (see cluster::KafkaConfig)
 //! brokers = "broker1:9092"
+//!
+//! [security]
+//! tls_cert = "server.pem"       # TLS on the gRPC port (with tls_key)
+//! tls_key = "server-key.pem"
+//! tls_client_ca = "ca.pem"      # require client certificates it signed
+//! metrics_tls = true            # TLS on the metrics port too
+//! auth = "auth.toml"            # principals and scopes (crate::auth)
 //! ```
 //!
 //! Every key but `version` is optional, and unknown keys are errors. A
@@ -50,7 +57,8 @@ use std::time::Duration;
 use anyhow::Context;
 use serde::{Deserialize, Deserializer};
 
-use super::{ConnectionLimits, Settings, StoreSettings};
+use super::{ConnectionLimits, Security, Settings, StoreSettings};
+use crate::auth::tls::TlsFiles;
 use crate::cluster::KafkaConfig;
 use crate::config::RuleBook;
 use crate::intake::Limits;
@@ -136,6 +144,56 @@ pub struct SettingsFile {
     pub store: StoreSection,
     /// Cluster mode; `kafka.brokers` (or `--kafka-brokers`) turns it on.
     pub kafka: Option<KafkaConfig>,
+    pub security: SecuritySection,
+}
+
+/// `[security]`: TLS and who may call.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecuritySection {
+    /// PEM certificate chain of the gRPC port; `--tls-cert`.
+    pub tls_cert: Option<PathBuf>,
+    /// Its PEM private key; `--tls-key`.
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificates that client certificates must chain to; `--tls-client-ca`.
+    pub tls_client_ca: Option<PathBuf>,
+    /// TLS on the metrics port too, with the same certificate; `--metrics-tls`.
+    pub metrics_tls: Option<bool>,
+    /// The principals and their scopes; `--auth`.
+    pub auth: Option<PathBuf>,
+}
+
+impl SecuritySection {
+    /// The service's security settings; a half-given TLS setup is an error
+    /// naming what is missing.
+    fn resolve(&self) -> anyhow::Result<Security> {
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: self.tls_client_ca.clone(),
+            }),
+            (None, None) => None,
+            (Some(_), None) => anyhow::bail!("--tls-cert (security.tls_cert) needs --tls-key (security.tls_key)"),
+            (None, Some(_)) => anyhow::bail!("--tls-key (security.tls_key) needs --tls-cert (security.tls_cert)"),
+        };
+        if tls.is_none() {
+            if let Some(ca) = &self.tls_client_ca {
+                anyhow::bail!(
+                    "--tls-client-ca {} (security.tls_client_ca) needs --tls-cert and --tls-key: client certificates are asked for in a TLS handshake",
+                    ca.display()
+                );
+            }
+            if self.metrics_tls == Some(true) {
+                anyhow::bail!("--metrics-tls (security.metrics_tls) needs --tls-cert and --tls-key");
+            }
+        }
+        Ok(Security {
+            tls,
+            metrics_tls: self.metrics_tls.unwrap_or(false),
+            auth: self.auth.clone(),
+        })
+    }
 }
 
 /// `[listen]`: the addresses the service binds; port 0 picks a free port.
@@ -358,6 +416,13 @@ impl SettingsFile {
                 max_mib: self.store.max_mib.or(lower.store.max_mib),
             },
             kafka: self.kafka.or(lower.kafka),
+            security: SecuritySection {
+                tls_cert: self.security.tls_cert.or(lower.security.tls_cert),
+                tls_key: self.security.tls_key.or(lower.security.tls_key),
+                tls_client_ca: self.security.tls_client_ca.or(lower.security.tls_client_ca),
+                metrics_tls: self.security.metrics_tls.or(lower.security.metrics_tls),
+                auth: self.security.auth.or(lower.security.auth),
+            },
         }
     }
 
@@ -429,6 +494,7 @@ impl SettingsFile {
                     },
                 }),
                 kafka,
+                security: self.security.resolve()?,
             },
         })
     }

@@ -256,6 +256,9 @@ impl Batch {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Filter {
     pub job: Option<String>,
+    /// Only jobs matching one of these SQLite `GLOB` patterns (a caller's
+    /// scopes); `None`: any job.
+    pub jobs: Option<Vec<String>>,
     pub rule: Option<RuleId>,
     /// At least this severity.
     pub min_severity: Option<Severity>,

@@ -122,22 +122,33 @@ impl Reader {
     }
 
     /// A page of jobs by id: the first `limit` stored jobs after `after`
-    /// (from the first when `None`), and the jobs named in `also` (with or
+    /// (from the first when `None`) that match one of the `GLOB` patterns
+    /// `only` (any job when `None`), and the jobs named in `also` (with or
     /// without a stored row), each with its counts; in id order. One indexed
     /// range read and lookups by key: no scan of every job or anomaly.
-    pub fn jobs_page(&self, after: Option<&str>, limit: u32, also: &[String]) -> Result<Vec<StoredJob>, StoreError> {
+    pub fn jobs_page(
+        &self,
+        after: Option<&str>,
+        limit: u32,
+        also: &[String],
+        only: Option<&[String]>,
+    ) -> Result<Vec<StoredJob>, StoreError> {
         let also = serde_json::to_string(also).unwrap_or_else(|_| "[]".into());
+        let only = only.map(|o| serde_json::to_string(o).unwrap_or_else(|_| "[]".into()));
         self.with(|c| {
             let mut stmt = c.prepare_cached(&format!(
                 "{JOB_SELECT}
-                 FROM (SELECT job FROM (SELECT job FROM jobs WHERE job > ?1 ORDER BY job LIMIT ?2)
+                 FROM (SELECT job FROM (SELECT job FROM jobs
+                                        WHERE job > ?1 AND (?4 IS NULL OR {IN_SCOPE})
+                                        ORDER BY job LIMIT ?2)
                        UNION SELECT value FROM json_each(?3)) AS p
                  LEFT JOIN jobs AS j ON j.job = p.job
                  LEFT JOIN job_counts AS c ON c.job = p.job
-                 ORDER BY p.job"
+                 ORDER BY p.job",
+                IN_SCOPE = in_scope("?4"),
             ))?;
             let rows = stmt
-                .query_map(params![after.unwrap_or(""), limit, also], stored_job)?
+                .query_map(params![after.unwrap_or(""), limit, also, only], stored_job)?
                 .collect::<Result<Vec<_>, _>>()?;
             Ok(rows)
         })
@@ -266,6 +277,12 @@ fn page<T>(mut rows: Vec<T>, limit: u32, id: impl Fn(&T) -> u64) -> Page<T> {
     Page { items: rows, next }
 }
 
+/// An SQL condition: the row's `job` matches one of the `GLOB` patterns in
+/// the JSON array parameter `param`.
+fn in_scope(param: &str) -> String {
+    format!("EXISTS (SELECT 1 FROM json_each({param}) AS s WHERE job GLOB s.value)")
+}
+
 /// The WHERE clause of a listing and its parameters. Advice has no rank or
 /// per-row rule column to match exactly: `worker` matches the advice that
 /// reaches that rank (its target, or every rank), `rule` one of its rules.
@@ -278,6 +295,12 @@ fn where_clause(f: &Filter, anomalies: bool) -> (String, Vec<Value>) {
     };
     if let Some(job) = &f.job {
         push("job = ?", Value::Text(job.clone()));
+    }
+    if let Some(patterns) = &f.jobs {
+        push(
+            &in_scope("?"),
+            Value::Text(serde_json::to_string(patterns).unwrap_or_else(|_| "[]".into())),
+        );
     }
     if let Some(rule) = f.rule {
         if anomalies {

@@ -92,7 +92,7 @@ fn everything_written_reads_back() {
 
     let reader = store.reader().unwrap();
     assert_eq!(
-        reader.jobs_page(None, 10, &[]).unwrap(),
+        reader.jobs_page(None, 10, &[], None).unwrap(),
         [StoredJob {
             job: "a".into(),
             row: Some(job("a", 9, Some(Severity::Critical))),
@@ -453,7 +453,7 @@ fn job_pages_go_by_id_with_counts_kept_through_writes_and_pruning() {
     let mut seen = Vec::new();
     let mut after: Option<String> = None;
     loop {
-        let page = reader.jobs_page(after.as_deref(), 101, &[]).unwrap();
+        let page = reader.jobs_page(after.as_deref(), 101, &[], None).unwrap();
         assert!(page.len() <= 101);
         let more = page.len() == 101;
         for j in page.iter().take(100) {
@@ -471,7 +471,7 @@ fn job_pages_go_by_id_with_counts_kept_through_writes_and_pruning() {
 
     // Named jobs come too, row or not, in id order.
     let page = reader
-        .jobs_page(Some("job-247"), 5, &["job-000".into(), "ghost".into()])
+        .jobs_page(Some("job-247"), 5, &["job-000".into(), "ghost".into()], None)
         .unwrap();
     let ids: Vec<&str> = page.iter().map(|j| j.job.as_str()).collect();
     assert_eq!(ids, ["ghost", "job-000", "job-248", "job-249"]);

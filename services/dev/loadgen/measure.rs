@@ -29,12 +29,14 @@ pub(super) const RING: usize = 8192;
 pub(super) async fn measure(args: &LoadgenArgs, target: &str, memory: MemorySource) -> Result<Report, Failure> {
     let n = args.streams as usize;
     let w = args.world_size;
+    let security = super::security_for(args, target)?;
 
     // Open every stream before the clock starts, concurrently, each on its own
     // connection: connection setup is not what is measured.
     let opening: Vec<JoinHandle<Result<WorkerStream, ClientError>>> = (0..args.streams)
         .map(|i| {
             let target = target.to_owned();
+            let security = security.clone();
             let hello = proto::Hello {
                 job: format!("loadgen-{}", i / w),
                 rank: i % w,
@@ -45,7 +47,7 @@ pub(super) async fn measure(args: &LoadgenArgs, target: &str, memory: MemorySour
                 report_progress: false,
             };
             tokio::spawn(async move {
-                let mut client = client::connect(&target).await?;
+                let mut client = client::connect_with(&target, &security).await?;
                 WorkerStream::open(&mut client, hello).await
             })
         })

@@ -58,9 +58,15 @@ const DEFAULT_METRICS_PORT: u16 = 9464;
 
 #[derive(Debug, clap::Args)]
 pub struct LoadgenArgs {
-    /// Server to load: `http://host:port` (`host:port` is taken as http).
+    /// Server to load: `http://host:port`, or `https://host:port` for TLS
+    /// (`host:port` is taken as http).
     #[arg(long, value_name = "URL", value_parser = parse_server)]
     pub server: String,
+
+    /// TLS and token, for `--server` (and `--compare` when it is https; an
+    /// http `--compare` gets the token only).
+    #[command(flatten)]
+    pub security: crate::cli::ClientSecurityArgs,
 
     /// Concurrent worker streams, each on its own connection.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=10_000))]
@@ -151,6 +157,20 @@ impl Spikes {
 }
 
 /// `--server`: an http URL with a host; `host:port` gets `http://`.
+/// The TLS and token for a target: all of `--tls-*` for an https one, the
+/// token only for an http one (a plaintext baseline beside a TLS server).
+fn security_for(args: &LoadgenArgs, target: &str) -> Result<client::ClientSecurity, Failure> {
+    let security = args.security.security()?;
+    Ok(if target.starts_with("https://") {
+        security
+    } else {
+        client::ClientSecurity {
+            token: security.token,
+            ..Default::default()
+        }
+    })
+}
+
 fn parse_server(s: &str) -> Result<String, String> {
     let url = if s.contains("://") {
         s.to_owned()
@@ -158,8 +178,8 @@ fn parse_server(s: &str) -> Result<String, String> {
         format!("http://{s}")
     };
     let uri: Uri = url.parse().map_err(|e| format!("not a URL: {e}"))?;
-    if uri.scheme_str() != Some("http") {
-        return Err("only http:// servers are supported".into());
+    if !matches!(uri.scheme_str(), Some("http" | "https")) {
+        return Err("only http:// and https:// servers are supported".into());
     }
     if uri.host().is_none_or(str::is_empty) {
         return Err("the URL has no host".into());
@@ -214,7 +234,7 @@ pub fn run(args: &LoadgenArgs) -> Result<ExitCode, Failure> {
 
     // Fail before the sink's run, not a whole --duration later.
     runtime
-        .block_on(client::connect(&args.server))
+        .block_on(client::connect_with(&args.server, &security_for(args, &args.server)?))
         .map_err(|e| Failure::input(anyhow!("cannot reach --server: {}", error_chain(&e))))?;
     // The sink, if it is the baseline, lives for every round.
     let mut sink = None;

@@ -85,6 +85,9 @@ pub struct SimulateArgs {
     )]
     pub server: Option<String>,
 
+    #[command(flatten)]
+    pub security: crate::cli::ClientSecurityArgs,
+
     /// Play the job through a gradguard cluster's Kafka topics instead of
     /// gRPC: summaries to the summaries topic, advice from the advice topic.
     #[arg(long, value_name = "HOST:PORT")]
@@ -265,7 +268,7 @@ async fn simulate(args: &SimulateArgs, scenario: Scenario) -> Result<ExitCode, F
     let (events_tx, events) = mpsc::unbounded_channel();
     let (ranks, target) = match (&args.server, &args.kafka_brokers) {
         (Some(url), _) => (
-            Transport::Grpc(open_ranks(url, &scenario, &events_tx).await?),
+            Transport::Grpc(open_ranks(url, &args.security.security()?, &scenario, &events_tx).await?),
             url.clone(),
         ),
         (None, Some(brokers)) => {

@@ -2,7 +2,7 @@
 //! Kafka topics; advice and stream ends come back as [`Event`]s.
 
 use anyhow::anyhow;
-use gradguard::client::{self, ClientError, StreamReceiver, StreamSender, WorkerStream};
+use gradguard::client::{self, ClientError, ClientSecurity, GrpcChannel, StreamReceiver, StreamSender, WorkerStream};
 use gradguard::cluster::KafkaConfig;
 use gradguard::cluster::worker::{FromCluster, KafkaWorker};
 use gradguard::proto::{self, ingest_client::IngestClient, worker_message};
@@ -10,7 +10,6 @@ use gradguard::scenario::Scenario;
 use gradguard::service::SettingsFile;
 use tokio::sync::mpsc;
 use tonic::Status;
-use tonic::transport::Channel;
 
 use super::{DRAIN_TIMEOUT, SimulateArgs};
 use crate::cli::{Failure, status_text};
@@ -127,7 +126,7 @@ pub(super) async fn open_kafka(
 /// The ranks' streams: the sending halves, and each rank's connection, kept
 /// until its stream has ended.
 pub(super) struct Ranks {
-    pub(super) clients: Vec<IngestClient<Channel>>,
+    pub(super) clients: Vec<IngestClient<GrpcChannel>>,
     pub(super) senders: Vec<StreamSender>,
 }
 
@@ -136,6 +135,7 @@ pub(super) struct Ranks {
 /// into `events`.
 pub(super) async fn open_ranks(
     url: &str,
+    security: &ClientSecurity,
     scenario: &Scenario,
     events: &mpsc::UnboundedSender<Event>,
 ) -> Result<Ranks, Failure> {
@@ -146,11 +146,13 @@ pub(super) async fn open_ranks(
         senders: Vec::with_capacity(cfg.workers as usize),
     };
     for rank in 0..cfg.workers {
-        let mut client = client::connect(url).await.map_err(|e| open_failure(url, rank, e))?;
+        let mut client = client::connect_with(url, security)
+            .await
+            .map_err(|e| open_failure(url, security, rank, e))?;
         let hello = hello(scenario, &names, rank);
         let stream = WorkerStream::open(&mut client, hello)
             .await
-            .map_err(|e| open_failure(url, rank, e))?;
+            .map_err(|e| open_failure(url, security, rank, e))?;
         // A job the server already has steps for would refuse ours as
         // duplicates (steps must increase), or mix two runs in one history.
         // Some(0) is not checked: a server may report "none" as 0.
@@ -167,13 +169,15 @@ pub(super) async fn open_ranks(
     Ok(ranks)
 }
 
-fn open_failure(url: &str, rank: u32, error: ClientError) -> Failure {
+fn open_failure(url: &str, security: &ClientSecurity, rank: u32, error: ClientError) -> Failure {
     match error {
         ClientError::Url { .. } => Failure::usage(anyhow!("--server: {error}")),
         ClientError::Connect { .. } => Failure::input(error),
+        ClientError::Tls(_) => Failure::usage(error),
         ClientError::Status(status) => Failure::input(anyhow!(
-            "{url} refused the stream of rank {rank}: {}",
-            status_text(&status)
+            "{url} refused the stream of rank {rank}: {}{}",
+            status_text(&status),
+            client::transport_hint(url, security, &status)
         )),
         ClientError::NoWelcome | ClientError::Closed => {
             Failure::input(anyhow!("{url}: stream of rank {rank}: {error}"))

@@ -13,6 +13,7 @@ adapters live in `gradguard.lightning` and `gradguard.huggingface`.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -32,6 +33,10 @@ def watch(
     mode: str = "enforce",
     scaler: Any = None,
     scheduler: Any = None,
+    token: str | None = None,
+    tls_ca: str | os.PathLike | None = None,
+    tls_cert: str | os.PathLike | None = None,
+    tls_key: str | os.PathLike | None = None,
     **options: Any,
 ) -> Guard:
     """Starts guarding a training job; returns the `Guard` whose `step(loss)`
@@ -39,8 +44,22 @@ def watch(
 
     - `job`: the job id every rank of the run shares.
     - `server`: `host:port` of `gradguard serve` (default `$GRADGUARD_SERVER`
-      or `localhost:50051`). A server that is down never raises here or in
-      `step`: summaries are buffered (bounded) and the stream resumes.
+      or `localhost:50051`); `https://host:port` connects with TLS. A server
+      that is down never raises here or in `step`: summaries are buffered
+      (bounded) and the stream resumes.
+    - `token`: the bearer token the service's `--auth` file knows (default
+      `$GRADGUARD_TOKEN`, else the contents of `$GRADGUARD_TOKEN_FILE`), sent
+      as `authorization: Bearer` metadata; never logged.
+    - `tls_ca`: a PEM bundle to verify the server with (default
+      `$GRADGUARD_TLS_CA`, else the system roots); `tls_cert` and `tls_key`:
+      this worker's PEM certificate and key for mutual TLS (default
+      `$GRADGUARD_TLS_CLIENT_CERT`, `$GRADGUARD_TLS_CLIENT_KEY`). Any of
+      them, given or from the environment, selects TLS for a bare
+      `host:port` (and is an error with `http://`). A file that cannot be read
+      raises ValueError here; a service that refuses the credentials
+      (UNAUTHENTICATED, PERMISSION_DENIED) is logged once as an error and
+      shows in `guard.stats.refused` and `last_error`, and the guard stops
+      retrying.
     - `mode`: `"enforce"` applies advice (clip, scale the LR, skip, set the
       loss scale, roll back, halt); `"observe"` only reports and logs.
     - `scaler`: the `torch.amp.GradScaler`, if any: gradients are measured
@@ -63,7 +82,20 @@ def watch(
     """
     from ._guard import Guard
 
-    return Guard(model, optimizer, job=job, server=server, mode=mode, scaler=scaler, scheduler=scheduler, **options)
+    return Guard(
+        model,
+        optimizer,
+        job=job,
+        server=server,
+        mode=mode,
+        scaler=scaler,
+        scheduler=scheduler,
+        token=token,
+        tls_ca=tls_ca,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        **options,
+    )
 
 
 def __getattr__(name: str) -> Any:

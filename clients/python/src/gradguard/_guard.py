@@ -16,6 +16,7 @@ import torch
 
 from . import __version__
 from ._measure import Layers, Measurement
+from ._security import resolve
 from ._transport import GrpcConnection, KafkaConnection, Outbox, Progress, TransportStats
 from .v1 import gradguard_pb2 as pb
 
@@ -70,6 +71,7 @@ class Stats:
     lr_scale: float
     last_error: str
     lag_timeouts: int
+    refused: bool  # the service refused the credentials (UNAUTHENTICATED, PERMISSION_DENIED): no more retries
 
 
 class Guard:
@@ -85,6 +87,10 @@ class Guard:
         mode: str = "enforce",
         scaler: Any = None,
         scheduler: Any = None,
+        token: str | None = None,
+        tls_ca: str | os.PathLike | None = None,
+        tls_cert: str | os.PathLike | None = None,
+        tls_key: str | os.PathLike | None = None,
         max_norm: float | None = None,
         rank: int | None = None,
         world_size: int | None = None,
@@ -121,6 +127,17 @@ class Guard:
             raise ValueError(f"lag_timeout must be seconds >= 0, got {lag_timeout!r}")
         if not (isinstance(linger, (int, float)) and 0 <= linger < math.inf):
             raise ValueError(f"linger must be seconds >= 0, got {linger!r}")
+        security = {"token": token, "tls_ca": tls_ca, "tls_cert": tls_cert, "tls_key": tls_key}
+        if kafka_brokers is not None:
+            given = [k for k, v in security.items() if v is not None]
+            if given:
+                raise ValueError(
+                    f"{', '.join(given)}: for the gRPC transport; Kafka takes SSL/SASL settings in kafka_properties"
+                )
+            endpoint = None
+        else:
+            # Files and the token are read now: a bad one raises here, not in the background.
+            endpoint = resolve(server, **security)
 
         self.job = job
         self.mode = mode
@@ -196,8 +213,7 @@ class Guard:
         if kafka_brokers is not None:
             self._conn = KafkaConnection(kafka_brokers, kafka_topics, kafka_properties or {}, **common)
         else:
-            target = server or os.environ.get("GRADGUARD_SERVER", "localhost:50051")
-            self._conn = GrpcConnection(target, on_welcome=self._welcome, **common)
+            self._conn = GrpcConnection(endpoint, on_welcome=self._welcome, **common)
         self._conn.start()
         self._closed = False
 
@@ -266,6 +282,7 @@ class Guard:
             lr_scale=self._lr_scale,
             last_error=s.last_error,
             lag_timeouts=self._lag_timeouts,
+            refused=s.refused,
         )
 
     def state_dict(self) -> dict:

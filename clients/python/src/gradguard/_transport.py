@@ -4,7 +4,9 @@ The training loop only ever appends to a bounded buffer (`Outbox`); a
 background thread owns the connection. When the service is unreachable the
 buffer keeps the newest summaries and counts the ones it drops, the thread
 reconnects with exponential backoff and jitter, and a new stream starts with a
-new Hello. Nothing here raises into the training loop.
+new Hello. Only a refusal no retry can change (UNAUTHENTICATED,
+PERMISSION_DENIED) stops it for good, logged once and kept in the stats.
+Nothing here raises into the training loop.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from ._security import Endpoint
 from .v1 import gradguard_pb2 as pb
 
 log = logging.getLogger("gradguard")
@@ -37,6 +40,7 @@ class TransportStats:
     advice: int = 0
     connected: bool = False
     last_error: str = ""
+    refused: bool = False  # the service refused this worker's credentials: no more retries
 
 
 class Outbox:
@@ -253,13 +257,31 @@ class Connection(threading.Thread):
             self._quiet_errors.add(key)
             log.warning("gradguard: %s (the job goes on; retrying in the background)", message)
 
+    def _refuse(self, message: str) -> None:
+        """A refusal no retry can change (credentials, scope): said once,
+        kept in the stats, and the connection stops for good."""
+        self.stats.last_error = message
+        self.stats.refused = True
+        log.error(
+            "gradguard: the service refused this worker: %s (the job goes on unguarded; no more retries)", message
+        )
+        self._halt.set()
+
+
+# Statuses a retry cannot change: the credentials or their scope are wrong.
+REFUSALS = ("UNAUTHENTICATED", "PERMISSION_DENIED")
+# In the details of a connection that failed at TLS, or at a plaintext
+# client's first bytes to a TLS server.
+TLS_SIGNS = ("TSI_", "SSL", "andshake", "Socket closed")
+
 
 class GrpcConnection(Connection):
     """One bidirectional `Ingest.Stream` at a time."""
 
-    def __init__(self, target: str, *args, **kwargs):
+    def __init__(self, endpoint: Endpoint | str, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.target = target.removeprefix("http://").removeprefix("grpc://")
+        self.endpoint = endpoint if isinstance(endpoint, Endpoint) else Endpoint.parse(endpoint)
+        self.target = self.endpoint.target
 
     def session(self) -> None:
         import grpc
@@ -273,8 +295,10 @@ class GrpcConnection(Connection):
             ("grpc.keepalive_timeout_ms", 5_000),
             ("grpc.max_send_message_length", 4 << 20),
         ]
-        with grpc.insecure_channel(self.target, options=options) as channel:
-            call = gradguard_pb2_grpc.IngestStub(channel).Stream(self._requests(welcomed, done))
+        with self.endpoint.channel(options) as channel:
+            call = gradguard_pb2_grpc.IngestStub(channel).Stream(
+                self._requests(welcomed, done), metadata=self.endpoint.metadata()
+            )
             try:
                 for msg in call:
                     kind = msg.WhichOneof("body")
@@ -289,7 +313,7 @@ class GrpcConnection(Connection):
                         self.stats.connects += 1
                         self.stats.connected = True
                         self._quiet_errors.clear()
-                        log.info("gradguard: streaming to %s (server %s)", self.target, msg.welcome.server_version)
+                        log.info("gradguard: streaming to %s (server %s)", self.endpoint, msg.welcome.server_version)
                         welcomed.set()
                     elif kind == "advice":
                         self.stats.advice += 1
@@ -297,12 +321,30 @@ class GrpcConnection(Connection):
                     elif kind == "progress":
                         self.progress.advance(msg.progress.step)
             except grpc.RpcError as e:
-                if not self._halt.is_set():
-                    self._error(f"{e.code().name}: {e.details()}")
+                if self._halt.is_set():
+                    pass
+                elif e.code().name in REFUSALS:
+                    self._refuse(f"{e.code().name}: {e.details()}")
+                else:
+                    self._error(f"{e.code().name}: {e.details()}{self._hint(e)}")
             finally:
                 done.set()
                 self.outbox.wake()  # gRPC's thread may wait in `take` for the next message
                 call.cancel()
+
+    def _hint(self, e) -> str:
+        """What to check when the connection failed at TLS (a plaintext
+        client of a TLS server sees only a closed socket, a client without
+        the certificate a mutual-TLS server asks for, a corrupted record)."""
+        details = e.details() or ""
+        if e.code().name != "UNAVAILABLE" or not any(m in details for m in TLS_SIGNS):
+            return ""
+        if self.endpoint.tls:
+            return (
+                " (TLS: is the server serving TLS, does tls_ca hold the CA that signed its certificate,"
+                " and does it ask for a client certificate (tls_cert, tls_key)?)"
+            )
+        return " (plaintext: is the server serving TLS? Then use https:// and tls_ca)"
 
     def _requests(self, welcomed: threading.Event, done: threading.Event) -> Iterator[pb.WorkerMessage]:
         yield pb.WorkerMessage(hello=self.hello)
