@@ -31,12 +31,13 @@ impl Cluster {
     }
 
     fn on(broker: Broker, partitions: u32) -> Self {
+        Self::with_properties(broker, partitions, "")
+    }
+
+    /// With more `[kafka.properties]` lines.
+    fn with_properties(broker: Broker, partitions: u32, properties: &str) -> Self {
         let mut settings = tempfile::NamedTempFile::new().expect("a settings file");
-        write!(
-            settings,
-            "version = 1\n[kafka]\npartitions = {partitions}\n[kafka.properties]\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"500\"\n"
-        )
-        .unwrap();
+        write!(settings, "{}{properties}", settings_text(partitions)).unwrap();
         Self { broker, settings }
     }
 
@@ -89,6 +90,13 @@ impl Cluster {
             .spawn()
             .expect("start gradguard simulate")
     }
+}
+
+/// A settings file's text, up to its `[kafka.properties]` table (last).
+fn settings_text(partitions: u32) -> String {
+    format!(
+        "version = 1\n[kafka]\npartitions = {partitions}\n[kafka.properties]\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"500\"\n"
+    )
 }
 
 /// Waits until the replicas between them own all 4 partitions, each at least one.
@@ -734,4 +742,117 @@ fn records_written_straight_to_the_topic_are_refused_as_grpc_refuses_them() {
     // Accepted: rank 0's 10, the first of ranks 2 and 3, the two summaries
     // of the batch before its bad third; nothing of the refused.
     assert_eq!(common::sample(&text, "gradguard_summaries_total"), Some(14.0));
+}
+
+/// `[kafka.properties]` lines for SCRAM-SHA-512 over a plain connection
+/// (tansu 0.6 has no TLS listener).
+fn sasl_properties(password: &str) -> String {
+    format!(
+        "\"security.protocol\" = \"SASL_PLAINTEXT\"\n\"sasl.mechanisms\" = \"SCRAM-SHA-512\"\n\
+         \"sasl.username\" = \"gradguard\"\n\"sasl.password\" = \"{password}\"\n"
+    )
+}
+
+/// Starts a replica that is expected not to come up; its stderr once it exits.
+fn replica_refused(brokers: &str, properties: &str) -> String {
+    let mut settings = tempfile::NamedTempFile::new().expect("a settings file");
+    write!(settings, "{}{properties}", settings_text(4)).unwrap();
+    let mut child = Command::new(BIN)
+        .args([
+            "serve",
+            "--no-store",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
+        .args(["--kafka-brokers", brokers, "--settings"])
+        .arg(settings.path())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start gradguard serve");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "a replica with properties {properties:?} did not give up in 120 s:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A broker that asks every client for SASL: with `[kafka.properties]`
+/// alone, every Kafka client of a replica (admin, detector consumer and
+/// producer, store feed, forwarder, relay, readers) and of a worker writing
+/// straight to Kafka (producer, advice reader, commit watcher) authenticates.
+/// Without the properties, or with a wrong password, a replica does not start.
+#[test]
+fn every_kafka_client_authenticates_with_the_sasl_properties() {
+    let _turn = common::turn();
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start_with_sasl(dir.path(), "gradguard", "s3cret");
+    let cluster = Cluster::with_properties(broker, 4, &sasl_properties("s3cret"));
+    let brokers = cluster.broker.brokers();
+    let started = Instant::now();
+    // A short request timeout: the refused replica gives up in seconds.
+    let quick = "\"socket.timeout.ms\" = \"3000\"\n";
+    for properties in [quick.to_owned(), format!("{quick}{}", sasl_properties("wrong"))] {
+        let err = replica_refused(&brokers, &properties);
+        assert!(err.contains("cannot reach the Kafka brokers"), "{err}");
+    }
+    eprintln!("two replicas refused in {:.1} s", started.elapsed().as_secs_f64());
+
+    let replica = cluster.replica_with_store();
+    let explode = [
+        "--scenario",
+        "explode",
+        "--apply-advice",
+        "--workers",
+        "2",
+        "--steps",
+        "400",
+        "--fault-at",
+        "200",
+        "--step-interval",
+        "10ms",
+        "--job",
+    ];
+    let direct = cluster.simulate(&[&explode[..], &["sasl-kafka"]].concat());
+    let grpc = Run::from(
+        Command::new(BIN)
+            .args(["simulate", "--server", &replica.url(), "--json"])
+            .args(explode)
+            .arg("sasl-grpc")
+            .output()
+            .expect("run gradguard simulate"),
+    );
+    for run in [&direct, &grpc] {
+        let lines = run.json();
+        let (summary, advice) = lines.split_last().expect("a summary line");
+        assert_eq!(summary["result"], "recovered", "{}{}", run.stdout, run.stderr);
+        assert_eq!(
+            advice.first().map(|a| a["action"].clone()),
+            Some("clip_gradients".into()),
+            "{}",
+            run.stdout
+        );
+    }
+    // The store feed read both jobs' anomalies back.
+    for job in ["sasl-kafka", "sasl-grpc"] {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while query(&replica, &["anomalies", "--job", job]).is_empty() {
+            assert!(Instant::now() < deadline, "no anomaly of {job} in the store");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    assert_eq!(replica.sample("gradguard_kafka_up"), Some(1.0));
 }

@@ -35,7 +35,7 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use super::link::{Change, Ctx, Link};
 use super::pipeline::{Batch, DetectorCtx, Pipeline, ProduceCtx, StateRecord};
-use super::{ClusterMetrics, KafkaConfig, RECORD_INDEX_LIMIT, SummariesRecord, record_id, summaries_record};
+use super::{Client, ClusterMetrics, KafkaConfig, RECORD_INDEX_LIMIT, SummariesRecord, record_id, summaries_record};
 use crate::clock::unix_now;
 use crate::engine::Output;
 use crate::intake::{Decoder, Judge, Parts, Reason, Refusal};
@@ -66,8 +66,7 @@ impl Detector {
         // Deliveries wait for a broker that is away instead of failing: a
         // batch's offsets stay uncommitted until everything it produced is in.
         let producer: BaseProducer<ProduceCtx> = config
-            .producer_config()
-            .set("message.timeout.ms", "0")
+            .client_config(Client::DetectorProducer)
             .create_with_context(ProduceCtx {
                 ctx: Ctx(link.clone()),
                 counts: Mutex::new(HashMap::new()),
@@ -82,12 +81,8 @@ impl Detector {
             stopping_since: OnceLock::new(),
             batches: Mutex::new(VecDeque::new()),
         });
-        let mut c = config.consumer_config();
-        c.set("group.id", &config.group)
-            .set("enable.auto.commit", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("statistics.interval.ms", "1000");
-        let consumer: BaseConsumer<DetectorCtx> = c
+        let consumer: BaseConsumer<DetectorCtx> = config
+            .client_config(Client::DetectorConsumer)
             .create_with_context(DetectorCtx {
                 ctx: Ctx(link.clone()),
                 pipeline: pipeline.clone(),

@@ -20,8 +20,8 @@ use prost::Message as _;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Message};
 
-use super::KafkaConfig;
 use super::link::{Ctx, Link};
+use super::{Client, KafkaConfig};
 use crate::recorder::{Record, Recorder};
 
 /// Records written to the store per commit, at most.
@@ -35,12 +35,8 @@ pub fn start_feed(
     recorder: Recorder,
     replica: &str,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let mut c = config.consumer_config();
-    c.set("group.id", format!("{}-store-{replica}", config.group))
-        .set("enable.auto.commit", "true")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest");
-    let consumer: StreamConsumer<Ctx> = c
+    let consumer: StreamConsumer<Ctx> = config
+        .client_config(Client::StoreFeed { replica })
         .create_with_context(Ctx(link.clone()))
         .context("cannot create the store feed's Kafka consumer")?;
     let t = &config.topics;

@@ -138,52 +138,68 @@ impl KafkaConfig {
                 bail!("kafka.topics.{field}: must not be empty");
             }
         }
+        let overridden = self.overridden_properties();
+        if !overridden.is_empty() {
+            tracing::warn!(
+                properties = ?overridden,
+                "[kafka.properties]: the service sets these itself on the clients that depend on them; the values given here apply to the other clients only"
+            );
+        }
         Ok(())
     }
 
-    /// A client configuration: the brokers, then the passed-through properties.
-    pub fn client(&self) -> ClientConfig {
+    /// The configuration of one of the service's Kafka clients: the brokers,
+    /// then the client's tuning defaults, then every `[kafka.properties]`
+    /// entry (security and the like reach every client; a property overrides
+    /// a default), then what the client needs to keep its delivery promises
+    /// (its group, commits, idempotence, waiting for a broker that is away),
+    /// which no property overrides. Every client the crate creates is built
+    /// from this, and only from this.
+    pub fn client_config(&self, client: Client<'_>) -> ClientConfig {
+        let (defaults, required) = client.settings(&self.group);
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", self.brokers.as_deref().unwrap_or_default());
+        for (k, v) in defaults {
+            c.set(k, v);
+        }
         for (k, v) in &self.properties {
+            c.set(k, v);
+        }
+        for (k, v) in required {
             c.set(k, v);
         }
         c
     }
 
-    /// A consumer configuration for a latency-sensitive reader: a fetch
-    /// returns within 10 ms even when the broker has nothing new (some
-    /// brokers hold an empty fetch for the whole `fetch.wait.max.ms`).
-    pub fn consumer_config(&self) -> ClientConfig {
-        let mut c = self.client();
-        if !self.properties.contains_key("fetch.wait.max.ms") {
-            c.set("fetch.wait.max.ms", "10");
-        }
-        c
-    }
-
-    /// An idempotent producer that retries until delivered (or 5 minutes).
-    pub fn producer_config(&self) -> ClientConfig {
-        let mut c = self.client();
-        c.set("enable.idempotence", "true").set("linger.ms", "2");
-        c
+    /// The `[kafka.properties]` keys that some client sets itself, whatever
+    /// the property says (see [`KafkaConfig::client_config`]).
+    pub fn overridden_properties(&self) -> Vec<&str> {
+        self.properties
+            .keys()
+            .map(String::as_str)
+            .filter(|k| {
+                Client::ALL
+                    .iter()
+                    .any(|c| c.settings(&self.group).1.iter().any(|(r, _)| r == k))
+            })
+            .collect()
     }
 
     /// A consumer outside any group, for reading partitions it assigns
     /// itself; with `eof`, it reports reaching the end of each partition.
     pub fn reader(&self, eof: bool) -> anyhow::Result<BaseConsumer> {
-        let mut c = self.consumer_config();
-        c.set("group.id", format!("{}-reader", self.group))
-            .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", if eof { "true" } else { "false" });
-        c.create().context("cannot create a Kafka consumer")
+        self.client_config(Client::Reader { eof })
+            .create()
+            .context("cannot create a Kafka consumer")
     }
 
     /// Creates the topics that are missing, and checks that summaries and state
     /// have as many partitions as each other.
     pub async fn ensure_topics(&self) -> anyhow::Result<()> {
-        let admin: AdminClient<DefaultClientContext> =
-            self.client().create().context("cannot create a Kafka admin client")?;
+        let admin: AdminClient<DefaultClientContext> = self
+            .client_config(Client::Admin)
+            .create()
+            .context("cannot create a Kafka admin client")?;
         let t = &self.topics;
         let compacted = [("cleanup.policy", "compact")];
         let topics = [
@@ -232,6 +248,126 @@ impl KafkaConfig {
             bail!("Kafka topic {topic}: {}", RDKafkaErrorCode::from(e));
         }
         Ok(t.partitions().len())
+    }
+}
+
+/// Every librdkafka client the crate creates, for
+/// [`KafkaConfig::client_config`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Client<'a> {
+    /// Creates the missing topics at start.
+    Admin,
+    /// Outside any group: metadata, watermarks, and partitions it assigns
+    /// itself (a new owner reading a job's state); with `eof`, it reports
+    /// reaching the end of each partition.
+    Reader { eof: bool },
+    /// The detectors' consumer group over the summaries topic.
+    DetectorConsumer,
+    /// The detectors' advice, anomalies and state snapshots.
+    DetectorProducer,
+    /// A replica's store feed (anomalies, advice, state), in a group of its own.
+    StoreFeed { replica: &'a str },
+    /// A replica's gRPC streams into the summaries topic.
+    Forwarder,
+    /// The advice topic, for a replica's gRPC streams.
+    Relay,
+    /// A worker writing straight to Kafka (`simulate --kafka-brokers`): its summaries.
+    WorkerProducer,
+    /// Such a worker's advice, from the advice topic.
+    WorkerAdvice,
+    /// Such a worker watching the detectors' committed offsets.
+    WorkerCommits,
+}
+
+/// Tuning defaults that `[kafka.properties]` may override.
+const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
+    // A fetch returns within 10 ms even when the broker has nothing new
+    // (some brokers hold an empty fetch for the whole `fetch.wait.max.ms`).
+    ("fetch.wait.max.ms", "10"),
+];
+const PRODUCER_DEFAULTS: &[(&str, &str)] = &[("linger.ms", "2")];
+/// librdkafka properties a client sets, in order.
+type Settings = Vec<(&'static str, String)>;
+/// The forwarder's queue bound, in KiB.
+const FORWARDER_QUEUE_KBYTES: &str = "65536";
+
+impl Client<'_> {
+    /// One of each kind (a made-up replica name for the store feed).
+    pub const ALL: [Client<'static>; 11] = [
+        Client::Admin,
+        Client::Reader { eof: false },
+        Client::Reader { eof: true },
+        Client::DetectorConsumer,
+        Client::DetectorProducer,
+        Client::StoreFeed { replica: "replica" },
+        Client::Forwarder,
+        Client::Relay,
+        Client::WorkerProducer,
+        Client::WorkerAdvice,
+        Client::WorkerCommits,
+    ];
+
+    /// (defaults a property may override, settings none may) of this client.
+    fn settings(&self, group: &str) -> (Settings, Settings) {
+        let own =
+            |pairs: &[(&'static str, &str)]| -> Settings { pairs.iter().map(|&(k, v)| (k, v.to_owned())).collect() };
+        let consumer = own(CONSUMER_DEFAULTS);
+        let producer = own(PRODUCER_DEFAULTS);
+        // An idempotent producer; the service's own wait for a broker that
+        // is away instead of failing what they accepted (a batch's offsets
+        // stay uncommitted until everything it produced is in).
+        let idempotent = ("enable.idempotence", "true".to_owned());
+        let waits = ("message.timeout.ms", "0".to_owned());
+        let no_commit = ("enable.auto.commit", "false".to_owned());
+        let earliest = ("auto.offset.reset", "earliest".to_owned());
+        match *self {
+            Client::Admin => (vec![], vec![]),
+            Client::Reader { eof } => (
+                consumer,
+                vec![
+                    ("group.id", format!("{group}-reader")),
+                    no_commit,
+                    ("enable.partition.eof", eof.to_string()),
+                ],
+            ),
+            Client::DetectorConsumer => (
+                consumer,
+                vec![
+                    ("group.id", group.to_owned()),
+                    no_commit,
+                    earliest,
+                    // The consumer lag gauge comes from these statistics.
+                    ("statistics.interval.ms", "1000".to_owned()),
+                ],
+            ),
+            Client::DetectorProducer => (producer, vec![idempotent, waits]),
+            Client::StoreFeed { replica } => (
+                consumer,
+                vec![
+                    ("group.id", format!("{group}-store-{replica}")),
+                    ("enable.auto.commit", "true".to_owned()),
+                    ("enable.auto.offset.store", "false".to_owned()),
+                    earliest,
+                ],
+            ),
+            Client::Forwarder => {
+                let mut defaults = producer;
+                defaults.push(("queue.buffering.max.kbytes", FORWARDER_QUEUE_KBYTES.to_owned()));
+                (defaults, vec![idempotent, waits])
+            }
+            Client::Relay => (consumer, vec![("group.id", format!("{group}-relay")), no_commit]),
+            // Retries until delivered, or librdkafka's default 5 minutes.
+            Client::WorkerProducer => (producer, vec![idempotent]),
+            Client::WorkerAdvice => (
+                consumer,
+                vec![
+                    ("group.id", format!("{group}-worker")),
+                    no_commit,
+                    ("enable.partition.eof", "true".to_owned()),
+                ],
+            ),
+            Client::WorkerCommits => (vec![], vec![("group.id", group.to_owned()), no_commit]),
+        }
     }
 }
 
@@ -400,5 +536,116 @@ mod tests {
         let bad = RuleBook::parse_str("[kafka]\npartitions = 0\n", "t.toml").unwrap();
         let err = KafkaConfig::resolve(&bad, Some("a:1")).unwrap_err().to_string();
         assert!(err.contains("kafka.partitions: 0"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod client_config_tests {
+    use super::*;
+
+    /// A `[kafka]` section with SASL over TLS, a tuning property and two
+    /// properties the service sets itself.
+    fn secured() -> KafkaConfig {
+        let book = RuleBook::parse_str(
+            "[kafka]\nbrokers = \"k1:9093,k2:9093\"\ngroup = \"g\"\n[kafka.properties]\n\
+             \"security.protocol\" = \"SASL_SSL\"\n\"sasl.mechanisms\" = \"SCRAM-SHA-512\"\n\
+             \"sasl.username\" = \"gradguard\"\n\"sasl.password\" = \"s3cret\"\n\
+             \"ssl.ca.location\" = \"/etc/kafka/ca.crt\"\n\"fetch.wait.max.ms\" = \"100\"\n\
+             \"linger.ms\" = \"5\"\n\"group.id\" = \"theirs\"\n\"enable.auto.commit\" = \"true\"\n",
+            "t.toml",
+        )
+        .unwrap();
+        KafkaConfig::resolve(&book, None).unwrap().unwrap()
+    }
+
+    #[test]
+    fn every_client_carries_every_property_and_keeps_its_own_guarantees() {
+        let config = secured();
+        for client in Client::ALL {
+            let c = config.client_config(client);
+            assert_eq!(c.get("bootstrap.servers"), Some("k1:9093,k2:9093"), "{client:?}");
+            for (k, v) in [
+                ("security.protocol", "SASL_SSL"),
+                ("sasl.mechanisms", "SCRAM-SHA-512"),
+                ("sasl.username", "gradguard"),
+                ("sasl.password", "s3cret"),
+                ("ssl.ca.location", "/etc/kafka/ca.crt"),
+                // Tuning defaults give way to the properties.
+                ("fetch.wait.max.ms", "100"),
+                ("linger.ms", "5"),
+            ] {
+                assert_eq!(c.get(k), Some(v), "{client:?}: {k}");
+            }
+            // A group and commits are the service's, where it has them.
+            let (_, required) = client.settings("g");
+            for (k, v) in &required {
+                assert_eq!(c.get(k), Some(v.as_str()), "{client:?}: {k}");
+            }
+            if !required.iter().any(|(k, _)| *k == "group.id") {
+                assert_eq!(c.get("group.id"), Some("theirs"), "{client:?}");
+            }
+        }
+        let c = config.client_config(Client::DetectorConsumer);
+        assert_eq!(c.get("group.id"), Some("g"));
+        assert_eq!(c.get("enable.auto.commit"), Some("false"));
+        assert_eq!(
+            config
+                .client_config(Client::StoreFeed { replica: "r1" })
+                .get("group.id"),
+            Some("g-store-r1")
+        );
+        assert_eq!(
+            config.client_config(Client::Forwarder).get("message.timeout.ms"),
+            Some("0")
+        );
+        assert_eq!(config.overridden_properties(), ["enable.auto.commit", "group.id"]);
+    }
+
+    #[test]
+    fn without_properties_each_client_gets_its_defaults() {
+        let config = KafkaConfig {
+            brokers: Some("k:9092".into()),
+            ..KafkaConfig::default()
+        };
+        let forwarder = config.client_config(Client::Forwarder);
+        assert_eq!(forwarder.get("queue.buffering.max.kbytes"), Some("65536"));
+        assert_eq!(forwarder.get("linger.ms"), Some("2"));
+        assert_eq!(forwarder.get("enable.idempotence"), Some("true"));
+        let reader = config.client_config(Client::Reader { eof: true });
+        assert_eq!(reader.get("fetch.wait.max.ms"), Some("10"));
+        assert_eq!(reader.get("enable.partition.eof"), Some("true"));
+        assert_eq!(reader.get("group.id"), Some("gradguard-detectors-reader"));
+        let admin = config.client_config(Client::Admin);
+        assert_eq!(admin.config_map().len(), 1, "{admin:?}");
+        assert!(config.overridden_properties().is_empty());
+    }
+
+    /// Every librdkafka client configuration in the crate comes from
+    /// [`KafkaConfig::client_config`]: nothing else names `ClientConfig`
+    /// outside this file, so a new client cannot skip `[kafka.properties]`.
+    #[test]
+    fn no_client_configuration_is_built_elsewhere() {
+        fn walk(dir: &std::path::Path, found: &mut Vec<String>) {
+            for entry in std::fs::read_dir(dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    walk(&path, found);
+                } else if path.extension().is_some_and(|e| e == "rs")
+                    && !path.ends_with("cluster/mod.rs")
+                    && std::fs::read_to_string(&path).unwrap().contains("ClientConfig")
+                {
+                    found.push(path.display().to_string());
+                }
+            }
+        }
+        let mut found = Vec::new();
+        walk(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+            &mut found,
+        );
+        assert!(
+            found.is_empty(),
+            "build Kafka clients with KafkaConfig::client_config, not a ClientConfig of their own: {found:?}"
+        );
     }
 }

@@ -16,7 +16,7 @@ use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::link::{Ctx, Link};
-use super::{KafkaConfig, worker_record};
+use super::{Client, KafkaConfig, worker_record};
 
 /// Worker messages on their way to the summaries topic. While the brokers
 /// are away they wait in the producer's queue, bounded by
@@ -27,18 +27,12 @@ pub struct Forwarder {
     link: Arc<Link>,
 }
 
-/// Producer queue bound, in KiB, unless the config's properties set one.
-const QUEUE_KBYTES: &str = "65536";
-
 impl Forwarder {
     pub fn new(config: &KafkaConfig, link: Arc<Link>) -> anyhow::Result<Self> {
-        let mut c = config.producer_config();
-        if !config.properties.contains_key("queue.buffering.max.kbytes") {
-            c.set("queue.buffering.max.kbytes", QUEUE_KBYTES);
-        }
-        // Wait for a broker that is away rather than fail what was accepted.
-        c.set("message.timeout.ms", "0");
-        let producer = c
+        // Bounded queue (unless a property says otherwise); waits for a
+        // broker that is away rather than fail what was accepted.
+        let producer = config
+            .client_config(Client::Forwarder)
             .create_with_context(Ctx(link.clone()))
             .context("cannot create the forwarding Kafka producer")?;
         Ok(Self {
@@ -89,10 +83,8 @@ pub async fn relay_advice(
     let ends = tokio::task::spawn_blocking(move || super::worker::end_offsets(&cfg, &t))
         .await
         .context("the watermark reader failed")??;
-    let mut c = config.consumer_config();
-    c.set("group.id", format!("{}-relay", config.group))
-        .set("enable.auto.commit", "false");
-    let consumer: StreamConsumer<Ctx> = c
+    let consumer: StreamConsumer<Ctx> = config
+        .client_config(Client::Relay)
         .create_with_context(Ctx(link))
         .context("cannot create the advice relay's Kafka consumer")?;
     let mut tpl = TopicPartitionList::new();

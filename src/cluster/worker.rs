@@ -16,7 +16,7 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::{mpsc, watch};
 
-use super::{KafkaConfig, worker_record};
+use super::{Client, KafkaConfig, worker_record};
 
 /// One job's connection to the cluster.
 pub struct KafkaWorker {
@@ -44,7 +44,7 @@ impl KafkaWorker {
     /// every advice for `job` decided from now on comes out of the receiver.
     pub async fn open(config: &KafkaConfig, job: &str) -> anyhow::Result<(Self, mpsc::UnboundedReceiver<FromCluster>)> {
         let producer: FutureProducer = config
-            .producer_config()
+            .client_config(Client::WorkerProducer)
             .create()
             .context("cannot create a Kafka producer")?;
         let (drain, drain_rx) = watch::channel(None);
@@ -112,9 +112,10 @@ impl KafkaWorker {
 
 /// Polls the detectors' committed offsets until they pass `produced`.
 fn wait_committed(config: &KafkaConfig, produced: &HashMap<i32, i64>, deadline: Instant) -> anyhow::Result<()> {
-    let mut c = config.client();
-    c.set("group.id", &config.group).set("enable.auto.commit", "false");
-    let watcher: BaseConsumer = c.create().context("cannot create a Kafka consumer")?;
+    let watcher: BaseConsumer = config
+        .client_config(Client::WorkerCommits)
+        .create()
+        .context("cannot create a Kafka consumer")?;
     let mut tpl = TopicPartitionList::new();
     for &p in produced.keys() {
         tpl.add_partition(&config.topics.summaries, p);
@@ -166,11 +167,10 @@ async fn advice_reader(
     let ends = tokio::task::spawn_blocking(move || end_offsets(&cfg, &t))
         .await
         .context("the watermark reader failed")??;
-    let mut c = config.consumer_config();
-    c.set("group.id", format!("{}-worker", config.group))
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true");
-    let consumer: StreamConsumer = c.create().context("cannot create a Kafka consumer")?;
+    let consumer: StreamConsumer = config
+        .client_config(Client::WorkerAdvice)
+        .create()
+        .context("cannot create a Kafka consumer")?;
     let mut tpl = TopicPartitionList::new();
     for (&p, &end) in &ends {
         tpl.add_partition_offset(&topic, p, Offset::Offset(end))?;

@@ -21,6 +21,8 @@ pub struct Broker {
     /// tansu's working directory (its SQLite file and stderr log), when it
     /// keeps its data on disk.
     dir: Option<PathBuf>,
+    /// tansu's `--authentication`: every client must authenticate with SASL.
+    sasl: bool,
 }
 
 /// The tansu binary: `$TANSU`, else on the PATH, else in cargo's bin directory.
@@ -60,6 +62,30 @@ impl Broker {
         Self::launch(free_addr(), None, "sqlite://tansu.db", Some(dir.to_owned()))
     }
 
+    /// A broker that requires SASL of every client (tansu's
+    /// `--authentication`), knowing `user` with `password` for SCRAM-SHA-512.
+    /// The user is created on a broker without authentication first (tansu's
+    /// `user create` does not authenticate), so the broker keeps its data in
+    /// a SQLite file under `dir` as [`Broker::start_on_disk`]. tansu 0.6
+    /// checks SCRAM passwords; with PLAIN it takes any.
+    pub fn start_with_sasl(dir: &std::path::Path, user: &str, password: &str) -> Self {
+        let mut broker = Self::start_on_disk(dir);
+        let out = Command::new(tansu())
+            .args(["user", "create", "--broker", &format!("tcp://{}", broker.addr)])
+            .args(["--mechanism", "scram512", user, password])
+            .output()
+            .expect("run tansu user create");
+        assert!(
+            out.status.success(),
+            "tansu user create failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        broker.stop();
+        broker.sasl = true;
+        broker.spawn();
+        broker
+    }
+
     /// A broker that clients reach through a TCP proxy the test can cut
     /// ([`Broker::cut`]) and restore: a network outage that keeps the
     /// broker's data.
@@ -76,6 +102,7 @@ impl Broker {
             proxy,
             storage: storage.into(),
             dir,
+            sasl: false,
         };
         broker.spawn();
         broker
@@ -118,6 +145,7 @@ impl Broker {
         }
         let child = command
             .args(["broker", "--storage-engine", &self.storage])
+            .args(self.sasl.then_some("--authentication"))
             .env("LISTENER_URL", &listener)
             .env("ADVERTISED_LISTENER_URL", &advertised)
             .env("RUST_LOG", "warn")

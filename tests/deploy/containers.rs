@@ -174,6 +174,40 @@ fn the_dockerfile_builds_a_non_root_runtime_with_a_supported_toolchain() {
         ignore.lines().any(|l| l.trim() == "target/"),
         "the build context leaves out target/"
     );
+    // The secrets never reach an image, not even the builder's `COPY . .`,
+    // nor git.
+    assert!(
+        ignore.lines().any(|l| l.trim() == format!("{SECRETS_DIR}/")),
+        "the build context leaves out {SECRETS_DIR}/"
+    );
+    let gitignore = read(&repo(".gitignore"));
+    assert!(
+        gitignore.lines().any(|l| l.trim() == format!("/{SECRETS_DIR}/")),
+        ".gitignore leaves out {SECRETS_DIR}/"
+    );
+}
+
+/// Where deploy/make-secrets.sh writes by default, and compose reads secrets.
+pub const SECRETS_DIR: &str = "deploy/docker/secrets";
+
+/// The secrets a compose service mounts: (secret, path in the container).
+fn mounted_secrets(s: &Yaml) -> Vec<(String, String)> {
+    list(s, "secrets")
+        .iter()
+        .map(|m| match m.as_str() {
+            Some(name) => (name.to_owned(), format!("/run/secrets/{name}")),
+            None => {
+                let source = str_at(m, "source", "a secret").to_owned();
+                let target = m["target"].as_str().unwrap_or(&source);
+                let target = if target.starts_with('/') {
+                    target.to_owned()
+                } else {
+                    format!("/run/secrets/{target}")
+                };
+                (source, target)
+            }
+        })
+        .collect()
 }
 
 pub fn compose() -> Yaml {
@@ -287,6 +321,39 @@ fn the_compose_file_refers_to_what_exists() {
         }
     }
 
+    // Secrets: files deploy/make-secrets.sh writes, in the folder git and the
+    // build context leave out; every /run/secrets/ path a service is given
+    // is one it mounts.
+    let declared = compose["secrets"].as_hash().expect("top-level secrets");
+    let secret_file = |name: &str| -> String {
+        let s = &declared[&Yaml::String(name.to_owned())];
+        assert!(!s.is_badvalue(), "{name}: no such top-level secret");
+        let file = str_at(s, "file", name);
+        let base = file
+            .strip_prefix("./secrets/")
+            .unwrap_or_else(|| panic!("secret {name}: {file} is not in {SECRETS_DIR}/"));
+        assert!(
+            crate::secrets::FILES.contains(&base),
+            "secret {name}: deploy/make-secrets.sh writes no {base}"
+        );
+        base.to_owned()
+    };
+    for (name, s) in services {
+        let name = name.as_str().unwrap();
+        let mounted = mounted_secrets(s);
+        for (secret, _) in &mounted {
+            secret_file(secret);
+        }
+        for word in strings(list(s, "command")) {
+            if word.starts_with("/run/secrets/") {
+                assert!(
+                    mounted.iter().any(|(_, path)| *path == word),
+                    "{name} is given {word}, which it does not mount"
+                );
+            }
+        }
+    }
+
     // The broker listens where the replicas look for it.
     let broker = service(&compose, "broker");
     let listener = str_at(&broker["environment"], "LISTENER_URL", "broker");
@@ -326,6 +393,24 @@ fn the_compose_file_refers_to_what_exists() {
             scrape_targets.contains(&format!("{replica}:{metrics}")),
             "deploy/prometheus/prometheus.yml does not scrape {replica}:{metrics}: {scrape_targets:?}"
         );
+        // TLS with the certificate and key make-secrets.sh made, metrics
+        // over TLS too, principals from the auth file.
+        let mounted = mounted_secrets(s);
+        let file_of = |flag: &str| -> String {
+            let path = flag_value(&command, flag).unwrap_or_else(|| panic!("{replica}: no {flag}"));
+            let (secret, _) = mounted
+                .iter()
+                .find(|(_, p)| *p == path)
+                .unwrap_or_else(|| panic!("{replica}: {flag} {path} is not a mounted secret"));
+            secret_file(secret)
+        };
+        assert_eq!(file_of("--tls-cert"), "server.crt");
+        assert_eq!(file_of("--tls-key"), "server.key");
+        assert_eq!(file_of("--auth"), "auth.toml");
+        assert!(
+            command.iter().any(|a| a == "--metrics-tls"),
+            "{replica}: no --metrics-tls"
+        );
     }
     assert_eq!(scrape_targets.len(), REPLICAS.len(), "{scrape_targets:?}");
 
@@ -338,6 +423,25 @@ fn the_compose_file_refers_to_what_exists() {
         "{command:?}"
     );
     assert!(command.contains(&format!("--web.listen-address=0.0.0.0:{}", PROMETHEUS_PORT)));
+    // It scrapes over HTTPS, trusting the CA make-secrets.sh made.
+    let job = prometheus_job();
+    assert_eq!(job["scheme"].as_str(), Some("https"), "the replicas run --metrics-tls");
+    let ca = str_at(&job["tls_config"], "ca_file", "the gradguard scrape job");
+    let (secret, _) = mounted_secrets(prometheus)
+        .into_iter()
+        .find(|(_, p)| p == ca)
+        .unwrap_or_else(|| panic!("prometheus does not mount the ca_file {ca}"));
+    assert_eq!(secret_file(&secret), "ca.crt");
+}
+
+/// The `gradguard` scrape job of deploy/prometheus/prometheus.yml.
+pub fn prometheus_job() -> Yaml {
+    let config = yaml(&repo("deploy/prometheus/prometheus.yml"));
+    list(&config, "scrape_configs")
+        .iter()
+        .find(|c| c["job_name"].as_str() == Some("gradguard"))
+        .expect("a gradguard scrape job")
+        .clone()
 }
 
 /// The port Prometheus listens on in the compose file.
@@ -345,12 +449,8 @@ pub const PROMETHEUS_PORT: u16 = 9090;
 
 /// The targets of the `gradguard` scrape job in deploy/prometheus/prometheus.yml.
 pub fn prometheus_targets() -> Vec<String> {
-    let config = yaml(&repo("deploy/prometheus/prometheus.yml"));
-    let job = list(&config, "scrape_configs")
-        .iter()
-        .find(|c| c["job_name"].as_str() == Some("gradguard"))
-        .expect("a gradguard scrape job");
-    list(job, "static_configs")
+    let job = prometheus_job();
+    list(&job, "static_configs")
         .iter()
         .flat_map(|c| strings(list(c, "targets")))
         .collect()

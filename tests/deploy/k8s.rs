@@ -185,15 +185,69 @@ fn the_manifests_fit_together_and_run_what_exists() {
     for p in svc_ports {
         port_named(str_at(p, "targetPort", "a Service port"));
     }
-    assert_eq!(
-        scalar(&c["readinessProbe"]["grpc"]["port"]),
-        port_named("grpc").to_string()
-    );
-    assert_eq!(
-        str_at(&c["livenessProbe"]["httpGet"], "path", "the liveness probe"),
-        "/healthz"
-    );
-    port_named(str_at(&c["livenessProbe"]["httpGet"], "port", "the liveness probe"));
+    // TLS on gRPC: the kubelet's gRPC probe cannot speak it, so readiness
+    // asks /healthz as liveness does; over HTTPS when the metrics port is TLS.
+    let tls = flag_value(&args, "--tls-cert").is_some();
+    let metrics_tls = args.iter().any(|a| a == "--metrics-tls");
+    assert!(tls && metrics_tls, "the replicas run with TLS on both ports");
+    let probes: &[&str] = if tls {
+        assert!(c["readinessProbe"]["grpc"].is_badvalue(), "a gRPC probe on a TLS port");
+        &["readinessProbe", "livenessProbe"]
+    } else {
+        assert_eq!(
+            scalar(&c["readinessProbe"]["grpc"]["port"]),
+            port_named("grpc").to_string()
+        );
+        &["livenessProbe"]
+    };
+    for probe in probes {
+        let get = &c[*probe]["httpGet"];
+        assert_eq!(str_at(get, "path", probe), "/healthz");
+        assert_eq!(port_named(str_at(get, "port", probe)), port_named("metrics"));
+        assert_eq!(
+            get["scheme"].as_str().unwrap_or("HTTP"),
+            if metrics_tls { "HTTPS" } else { "HTTP" },
+            "{probe}"
+        );
+    }
+
+    // The certificate, its key and the principals come from Secrets mounted
+    // whole (a subPath mount never sees a renewed certificate), under the
+    // names and keys deploy/README.md creates them with.
+    let secret_of = |flag: &str| -> (String, String) {
+        let path = flag_value(&args, flag).unwrap_or_else(|| panic!("no {flag}"));
+        let (dir, file) = path.rsplit_once('/').unwrap();
+        let m = list(c, "volumeMounts")
+            .iter()
+            .find(|m| m["mountPath"].as_str() == Some(dir))
+            .unwrap_or_else(|| panic!("{flag} {path}: nothing is mounted at {dir}"));
+        assert!(m["subPath"].is_badvalue(), "{flag}: a subPath mount");
+        let name = str_at(m, "name", "a volumeMount");
+        let v = volumes
+            .iter()
+            .find(|v| v["name"].as_str() == Some(name))
+            .unwrap_or_else(|| panic!("no volume {name}"));
+        let secret = &v["secret"];
+        assert!(!secret.is_badvalue(), "{flag}: volume {name} is not a Secret");
+        let key = list(secret, "items")
+            .iter()
+            .find(|i| i["path"].as_str() == Some(file))
+            .map_or(file, |i| str_at(i, "key", "an item"));
+        (str_at(secret, "secretName", name).to_owned(), key.to_owned())
+    };
+    let created = readme_secrets();
+    for (flag, want) in [
+        ("--tls-cert", ("gradguard-tls", "tls.crt")),
+        ("--tls-key", ("gradguard-tls", "tls.key")),
+        ("--auth", ("gradguard-auth", "auth.toml")),
+    ] {
+        let (secret, key) = secret_of(flag);
+        assert_eq!((secret.as_str(), key.as_str()), want, "{flag}");
+        assert!(
+            created.iter().any(|(s, k)| *s == secret && *k == key),
+            "deploy/README.md creates no key {key} in Secret {secret}: {created:?}"
+        );
+    }
 
     // The ServiceMonitor scrapes the Service's metrics port as prometheus.yml does.
     assert_selects(
@@ -207,6 +261,29 @@ fn the_manifests_fit_together_and_run_what_exists() {
     assert!(svc_ports.iter().any(|p| p["name"].as_str() == Some(port)));
     assert_eq!(endpoints[0]["honorLabels"].as_bool(), Some(true));
     assert_eq!(str_at(&endpoints[0], "path", "the endpoint"), "/metrics");
+    // Over HTTPS when the metrics port is TLS, trusting the CA in the TLS
+    // Secret, and checking a name the certificate carries (Prometheus
+    // scrapes pod IPs, which it does not).
+    let ep = &endpoints[0];
+    assert_eq!(
+        ep["scheme"].as_str().unwrap_or("http"),
+        if metrics_tls { "https" } else { "http" }
+    );
+    if metrics_tls {
+        let ca = &ep["tlsConfig"]["ca"]["secret"];
+        let ca = (str_at(ca, "name", "the CA secret"), str_at(ca, "key", "the CA secret"));
+        assert_eq!(ca, ("gradguard-tls", "ca.crt"));
+        assert!(
+            created.iter().any(|(s, k)| s == ca.0 && k == ca.1),
+            "deploy/README.md creates no {ca:?}"
+        );
+        let server_name = str_at(&ep["tlsConfig"], "serverName", "the endpoint's tlsConfig");
+        let names = crate::secrets::Secrets::make().server_names();
+        assert!(
+            names.iter().any(|n| n == server_name),
+            "serverName {server_name} is not in the certificate deploy/make-secrets.sh makes: {names:?}"
+        );
+    }
     // The service alerts expect job="gradguard": the job is named after the Service.
     assert_eq!(str_at(&svc["metadata"], "name", "the Service"), "gradguard");
     assert!(monitor["spec"]["jobLabel"].is_badvalue());
@@ -214,6 +291,35 @@ fn the_manifests_fit_together_and_run_what_exists() {
     // The rules file in the ConfigMap is one `gradguard serve --rules` accepts.
     let rules = cm_data[&Yaml::String(rules_key.to_owned())].as_str().unwrap();
     assert_serve_accepts(rules);
+}
+
+/// (Secret, key) of every `kubectl create secret` command in deploy/README.md's
+/// code blocks, each key from a file deploy/make-secrets.sh writes.
+fn readme_secrets() -> Vec<(String, String)> {
+    let readme = crate::support::read(&repo("deploy/README.md"));
+    let code: String = readme.split("```").skip(1).step_by(2).collect::<Vec<_>>().join("\n");
+    let joined = code.replace("\\\n", " ");
+    let mut found = Vec::new();
+    for line in joined
+        .lines()
+        .filter(|l| l.trim_start().starts_with("kubectl ") && l.contains(" create secret "))
+    {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let at = words.iter().position(|w| *w == "secret").unwrap();
+        let name = words[at + 2];
+        for w in &words[at + 3..] {
+            if let Some(spec) = w.strip_prefix("--from-file=") {
+                let (key, path) = spec.split_once('=').unwrap_or_else(|| panic!("{spec}: no key="));
+                let file = path.rsplit('/').next().unwrap();
+                assert!(
+                    crate::secrets::FILES.contains(&file),
+                    "deploy/README.md: {file} is not a file deploy/make-secrets.sh writes"
+                );
+                found.push((name.to_owned(), key.to_owned()));
+            }
+        }
+    }
+    found
 }
 
 /// Starts `gradguard serve --rules` with this rules file on free ports and

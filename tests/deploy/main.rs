@@ -9,10 +9,15 @@
 //!   running service exports (or a listed cluster-mode one).
 //! - `grafana.rs`, `containers.rs`, `k8s.rs`: the dashboard, its provisioning,
 //!   the Dockerfile, the compose file and the manifests parse and refer to
-//!   files, images, ports, flags and config keys that exist.
+//!   files, images, ports, flags, secrets and config keys that exist.
+//! - `secrets.rs`: `deploy/make-secrets.sh` makes a CA, a certificate for
+//!   every name the deployment uses, tokens and an auth file `serve --auth`
+//!   takes; a replica run as compose runs it serves TLS and checks tokens
+//!   and scopes.
 //!
 //! Tests that need `promtool` or `prometheus` (Debian's `prometheus` package;
-//! `.ci/run` installs it) fail with a message saying so when it is missing.
+//! `.ci/run` installs it), or `openssl`, fail with a message saying so when
+//! it is missing.
 
 #[path = "../common/mod.rs"]
 mod common;
@@ -23,4 +28,5 @@ mod k8s;
 mod metrics;
 mod prometheus;
 mod promql;
+mod secrets;
 mod support;

@@ -4,7 +4,7 @@
 
 use std::fmt::Write as _;
 use std::net::{SocketAddr, TcpListener};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -12,6 +12,8 @@ use serde_json::Value;
 use yaml_rust2::Yaml;
 
 use crate::common::{self, Run, Server};
+use crate::containers::REPLICAS;
+use crate::secrets::Secrets;
 use crate::support::{list, read, repo, run_ok, str_at, tool, yaml};
 
 /// The alert rule files, `deploy/prometheus/rules/*.yml`, in name order.
@@ -124,12 +126,13 @@ struct Prometheus {
 }
 
 impl Prometheus {
-    /// Scrapes `target` every second with the project's scrape settings and
-    /// evaluates the project's rule files every second.
-    fn start(target: SocketAddr) -> Self {
+    /// Scrapes `target` every second with the project's scrape settings
+    /// (its CA file replaced by `ca`) and evaluates the project's rule files
+    /// every second.
+    fn start(target: SocketAddr, ca: &Path) -> Self {
         let prometheus = tool("prometheus");
         let mut dir = tempfile::tempdir().expect("a temporary directory");
-        std::fs::write(dir.path().join("prometheus.yml"), e2e_config(target)).unwrap();
+        std::fs::write(dir.path().join("prometheus.yml"), e2e_config(target, ca)).unwrap();
         // Prometheus does not listen on port 0: take a port the OS says is
         // free, and try another if it was taken in between.
         for _ in 0..5 {
@@ -251,9 +254,10 @@ impl Drop for Prometheus {
 }
 
 /// A Prometheus config for the end-to-end test: the project's `gradguard`
-/// scrape job aimed at `target`, the project's rule files, one-second
-/// scrapes and evaluations.
-fn e2e_config(target: SocketAddr) -> String {
+/// scrape job aimed at `target` (its scheme, and its TLS settings with the
+/// CA file at `ca`), the project's rule files, one-second scrapes and
+/// evaluations.
+fn e2e_config(target: SocketAddr, ca: &Path) -> String {
     let project = yaml(&repo("deploy/prometheus/prometheus.yml"));
     let job = list(&project, "scrape_configs")
         .iter()
@@ -265,23 +269,51 @@ fn e2e_config(target: SocketAddr) -> String {
         "the rules read the training job from `job`: the scrape job needs honor_labels: true"
     );
     let path = job["metrics_path"].as_str().unwrap_or("/metrics");
+    let scheme = job["scheme"].as_str().unwrap_or("http");
     let rules = repo("deploy/prometheus/rules/*.yml");
     let q = |s: &str| serde_json::to_string(s).unwrap();
+    let mut tls = String::new();
+    let tls_config = &job["tls_config"];
+    if !tls_config.is_badvalue() {
+        let keys: Vec<&str> = tls_config
+            .as_hash()
+            .unwrap()
+            .keys()
+            .map(|k| k.as_str().unwrap())
+            .collect();
+        assert!(
+            keys.iter().all(|k| ["ca_file", "server_name"].contains(k)),
+            "tls_config settings the end-to-end test does not carry over: {keys:?}"
+        );
+        tls.push_str(&format!(
+            "    tls_config:\n      ca_file: {}\n",
+            q(&ca.display().to_string())
+        ));
+        if let Some(name) = tls_config["server_name"].as_str() {
+            tls.push_str(&format!("      server_name: {}\n", q(name)));
+        }
+    }
     format!(
         "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
          rule_files:\n  - {}\n\
          scrape_configs:\n  - job_name: gradguard\n    honor_labels: true\n    metrics_path: {}\n    \
-         static_configs:\n      - targets: [{}]\n",
+         scheme: {}\n{tls}    static_configs:\n      - targets: [{}]\n",
         q(&rules.display().to_string()),
         q(path),
+        q(scheme),
         q(&target.to_string()),
     )
 }
 
-/// Plays a scenario with `gradguard simulate` against the server.
-fn simulate(server: &Server, args: &[&str]) -> Run {
+/// Plays a scenario with `gradguard simulate` against the server, over TLS
+/// with the worker token.
+fn simulate(server: &Server, secrets: &Secrets, args: &[&str]) -> Run {
     let out = Command::new(env!("CARGO_BIN_EXE_gradguard"))
-        .args(["simulate", "--server", &server.url()])
+        .args(["simulate", "--server", &format!("https://{}", server.grpc)])
+        .arg("--tls-ca")
+        .arg(secrets.path("ca.crt"))
+        .arg("--token-file")
+        .arg(secrets.path("worker.token"))
         .args(args)
         .output()
         .expect("run gradguard simulate");
@@ -294,8 +326,13 @@ fn simulate(server: &Server, args: &[&str]) -> Run {
 fn prometheus_fires_the_critical_alert_for_an_exploding_job_and_nothing_for_a_healthy_one() {
     let _turn = common::turn();
     let started = Instant::now();
-    let server = Server::start();
-    let prom = Prometheus::start(server.metrics);
+    // The replica as compose runs it: TLS on both ports, tokens, the files
+    // deploy/make-secrets.sh makes; Prometheus with the project's scrape
+    // settings, over HTTPS when they say so.
+    let secrets = Secrets::make();
+    let args = secrets.compose_serve_args(REPLICAS[0]);
+    let server = Server::start_with(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let prom = Prometheus::start(server.metrics, &secrets.path("ca.crt"));
     prom.wait("the first scrape of gradguard", 30, |p| {
         let up = p.query(r#"up{job="gradguard"}"#);
         (up.first()?["value"][1] == "1").then_some(())
@@ -307,6 +344,7 @@ fn prometheus_fires_the_critical_alert_for_an_exploding_job_and_nothing_for_a_he
     // same rule group on it.
     simulate(
         &server,
+        &secrets,
         &[
             "--scenario",
             "healthy",
@@ -321,6 +359,7 @@ fn prometheus_fires_the_critical_alert_for_an_exploding_job_and_nothing_for_a_he
     let explode_started = Instant::now();
     simulate(
         &server,
+        &secrets,
         &[
             "--scenario",
             "explode",
