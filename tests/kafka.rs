@@ -456,11 +456,12 @@ fn a_broker_restart_loses_no_accepted_summary() {
     });
 }
 
-/// The gRPC health status of the whole server (service "").
+/// The gRPC health status of the whole server (service ""), checked to
+/// agree with `/readyz` (200 while serving, 503 otherwise).
 fn health(server: &common::Server) -> String {
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime.block_on(async {
+    let status = runtime.block_on(async {
         let channel = tonic::transport::Channel::from_shared(server.url())
             .unwrap()
             .connect()
@@ -473,7 +474,18 @@ fn health(server: &common::Server) -> String {
             .into_inner()
             .status();
         format!("{status:?}")
-    })
+    });
+    let readyz = match ureq::get(&format!("http://{}/readyz", server.metrics)).call() {
+        Ok(r) => r.status().as_u16(),
+        Err(ureq::Error::StatusCode(code)) => code,
+        Err(e) => panic!("/readyz: {e}"),
+    };
+    assert_eq!(
+        readyz == 200,
+        status == "Serving",
+        "/readyz {readyz} with gRPC health {status}"
+    );
+    status
 }
 
 #[test]

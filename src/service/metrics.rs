@@ -14,6 +14,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -200,8 +201,10 @@ pub fn render(registry: &Registry) -> Result<String, prometheus::Error> {
     Ok(String::from_utf8(buf).expect("the text format is UTF-8"))
 }
 
-/// `/metrics` (Prometheus text format) and `/healthz`.
-pub fn router(registry: Registry) -> Router {
+/// `/metrics` (Prometheus text format), `/healthz` (the process answers)
+/// and `/readyz` (it serves: 503 while `ready` is false, as gRPC health says
+/// NOT_SERVING, e.g. with every Kafka broker unreachable).
+pub fn router(registry: Registry, ready: Arc<AtomicBool>) -> Router {
     Router::new()
         .route(
             "/metrics",
@@ -218,6 +221,22 @@ pub fn router(registry: Registry) -> Router {
             }),
         )
         .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let ready = ready.load(Ordering::Relaxed);
+                async move {
+                    if ready {
+                        (StatusCode::OK, "ready\n")
+                    } else {
+                        (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "not serving: no Kafka broker is reachable\n",
+                        )
+                    }
+                }
+            }),
+        )
 }
 
 /// Serves the router on an already bound listener until `shutdown`
@@ -225,17 +244,18 @@ pub fn router(registry: Registry) -> Router {
 pub async fn serve(
     listener: tokio::net::TcpListener,
     registry: Registry,
+    ready: Arc<AtomicBool>,
     tls: Option<Arc<ServerTls>>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     match tls {
         None => {
-            axum::serve(listener, router(registry))
+            axum::serve(listener, router(registry, ready))
                 .with_graceful_shutdown(shutdown)
                 .await
         }
         Some(tls) => {
-            axum::serve(TlsListener::new(listener, tls)?, router(registry))
+            axum::serve(TlsListener::new(listener, tls)?, router(registry, ready))
                 .with_graceful_shutdown(shutdown)
                 .await
         }

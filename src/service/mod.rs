@@ -20,6 +20,7 @@ pub mod settings;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -240,11 +241,14 @@ impl Service {
         let query = InterceptedService::new(query, check.clone());
         let (health_reporter, health) = tonic_health::server::health_reporter();
         health_reporter.set_serving::<IngestServer<IngestService>>().await;
+        // `/readyz` says what gRPC health says, for probes that cannot speak TLS gRPC.
+        let ready = Arc::new(AtomicBool::new(true));
         if let Some(c) = &cluster {
             background.push(tokio::spawn(report_brokers(
                 c.link.clone(),
                 c.metrics.clone(),
                 health_reporter,
+                ready.clone(),
             )));
         }
         let reflection = tonic_reflection::server::Builder::configure()
@@ -303,7 +307,7 @@ impl Service {
             .add_service(query)
             .serve_with_incoming_shutdown(incoming, stopped());
         let metrics_tls = tls.clone().filter(|_| security.metrics_tls);
-        let http = metrics::serve(listeners.http, registry, metrics_tls, stopped());
+        let http = metrics::serve(listeners.http, registry, ready, metrics_tls, stopped());
         let servers = vec![
             tokio::spawn(async move {
                 if let Err(e) = grpc.await {
@@ -405,7 +409,12 @@ const TLS_CHECK_EVERY: Duration = Duration::from_secs(5);
 
 /// Reports the brokers' reachability: gRPC health (NOT_SERVING while every
 /// broker is down, so a load balancer moves workers away) and the gauge.
-async fn report_brokers(link: Arc<Link>, metrics: ClusterMetrics, reporter: tonic_health::server::HealthReporter) {
+async fn report_brokers(
+    link: Arc<Link>,
+    metrics: ClusterMetrics,
+    reporter: tonic_health::server::HealthReporter,
+    ready: Arc<AtomicBool>,
+) {
     let mut every = tokio::time::interval(Duration::from_secs(1));
     let mut was = None;
     loop {
@@ -425,6 +434,7 @@ async fn report_brokers(link: Arc<Link>, metrics: ClusterMetrics, reporter: toni
                 reporter.set_not_serving::<IngestServer<IngestService>>().await;
             }
             reporter.set_service_status("", status).await;
+            ready.store(up, std::sync::atomic::Ordering::Relaxed);
         }
         // After the health status: whoever sees the gauge sees the status.
         metrics.up.set(i64::from(up));

@@ -186,7 +186,8 @@ fn the_manifests_fit_together_and_run_what_exists() {
         port_named(str_at(p, "targetPort", "a Service port"));
     }
     // TLS on gRPC: the kubelet's gRPC probe cannot speak it, so readiness
-    // asks /healthz as liveness does; over HTTPS when the metrics port is TLS.
+    // asks /readyz (gRPC health's status) and liveness /healthz on the
+    // metrics port; over HTTPS when the metrics port is TLS.
     let tls = flag_value(&args, "--tls-cert").is_some();
     let metrics_tls = args.iter().any(|a| a == "--metrics-tls");
     assert!(tls && metrics_tls, "the replicas run with TLS on both ports");
@@ -202,7 +203,12 @@ fn the_manifests_fit_together_and_run_what_exists() {
     };
     for probe in probes {
         let get = &c[*probe]["httpGet"];
-        assert_eq!(str_at(get, "path", probe), "/healthz");
+        let path = if *probe == "readinessProbe" {
+            "/readyz"
+        } else {
+            "/healthz"
+        };
+        assert_eq!(str_at(get, "path", probe), path);
         assert_eq!(port_named(str_at(get, "port", probe)), port_named("metrics"));
         assert_eq!(
             get["scheme"].as_str().unwrap_or("HTTP"),
