@@ -113,7 +113,11 @@ fn engine_clips_the_spikes_and_nothing_else() {
 #[test]
 fn server_urls() {
     assert_eq!(parse_server("127.0.0.1:50051").unwrap(), "http://127.0.0.1:50051");
-    assert!(parse_server("https://example.org").is_err());
+    assert_eq!(
+        parse_server("https://example.org:443").unwrap(),
+        "https://example.org:443"
+    );
+    assert!(parse_server("ftp://example.org").is_err());
     assert_eq!(
         default_metrics_url("http://10.0.0.2:50051"),
         "http://10.0.0.2:9464/metrics"
