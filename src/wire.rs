@@ -377,6 +377,22 @@ pub fn excerpt(s: &str) -> String {
     }
 }
 
+/// The thresholds a worker decides urgency with, from a job's rules.
+pub fn urgency_to_proto(rules: &crate::config::Rules) -> proto::UrgencyRules {
+    let (g, l) = (&rules.grad_spike, &rules.loss_spike);
+    proto::UrgencyRules {
+        grad_spike_enabled: g.enabled,
+        grad_alpha: g.alpha,
+        grad_warmup: g.warmup,
+        grad_z: g.z,
+        grad_severe_z: g.severe_z,
+        grad_min_clip_ratio: g.min_clip_ratio,
+        loss_spike_enabled: l.enabled,
+        loss_min_rise: l.min_rise,
+        loss_warmup: l.warmup,
+    }
+}
+
 /// A store filter from a wire filter and page request; the error names the field.
 pub fn filter_from_proto(f: Option<&proto::Filter>, page_size: u32, page_token: &str) -> Result<Filter, String> {
     let default = proto::Filter::default();

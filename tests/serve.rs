@@ -1147,3 +1147,45 @@ async fn queries_wait_for_a_slot_and_end_at_the_query_timeout() {
         assert!(err.contains(flag), "{err}");
     }
 }
+
+#[tokio::test]
+async fn the_welcome_carries_the_urgency_thresholds_of_the_jobs_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules.toml");
+    std::fs::write(
+        &rules,
+        "[grad_spike]\nz = 3.0\n\n[profiles.strict.grad_spike]\nsevere_z = 4.0\n\n[jobs.\"calm\".loss_spike]\nmin_rise = 0.5\n",
+    )
+    .unwrap();
+    let server = Server::start_with(&["--rules", rules.to_str().unwrap()]);
+    let welcome = |job: &'static str, profile: &'static str| {
+        let url = server.url();
+        async move {
+            let mut c = client::connect(&url).await.unwrap();
+            let h = proto::Hello {
+                rule_profile: profile.into(),
+                ..hello(job, 0, 1, 0)
+            };
+            WorkerStream::open(&mut c, h)
+                .await
+                .unwrap()
+                .welcome
+                .urgency
+                .expect("urgency rules")
+        }
+    };
+    let plain = welcome("plain", "").await;
+    assert_eq!(
+        (plain.grad_z, plain.grad_severe_z, plain.loss_min_rise),
+        (3.0, 6.0, 0.2)
+    );
+    assert!(plain.grad_spike_enabled && plain.loss_spike_enabled);
+    assert_eq!(
+        (plain.grad_alpha, plain.grad_warmup, plain.grad_min_clip_ratio),
+        (0.97, 25, 1.25)
+    );
+    let strict = welcome("strict-job", "strict").await;
+    assert_eq!((strict.grad_z, strict.grad_severe_z), (3.0, 4.0));
+    let calm = welcome("calm", "").await;
+    assert_eq!(calm.loss_min_rise, 0.5);
+}

@@ -92,6 +92,7 @@ impl Ingest for Sink {
                         server_version: env!("CARGO_PKG_VERSION").to_owned(),
                         last_step: None,
                         reports_progress: false,
+                        urgency: None,
                     })),
                 }),
                 Ok(None) => return,

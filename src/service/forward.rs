@@ -132,6 +132,13 @@ impl Mode for Forwarding {
         None
     }
 
+    fn rules_for(&self, d: &Declared) -> Result<Rules, String> {
+        let tracked = self.jobs.get(&*d.job).and_then(|j| j.profile.as_deref());
+        self.book
+            .for_job(&d.job, tracked.or(d.profile.as_deref()))
+            .map_err(|e| e.to_string())
+    }
+
     fn rules(&self, job: &str) -> Result<Rules, String> {
         if job.is_empty() {
             return Ok(self.book.defaults().clone());

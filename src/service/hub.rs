@@ -181,6 +181,11 @@ impl Hub {
             server_version: env!("CARGO_PKG_VERSION").to_owned(),
             last_step,
             reports_progress: at.declared.progress,
+            urgency: core
+                .mode
+                .rules_for(&at.declared)
+                .ok()
+                .map(|r| wire::urgency_to_proto(&r)),
         };
         // A fresh queue always has room; the Welcome goes first because any
         // advice for this stream is queued under the same lock, later.

@@ -60,6 +60,9 @@ pub trait Mode: Send + 'static {
     /// A job's effective rules: the tracked job's own, else what the rules
     /// file gives it (the defaults for an empty name).
     fn rules(&self, job: &str) -> Result<Rules, String>;
+    /// The rules a stream's Hello will be judged by: its tracked job's, else
+    /// what the rules file gives the job with the Hello's profile.
+    fn rules_for(&self, d: &Declared) -> Result<Rules, String>;
     /// Whether this replica decides (a Progress means "judged"; job rows are
     /// this replica's to record).
     fn decides(&self) -> bool;
@@ -129,6 +132,18 @@ impl Mode for Judge {
 
     fn health(&self, job: &str) -> Option<Severity> {
         self.engine().health(job)
+    }
+
+    fn rules_for(&self, d: &Declared) -> Result<Rules, String> {
+        let engine = self.engine();
+        if engine.has_job(&d.job) {
+            Ok(engine.rules(&d.job).clone())
+        } else {
+            engine
+                .rule_book()
+                .for_job(&d.job, d.profile.as_deref())
+                .map_err(|e| e.to_string())
+        }
     }
 
     fn rules(&self, job: &str) -> Result<Rules, String> {

@@ -188,6 +188,44 @@ def test_only_steps_that_look_anomalous_are_urgent():
     assert step(float("nan")) and step(1.0, nonfinite=3) and step(1.0, loss=float("inf"))
 
 
+def test_the_jobs_own_thresholds_decide_urgency():
+    urgency = Urgency()
+
+    def step(norm, loss=2.0):
+        return urgency(Measurement(grad_norm=norm, layer_l2=[norm], layer_max_abs=[], layer_nonfinite=[0], loss=loss))
+
+    urgency.configure(
+        pb.UrgencyRules(
+            grad_spike_enabled=True,
+            grad_alpha=0.97,
+            grad_warmup=25,
+            grad_z=2.5,
+            grad_severe_z=100.0,
+            grad_min_clip_ratio=10.0,
+            loss_spike_enabled=True,
+            loss_min_rise=0.5,
+            loss_warmup=25,
+        )
+    )
+    rng = random.Random(0)
+    for i in range(100):
+        step(1.0 + 0.05 * rng.gauss(0, 1), 2.0 - 0.001 * i)
+    assert not step(3.0), "a spike below this job's clip ratio lingers"
+    assert not step(1.0, loss=2.6), "a 30% rise is below this job's min_rise"
+    assert step(30.0) and step(1.0, loss=3.5)
+
+
+def test_the_welcome_brings_the_rules_file_thresholds(make_server, tmp_path):
+    rules = tmp_path / "rules.toml"
+    rules.write_text("[grad_spike]\nz = 3.5\nsevere_z = 9.0\n\n[loss_spike]\nmin_rise = 0.4\n")
+    server = make_server(extra=("--rules", str(rules)))
+    run = Regression(peak_lr=0.01)
+    with gradguard.watch(run.model, run.optimizer, job="own-thresholds", server=server.addr, max_lag=0) as guard:
+        run.train_guarded(guard, steps=3)
+        urgency = guard._urgency
+        assert (urgency.z, urgency.severe_z, urgency.rise) == (3.5, 9.0, 0.4)
+
+
 def test_a_server_killed_and_restarted_mid_run_gets_the_stream_back(make_server):
     server = make_server(grpc_port=free_port())
     run = Regression(peak_lr=0.05)

@@ -376,8 +376,12 @@ class Guard:
                 self._received_max = max(self._received_max, advice.id)
 
     def _welcome(self, welcome: pb.Welcome) -> None:
-        """On the connection thread: a service that already holds later steps
-        of this rank (a restarted worker) moves the step counter past them."""
+        """On the connection thread: the job's urgency thresholds, as the
+        service's rules have them; and a service that already holds later
+        steps of this rank (a restarted worker) moves the step counter past
+        them."""
+        if welcome.HasField("urgency"):
+            self._urgency.configure(welcome.urgency)
         if not welcome.HasField("last_step"):
             return
         with self._lock:
@@ -540,33 +544,55 @@ class _Ema:
 
 class Urgency:
     """Which summaries go at once rather than linger: those on which the
-    service's default rules would advise something, judged on the worker the
-    way the service judges them (non-finite values, a gradient spike worth
-    clipping, a loss spike). A false alarm costs one message; a miss delays
-    that step's advice by at most `linger` seconds."""
+    service's rules would advise something, judged on the worker the way the
+    service judges them (non-finite values, a gradient spike worth clipping,
+    a loss spike). A false alarm costs one message; a miss delays that step's
+    advice by at most `linger` seconds.
 
-    # The service's defaults (config.rs): grad_spike and loss_spike.
+    The thresholds are the job's own, from the service's Welcome
+    (`configure`); until one arrives (or from a service too old to send
+    them, or through Kafka), the service's defaults."""
+
+    # The service's defaults (config/grad.rs, config/loss.rs): grad_spike and loss_spike.
     ALPHA, WARMUP = 0.97, 25
     Z, SEVERE_Z, MIN_CLIP_RATIO = 2.5, 6.0, 1.25
-    RISE = 0.2
+    RISE, LOSS_WARMUP = 0.2, 25
 
     def __init__(self) -> None:
-        self._norm = _Ema(self.ALPHA, self.WARMUP)
-        self._loss = _Ema(self.ALPHA, self.WARMUP)
+        self.grad = True
+        self.alpha, self.warmup = self.ALPHA, self.WARMUP
+        self.z, self.severe_z, self.min_clip_ratio = self.Z, self.SEVERE_Z, self.MIN_CLIP_RATIO
+        self.loss = True
+        self.rise, self.loss_warmup = self.RISE, self.LOSS_WARMUP
+        self._norm = _Ema(self.alpha, self.warmup)
+        self._loss = _Ema(self.ALPHA, self.loss_warmup)
+
+    def configure(self, rules: pb.UrgencyRules) -> None:
+        """Takes the job's thresholds (on every Welcome: a reconnection keeps
+        the moving averages unless their shape changed)."""
+        self.grad, self.loss = rules.grad_spike_enabled, rules.loss_spike_enabled
+        self.z, self.severe_z = rules.grad_z, rules.grad_severe_z
+        self.min_clip_ratio, self.rise = rules.grad_min_clip_ratio, rules.loss_min_rise
+        if (rules.grad_alpha, rules.grad_warmup) != (self.alpha, self.warmup):
+            self.alpha, self.warmup = rules.grad_alpha, rules.grad_warmup
+            self._norm = _Ema(self.alpha, self.warmup)
+        if rules.loss_warmup != self.loss_warmup:
+            self.loss_warmup = rules.loss_warmup
+            self._loss = _Ema(self.ALPHA, self.loss_warmup)
 
     def __call__(self, m: Measurement) -> bool:
         if not m.finite or (m.loss is not None and not math.isfinite(m.loss)):
             return True
         urgent, n, ema = False, m.grad_norm, self._norm
-        if ema.ready:
-            bound = ema.mean + self.Z * ema.std()
+        if ema.ready and self.grad:
+            bound = ema.mean + self.z * ema.std()
             z = (n - ema.mean) / ema.std()
-            urgent = n >= self.MIN_CLIP_RATIO * bound or z >= self.SEVERE_Z
+            urgent = n >= self.min_clip_ratio * bound or z >= self.severe_z
             n = min(n, bound)  # ZClip: a spike does not inflate the baseline
         ema.push(n)
         if m.loss is not None:
             ema = self._loss
-            urgent |= ema.ready and ema.mean > 0 and m.loss > ema.mean * (1 + self.RISE)
+            urgent |= self.loss and ema.ready and ema.mean > 0 and m.loss > ema.mean * (1 + self.rise)
             ema.push(m.loss)
         return urgent
 

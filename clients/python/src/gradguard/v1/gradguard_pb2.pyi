@@ -78,14 +78,38 @@ class Hello(_message.Message):
     def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., layer_names: _Optional[_Iterable[str]] = ..., client_version: _Optional[str] = ..., rule_profile: _Optional[str] = ..., report_progress: _Optional[bool] = ...) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("server_version", "last_step", "reports_progress")
+    __slots__ = ("server_version", "last_step", "reports_progress", "urgency")
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     LAST_STEP_FIELD_NUMBER: _ClassVar[int]
     REPORTS_PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    URGENCY_FIELD_NUMBER: _ClassVar[int]
     server_version: str
     last_step: int
     reports_progress: bool
-    def __init__(self, server_version: _Optional[str] = ..., last_step: _Optional[int] = ..., reports_progress: _Optional[bool] = ...) -> None: ...
+    urgency: UrgencyRules
+    def __init__(self, server_version: _Optional[str] = ..., last_step: _Optional[int] = ..., reports_progress: _Optional[bool] = ..., urgency: _Optional[_Union[UrgencyRules, _Mapping]] = ...) -> None: ...
+
+class UrgencyRules(_message.Message):
+    __slots__ = ("grad_spike_enabled", "grad_alpha", "grad_warmup", "grad_z", "grad_severe_z", "grad_min_clip_ratio", "loss_spike_enabled", "loss_min_rise", "loss_warmup")
+    GRAD_SPIKE_ENABLED_FIELD_NUMBER: _ClassVar[int]
+    GRAD_ALPHA_FIELD_NUMBER: _ClassVar[int]
+    GRAD_WARMUP_FIELD_NUMBER: _ClassVar[int]
+    GRAD_Z_FIELD_NUMBER: _ClassVar[int]
+    GRAD_SEVERE_Z_FIELD_NUMBER: _ClassVar[int]
+    GRAD_MIN_CLIP_RATIO_FIELD_NUMBER: _ClassVar[int]
+    LOSS_SPIKE_ENABLED_FIELD_NUMBER: _ClassVar[int]
+    LOSS_MIN_RISE_FIELD_NUMBER: _ClassVar[int]
+    LOSS_WARMUP_FIELD_NUMBER: _ClassVar[int]
+    grad_spike_enabled: bool
+    grad_alpha: float
+    grad_warmup: int
+    grad_z: float
+    grad_severe_z: float
+    grad_min_clip_ratio: float
+    loss_spike_enabled: bool
+    loss_min_rise: float
+    loss_warmup: int
+    def __init__(self, grad_spike_enabled: _Optional[bool] = ..., grad_alpha: _Optional[float] = ..., grad_warmup: _Optional[int] = ..., grad_z: _Optional[float] = ..., grad_severe_z: _Optional[float] = ..., grad_min_clip_ratio: _Optional[float] = ..., loss_spike_enabled: _Optional[bool] = ..., loss_min_rise: _Optional[float] = ..., loss_warmup: _Optional[int] = ...) -> None: ...
 
 class Progress(_message.Message):
     __slots__ = ("step",)
