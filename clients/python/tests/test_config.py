@@ -1,19 +1,21 @@
 """Configuration: options checked at the call, the mode and the job from the
-environment, mode "off"."""
+environment, mode "off", advice logged once per job, and the measured norm."""
 
 from __future__ import annotations
 
 import inspect
+import logging
 import socket
 import threading
 
 import pytest
 import torch
 from conftest import free_port
-from problems import Regression
+from problems import STEPS, Regression
 
 import gradguard
 from gradguard import Guard
+from gradguard.v1 import gradguard_pb2 as pb
 
 LAUNCHER = ("GRADGUARD_JOB", "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID", "GRADGUARD_MODE")
 
@@ -168,6 +170,7 @@ def test_mode_off_guards_nothing_and_never_dials(monkeypatch, tmp_path):
             assert g.step(torch.tensor(1.0)) is True
             torch.testing.assert_close(model.weight.grad, torch.full((1, 4), 100.0))  # not clipped
             opt.step()
+        assert g.last_grad_norm is None
         assert (g.job, g.mode) == ("", "off")
         stats = g.stats
     g.close()  # idempotent
@@ -186,3 +189,72 @@ def test_mode_off_still_checks_the_arguments():
         gradguard.watch(model, opt, mode="off", max_norm=-1.0)
     with pytest.raises(TypeError, match="unknown option"):
         gradguard.watch(model, opt, mode="off", max_nrom=1.0)
+
+
+# ------------------------------------------------------------ advice logs
+
+
+def advise(guard, id: int, **fields) -> None:
+    guard._receive(pb.Advice(id=id, job=guard.job, decided_at_step=1, apply_from_step=1, **fields))
+
+
+def advice_levels(caplog) -> list[tuple[str, int]]:
+    return [(r.getMessage().split(":")[0], r.levelno) for r in caplog.records if "gradguard advice" in r.getMessage()]
+
+
+def test_job_wide_advice_is_a_warning_on_rank_0_only(caplog):
+    caplog.set_level(logging.DEBUG, logger="gradguard")
+    model, opt = linear()
+    clip = {"clip_gradients": pb.ClipGradients(max_norm=1.0)}
+    with gradguard.watch(model, opt, job="logs", server=dead_server(), rank=0, world_size=2) as g0:
+        advise(g0, 1, **clip)
+    with gradguard.watch(model, opt, job="logs", server=dead_server(), rank=1, world_size=2) as g1:
+        advise(g1, 1, **clip)
+        advise(g1, 2, target_rank=1, inspect_worker=pb.InspectWorker())  # for this rank alone: it tells
+        advise(g1, 3, target_rank=0, inspect_worker=pb.InspectWorker())  # for another: not its business
+    assert advice_levels(caplog) == [
+        ("gradguard advice 1 at step 1", logging.WARNING),
+        ("gradguard advice 1 at step 1", logging.DEBUG),
+        ("gradguard advice 2 at step 1", logging.WARNING),
+    ]
+
+
+def test_advice_from_a_real_service_is_a_warning_on_rank_0_only(server, caplog):
+    caplog.set_level(logging.DEBUG, logger="gradguard")
+    runs = [Regression(peak_lr=0.2), Regression(peak_lr=0.2)]  # the same diverging run on two ranks
+    guards = [
+        gradguard.watch(
+            r.model, r.optimizer, job="two-ranks", server=server.addr, rank=rank, world_size=2, mode="observe"
+        )
+        for rank, r in enumerate(runs)
+    ]
+    for _ in range(STEPS):
+        for run, guard in zip(runs, guards):
+            loss = run.loss()
+            if guard.step(loss):
+                run.optimizer.step()
+            run.scheduler.step()
+    for g in guards:
+        g.close()
+    records = [r for r in caplog.records if r.getMessage().startswith("gradguard advice")]
+    by_rank = {0: [], 1: []}
+    for r in records:
+        by_rank[int(r.threadName.rsplit("-", 1)[1])].append(r.levelno)  # the connection thread of each rank
+    assert by_rank[0] and set(by_rank[0]) == {logging.WARNING}, by_rank
+    assert by_rank[1] and set(by_rank[1]) == {logging.DEBUG}, by_rank
+
+
+# ------------------------------------------------------------ the norm
+
+
+def test_last_grad_norm_is_the_norm_measured_before_clipping():
+    model, opt = linear()
+    with gradguard.watch(model, opt, job="norm", server=dead_server(), max_norm=1.0) as g:
+        assert g.last_grad_norm is None
+        backward(model, scale=3.0)
+        assert g.step()
+        assert g.last_grad_norm == pytest.approx(6.0)
+        assert model.weight.grad.norm().item() == pytest.approx(1.0, rel=1e-5), "clipped, the norm reported is not"
+        backward(model, scale=float("inf"))
+        assert not g.step()
+        assert g.last_grad_norm == float("inf") or g.last_grad_norm != g.last_grad_norm  # inf or nan

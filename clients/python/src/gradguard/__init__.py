@@ -61,7 +61,9 @@ def watch(
     linger: float = 0.25,
 ) -> Guard:
     """Starts guarding a training job; returns the `Guard` whose `step(loss)`
-    goes between `loss.backward()` and `optimizer.step()`. Every option is a
+    goes between `loss.backward()` and `optimizer.step()` (False: skip the
+    optimizer step; `guard.last_grad_norm` is then the global gradient norm
+    it measured, for logging). Every option is a
     keyword argument: a mistyped one raises TypeError naming it and listing
     the valid ones; a bad value raises ValueError naming the option (or the
     environment variable it came from).

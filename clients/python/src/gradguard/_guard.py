@@ -178,6 +178,7 @@ class Guard:
         self._pending_rollback: pb.Advice | None = None
 
         self._lr_saved: list[float] | None = None
+        self._last_grad_norm: float | None = None
         self._stats = TransportStats()
         self._closed = False
         self._hooks: list[Any] = []
@@ -239,8 +240,9 @@ class Guard:
         `optimizer.step()`. Measures, sends, and in enforce mode applies the
         advice received so far. Returns False when this step must be skipped;
         the gradients are then cleared, so `optimizer.step()` changes nothing.
-        Raises `RollbackRequested` or `TrainingHalted` when so advised. In
-        mode "off" it returns True at once."""
+        Raises `RollbackRequested` or `TrainingHalted` when so advised. The
+        global gradient norm it measured is then `last_grad_norm`. In mode
+        "off" it returns True at once."""
         if self._closed:
             raise RuntimeError("this guard is closed")
         if self.mode == "off":
@@ -253,6 +255,7 @@ class Guard:
         agree = self._agreement()
         scale = getattr(self.scaler, "_scale", None) if self.scaler is not None else None
         m = self.layers.measure(loss, loss_scale=scale, agree=agree, max_abs=self.max_abs)
+        self._last_grad_norm = m.grad_norm
         self._send(step, m)
         if self.max_lag is not None:
             self._keep_up(step, self.max_lag)
@@ -280,6 +283,14 @@ class Guard:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    @property
+    def last_grad_norm(self) -> float | None:
+        """The global L2 norm of the gradients measured by the last `step()`
+        (after AMP unscaling, before any clipping: what `clip_grad_norm_`
+        returns), for logging; `inf` or `nan` on a step with non-finite
+        gradients; None before the first step and in mode "off"."""
+        return self._last_grad_norm
 
     @property
     def stats(self) -> Stats:
@@ -379,9 +390,12 @@ class Guard:
 
     def _receive(self, advice: pb.Advice) -> None:
         """On the connection thread."""
-        if advice.HasField("target_rank") and advice.target_rank != self.rank:
+        targeted = advice.HasField("target_rank")
+        if targeted and advice.target_rank != self.rank:
             return
-        log.warning(
+        # Job-wide advice reaches every rank alike: rank 0 tells the user.
+        log.log(
+            logging.WARNING if targeted or self.rank == 0 else logging.DEBUG,
             "gradguard advice %d at step %d: %s (%s)",
             advice.id,
             advice.decided_at_step,
