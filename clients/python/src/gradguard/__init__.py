@@ -14,39 +14,73 @@ adapters live in `gradguard.lightning` and `gradguard.huggingface`.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
+
+from ._config import Mode, named_options
 
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    import torch
+
     from ._guard import Guard
+    from .v1 import gradguard_pb2 as pb
 
-__all__ = ["GradGuardError", "Guard", "RollbackRequested", "TrainingHalted", "__version__", "watch"]
+__all__ = ["GradGuardError", "Guard", "Mode", "RollbackRequested", "TrainingHalted", "__version__", "watch"]
 
 
+@named_options
 def watch(
-    model: Any,
-    optimizer: Any,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
     *,
-    job: str,
+    job: str | None = None,
     server: str | None = None,
-    mode: str = "enforce",
+    mode: Mode | None = None,
     scaler: Any = None,
     scheduler: Any = None,
     token: str | None = None,
-    tls_ca: str | os.PathLike | None = None,
-    tls_cert: str | os.PathLike | None = None,
-    tls_key: str | os.PathLike | None = None,
-    **options: Any,
+    tls_ca: str | os.PathLike[str] | None = None,
+    tls_cert: str | os.PathLike[str] | None = None,
+    tls_key: str | os.PathLike[str] | None = None,
+    max_norm: float | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+    rule_profile: str = "",
+    on_rollback: Callable[[int, pb.Advice], object] | None = None,
+    on_advice: Callable[[pb.Advice, bool], object] | None = None,
+    kafka_brokers: str | None = None,
+    kafka_topics: tuple[str, str] = ("gradguard.summaries", "gradguard.advice"),
+    kafka_properties: Mapping[str, Any] | None = None,
+    buffer: int = 4096,
+    max_abs: bool | None = None,
+    process_group: Any = None,
+    max_lag: int | None = None,
+    lag_timeout: float = 10.0,
+    linger: float = 0.25,
 ) -> Guard:
     """Starts guarding a training job; returns the `Guard` whose `step(loss)`
-    goes between `loss.backward()` and `optimizer.step()`.
+    goes between `loss.backward()` and `optimizer.step()` (False: skip the
+    optimizer step; `guard.last_grad_norm` is then the global gradient norm
+    it measured, for logging). Every option is a
+    keyword argument: a mistyped one raises TypeError naming it and listing
+    the valid ones; a bad value raises ValueError naming the option (or the
+    environment variable it came from).
 
-    - `job`: the job id every rank of the run shares.
+    - `job`: the job id every rank of the run shares (default `$GRADGUARD_JOB`,
+      else the launcher's run id: `$TORCHELASTIC_RUN_ID` under torchrun,
+      unless it is "none", then `$SLURM_JOB_ID`; with none of them,
+      ValueError).
     - `server`: `host:port` of `gradguard serve` (default `$GRADGUARD_SERVER`
       or `localhost:50051`); `https://host:port` connects with TLS. A server
       that is down never raises here or in `step`: summaries are buffered
       (bounded) and the stream resumes.
+    - `mode` (default `$GRADGUARD_MODE`, else `"enforce"`): `"enforce"`
+      applies advice (clip, scale the LR, skip, set the loss scale, roll back,
+      halt); `"observe"` only reports and logs; `"off"` guards nothing: `step`
+      returns True at once, with no connection, thread or optimizer hook, and
+      nothing of `job`, `server`, the token or the TLS files is needed.
     - `token`: the bearer token the service's `--auth` file knows (default
       `$GRADGUARD_TOKEN`, else the contents of `$GRADGUARD_TOKEN_FILE`), sent
       as `authorization: Bearer` metadata; never logged.
@@ -60,25 +94,30 @@ def watch(
       (UNAUTHENTICATED, PERMISSION_DENIED) is logged once as an error and
       shows in `guard.stats.refused` and `last_error`, and the guard stops
       retrying.
-    - `mode`: `"enforce"` applies advice (clip, scale the LR, skip, set the
-      loss scale, roll back, halt); `"observe"` only reports and logs.
     - `scaler`: the `torch.amp.GradScaler`, if any: gradients are measured
       after unscaling, and loss-scale advice applies to it.
     - `scheduler`: the LR scheduler, if any (checked to drive `optimizer`);
       the advised LR scale applies on top of whatever it sets.
-
-    Further options (see `Guard`): `max_norm` (a standing clip norm: the guard
-    then replaces `clip_grad_norm_`, reusing the norm it measured),
-    `rank`/`world_size` (default from torch.distributed or `RANK`/`WORLD_SIZE`),
-    `rule_profile`, `on_rollback(to_step, advice)` (else `RollbackRequested` is
-    raised), `on_advice(advice, applied)`, `kafka_brokers` (send through Kafka
-    instead of gRPC; needs `gradguard[kafka]`), `buffer` (summaries kept while
-    the service is unreachable, default 4096), `max_lag` (steps the loop may
-    run ahead of the service's decisions; default None, never wait; 0 is
-    lock-step), `lag_timeout` (seconds it waits at most, default 10) and
-    `linger` (seconds a summary may wait for the next ones to go with it in
-    one message, default 0.25; a step that looks anomalous goes at once with
-    those queued, and 0 sends every step on its own).
+    - `max_norm`: a standing clip norm: the guard then replaces
+      `clip_grad_norm_`, reusing the norm it measured.
+    - `rank`, `world_size`: default from torch.distributed, else `$RANK`,
+      `$WORLD_SIZE`; `process_group`: the group to agree on advice in
+      (default the world).
+    - `rule_profile`: a named profile of the service's rules file.
+    - `on_rollback(to_step, advice)`: restores a checkpoint; without it
+      `RollbackRequested` is raised. `on_advice(advice, applied)`: called for
+      every advice acted on.
+    - `kafka_brokers`: send through Kafka instead of gRPC (needs
+      `gradguard[kafka]`), on `kafka_topics` (summaries, advice), with
+      `kafka_properties` given to librdkafka as they are.
+    - `buffer`: summaries kept while the service is unreachable (4096).
+    - `max_abs`: also measure max |g| per layer (default: on accelerators).
+    - `max_lag`: steps the loop may run ahead of the service's decisions
+      (default None, never wait; 0 is lock-step); `lag_timeout`: seconds it
+      waits at most (10).
+    - `linger`: seconds a summary may wait for the next ones to go with it in
+      one message (0.25); a step that looks anomalous goes at once with those
+      queued, and 0 sends every step on its own.
     """
     from ._guard import Guard
 
@@ -94,7 +133,21 @@ def watch(
         tls_ca=tls_ca,
         tls_cert=tls_cert,
         tls_key=tls_key,
-        **options,
+        max_norm=max_norm,
+        rank=rank,
+        world_size=world_size,
+        rule_profile=rule_profile,
+        on_rollback=on_rollback,
+        on_advice=on_advice,
+        kafka_brokers=kafka_brokers,
+        kafka_topics=kafka_topics,
+        kafka_properties=kafka_properties,
+        buffer=buffer,
+        max_abs=max_abs,
+        process_group=process_group,
+        max_lag=max_lag,
+        lag_timeout=lag_timeout,
+        linger=linger,
     )
 
 

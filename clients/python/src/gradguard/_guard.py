@@ -8,21 +8,21 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from . import __version__
+from ._config import Mode, named_options, resolve_job, resolve_mode
 from ._measure import Layers, Measurement
 from ._security import resolve
-from ._transport import GrpcConnection, KafkaConnection, Outbox, Progress, TransportStats
+from ._transport import Connection, GrpcConnection, KafkaConnection, Outbox, Progress, TransportStats
 from .v1 import gradguard_pb2 as pb
 
 log = logging.getLogger("gradguard")
 
-MODES = ("enforce", "observe")
 BATCH_BYTES = 1 << 20
 STATE_VERSION = 1
 
@@ -77,29 +77,30 @@ class Stats:
 class Guard:
     """See `gradguard.watch`."""
 
+    @named_options
     def __init__(
         self,
         model: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
         *,
-        job: str,
+        job: str | None = None,
         server: str | None = None,
-        mode: str = "enforce",
+        mode: Mode | None = None,
         scaler: Any = None,
         scheduler: Any = None,
         token: str | None = None,
-        tls_ca: str | os.PathLike | None = None,
-        tls_cert: str | os.PathLike | None = None,
-        tls_key: str | os.PathLike | None = None,
+        tls_ca: str | os.PathLike[str] | None = None,
+        tls_cert: str | os.PathLike[str] | None = None,
+        tls_key: str | os.PathLike[str] | None = None,
         max_norm: float | None = None,
         rank: int | None = None,
         world_size: int | None = None,
         rule_profile: str = "",
-        on_rollback: Callable[[int, pb.Advice], Any] | None = None,
-        on_advice: Callable[[pb.Advice, bool], Any] | None = None,
+        on_rollback: Callable[[int, pb.Advice], object] | None = None,
+        on_advice: Callable[[pb.Advice, bool], object] | None = None,
         kafka_brokers: str | None = None,
         kafka_topics: tuple[str, str] = ("gradguard.summaries", "gradguard.advice"),
-        kafka_properties: dict | None = None,
+        kafka_properties: Mapping[str, Any] | None = None,
         buffer: int = 4096,
         max_abs: bool | None = None,
         process_group: Any = None,
@@ -107,10 +108,7 @@ class Guard:
         lag_timeout: float = 10.0,
         linger: float = 0.25,
     ):
-        if not isinstance(job, str) or not job.strip():
-            raise ValueError(f"job must be a non-empty string, got {job!r}")
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        mode = resolve_mode(mode)
         if max_norm is not None and not (
             isinstance(max_norm, (int, float)) and max_norm > 0 and math.isfinite(max_norm)
         ):
@@ -127,20 +125,18 @@ class Guard:
             raise ValueError(f"lag_timeout must be seconds >= 0, got {lag_timeout!r}")
         if not (isinstance(linger, (int, float)) and 0 <= linger < math.inf):
             raise ValueError(f"linger must be seconds >= 0, got {linger!r}")
-        security = {"token": token, "tls_ca": tls_ca, "tls_cert": tls_cert, "tls_key": tls_key}
+        if not (isinstance(buffer, int) and buffer >= 1):
+            raise ValueError(f"buffer must be at least 1, got {buffer!r}")
         if kafka_brokers is not None:
+            security = {"token": token, "tls_ca": tls_ca, "tls_cert": tls_cert, "tls_key": tls_key}
             given = [k for k, v in security.items() if v is not None]
             if given:
                 raise ValueError(
                     f"{', '.join(given)}: for the gRPC transport; Kafka takes SSL/SASL settings in kafka_properties"
                 )
-            endpoint = None
-        else:
-            # Files and the token are read now: a bad one raises here, not in the background.
-            endpoint = resolve(server, **security)
-
-        self.job = job
-        self.mode = mode
+        # Off needs no job name (nor server, token or files): it guards nothing.
+        self.job = resolve_job(job, required=mode != "off")
+        self.mode: Mode = mode
         self.optimizer = optimizer
         self.scaler = scaler if scaler is not None and getattr(scaler, "is_enabled", lambda: True)() else None
         self.scheduler = scheduler
@@ -182,19 +178,29 @@ class Guard:
         self._pending_rollback: pb.Advice | None = None
 
         self._lr_saved: list[float] | None = None
+        self._last_grad_norm: float | None = None
+        self._stats = TransportStats()
+        self._closed = False
+        self._hooks: list[Any] = []
+        self._conn: Connection | None = None
+        if mode == "off":
+            log.info("gradguard: mode off; not guarding %s", f"job {self.job}" if self.job else "this run")
+            return
+
+        if kafka_brokers is None:
+            # Files and the token are read now: a bad one raises here, not in the background.
+            endpoint = resolve(server, token=token, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key)
         self._hooks = [
             optimizer.register_step_pre_hook(self._before_optimizer_step),
             optimizer.register_step_post_hook(self._after_optimizer_step),
         ]
-
-        self._stats = TransportStats()
         # A batch stays well under the 4 MiB a gRPC message may have: a
         # summary is at most ~13 bytes per layer (three packed arrays).
         max_batch = max(1, min(64, BATCH_BYTES // (20 * len(self.layers.names) + 64)))
         self._outbox = Outbox(buffer, self._stats, linger=float(linger), max_batch=max_batch)
         self._urgency = Urgency()
         hello = pb.Hello(
-            job=job,
+            job=self.job,
             rank=rank,
             world_size=world_size,
             layer_names=self.layers.names,
@@ -203,19 +209,28 @@ class Guard:
             report_progress=max_lag is not None,
         )
         self._progress = Progress()
-        common = {
-            "hello": hello,
-            "outbox": self._outbox,
-            "stats": self._stats,
-            "on_advice": self._receive,
-            "progress": self._progress,
-        }
         if kafka_brokers is not None:
-            self._conn = KafkaConnection(kafka_brokers, kafka_topics, kafka_properties or {}, **common)
+            self._conn = KafkaConnection(
+                kafka_brokers,
+                kafka_topics,
+                kafka_properties or {},
+                hello=hello,
+                outbox=self._outbox,
+                stats=self._stats,
+                on_advice=self._receive,
+                progress=self._progress,
+            )
         else:
-            self._conn = GrpcConnection(endpoint, on_welcome=self._welcome, **common)
+            self._conn = GrpcConnection(
+                endpoint,
+                hello=hello,
+                outbox=self._outbox,
+                stats=self._stats,
+                on_advice=self._receive,
+                on_welcome=self._welcome,
+                progress=self._progress,
+            )
         self._conn.start()
-        self._closed = False
 
     # ----------------------------------------------------------------- API
 
@@ -225,9 +240,13 @@ class Guard:
         `optimizer.step()`. Measures, sends, and in enforce mode applies the
         advice received so far. Returns False when this step must be skipped;
         the gradients are then cleared, so `optimizer.step()` changes nothing.
-        Raises `RollbackRequested` or `TrainingHalted` when so advised."""
+        Raises `RollbackRequested` or `TrainingHalted` when so advised. The
+        global gradient norm it measured is then `last_grad_norm`. In mode
+        "off" it returns True at once."""
         if self._closed:
             raise RuntimeError("this guard is closed")
+        if self.mode == "off":
+            return True
         with self._lock:  # the connection thread may move it (see _welcome)
             self._step += 1
             step = self._step
@@ -236,9 +255,10 @@ class Guard:
         agree = self._agreement()
         scale = getattr(self.scaler, "_scale", None) if self.scaler is not None else None
         m = self.layers.measure(loss, loss_scale=scale, agree=agree, max_abs=self.max_abs)
+        self._last_grad_norm = m.grad_norm
         self._send(step, m)
         if self.max_lag is not None:
-            self._keep_up(step)
+            self._keep_up(step, self.max_lag)
 
         advice = self._due(m.agreed)
         if self.mode == "observe":
@@ -255,13 +275,22 @@ class Guard:
         self._closed = True
         for hook in self._hooks:
             hook.remove()
-        self._conn.stop(flush_timeout)
+        if self._conn is not None:
+            self._conn.stop(flush_timeout)
 
     def __enter__(self) -> Guard:  # noqa: PYI034 -- typing.Self needs Python 3.11
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
+
+    @property
+    def last_grad_norm(self) -> float | None:
+        """The global L2 norm of the gradients measured by the last `step()`
+        (after AMP unscaling, before any clipping: what `clip_grad_norm_`
+        returns), for logging; `inf` or `nan` on a step with non-finite
+        gradients; None before the first step and in mode "off"."""
+        return self._last_grad_norm
 
     @property
     def stats(self) -> Stats:
@@ -285,7 +314,7 @@ class Guard:
             refused=s.refused,
         )
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         """What advice changed in this run (step counter, LR scale, advised
         clip norm), to save beside the model and optimizer."""
         return {
@@ -297,7 +326,7 @@ class Guard:
             "skipped": self._skipped,
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restores `state_dict()`. Restoring a checkpoint after
         `RollbackRequested` acknowledges that rollback as applied."""
         if state.get("version") != STATE_VERSION:
@@ -333,22 +362,22 @@ class Guard:
             summary.layer_nonfinite.extend(m.layer_nonfinite)
         self._outbox.put_summary(summary, urgent=self._urgency(m))
 
-    def _keep_up(self, step: int) -> None:
+    def _keep_up(self, step: int, max_lag: int) -> None:
         """Waits until the service has decided on `step - max_lag`, so advice
         is in force at most `max_lag` steps after the step that caused it.
         Never waits on a service that is down or does not report progress."""
-        if self._progress.wait(step - self.max_lag, 0):
+        if self._progress.wait(step - max_lag, 0):
             return
         self._outbox.flush()  # the step waited for may be lingering here
-        if self._progress.wait(step - self.max_lag, self.lag_timeout):
+        if self._progress.wait(step - max_lag, self.lag_timeout):
             return
         self._lag_timeouts += 1
         if self._lag_timeouts == 1:
             log.warning(
                 "gradguard: the service has not decided on step %d after %.1f s (max_lag %d); going on without it",
-                step - self.max_lag,
+                step - max_lag,
                 self.lag_timeout,
-                self.max_lag,
+                max_lag,
             )
 
     def _ack(self, advice: pb.Advice, step: int, applied: bool, note: str) -> None:
@@ -361,9 +390,12 @@ class Guard:
 
     def _receive(self, advice: pb.Advice) -> None:
         """On the connection thread."""
-        if advice.HasField("target_rank") and advice.target_rank != self.rank:
+        targeted = advice.HasField("target_rank")
+        if targeted and advice.target_rank != self.rank:
             return
-        log.warning(
+        # Job-wide advice reaches every rank alike: rank 0 tells the user.
+        log.log(
+            logging.WARNING if targeted or self.rank == 0 else logging.DEBUG,
             "gradguard advice %d at step %d: %s (%s)",
             advice.id,
             advice.decided_at_step,
@@ -425,8 +457,9 @@ class Guard:
     # ------------------------------------------------------------ applying
 
     def _enforce(self, step: int, m: Measurement, advice: list[pb.Advice]) -> bool:
-        skip = halt = None
-        rollback = None
+        skip: pb.Advice | None = None
+        halt: pb.Advice | None = None
+        rollback: pb.Advice | None = None
         for a in advice:
             action = a.WhichOneof("action")
             if action == "clip_gradients":
@@ -457,12 +490,14 @@ class Guard:
             else:  # inspect_worker and actions newer than this client
                 self._ack(a, step, False, f"{action}: for the operator; logged")
 
-        if halt is not None or rollback is not None:
+        if halt is not None:
             self._skipped += 1
             self.layers.clear_grads()
-            if halt is not None:
-                self._ack(halt, step, True, "TrainingHalted raised")
-                raise TrainingHalted(halt)
+            self._ack(halt, step, True, "TrainingHalted raised")
+            raise TrainingHalted(halt)
+        if rollback is not None:
+            self._skipped += 1
+            self.layers.clear_grads()
             if self.on_rollback is not None:
                 self.on_rollback(rollback.rollback.to_step, rollback)
                 self._ack(rollback, step, True, "on_rollback called")
@@ -501,14 +536,14 @@ class Guard:
     # The LR scale rides on top of whatever the scheduler set: applied just
     # before the optimizer's step and taken off right after, so a scheduler
     # stepping later still sees (and sets) its own values.
-    def _before_optimizer_step(self, optimizer, args, kwargs) -> None:
+    def _before_optimizer_step(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
         if self._lr_scale == 1.0 or self.mode != "enforce":
             return
         self._lr_saved = [g["lr"] for g in optimizer.param_groups]
         for g in optimizer.param_groups:
             g["lr"] = g["lr"] * self._lr_scale
 
-    def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
+    def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
         if self._lr_saved is None:
             return
         for g, lr in zip(optimizer.param_groups, self._lr_saved):
@@ -597,7 +632,7 @@ class Urgency:
         return urgent
 
 
-def _unscale_once(scaler, optimizer) -> None:
+def _unscale_once(scaler: Any, optimizer: torch.optim.Optimizer) -> None:
     """`scaler.unscale_(optimizer)` unless the training loop already did."""
     states = getattr(scaler, "_per_optimizer_states", None)
     if states is not None:

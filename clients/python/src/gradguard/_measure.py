@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
@@ -87,9 +89,9 @@ class Layers:
         if not self.params:
             raise ValueError("model has no trainable parameters (none with requires_grad=True)")
         # Scatter indices per (device, which parameters have gradients).
-        self._index_cache: dict[tuple, torch.Tensor] = {}
+        self._index_cache: dict[tuple[torch.device, int, int, int], torch.Tensor] = {}
         # CPU: which of the present gradients take a dot (see _dot_split).
-        self._dot_cache: dict[tuple, tuple[list[int], list[int]]] = {}
+        self._dot_cache: dict[tuple[int, ...], tuple[list[int], list[int]]] = {}
 
     def grads(self) -> tuple[list[torch.Tensor], list[int]]:
         """The gradients present this step, and the position of each parameter."""
@@ -166,7 +168,15 @@ class Layers:
             agreed=None if agree is None else _unbits(agreed),
         )
 
-    def _measure_on_host(self, grads, present, loss, loss_scale, agree, max_abs) -> Measurement:
+    def _measure_on_host(
+        self,
+        grads: list[torch.Tensor],
+        present: list[int],
+        loss: torch.Tensor | float | None,
+        loss_scale: torch.Tensor | float | None,
+        agree: torch.Tensor | None,
+        max_abs: bool,
+    ) -> Measurement:
         """The CPU path: the same fused norms and one copy of the
         per-parameter values, then the grouping into layers in Python. Each
         small tensor op costs 5-20 us on the CPU (dispatch, not math), so the
@@ -176,7 +186,7 @@ class Layers:
         k = len(grads)
         cpu = torch.device("cpu")
         fused, dotted = self._dot_split(grads, present)
-        values = [None] * k
+        values: list[torch.Tensor | None] = [None] * k  # every one set below
         if fused:
             for i, v in zip(fused, _norm([grads[i] for i in fused], ord=2.0, dtype=torch.float32)):
                 values[i] = v
@@ -194,7 +204,7 @@ class Layers:
                 scalars.append(None)
             else:
                 scalars.append(None if v is None else float(v))
-        packed_t = torch.stack(values)
+        packed_t = torch.stack(cast("list[torch.Tensor]", values))
         if max_abs:
             packed_t = torch.cat([packed_t, _max_abs(grads, cpu)])
         if agree is not None:  # an int64 that needs all its bits: float64, bit-cast
@@ -229,19 +239,20 @@ class Layers:
             nonfinite = self._count_nonfinite(grads, self._index(present, cpu), cpu)
         return Measurement(total, layer_l2, layer_max_abs, nonfinite, loss_v, scale_v, agreed)
 
-    def _dot_split(self, grads, present) -> tuple[list[int], list[int]]:
+    def _dot_split(self, grads: list[torch.Tensor], present: list[int]) -> tuple[list[int], list[int]]:
         """Positions (in `grads`) measured by the fused norm, and by a dot."""
         key = tuple(present)
         split = self._dot_cache.get(key)
         if split is None:
-            fused, dotted = [], []
+            fused: list[int] = []
+            dotted: list[int] = []
             for i, g in enumerate(grads):
                 big = g.dtype is torch.float32 and g.numel() >= DOT_MIN_NUMEL
                 (dotted if big else fused).append(i)
             split = self._dot_cache[key] = (fused, dotted)
         return split
 
-    def _count_nonfinite(self, grads, idx, device) -> list[int]:
+    def _count_nonfinite(self, grads: list[torch.Tensor], idx: torch.Tensor, device: torch.device) -> list[int]:
         counts = torch.stack([(~torch.isfinite(g)).sum().to(device) for g in grads])
         per_layer = torch.zeros(len(self.names), dtype=torch.long, device=device).index_add_(0, idx, counts)
         return [int(c) for c in per_layer.tolist()]
@@ -261,7 +272,7 @@ class Layers:
             p.grad = None
 
 
-def _max_abs(grads: list[torch.Tensor], device) -> torch.Tensor:
+def _max_abs(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     """max |g| of each gradient, as float32 on `device`."""
     if device.type != "cpu":
         return _stack_on(_norm(grads, ord=math.inf, dtype=torch.float32), device)
@@ -278,11 +289,11 @@ def _max_abs(grads: list[torch.Tensor], device) -> torch.Tensor:
     return torch.maximum(torch.stack(highs), torch.stack(lows).neg()).float()
 
 
-def _stack_on(tensors, device) -> torch.Tensor:
+def _stack_on(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
     return torch.stack([t.to(device, non_blocking=True) for t in tensors])
 
 
-def _scalar(value, device) -> torch.Tensor:
+def _scalar(value: torch.Tensor | float | None, device: torch.device) -> torch.Tensor:
     if value is None:
         return torch.zeros(1, dtype=torch.float64, device=device)
     if isinstance(value, torch.Tensor):
@@ -290,19 +301,20 @@ def _scalar(value, device) -> torch.Tensor:
     return torch.tensor([float(value)], dtype=torch.float64, device=device)
 
 
-def _bits(value: torch.Tensor, device) -> torch.Tensor:
+def _bits(value: torch.Tensor, device: torch.device) -> torch.Tensor:
     return value.detach().reshape(-1)[:1].to(device=device, dtype=torch.int64).view(torch.float64)
 
 
 def _unbits(value: float) -> int:
-    return struct.unpack("<q", struct.pack("<d", value))[0]
+    bits: int = struct.unpack("<q", struct.pack("<d", value))[0]
+    return bits
 
 
-def _host(value) -> float | None:
+def _host(value: torch.Tensor | float | None) -> float | None:
     if value is None:
         return None
     return float(value.detach().reshape(-1)[0]) if isinstance(value, torch.Tensor) else float(value)
 
 
-def _host_int(value) -> int | None:
+def _host_int(value: torch.Tensor | None) -> int | None:
     return None if value is None else int(value.reshape(-1)[0])

@@ -17,6 +17,10 @@ import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, NoReturn
+
+if TYPE_CHECKING:
+    import grpc
 
 log = logging.getLogger("gradguard")
 
@@ -46,7 +50,7 @@ class Token:
 
     __str__ = __repr__
 
-    def __reduce__(self):
+    def __reduce__(self) -> NoReturn:
         raise TypeError("a gradguard token is not pickled")
 
 
@@ -70,7 +74,7 @@ class Endpoint:
     def __str__(self) -> str:
         return f"{'https' if self.tls else 'http'}://{self.target}"
 
-    def channel(self, options: list[tuple[str, object]]):
+    def channel(self, options: list[tuple[str, object]]) -> grpc.Channel:
         import grpc
 
         if not self.tls:
@@ -103,7 +107,7 @@ def _split(server: str) -> tuple[str, bool | None]:
     return target, tls
 
 
-def _option(value: str | os.PathLike | None, name: str, env: Mapping[str, str], env_name: str) -> tuple[str, str]:
+def _option(value: str | os.PathLike[str] | None, name: str, env: Mapping[str, str], env_name: str) -> tuple[str, str]:
     """`(value, where it came from)`: the option given, else the variable."""
     if value is not None:
         return os.fspath(value), name
@@ -149,9 +153,9 @@ def resolve(
     server: str | None,
     *,
     token: str | None = None,
-    tls_ca: str | os.PathLike | None = None,
-    tls_cert: str | os.PathLike | None = None,
-    tls_key: str | os.PathLike | None = None,
+    tls_ca: str | os.PathLike[str] | None = None,
+    tls_cert: str | os.PathLike[str] | None = None,
+    tls_key: str | os.PathLike[str] | None = None,
     env: Mapping[str, str] | None = None,
 ) -> Endpoint:
     """The endpoint of `watch(server=..., token=..., tls_ca=..., tls_cert=...,

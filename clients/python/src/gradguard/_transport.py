@@ -16,11 +16,15 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from ._security import Endpoint
 from .v1 import gradguard_pb2 as pb
+
+if TYPE_CHECKING:
+    import grpc
 
 log = logging.getLogger("gradguard")
 
@@ -197,8 +201,8 @@ class Connection(threading.Thread):
         hello: pb.Hello,
         outbox: Outbox,
         stats: TransportStats,
-        on_advice: Callable,
-        on_welcome=None,
+        on_advice: Callable[[pb.Advice], None],
+        on_welcome: Callable[[pb.Welcome], None] | None = None,
         progress: Progress | None = None,
     ):
         super().__init__(name=f"gradguard-{hello.job}-{hello.rank}", daemon=True)
@@ -206,7 +210,7 @@ class Connection(threading.Thread):
         self.outbox = outbox
         self.stats = stats
         self.on_advice = on_advice
-        self.on_welcome = on_welcome or (lambda welcome: None)
+        self.on_welcome: Callable[[pb.Welcome], None] = on_welcome or (lambda welcome: None)
         self.progress = progress or Progress()
         self._halt = threading.Event()
         self._quiet_errors: set[str] = set()
@@ -278,8 +282,17 @@ TLS_SIGNS = ("TSI_", "SSL", "andshake", "Socket closed")
 class GrpcConnection(Connection):
     """One bidirectional `Ingest.Stream` at a time."""
 
-    def __init__(self, endpoint: Endpoint | str, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        endpoint: Endpoint | str,
+        hello: pb.Hello,
+        outbox: Outbox,
+        stats: TransportStats,
+        on_advice: Callable[[pb.Advice], None],
+        on_welcome: Callable[[pb.Welcome], None] | None = None,
+        progress: Progress | None = None,
+    ):
+        super().__init__(hello, outbox, stats, on_advice, on_welcome, progress)
         self.endpoint = endpoint if isinstance(endpoint, Endpoint) else Endpoint.parse(endpoint)
         self.target = self.endpoint.target
 
@@ -290,7 +303,7 @@ class GrpcConnection(Connection):
 
         welcomed = threading.Event()
         done = threading.Event()
-        options = [
+        options: list[tuple[str, object]] = [
             ("grpc.keepalive_time_ms", 10_000),
             ("grpc.keepalive_timeout_ms", 5_000),
             ("grpc.max_send_message_length", 4 << 20),
@@ -332,7 +345,7 @@ class GrpcConnection(Connection):
                 self.outbox.wake()  # gRPC's thread may wait in `take` for the next message
                 call.cancel()
 
-    def _hint(self, e) -> str:
+    def _hint(self, e: grpc.RpcError) -> str:
         """What to check when the connection failed at TLS (a plaintext
         client of a TLS server sees only a closed socket, a client without
         the certificate a mutual-TLS server asks for, a corrupted record)."""
@@ -366,8 +379,18 @@ class KafkaConnection(Connection):
     """Cluster mode without gRPC: records to the summaries topic (key: job,
     header `rank`), advice read from the advice topic."""
 
-    def __init__(self, brokers: str, topics: tuple[str, str], properties: dict, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        brokers: str,
+        topics: tuple[str, str],
+        properties: Mapping[str, Any],
+        hello: pb.Hello,
+        outbox: Outbox,
+        stats: TransportStats,
+        on_advice: Callable[[pb.Advice], None],
+        progress: Progress | None = None,
+    ):
+        super().__init__(hello, outbox, stats, on_advice, None, progress)
         try:
             import confluent_kafka  # noqa: F401
         except ImportError as e:
@@ -377,7 +400,15 @@ class KafkaConnection(Connection):
         self.properties = dict(properties)
 
     def session(self) -> None:
-        from confluent_kafka import OFFSET_END, Consumer, KafkaException, Producer, TopicPartition
+        from confluent_kafka import (
+            OFFSET_END,
+            Consumer,
+            KafkaError,
+            KafkaException,
+            Message,
+            Producer,
+            TopicPartition,
+        )
 
         config = {"bootstrap.servers": self.brokers, **self.properties}
         producer = Producer({**config, "enable.idempotence": True, "linger.ms": 5})
@@ -389,10 +420,10 @@ class KafkaConnection(Connection):
             }
         )
         key = self.hello.job.encode()
-        headers = [("rank", str(self.hello.rank).encode())]
+        headers: list[tuple[str, str | bytes | None]] = [("rank", str(self.hello.rank).encode())]
         errors: list[str] = []
 
-        def delivered(err, _msg):
+        def delivered(err: KafkaError | None, _msg: Message) -> None:
             if err is not None:
                 errors.append(str(err))
 
@@ -425,8 +456,9 @@ class KafkaConnection(Connection):
                 if errors:
                     raise KafkaException(errors[-1])
                 for record in consumer.consume(num_messages=64, timeout=0 if msg is not None else 0.01):
-                    if record.error() is None and record.key() == key:
-                        reply = pb.ServerMessage.FromString(record.value())
+                    value = record.value()
+                    if record.error() is None and record.key() == key and value is not None:
+                        reply = pb.ServerMessage.FromString(value)
                         if reply.WhichOneof("body") == "advice":
                             self.stats.advice += 1
                             self.on_advice(reply.advice)

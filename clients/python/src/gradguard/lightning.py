@@ -10,29 +10,40 @@ resume from a checkpoint.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
-try:
-    from lightning.pytorch import Callback
-except ImportError:  # the standalone package
+if TYPE_CHECKING:
+    import torch
+    from lightning.pytorch import Callback, LightningModule, Trainer
+else:
     try:
-        from pytorch_lightning import Callback
-    except ImportError as e:
-        raise ImportError("gradguard.lightning needs lightning: pip install 'gradguard[lightning]'") from e
+        from lightning.pytorch import Callback
+    except ImportError:  # the standalone package
+        try:
+            from pytorch_lightning import Callback
+        except ImportError as e:
+            raise ImportError("gradguard.lightning needs lightning: pip install 'gradguard[lightning]'") from e
 
+from ._config import Mode, check_options, options_of
 from ._guard import Guard, TrainingHalted
+
+# Set by the callback itself, not options.
+_OWN = ("job", "server", "mode", "scaler")
 
 
 class GradGuardCallback(Callback):
     """Guards the first optimizer of a LightningModule; options as `gradguard.watch`."""
 
-    def __init__(self, job: str, server: str | None = None, mode: str = "enforce", **options: Any):
+    def __init__(self, job: str | None = None, server: str | None = None, mode: Mode | None = None, **options: Any):
+        # A mistyped option fails here, not when training starts.
+        check_options(options, [o for o in options_of(Guard.__init__) if o not in _OWN], "GradGuardCallback")
         self.job, self.server, self.mode, self.options = job, server, mode, options
         self.guard: Guard | None = None
         self.halted: TrainingHalted | None = None
-        self._loss = None
+        self._loss: torch.Tensor | None = None
 
-    def on_fit_start(self, trainer, pl_module) -> None:
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         optimizer = trainer.optimizers[0]
         plugin = getattr(trainer, "precision_plugin", None)
         options = dict(self.options)
@@ -48,10 +59,12 @@ class GradGuardCallback(Callback):
             **options,
         )
 
-    def on_before_backward(self, trainer, pl_module, loss) -> None:
+    def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
         self._loss = loss.detach()
 
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+    def on_before_optimizer_step(
+        self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
         if self.guard is None or self.halted is not None:
             return
         try:
@@ -60,19 +73,19 @@ class GradGuardCallback(Callback):
             self.halted = e
             trainer.should_stop = True
 
-    def on_fit_end(self, trainer, pl_module) -> None:
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.close()
 
-    def on_exception(self, trainer, pl_module, exception) -> None:
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self.close()
 
     def close(self) -> None:
         if self.guard is not None:
             self.guard.close()
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         return self.guard.state_dict() if self.guard is not None else {}
 
-    def load_state_dict(self, state_dict: dict) -> None:
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         if self.guard is not None and state_dict:
             self.guard.load_state_dict(state_dict)
