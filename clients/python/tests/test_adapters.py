@@ -48,6 +48,53 @@ def test_lightning_callback_streams_every_optimizer_step(server, tmp_path):
     assert job.layers == 2  # net.0, net.2
 
 
+def test_lightning_resumes_from_a_checkpoint_with_the_advice_in_force(server, tmp_path):
+    import lightning.pytorch as pl
+
+    from gradguard.lightning import GradGuardCallback
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Linear(8, 1)
+
+        def training_step(self, batch, _):
+            x, y = batch
+            return torch.nn.functional.mse_loss(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(64, 8), torch.randn(64, 1))
+
+    def trainer(steps, callback):
+        return pl.Trainer(
+            max_steps=steps,
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=tmp_path,
+            callbacks=[callback],
+        )
+
+    first = GradGuardCallback(job="lightning-resume", server=server.addr)
+    t = trainer(6, first)
+    t.fit(Module(), torch.utils.data.DataLoader(data, batch_size=8))
+    # What clip and LR-scale advice leave behind in the guard.
+    first.guard._advised_clip, first.guard._lr_scale = 0.25, 0.5
+    t.save_checkpoint(tmp_path / "run.ckpt")
+
+    second = GradGuardCallback(job="lightning-resume", server=server.addr)
+    trainer(10, second).fit(Module(), torch.utils.data.DataLoader(data, batch_size=8), ckpt_path=tmp_path / "run.ckpt")
+    stats = second.guard.stats
+    assert (stats.clip_norm, stats.lr_scale) == (0.25, 0.5), stats
+    # Steps 7-10 were sent, each clipped at the restored norm.
+    assert (stats.sent, stats.clipped, second.guard.state_dict()["step"]) == (4, 4, 10), stats
+
+
 def test_huggingface_callback_streams_every_optimizer_step(server, tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 

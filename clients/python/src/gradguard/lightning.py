@@ -42,6 +42,9 @@ class GradGuardCallback(Callback):
         self.guard: Guard | None = None
         self.halted: TrainingHalted | None = None
         self._loss: torch.Tensor | None = None
+        # State restored before the guard exists: `fit(ckpt_path=...)`
+        # restores callbacks before `on_fit_start`.
+        self._restored: Mapping[str, Any] | None = None
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         optimizer = trainer.optimizers[0]
@@ -58,6 +61,9 @@ class GradGuardCallback(Callback):
             scaler=getattr(plugin, "scaler", None),
             **options,
         )
+        if self._restored:
+            self.guard.load_state_dict(self._restored)
+            self._restored = None
 
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
         self._loss = loss.detach()
@@ -84,8 +90,16 @@ class GradGuardCallback(Callback):
             self.guard.close()
 
     def state_dict(self) -> dict[str, Any]:
-        return self.guard.state_dict() if self.guard is not None else {}
+        if self.guard is not None:
+            return self.guard.state_dict()
+        return dict(self._restored or {})
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        if self.guard is not None and state_dict:
+        """Restores the advised clip, LR scale and step counter; kept until the
+        guard exists when it arrives first (resuming with `ckpt_path`)."""
+        if not state_dict:
+            return
+        if self.guard is not None:
             self.guard.load_state_dict(state_dict)
+        else:
+            self._restored = dict(state_dict)
