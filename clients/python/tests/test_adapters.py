@@ -125,6 +125,66 @@ def test_huggingface_callback_streams_every_optimizer_step(server, tmp_path):
     assert callback._loss is not None and math.isfinite(float(callback._loss))
 
 
+def test_huggingface_takes_over_clipping_and_resumes_with_the_advice_in_force(server, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
+
+    from gradguard.huggingface import GradGuardTrainerCallback
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2)
+    tokens = torch.randint(0, 64, (32, 16))
+    dataset = [{"input_ids": t, "labels": t} for t in tokens]
+
+    def train(steps, callbacks, resume=None, restore_callbacks=False):
+        args = TrainingArguments(
+            output_dir=str(tmp_path),
+            max_steps=steps,
+            per_device_train_batch_size=4,
+            learning_rate=1e-3,
+            max_grad_norm=0.5,  # the Trainer's clipping, left on as most runs leave it
+            report_to=[],
+            save_strategy="steps",
+            save_steps=4,
+            use_cpu=True,
+            disable_tqdm=True,
+            restore_callback_states_from_checkpoint=restore_callbacks,
+        )
+        trainer = Trainer(model=GPT2LMHeadModel(config), args=args, train_dataset=dataset, callbacks=callbacks)
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer, args
+
+    first = GradGuardTrainerCallback(job="hf-resume", server=server.addr)
+
+    class Advised(TrainerCallback):
+        """What clip and LR-scale advice leave in the guard, at step 2."""
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                first.guard._advised_clip, first.guard._lr_scale = 0.25, 0.5
+
+    _, args = train(4, [first, Advised()])
+    # The guard clipped at the Trainer's norm, after measuring: the service
+    # saw norms above it (a fresh GPT-2's are), and the Trainer's was off.
+    assert args.max_grad_norm == 0 and first.guard.stats.clipped > 0
+    assert first.guard.last_grad_norm > 0.5
+
+    # A new callback (as in a new process), resumed the default way.
+    again = GradGuardTrainerCallback(job="hf-resume", server=server.addr)
+    train(6, [again], resume=str(tmp_path / "checkpoint-4"))
+    state = again.guard.state_dict()
+    assert (state["advised_clip"], state["lr_scale"], state["step"]) == (0.25, 0.5, 6), state
+    assert again.guard.stats.sent == 2
+
+    # With the Trainer restoring callbacks itself, it makes one anew from the
+    # saved state; in the same process it keeps the original's callables.
+    hooked = GradGuardTrainerCallback(job="hf-resume-2", server=server.addr, on_advice=lambda a, applied: None)
+    trainer, _ = train(4, [hooked, Advised()])
+    trainer, _ = train(6, [hooked], resume=str(tmp_path / "checkpoint-4"), restore_callbacks=True)
+    made = [c for c in trainer.callback_handler.callbacks if isinstance(c, GradGuardTrainerCallback)]
+    assert len(made) == 1 and made[0] is not hooked and "on_advice" in made[0].options
+    assert made[0].guard.state_dict()["step"] == 6
+
+
 def test_kafka_transport_gets_advice_with_no_grpc(broker, make_server):
     server = make_server(extra=("--kafka-brokers", broker))
     run = Regression(peak_lr=0.05)
