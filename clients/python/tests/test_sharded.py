@@ -187,10 +187,22 @@ def _worker(rank: int, world: int, port: int, kind: str, addr: str, job: str, ou
         send = guard._send
 
         def record(step, m):
-            measured.append((m.grad_norm, dict(zip(guard.layers.names, m.layer_l2)), m.layer_max_abs))
+            measured.append(
+                (m.grad_norm, dict(zip(guard.layers.names, m.layer_l2)), m.layer_max_abs, m.layer_nonfinite)
+            )
             send(step, m)
 
         guard._send = record
+        # First a step with one NaN in one rank's shard (on every rank under
+        # DDP, whose gradients are alike): every rank skips it, counting one.
+        x, y = _local_batch(kind, 0, rank, world)
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        if kind == "ddp" or rank == 0:
+            with torch.no_grad():
+                grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in model.parameters()]
+                next(g for g in grads if g is not None and g.numel()).view(-1)[0] = math.nan
+        poisoned = guard.step(loss)
         grads = None
         for step in range(STEPS):
             x, y = _local_batch(kind, step, rank, world)
@@ -208,6 +220,8 @@ def _worker(rank: int, world: int, port: int, kind: str, addr: str, job: str, ou
                 "names": guard.layers.names,
                 "sharded": guard.layers.sharding is not None,
                 "measured": measured,
+                "poisoned": poisoned,
+                "skipped": guard.stats.skipped,
                 "clipped": guard.stats.clipped,
                 "grads": grads,
                 "params": _full_params(model, kind),
@@ -254,9 +268,14 @@ def test_a_sharded_model_reports_and_clips_by_the_whole_models_norms(server, tmp
         assert got["sharded"] == (kind != "ddp"), "DDP keeps the fast path: its gradients are the model's already"
         assert sorted(got["names"]) == sorted(ref["layers"][0]), got["names"]
         assert got["clipped"] == STEPS
-        for (norm, layers, max_abs), want_norm, want_layers, want_max in zip(
-            got["measured"], ref["norms"], ref["layers"], ref["max_abs"]
+        assert not got["poisoned"] and got["skipped"] == 1
+        nan_norm, _, _, nonfinite = got["measured"][0]
+        assert math.isnan(nan_norm) and sum(nonfinite) == 1, nonfinite
+        assert len(got["measured"]) == STEPS + 1
+        for (norm, layers, max_abs, nonfinite), want_norm, want_layers, want_max in zip(
+            got["measured"][1:], ref["norms"], ref["layers"], ref["max_abs"]
         ):
+            assert not any(nonfinite)
             worst = max(worst, _close(norm, want_norm))
             for layer, v in layers.items():
                 worst = max(worst, _close(v, want_layers[layer]))
@@ -269,7 +288,7 @@ def test_a_sharded_model_reports_and_clips_by_the_whole_models_norms(server, tmp
             torch.testing.assert_close(got["params"][n], p, rtol=REL, atol=1e-7, msg=n)
     print(f"{kind}: worst relative error {worst:.1e}")
 
-    stored = server.wait_for_step(job, STEPS)
+    stored = server.wait_for_step(job, STEPS + 1)
     deadline = time.monotonic() + 30
     while stored.connected_streams:  # every summary taken in: the gauge holds a last step's norm
         assert time.monotonic() < deadline, stored

@@ -214,8 +214,8 @@ class Layers:
             tensors, layers = sh.local_pieces(self.params)
         backend = str(dist.get_backend(sh.group))
         device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else torch.device("cpu")
-        if max_abs is None:
-            max_abs = (tensors[0].device if tensors else device).type != "cpu"
+        if max_abs is None:  # decided alike on every rank: some may hold no piece
+            max_abs = self.params[0].device.type != "cpu"
         sq = torch.zeros(n, dtype=torch.float64, device=device)
         if tensors:
             gdev = tensors[0].device
