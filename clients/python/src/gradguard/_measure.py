@@ -9,6 +9,10 @@ asked for, since the fused inf-norm is slow there), a scatter of those
 per-parameter values into layers (float64, so squares of huge norms do not
 overflow), and ONE device-to-host copy of a packed vector. Only a step whose
 gradients hold NaN or Inf pays a second pass to count them.
+
+Gradients sharded across ranks (FSDP, tensor parallelism) take
+`Layers.measure_sharded`: the same per-layer sums of squares of each rank's
+local shards, then one all_reduce makes them the model's (see _sharded.py).
 """
 
 from __future__ import annotations
