@@ -2,24 +2,27 @@
 by are the whole model's, on every rank.
 
 Each test trains a small model in spawned processes (gloo on the CPU) under
-DDP, FSDP2, FSDP1 or tensor parallelism, with a real `gradguard serve`, and
-compares with one process training an unsharded copy (same weights, same
-total batch) clipped by `torch.nn.utils.clip_grad_norm_`.
+DDP, FSDP2 (also HSDP on a 2x2 mesh), FSDP1 or tensor parallelism, with a real
+`gradguard serve`, and compares with one process training an unsharded copy
+(same weights, same total batch) clipped by `torch.nn.utils.clip_grad_norm_`.
+The processes of one world size are spawned once for all its kinds.
 """
 
 from __future__ import annotations
 
+import datetime
 import math
 import os
 import re
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import free_port
+from conftest import Server, free_port
 
 import gradguard
 from gradguard._measure import layer_name
@@ -176,60 +179,105 @@ def _full_params(model, kind: str) -> dict[str, torch.Tensor]:
     }
 
 
-def _worker(rank: int, world: int, port: int, kind: str, addr: str, job: str, out: str) -> None:
+def _worker(rank: int, world: int, port: int, kinds: tuple[str, ...], addr: str, out: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=60),  # a rank that died does not hang the others for half an hour
+    )
     try:
-        model = _wrap(Net(), kind, world)
-        opt = torch.optim.SGD(model.parameters(), lr=LR)
-        guard = gradguard.watch(model, opt, job=job, server=addr, max_norm=MAX_NORM, max_abs=True, linger=0)
-        measured = []
-        send = guard._send
-
-        def record(step, m):
-            measured.append(
-                (m.grad_norm, dict(zip(guard.layers.names, m.layer_l2)), m.layer_max_abs, m.layer_nonfinite)
-            )
-            send(step, m)
-
-        guard._send = record
-        # First a step with one NaN in one rank's shard (on every rank under
-        # DDP, whose gradients are alike): every rank skips it, counting one.
-        x, y = _local_batch(kind, 0, rank, world)
-        loss = torch.nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        if kind == "ddp" or rank == 0:
-            with torch.no_grad():
-                grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in model.parameters()]
-                next(g for g in grads if g is not None and g.numel()).view(-1)[0] = math.nan
-        poisoned = guard.step(loss)
-        grads = None
-        for step in range(STEPS):
-            x, y = _local_batch(kind, step, rank, world)
-            opt.zero_grad()
-            loss = torch.nn.functional.mse_loss(model(x), y)
-            loss.backward()
-            ok = guard.step(loss)
-            if step == STEPS - 1:
-                grads = _full_grads(model, kind)
-            if ok:
-                opt.step()
-        guard.close()
-        torch.save(
-            {
-                "names": guard.layers.names,
-                "sharded": guard.layers.sharding is not None,
-                "measured": measured,
-                "poisoned": poisoned,
-                "skipped": guard.stats.skipped,
-                "clipped": guard.stats.clipped,
-                "grads": grads,
-                "params": _full_params(model, kind),
-            },
-            f"{out}.{rank}",
-        )
+        for kind in kinds:
+            torch.save(_train(kind, rank, world, addr), f"{out}.{kind}.{rank}")
     finally:
         dist.destroy_process_group()
+
+
+def _train(kind: str, rank: int, world: int, addr: str) -> dict:
+    model = _wrap(Net(), kind, world)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    guard = gradguard.watch(model, opt, job=f"sharded-{kind}", server=addr, max_norm=MAX_NORM, max_abs=True, linger=0)
+    measured = []
+    send = guard._send
+
+    def record(step, m):
+        measured.append((m.grad_norm, dict(zip(guard.layers.names, m.layer_l2)), m.layer_max_abs, m.layer_nonfinite))
+        send(step, m)
+
+    guard._send = record
+    # First a step with one NaN in one rank's shard (on every rank under
+    # DDP, whose gradients are alike): every rank skips it, counting one.
+    x, y = _local_batch(kind, 0, rank, world)
+    loss = torch.nn.functional.mse_loss(model(x), y)
+    loss.backward()
+    if kind == "ddp" or rank == 0:
+        with torch.no_grad():
+            grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in model.parameters()]
+            next(g for g in grads if g is not None and g.numel()).view(-1)[0] = math.nan
+    poisoned = guard.step(loss)
+    grads = None
+    for step in range(STEPS):
+        x, y = _local_batch(kind, step, rank, world)
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        ok = guard.step(loss)
+        if step == STEPS - 1:
+            grads = _full_grads(model, kind)
+        if ok:
+            opt.step()
+    guard.close()
+    return {
+        "names": guard.layers.names,
+        "sharded": guard.layers.sharding is not None,
+        "measured": measured,
+        "poisoned": poisoned,
+        "skipped": guard.stats.skipped,
+        "clipped": guard.stats.clipped,
+        "grads": grads,
+        "params": _full_params(model, kind),
+    }
+
+
+# One spawn per world size trains every kind of that size in turn: starting
+# processes and importing torch in them is most of the time.
+WORLDS = {2: ("ddp", "fsdp2", "fsdp1", "fsdp1-orig", "tp"), 4: ("hsdp",)}
+
+
+class Runs:
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        self.server = Server(tmp / "data")
+        self.spawned: dict[int, BaseException | None] = {}
+
+    def ranks(self, kind: str, world: int) -> list[dict]:
+        if world not in self.spawned:
+            env = os.environ.get("OMP_NUM_THREADS")
+            os.environ["OMP_NUM_THREADS"] = "1"  # see conftest
+            try:
+                args = (world, free_port(), WORLDS[world], self.server.addr, str(self.tmp / "out"))
+                mp.spawn(_worker, args=args, nprocs=world)
+                self.spawned[world] = None
+            except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:  # the kinds it finished have results
+                self.spawned[world] = e
+            finally:
+                if env is None:
+                    os.environ.pop("OMP_NUM_THREADS")
+                else:
+                    os.environ["OMP_NUM_THREADS"] = env
+        files = [self.tmp / f"out.{kind}.{r}" for r in range(world)]
+        if not all(f.exists() for f in files):
+            raise AssertionError(f"{kind} did not finish on every rank") from self.spawned[world]
+        return [torch.load(f) for f in files]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    r = Runs(tmp_path_factory.mktemp("sharded"))
+    yield r
+    r.server.stop()
 
 
 def _metric(server, job: str) -> float:
@@ -247,22 +295,12 @@ def _close(a: float, b: float) -> float:
 
 @pytest.mark.parametrize(
     ("kind", "world"),
-    [("ddp", 2), ("fsdp2", 2), ("fsdp1", 2), ("fsdp1-orig", 2), ("tp", 2), ("hsdp", 4)],
+    [(kind, world) for world, kinds in WORLDS.items() for kind in kinds],
 )
-def test_a_sharded_model_reports_and_clips_by_the_whole_models_norms(server, tmp_path, kind, world):
-    job = f"sharded-{kind}"
-    out = str(tmp_path / "rank")
-    env = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"  # see conftest
-    try:
-        mp.spawn(_worker, args=(world, free_port(), kind, server.addr, job, out), nprocs=world)
-    finally:
-        if env is None:
-            os.environ.pop("OMP_NUM_THREADS")
-        else:
-            os.environ["OMP_NUM_THREADS"] = env
+def test_a_sharded_model_reports_and_clips_by_the_whole_models_norms(runs, kind, world):
+    ranks = runs.ranks(kind, world)
+    server, job = runs.server, f"sharded-{kind}"
     ref = reference()
-    ranks = [torch.load(f"{out}.{r}") for r in range(world)]
     worst = 0.0
     for got in ranks:
         assert got["sharded"] == (kind != "ddp"), "DDP keeps the fast path: its gradients are the model's already"
