@@ -252,9 +252,20 @@ class Guard:
             step = self._step
         if self.scaler is not None:
             _unscale_once(self.scaler, self.optimizer)
-        agree = self._agreement()
         scale = getattr(self.scaler, "_scale", None) if self.scaler is not None else None
-        m = self.layers.measure(loss, loss_scale=scale, agree=agree, max_abs=self.max_abs)
+        if self.layers.sharding is not None:
+            # Sharded gradients: the model's norms from a reduction across the
+            # sharding group; the advice agreement rides in it (see _sharded.py).
+            local = None
+            if self._dist is not None and self.world_size > 1:
+                with self._lock:
+                    local = self._received_max
+            m = self.layers.measure_sharded(
+                loss, loss_scale=scale, agree=local, agree_group=self._group, max_abs=self.max_abs
+            )
+        else:
+            agree = self._agreement()
+            m = self.layers.measure(loss, loss_scale=scale, agree=agree, max_abs=self.max_abs)
         self._last_grad_norm = m.grad_norm
         self._send(step, m)
         if self.max_lag is not None:

@@ -9,6 +9,10 @@ asked for, since the fused inf-norm is slow there), a scatter of those
 per-parameter values into layers (float64, so squares of huge norms do not
 overflow), and ONE device-to-host copy of a packed vector. Only a step whose
 gradients hold NaN or Inf pays a second pass to count them.
+
+Gradients sharded across ranks (FSDP, tensor parallelism) take
+`Layers.measure_sharded`: the same per-layer sums of squares of each rank's
+local shards, then one all_reduce makes them the model's (see _sharded.py).
 """
 
 from __future__ import annotations
@@ -17,9 +21,11 @@ import math
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import torch
+
+from . import _sharded
 
 _foreach = getattr(torch, "foreach", None)  # public since torch 2.15
 _norm = _foreach.norm if _foreach is not None else torch._foreach_norm
@@ -76,22 +82,49 @@ class Layers:
         self.names: list[str] = []
         self.params: list[torch.Tensor] = []
         self._layer_of: list[int] = []
+        # Set when gradients are sharded across ranks (see _sharded.py).
+        self.sharding: _sharded.Sharding | None = None
+        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError("model has no trainable parameters (none with requires_grad=True)")
+        found = _sharded.detect(named, model)
+        if found is not None:
+            self._init_sharded(model, named, *found)
+            return
         index: dict[str, int] = {}
-        for name, p in model.named_parameters():
-            if not p.requires_grad:
-                continue
+        for name, p in named:
             layer = layer_name(name)
             if layer not in index:
                 index[layer] = len(self.names)
                 self.names.append(layer)
             self.params.append(p)
             self._layer_of.append(index[layer])
-        if not self.params:
-            raise ValueError("model has no trainable parameters (none with requires_grad=True)")
         # Scatter indices per (device, which parameters have gradients).
         self._index_cache: dict[tuple[torch.device, int, int, int], torch.Tensor] = {}
         # CPU: which of the present gradients take a dot (see _dot_split).
         self._dot_cache: dict[tuple[int, ...], tuple[list[int], list[int]]] = {}
+
+    def _init_sharded(
+        self,
+        model: torch.nn.Module,
+        named: Sequence[tuple[str, torch.Tensor]],
+        group: Any,
+        entries: list[tuple[str, _sharded.Piece]],
+        dtensor: Any,
+    ) -> None:
+        self.params = [p for _, p in named]
+        layers = [layer_name(name) for name, _ in entries]
+        if any(piece.kind == _sharded.SLICE for _, piece in entries):
+            # FSDP1 flat parameters list the root's leftovers first: back to model order.
+            order = {layer_name(f"{name}.p"): i for i, (name, _) in enumerate(model.named_modules())}
+            unique = sorted(dict.fromkeys(layers), key=lambda layer: order.get(layer, len(order)))
+        else:
+            unique = list(dict.fromkeys(layers))
+        self.names = unique
+        index = {layer: i for i, layer in enumerate(unique)}
+        for layer, (_, piece) in zip(layers, entries):
+            piece.layer = index[layer]
+        self.sharding = _sharded.Sharding([piece for _, piece in entries], group, torch.distributed, dtensor)
 
     def grads(self) -> tuple[list[torch.Tensor], list[int]]:
         """The gradients present this step, and the position of each parameter."""
@@ -128,6 +161,10 @@ class Layers:
         second pass over the gradients (a NaN or Inf shows in the L2 norm all
         the same).
         """
+        if self.sharding is not None:
+            if agree is not None:
+                raise ValueError("sharded gradients: give the local advice id to measure_sharded")
+            return self.measure_sharded(loss, loss_scale, max_abs=max_abs)
         grads, present = self.grads()
         n = len(self.names)
         if not grads:
@@ -166,6 +203,89 @@ class Layers:
             loss=None if loss is None else loss_v,
             loss_scale=None if loss_scale is None else scale_v,
             agreed=None if agree is None else _unbits(agreed),
+        )
+
+    def measure_sharded(
+        self,
+        loss: torch.Tensor | float | None = None,
+        loss_scale: torch.Tensor | float | None = None,
+        agree: int | None = None,
+        agree_group: Any = None,
+        max_abs: bool | None = None,
+    ) -> Measurement:
+        """`measure` for gradients sharded across ranks (see _sharded.py):
+        the model's norms, the same on every rank of the sharding group.
+        Collective: every rank of the group calls it at the same step.
+
+        `agree`: this rank's highest job-wide advice id; its minimum over
+        `agree_group` comes back in `agreed`, from the same all_reduce as max
+        |g|. `loss` stays this rank's."""
+        sh = self.sharding
+        if sh is None:
+            raise RuntimeError("measure_sharded on a model whose gradients are not sharded")
+        dist = sh.dist
+        n = len(self.names)
+        with torch.no_grad():
+            tensors, layers = sh.local_pieces(self.params)
+        backend = str(dist.get_backend(sh.group))
+        device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else torch.device("cpu")
+        if max_abs is None:  # decided alike on every rank: some may hold no piece
+            max_abs = self.params[0].device.type != "cpu"
+        sq = torch.zeros(n, dtype=torch.float64, device=device)
+        if tensors:
+            gdev = tensors[0].device
+            idx = torch.tensor(layers, dtype=torch.long, device=gdev)
+            local = torch.zeros(n, dtype=torch.float64, device=gdev).index_add_(
+                0, idx, _stack_on(_norm(tensors, ord=2.0, dtype=torch.float32), gdev).double().square()
+            )
+            sq = local.to(device)
+        if sh.group_size > 1:
+            dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=sh.group)  # the one reduction of the norms
+        # One int64 MAX carries max |g| (the bits of a float64 >= 0 order as
+        # its value; NaN above Inf) and the negated advice id (MAX of -id is
+        # -MIN of id).
+        high = []
+        if max_abs:
+            mx = torch.zeros(n, dtype=torch.float64, device=device)
+            if tensors:
+                top = torch.zeros(n, dtype=torch.float64, device=gdev).scatter_reduce_(
+                    0, idx, _max_abs(tensors, gdev).double(), reduce="amax", include_self=True
+                )
+                mx = top.abs().to(device)  # abs: no sign bit, on -0.0 or a NaN
+            high.append(mx.view(torch.int64))
+        if agree is not None:
+            high.append(torch.tensor([-agree], dtype=torch.int64, device=device))
+        if high:
+            hv = torch.cat(high)
+            if agree is not None:
+                dist.all_reduce(hv, op=dist.ReduceOp.MAX, group=agree_group)
+            elif sh.group_size > 1:
+                dist.all_reduce(hv, op=dist.ReduceOp.MAX, group=sh.group)
+            high = [hv.view(torch.float64)]
+        packed = torch.cat([sq, *high, _scalar(loss, device), _scalar(loss_scale, device)]).tolist()
+        squares = packed[:n]
+        layer_l2 = [math.sqrt(v) for v in squares]
+        total = math.sqrt(sum(squares))
+        layer_max_abs = packed[n : 2 * n] if max_abs else []
+        agreed = -_unbits(packed[-3]) if agree is not None else None
+        nonfinite = [0] * n
+        if not math.isfinite(total) or any(not math.isfinite(v) for v in layer_max_abs):
+            # Decided on reduced values: every rank of the group takes this branch.
+            counts = torch.zeros(n, dtype=torch.long, device=device)
+            if tensors:
+                per = torch.stack([(~torch.isfinite(t)).sum() for t in tensors])
+                counts = torch.zeros(n, dtype=torch.long, device=gdev).index_add_(0, idx, per).to(device)
+            if sh.group_size > 1:
+                dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=sh.group)
+            nonfinite = [int(c) for c in counts.tolist()]
+        return Measurement(
+            grad_norm=total,
+            layer_l2=layer_l2,
+            layer_max_abs=layer_max_abs,
+            layer_nonfinite=nonfinite,
+            loss=None if loss is None else packed[-2],
+            loss_scale=None if loss_scale is None else packed[-1],
+            agreed=agreed,
         )
 
     def _measure_on_host(
@@ -259,7 +379,11 @@ class Layers:
 
     def scale_grads(self, factor: float) -> None:
         """Multiplies every gradient by `factor` (a host float: no sync)."""
-        grads, _ = self.grads()
+        if self.sharding is not None:
+            with torch.no_grad():
+                grads = self.sharding.local_grads(self.params)
+        else:
+            grads, _ = self.grads()
         by_device: dict[torch.device, list[torch.Tensor]] = {}
         for g in grads:
             by_device.setdefault(g.device, []).append(g)
