@@ -38,6 +38,37 @@ def generate(out: Path) -> None:
     )
     if code != 0:
         raise SystemExit(f"protoc failed on {PROTO} (exit {code})")
+    widen(out / "gradguard" / "v1")
+
+
+# The oldest runtimes the stubs work with (tests/test_stubs.py runs them
+# under these in a second environment made by .ci/run).
+MIN_PROTOBUF = "5.26.1"
+MIN_GRPCIO = "1.63.0"
+
+_RUNTIME_IMPORT = "from google.protobuf import runtime_version as _runtime_version\n"
+
+
+def widen(stubs: Path) -> None:
+    """Lets the stubs load on every runtime they work with, not only the one
+    grpcio-tools was built against: the generated code pins protobuf's major
+    version (`ValidateProtobufRuntimeVersion`, same major only) and the
+    grpcio it was made by. What the stubs use (a serialized descriptor built
+    with `builder`, `_registered_method` calls) is in protobuf 5.26 and grpcio
+    1.63, so the pins become those minimums."""
+    pb2 = stubs / "gradguard_pb2.py"
+    text = pb2.read_text().replace(_RUNTIME_IMPORT, "")
+    start = text.index("_runtime_version.ValidateProtobufRuntimeVersion(")
+    end = text.index(")\n", start) + 2
+    note = f"# Works with protobuf >= {MIN_PROTOBUF} (tools/generate_stubs.py removed the exact-major pin).\n"
+    text = text[:start] + note + text[end:]
+    pb2.write_text(text)
+    grpc_stub = stubs / "gradguard_pb2_grpc.py"
+    text = grpc_stub.read_text()
+    pinned = text.split("GRPC_GENERATED_VERSION = '", 1)[1].split("'", 1)[0]
+    grpc_stub.write_text(
+        text.replace(f"GRPC_GENERATED_VERSION = '{pinned}'", f"GRPC_GENERATED_VERSION = '{MIN_GRPCIO}'")
+    )
 
 
 def stale() -> list[str]:

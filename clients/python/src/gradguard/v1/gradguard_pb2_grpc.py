@@ -5,7 +5,7 @@ import warnings
 
 from gradguard.v1 import gradguard_pb2 as gradguard_dot_v1_dot_gradguard__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.63.0'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
