@@ -126,7 +126,10 @@ impl Caller {
 
     /// Whether it may query anything at all.
     pub fn queries_something(&self) -> bool {
-        self.query_globs().is_none_or(|g| !g.is_empty())
+        match self {
+            Caller::Anyone => true,
+            Caller::Principal(p) => p.query_patterns().is_none_or(|ps| !ps.is_empty()),
+        }
     }
 
     fn scopes(&self) -> String {

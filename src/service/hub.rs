@@ -292,6 +292,10 @@ impl Hub {
             if s.id > at.stream {
                 return Err(at.replaced());
             }
+            // Before the rank is declared or the job takes a slot.
+            if s.principal != at.principal {
+                return Err(at.held());
+            }
         }
         let hello = proto::Hello {
             job: d.job.to_string(),
@@ -302,12 +306,6 @@ impl Hub {
             report_progress: d.progress,
             ..Default::default()
         };
-        // The rank's holder is checked before the job takes a slot.
-        if let Some(held) = core.jobs.get(&d.job).and_then(|job| job.streams.get(&d.rank))
-            && held.principal != at.principal
-        {
-            return Err(at.held());
-        }
         core.mode.admit(d, &hello)?;
         self.attach(core, at, outbox)
     }
