@@ -19,6 +19,9 @@ pub struct Policy {
     pub loss_scale_factor: f64,
     /// Rollback advice goes this many steps before the episode began.
     pub rollback_steps: u64,
+    /// Rollbacks an episode may advise: one that was applied and did not
+    /// hold is retried with the learning rate cut, until this many; then halt.
+    pub max_rollbacks: u32,
 }
 
 impl Default for Policy {
@@ -29,6 +32,7 @@ impl Default for Policy {
             lr_factor: 0.5,
             loss_scale_factor: 0.5,
             rollback_steps: 100,
+            max_rollbacks: 4,
         }
     }
 }
@@ -37,6 +41,7 @@ impl Policy {
     pub fn validate(&self, section: &str) -> Result<(), ConfigError> {
         check!(section, self.lr_factor, unit())?;
         check!(section, self.loss_scale_factor, unit())?;
-        check!(section, self.healthy_steps, at_least(1))
+        check!(section, self.healthy_steps, at_least(1))?;
+        check!(section, self.max_rollbacks, at_least(1))
     }
 }

@@ -13,6 +13,12 @@
 //!   was applied (acknowledged as applied, a rollback that rewound the rank,
 //!   or a learning rate seen to fall after `scale_lr`) and the problem came
 //!   back. Without that, the ladder stops at rollback, which stands.
+//! - A rollback that was applied and did not hold (the run diverged again
+//!   from the state it went back to) is retried with the learning rate cut
+//!   (`scale_lr` and `rollback` together), up to `max_rollbacks` rollbacks
+//!   per episode: the course from a sound state was wrong, as when a run
+//!   restarted from a checkpoint with the same settings diverges again.
+//!   Then halt.
 //! - A rank under suspicion gets one `inspect_worker` per episode.
 //! - An episode ends after `healthy_steps` steps without a hit of its family.
 //! - A rank under suspicion (an open rank-outlier, straggler or stalled
@@ -43,6 +49,11 @@ struct Episode {
     applied: bool,
     /// The rungs advised so far, one bit each.
     tried: u8,
+    /// Rollbacks advised, and whether the latest was applied.
+    #[serde(default)]
+    rollbacks: u32,
+    #[serde(default)]
+    rollback_applied: bool,
 }
 
 /// Advice ids remembered per episode.
@@ -119,6 +130,7 @@ impl Policy {
             .filter(|e| e.rung.is_some_and(|r| r >= ROLLBACK))
         {
             ep.applied = true;
+            ep.rollback_applied = true;
         }
     }
 
@@ -195,6 +207,8 @@ impl Policy {
                         lr_cut_at: None,
                         applied: false,
                         tried: 0,
+                        rollbacks: 0,
+                        rollback_applied: false,
                     });
                     self.episodes.last_mut().expect("just pushed")
                 }
@@ -219,6 +233,8 @@ impl Policy {
             let Some((rung, escalated)) = choose(ep, hit, proposal, family, local, step, rules) else {
                 continue;
             };
+            // A rollback applied that did not hold: again, with the learning rate cut.
+            let retry = escalated && rung == ROLLBACK && ep.rung == Some(ROLLBACK);
             let action = match (escalated, rung) {
                 (false, _) => concrete(proposal, ep, rules),
                 (true, SCALE_LR) => Action::ScaleLr {
@@ -234,7 +250,12 @@ impl Policy {
                 SCALE_LR => Severity::Warning,
                 _ => Severity::Critical,
             };
-            let reason = if escalated {
+            let reason = if retry {
+                format!(
+                    "{}; the problem came back after rollback {} of at most {}: rolling back again with the learning rate cut",
+                    hit.finding.message, ep.rollbacks, rules.policy.max_rollbacks
+                )
+            } else if escalated {
                 format!(
                     "{}; the problem persists {} steps after advice at step {}, escalating",
                     hit.finding.message,
@@ -260,33 +281,43 @@ impl Policy {
             ep.hits_since_advice = 0;
             ep.severity = ep.severity.max(severity);
             self.halted |= action == Action::Halt;
-            *next_id += 1;
-            if ep.advice_ids.len() == EPISODE_ADVICE_IDS {
-                ep.advice_ids.remove(0);
+            if matches!(action, Action::Rollback { .. }) {
+                ep.rollbacks += 1;
+                ep.rollback_applied = false;
             }
-            ep.advice_ids.push(*next_id);
-            if matches!(action, Action::ScaleLr { .. }) {
-                ep.lr_cut_at = Some(step);
+            let mut emit = |action: Action, ep: &mut Episode| {
+                *next_id += 1;
+                if ep.advice_ids.len() == EPISODE_ADVICE_IDS {
+                    ep.advice_ids.remove(0);
+                }
+                ep.advice_ids.push(*next_id);
+                if matches!(action, Action::ScaleLr { .. }) {
+                    ep.lr_cut_at = Some(step);
+                }
+                Advice {
+                    id: *next_id,
+                    job: hit.finding.job.clone(),
+                    target: None,
+                    step,
+                    apply_from: if action == Action::SkipStep {
+                        step
+                    } else {
+                        step.saturating_add(1)
+                    },
+                    action,
+                    severity,
+                    rules: rule_ids.clone(),
+                    reason: reason.clone(),
+                    evidence: evidence.clone(),
+                }
+            };
+            if retry {
+                let factor = rules.policy.lr_factor;
+                out.push(emit(Action::ScaleLr { factor }, ep));
             }
-            out.push(Advice {
-                id: *next_id,
-                job: hit.finding.job.clone(),
-                target: None,
-                step,
-                apply_from: if action == Action::SkipStep {
-                    step
-                } else {
-                    step.saturating_add(1)
-                },
-                action,
-                severity,
-                rules: rule_ids,
-                reason,
-                evidence,
-            });
+            out.push(emit(action, ep));
         }
     }
-
     /// Ends episodes with no hit for `healthy_steps` steps before `step`.
     pub fn close_healthy(&mut self, step: u64, healthy_steps: u64) {
         self.episodes
@@ -330,6 +361,9 @@ fn choose(
         // that asks for a cut of the learning rate) is still worth advising.
         if next == HALT && !ep.applied {
             return (ep.tried & (1 << rung) == 0).then_some((rung, false));
+        }
+        if next == HALT && ep.rollback_applied && ep.rollbacks < rules.policy.max_rollbacks {
+            return Some((ROLLBACK, true));
         }
         Some((next, true))
     } else {

@@ -327,6 +327,49 @@ fn sustained_explosion_escalates_to_rollback_and_halts_only_once_a_remedy_failed
 }
 
 #[test]
+fn a_rollback_that_does_not_hold_is_retried_with_the_learning_rate_cut_then_halted() {
+    let explode = |s: u64| summary(0, s, 300.0 * noise(s, 0.05), 2.98 * (1.0 + 0.01 * (s % 1000) as f64));
+    let mut run = Run::new();
+    run.feed_all((0..200).map(healthy));
+    let mut step = 200;
+    let mut rollbacks = Vec::new();
+    let mut cuts_with_them = 0;
+    let mut halted = false;
+    // The worker applies every rollback, and every time the run explodes again.
+    while !halted && step < 2000 {
+        run.feed(explode(step));
+        step += 1;
+        let out = run.take();
+        halted = out.advice.iter().any(|a| a.action == Action::Halt);
+        if let Some(r) = out.advice.iter().find(|a| matches!(a.action, Action::Rollback { .. })) {
+            let Action::Rollback { to_step } = r.action else {
+                unreachable!()
+            };
+            if !rollbacks.is_empty() {
+                let cut = out
+                    .advice
+                    .iter()
+                    .any(|a| a.step == r.step && matches!(a.action, Action::ScaleLr { .. }));
+                cuts_with_them += usize::from(cut);
+                assert!(r.reason.contains("rolling back again"), "{}", r.reason);
+            }
+            rollbacks.push(r.step);
+            run.engine.note_rollback("job", r.id, to_step);
+            assert_eq!(run.engine.advice_applied("job", 0, r.id), Some(to_step));
+            run.feed_all((to_step + 1..step).map(healthy));
+        }
+    }
+    let max = Rules::default().policy.max_rollbacks as usize;
+    assert!(halted, "no halt after {} failed rollbacks", rollbacks.len());
+    assert_eq!(rollbacks.len(), max, "{rollbacks:?}");
+    assert_eq!(
+        cuts_with_them,
+        max - 1,
+        "each retry comes with a cut of the learning rate"
+    );
+}
+
+#[test]
 fn a_cut_learning_rate_counts_as_applied() {
     let mut run = Run::new();
     run.feed_all((0..300).map(healthy));

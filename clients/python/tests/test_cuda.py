@@ -122,3 +122,32 @@ def test_a_diverging_bf16_run_on_the_gpu_stays_finite_with_the_guard(server):
     assert not all(math.isfinite(v) and v < 100 * alone[0] for v in alone), "diverges alone"
     guarded = run(True)
     assert all(math.isfinite(v) for v in guarded) and guarded[-1] < guarded[0]
+
+
+def test_snapshots_copy_without_a_host_sync_and_restore_exactly():
+    from gradguard._snapshot import Snapshots
+
+    model = mlp()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cuda")
+    x = torch.randn(64, 256, device="cuda")
+
+    def step() -> None:
+        optimizer.zero_grad()
+        with torch.autocast("cuda", dtype=torch.float16):
+            loss = model(x).float().square().mean()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    snaps = Snapshots(model, optimizer, scaler=scaler, scheduler=None, every=1, keep=2, memory=1 << 32)
+    step()
+    assert syncs_during(lambda: snaps.take(1)) == 0, "the copy runs on a side stream"
+    kept = [t.detach().cpu().clone() for t in model.parameters()]
+    kept += [v.cpu().clone() for s in optimizer.state.values() for v in s.values() if v.is_cuda]
+    step()  # waits (on the GPU) for the copy before it writes the parameters
+    step()
+    snaps.restore(1)
+    now = [t.detach().cpu() for t in model.parameters()]
+    now += [v.cpu() for s in optimizer.state.values() for v in s.values() if v.is_cuda]
+    assert all(torch.equal(a, b) for a, b in zip(now, kept))

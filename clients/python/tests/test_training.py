@@ -245,11 +245,13 @@ def test_a_server_killed_and_restarted_mid_run_gets_the_stream_back(make_server)
     assert guard.stats.dropped == 0
 
 
-def test_rollback_without_a_callback_raises_and_the_restored_checkpoint_acknowledges_it(server):
+def test_rollback_raises_when_asked_and_the_restored_checkpoint_acknowledges_it(server):
     run = Regression(peak_lr=0.05)
     run.poisoned = range(100, 130)  # a bad shard: NaN inputs
     before = None
-    guard = gradguard.watch(run.model, run.optimizer, job="raise-rollback", server=server.addr, max_lag=0)
+    guard = gradguard.watch(
+        run.model, run.optimizer, job="raise-rollback", server=server.addr, max_lag=0, on_rollback="raise"
+    )
     with pytest.raises(gradguard.RollbackRequested) as raised:
         for s in range(300):
             if s % 25 == 0:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from ._config import Mode, named_options
 
@@ -48,8 +48,11 @@ def watch(
     rank: int | None = None,
     world_size: int | None = None,
     rule_profile: str = "",
-    on_rollback: Callable[[int, pb.Advice], object] | None = None,
+    on_rollback: Callable[[int, pb.Advice], object] | Literal["raise"] | None = None,
     on_advice: Callable[[pb.Advice, bool], object] | None = None,
+    snapshot_every: int | None = None,
+    snapshot_keep: int = 2,
+    snapshot_memory: int | None = None,
     kafka_brokers: str | None = None,
     kafka_topics: tuple[str, str] = ("gradguard.summaries", "gradguard.advice"),
     kafka_properties: Mapping[str, Any] | None = None,
@@ -104,9 +107,23 @@ def watch(
       `$WORLD_SIZE`; `process_group`: the group to agree on advice in
       (default the world).
     - `rule_profile`: a named profile of the service's rules file.
-    - `on_rollback(to_step, advice)`: restores a checkpoint; without it
-      `RollbackRequested` is raised. `on_advice(advice, applied)`: called for
-      every advice acted on.
+    - `snapshot_every`: keep in-memory snapshots of the training state (the
+      model, the optimizer, the `scaler` and `scheduler` given), one before
+      the first step and then every `snapshot_every` optimizer steps, the
+      last `snapshot_keep` (2) of them, in at most `snapshot_memory` bytes of
+      host memory (default a quarter of the host's, shared by
+      `$LOCAL_WORLD_SIZE` ranks). Rollback advice then restores the newest
+      snapshot at or before the step advised, by itself, and training goes on
+      with the next batch (those since the snapshot are skipped). On a GPU
+      the copy runs on a side stream, overlapping the next forward and
+      backward. The service rolls back 100 steps before a problem began
+      (`policy.rollback_steps`): snapshots every 100 steps or more keep one
+      old enough.
+    - `on_rollback(to_step, advice)`: restores a checkpoint when no snapshot
+      can; `on_rollback="raise"` raises `RollbackRequested` instead. Without
+      either, a rollback that cannot be done skips the step and halves the
+      learning rate, and says so once. `on_advice(advice, applied)`: called
+      for every advice acted on.
     - `kafka_brokers`: send through Kafka instead of gRPC (needs
       `gradguard[kafka]`), on `kafka_topics` (summaries, advice), with
       `kafka_properties` given to librdkafka as they are.
@@ -139,6 +156,9 @@ def watch(
         rule_profile=rule_profile,
         on_rollback=on_rollback,
         on_advice=on_advice,
+        snapshot_every=snapshot_every,
+        snapshot_keep=snapshot_keep,
+        snapshot_memory=snapshot_memory,
         kafka_brokers=kafka_brokers,
         kafka_topics=kafka_topics,
         kafka_properties=kafka_properties,

@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -18,12 +18,15 @@ from . import __version__
 from ._config import Mode, named_options, resolve_job, resolve_mode
 from ._measure import Layers, Measurement
 from ._security import resolve
+from ._snapshot import Snapshots
 from ._transport import Connection, GrpcConnection, KafkaConnection, Outbox, Progress, TransportStats
 from .v1 import gradguard_pb2 as pb
 
 log = logging.getLogger("gradguard")
 
 BATCH_BYTES = 1 << 20
+# A rollback that cannot be done cuts the learning rate by this much instead.
+FALLBACK_LR_FACTOR = 0.5
 STATE_VERSION = 1
 
 
@@ -32,10 +35,10 @@ class GradGuardError(RuntimeError):
 
 
 class RollbackRequested(GradGuardError):
-    """The service advised rolling back to `to_step` and no `on_rollback`
-    callback was given. Raised from `Guard.step` before the optimizer step,
-    with the gradients cleared: restore a checkpoint from at or before
-    `to_step` (and `guard.load_state_dict` with it), then carry on."""
+    """The service advised rolling back to `to_step`, no snapshot could serve
+    and `on_rollback="raise"` was given. Raised from `Guard.step` before the
+    optimizer step, with the gradients cleared: restore a checkpoint from at
+    or before `to_step` (and `guard.load_state_dict` with it), then carry on."""
 
     def __init__(self, to_step: int, advice: pb.Advice):
         super().__init__(f"gradguard advises rolling back to step {to_step}: {advice.reason}")
@@ -72,6 +75,9 @@ class Stats:
     last_error: str
     lag_timeouts: int
     refused: bool  # the service refused the credentials (UNAUTHENTICATED, PERMISSION_DENIED): no more retries
+    snapshots: int  # in-memory snapshots held now
+    restored: int  # rollbacks done from an in-memory snapshot
+    fallbacks: int  # rollbacks that could not be done: the step was skipped and the learning rate cut
 
 
 class Guard:
@@ -96,8 +102,11 @@ class Guard:
         rank: int | None = None,
         world_size: int | None = None,
         rule_profile: str = "",
-        on_rollback: Callable[[int, pb.Advice], object] | None = None,
+        on_rollback: Callable[[int, pb.Advice], object] | Literal["raise"] | None = None,
         on_advice: Callable[[pb.Advice, bool], object] | None = None,
+        snapshot_every: int | None = None,
+        snapshot_keep: int = 2,
+        snapshot_memory: int | None = None,
         kafka_brokers: str | None = None,
         kafka_topics: tuple[str, str] = ("gradguard.summaries", "gradguard.advice"),
         kafka_properties: Mapping[str, Any] | None = None,
@@ -127,6 +136,14 @@ class Guard:
             raise ValueError(f"linger must be seconds >= 0, got {linger!r}")
         if not (isinstance(buffer, int) and buffer >= 1):
             raise ValueError(f"buffer must be at least 1, got {buffer!r}")
+        if not (on_rollback is None or on_rollback == "raise" or callable(on_rollback)):
+            raise ValueError(f'on_rollback must be a callable or "raise", got {on_rollback!r}')
+        if snapshot_every is not None and not (isinstance(snapshot_every, int) and snapshot_every >= 1):
+            raise ValueError(f"snapshot_every must be a whole number of steps >= 1, got {snapshot_every!r}")
+        if not (isinstance(snapshot_keep, int) and snapshot_keep >= 1):
+            raise ValueError(f"snapshot_keep must be at least 1, got {snapshot_keep!r}")
+        if snapshot_memory is not None and not (isinstance(snapshot_memory, int) and snapshot_memory > 0):
+            raise ValueError(f"snapshot_memory must be a number of bytes > 0, got {snapshot_memory!r}")
         if kafka_brokers is not None:
             security = {"token": token, "tls_ca": tls_ca, "tls_cert": tls_cert, "tls_key": tls_key}
             given = [k for k, v in security.items() if v is not None]
@@ -183,6 +200,9 @@ class Guard:
         self._closed = False
         self._hooks: list[Any] = []
         self._conn: Connection | None = None
+        self._snapshots: Snapshots | None = None
+        self._restored = 0
+        self._fallbacks = 0
         if mode == "off":
             log.info("gradguard: mode off; not guarding %s", f"job {self.job}" if self.job else "this run")
             return
@@ -190,6 +210,16 @@ class Guard:
         if kafka_brokers is None:
             # Files and the token are read now: a bad one raises here, not in the background.
             endpoint = resolve(server, token=token, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key)
+        if snapshot_every is not None and mode == "enforce":
+            self._snapshots = Snapshots(
+                model,
+                optimizer,
+                scaler=self.scaler,
+                scheduler=scheduler,
+                every=snapshot_every,
+                keep=snapshot_keep,
+                memory=snapshot_memory if snapshot_memory is not None else default_snapshot_memory(),
+            )
         self._hooks = [
             optimizer.register_step_pre_hook(self._before_optimizer_step),
             optimizer.register_step_post_hook(self._after_optimizer_step),
@@ -247,6 +277,8 @@ class Guard:
             raise RuntimeError("this guard is closed")
         if self.mode == "off":
             return True
+        if self._snapshots is not None and not self._snapshots.slots and self._snapshots.due(self._step):
+            self._snapshots.take(self._step)  # the state before the first step this guard sees
         with self._lock:  # the connection thread may move it (see _welcome)
             self._step += 1
             step = self._step
@@ -272,6 +304,8 @@ class Guard:
             self._keep_up(step, self.max_lag)
 
         advice = self._due(m.agreed)
+        if self._snapshots is not None and any(a.severity >= pb.SEVERITY_WARNING for a in advice):
+            self._snapshots.alarmed(step)
         if self.mode == "observe":
             for a in advice:
                 self._ack(a, step, False, "observe mode")
@@ -286,6 +320,9 @@ class Guard:
         self._closed = True
         for hook in self._hooks:
             hook.remove()
+        if self._snapshots is not None:
+            self._snapshots.close()
+            self._snapshots = None
         if self._conn is not None:
             self._conn.stop(flush_timeout)
 
@@ -323,6 +360,9 @@ class Guard:
             last_error=s.last_error,
             lag_timeouts=self._lag_timeouts,
             refused=s.refused,
+            snapshots=len(self._snapshots.slots) if self._snapshots is not None else 0,
+            restored=self._restored,
+            fallbacks=self._fallbacks,
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -509,12 +549,8 @@ class Guard:
         if rollback is not None:
             self._skipped += 1
             self.layers.clear_grads()
-            if self.on_rollback is not None:
-                self.on_rollback(rollback.rollback.to_step, rollback)
-                self._ack(rollback, step, True, "on_rollback called")
-                return False
-            self._pending_rollback = rollback
-            raise RollbackRequested(rollback.rollback.to_step, rollback)
+            self._roll_back(step, rollback)
+            return False
 
         if skip is not None or not m.finite:
             self._skipped += 1
@@ -528,6 +564,66 @@ class Guard:
             self._clipped += 1
             self.layers.scale_grads(limit / (m.grad_norm + 1e-6))
         return True
+
+    def _roll_back(self, step: int, advice: pb.Advice) -> None:
+        """In order: the newest in-memory snapshot at or before the step
+        advised, the user's `on_rollback`, the exception if asked for, else
+        what can be done here: skip the step and cut the learning rate."""
+        to_step = advice.rollback.to_step
+        restored = self._restore_snapshot(to_step, job_wide=not advice.HasField("target_rank"))
+        if restored is not None:
+            self._restored += 1
+            self._ack(advice, step, True, f"restored the in-memory snapshot of step {restored}")
+            return
+        if callable(self.on_rollback):
+            self.on_rollback(to_step, advice)
+            self._ack(advice, step, True, "on_rollback called")
+            return
+        if self.on_rollback == "raise":
+            self._pending_rollback = advice
+            raise RollbackRequested(to_step, advice)
+        self._fallbacks += 1
+        self._lr_scale *= FALLBACK_LR_FACTOR
+        if self._snapshots is None:
+            missing = "no in-memory snapshots (snapshot_every) and no on_rollback"
+        elif self._snapshots.disabled:
+            missing = f"no in-memory snapshots ({self._snapshots.disabled})"
+        else:
+            oldest = self._snapshots.oldest()
+            missing = f"no in-memory snapshot at or before step {to_step} (the oldest held is of step {oldest})"
+        note = f"{missing}: skipped the step and cut the learning rate (scale now {self._lr_scale:.4g})"
+        self._ack(advice, step, False, note)
+        if self._fallbacks == 1:
+            log.log(
+                logging.WARNING if self.rank == 0 else logging.DEBUG,
+                "gradguard: could not roll back to step %d as advised: %s. Give watch() snapshot_every=N to "
+                "roll back in memory, or on_rollback to restore your checkpoints "
+                '(on_rollback="raise" raises RollbackRequested instead); said once',
+                to_step,
+                note,
+            )
+
+    def _restore_snapshot(self, to_step: int, *, job_wide: bool) -> int | None:
+        """Restores the newest snapshot at or before `to_step` that every
+        rank holds (they take them at the same steps; one may hold fewer)."""
+        if self._snapshots is None:
+            return None
+        local = self._snapshots.newest_at_or_before(to_step)
+        chosen = -1 if local is None else local
+        if job_wide and self._dist is not None and self.world_size > 1:
+            backend = self._dist.get_backend(self._group)
+            device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+            t = torch.tensor([chosen], dtype=torch.int64, device=device)
+            self._dist.all_reduce(t, op=self._dist.ReduceOp.MIN, group=self._group)
+            chosen = int(t.item())
+        if chosen < 0 or self._snapshots.newest_at_or_before(chosen) != chosen:
+            return None
+        try:
+            self._snapshots.restore(chosen)
+        except RuntimeError as e:
+            log.error("gradguard: restoring the in-memory snapshot of step %d failed: %s", chosen, e)
+            return None
+        return chosen
 
     def _clip_norm(self) -> float | None:
         limits = [x for x in (self.max_norm, self._advised_clip) if x is not None]
@@ -548,6 +644,8 @@ class Guard:
     # before the optimizer's step and taken off right after, so a scheduler
     # stepping later still sees (and sets) its own values.
     def _before_optimizer_step(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+        if self._snapshots is not None:
+            self._snapshots.before_optimizer_step()
         if self._lr_scale == 1.0 or self.mode != "enforce":
             return
         self._lr_saved = [g["lr"] for g in optimizer.param_groups]
@@ -555,11 +653,22 @@ class Guard:
             g["lr"] = g["lr"] * self._lr_scale
 
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
-        if self._lr_saved is None:
-            return
-        for g, lr in zip(optimizer.param_groups, self._lr_saved):
-            g["lr"] = lr
-        self._lr_saved = None
+        if self._lr_saved is not None:
+            for g, lr in zip(optimizer.param_groups, self._lr_saved):
+                g["lr"] = lr
+            self._lr_saved = None
+        if self._snapshots is not None and self._snapshots.due(self._step):
+            self._snapshots.take(self._step)
+
+
+def default_snapshot_memory() -> int:
+    """A quarter of the host's memory, shared by the ranks on it."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 16 << 30
+    local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return total // 4 // local_ranks
 
 
 class _Ema:

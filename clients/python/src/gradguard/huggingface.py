@@ -12,8 +12,10 @@ The guard's state (advised clip, LR scale, step counter) is saved with the
 Trainer's checkpoints (`ExportableState`, in `trainer_state.json`) and in
 force again after `trainer.train(resume_from_checkpoint=...)`. The loss is taken from
 the model's output (`output.loss`). Halt advice stops training
-(`control.should_training_stop`); rollback advice calls `on_rollback` if
-given, else `gradguard.RollbackRequested` propagates out of `trainer.train`.
+(`control.should_training_stop`); rollback advice restores an in-memory
+snapshot (`snapshot_every=N`), else calls `on_rollback` if given, else with
+`on_rollback="raise"` `gradguard.RollbackRequested` propagates out of
+`trainer.train`; else the step is skipped and the learning rate halved.
 """
 
 from __future__ import annotations

@@ -3,9 +3,11 @@
 Lightning unscales AMP gradients before `on_before_optimizer_step`, where the
 guard measures, sends and applies advice (a skipped step leaves the
 parameters untouched). Halt advice stops the trainer gracefully
-(`trainer.should_stop`); rollback advice calls `on_rollback` if given, else
-`gradguard.RollbackRequested` propagates out of `trainer.fit` so the job can
-resume from a checkpoint.
+(`trainer.should_stop`); rollback advice restores an in-memory snapshot
+(`snapshot_every=N`), else calls `on_rollback` if given, else with
+`on_rollback="raise"` `gradguard.RollbackRequested` propagates out of
+`trainer.fit` so the job can resume from a checkpoint; else the step is
+skipped and the learning rate halved (see `gradguard.watch`).
 """
 
 from __future__ import annotations
