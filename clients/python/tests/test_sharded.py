@@ -26,6 +26,7 @@ from conftest import Server, free_port
 
 import gradguard
 from gradguard._measure import layer_name
+from gradguard._snapshot import Snapshots
 
 STEPS = 3
 BATCH = 8
@@ -229,7 +230,20 @@ def _train(kind: str, rank: int, world: int, addr: str) -> dict:
         if ok:
             opt.step()
     guard.close()
+    # An in-memory snapshot of this rank's shard, a step that moves the
+    # weights, and the snapshot restored: the whole model is as it was.
+    snaps = Snapshots(model, opt, scaler=None, scheduler=None, every=1, keep=1, memory=1 << 30)
+    snaps.take(STEPS)
+    kept = _full_params(model, kind)
+    x, y = _local_batch(kind, STEPS, rank, world)
+    opt.zero_grad()
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    opt.step()
+    moved = _full_params(model, kind)
+    snaps.restore(STEPS)
+    snaps.close()
     return {
+        "snapshot": (kept, moved, _full_params(model, kind)),
         "names": guard.layers.names,
         "sharded": guard.layers.sharding is not None,
         "measured": measured,
@@ -334,3 +348,15 @@ def test_a_sharded_model_reports_and_clips_by_the_whole_models_norms(runs, kind,
         stored = server.job(job)
     assert stored.ranks == world and stored.layers == len(ref["layers"][0])
     _close(_metric(server, job), ref["norms"][-1])
+
+
+@pytest.mark.parametrize(
+    ("kind", "world"),
+    [(kind, world) for world, kinds in WORLDS.items() for kind in kinds],
+)
+def test_an_in_memory_snapshot_restores_every_ranks_shard(runs, kind, world):
+    for r in runs.ranks(kind, world):
+        kept, moved, restored = r["snapshot"]
+        assert any(not torch.equal(moved[n], kept[n]) for n in kept), "the extra step moved the weights"
+        for n in kept:
+            assert torch.equal(restored[n], kept[n]), n
