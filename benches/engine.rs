@@ -53,7 +53,7 @@ fn play(w: &Workload) -> Engine {
     let spec = JobSpec {
         layer_names: &w.names,
         world_size: Some(RANKS),
-        profile: None,
+        ..JobSpec::default()
     };
     engine.declare(JOB, &spec).expect("declare");
     let mut out = Output::default();

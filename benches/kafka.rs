@@ -183,6 +183,7 @@ fn fill(brokers: &str) -> usize {
                 client_version: "bench".into(),
                 rule_profile: String::new(),
                 report_progress: false,
+                layout: None,
             };
             send(
                 &producer,

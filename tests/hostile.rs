@@ -17,7 +17,8 @@ use tonic::transport::Channel;
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
 
 /// The bound documented in the README for 50 jobs that each name rank 65535
-/// of a world of 65536: per-rank state exists only for ranks that report.
+/// of a world of 65536 (half of them in replica group 16383 of a layout):
+/// per-rank state exists only for ranks that report or are placed.
 const FIFTY_HIGH_RANK_JOBS_MIB: f64 = 16.0;
 
 fn scrape(server: &Server) -> String {
@@ -28,12 +29,14 @@ fn resident_mib(server: &Server) -> f64 {
     sample(&scrape(server), "process_resident_memory_bytes").expect("resident memory is exported") / (1 << 20) as f64
 }
 
-/// One job whose only rank is `rank` of `world_size`, with one summary,
-/// judged (its Progress came back) before this returns.
-async fn one_summary_job(url: &str, job: &str, rank: u32, world_size: u32) {
+/// One job whose only rank is `rank` of `world_size` (placed in the
+/// `layout`, if any), with one summary, judged (its Progress came back)
+/// before this returns.
+async fn one_summary_job(url: &str, job: &str, rank: u32, world_size: u32, layout: Option<proto::Layout>) {
     let mut c = client::connect(url).await.unwrap();
     let h = proto::Hello {
         report_progress: true,
+        layout,
         ..hello(job, rank, world_size, 0)
     };
     let mut s = WorkerStream::open(&mut c, h).await.unwrap();
@@ -59,11 +62,20 @@ async fn fifty_jobs_of_rank_65535_cost_what_fifty_small_jobs_cost() {
     let url = server.url();
     // Warm up the allocator, the store and the runtime with small jobs.
     for i in 0..10 {
-        one_summary_job(&url, &format!("warm-{i}"), 0, 1).await;
+        one_summary_job(&url, &format!("warm-{i}"), 0, 1, None).await;
     }
     let before = resident_mib(&server);
+    // The last of 16,384 pipeline stages of 4 replicas: its norm waits for
+    // the stage's other replicas.
+    let last_stage = proto::Layout {
+        data_parallel: 4,
+        tensor_parallel: 1,
+        pipeline_parallel: 16384,
+        replica_group: 16383,
+    };
     for i in 0..50 {
-        one_summary_job(&url, &format!("wide-{i}"), 65535, 65536).await;
+        let layout = (i % 2 == 1).then_some(last_stage);
+        one_summary_job(&url, &format!("wide-{i}"), 65535, 65536, layout).await;
     }
     let after = resident_mib(&server);
     eprintln!("resident memory: {before:.1} MiB before, {after:.1} MiB after 50 jobs of rank 65535");

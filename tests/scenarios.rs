@@ -6,7 +6,7 @@
 
 use std::fmt::Write as _;
 
-use gradguard::engine::{Engine, JobSpec, Output};
+use gradguard::engine::{Engine, JobSpec, Layout, Output, Placement};
 use gradguard::model::{Action, Advice, Finding, LayerStats, RuleId, Severity, Summary};
 use gradguard::scenario::{Fault, FaultPlan, Scenario, ScenarioConfig};
 use proptest::prelude::*;
@@ -159,7 +159,7 @@ fn play(cfg: ScenarioConfig, follow: bool) -> Run {
     let spec = JobSpec {
         layer_names: &names,
         world_size: Some(cfg.workers),
-        profile: None,
+        ..JobSpec::default()
     };
     engine.declare(&cfg.job, &spec).expect("declare");
     let mut out = Output::default();
@@ -785,10 +785,12 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
 
     /// Arbitrary input never panics: wild floats, steps, ranks and layer counts,
-    /// declarations with odd world sizes, and clock ticks. Errors are fine.
+    /// declarations with odd world sizes and layouts (sizes, ranks and replica
+    /// groups in and out of range, conflicting), and clock ticks. Errors are fine.
     #[test]
     fn arbitrary_summaries_never_panic(
         declare in prop::option::of((0usize..4, prop::option::of(any::<u32>()))),
+        placements in prop::collection::vec((0u32..4, 0u32..3, 0u32..3, 0u32..7, 0u32..5), 0..8),
         summaries in prop::collection::vec((0usize..2, wild_summary()), 1..300),
         ticks in prop::collection::vec(wild_f64(), 0..4),
     ) {
@@ -797,7 +799,12 @@ proptest! {
         let jobs = ["a", "b"];
         if let Some((n, world_size)) = declare {
             let names: Vec<String> = (0..n).map(|i| format!("l{i}")).collect();
-            let _ = engine.declare("a", &JobSpec { layer_names: &names, world_size, profile: None });
+            let _ = engine.declare("a", &JobSpec { layer_names: &names, world_size, ..JobSpec::default() });
+        }
+        for (data_parallel, tensor_parallel, pipeline_parallel, rank, replica_group) in placements {
+            let layout = Layout { data_parallel, tensor_parallel, pipeline_parallel };
+            let placement = Some(Placement { layout, rank, replica_group });
+            let _ = engine.declare("a", &JobSpec { placement, ..JobSpec::default() });
         }
         // Runs of increasing steps per job make the rules actually fire.
         let mut next = [0u64; 2];

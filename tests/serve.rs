@@ -190,6 +190,118 @@ async fn rank_outlier_gets_inspect_worker_advice_on_every_stream() {
     drop(senders);
 }
 
+/// A Hello of a pipeline job: 3 stages of 4 data-parallel replicas (rank =
+/// stage × 4 + replica, the stage its replica group).
+fn pipeline_hello(rank: u32, replica_group: u32) -> proto::Hello {
+    proto::Hello {
+        layout: Some(proto::Layout {
+            data_parallel: 4,
+            tensor_parallel: 1,
+            pipeline_parallel: 3,
+            replica_group,
+        }),
+        ..hello("pipeline", rank, 12, 0)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pipeline_job_compares_each_rank_only_with_its_stage() {
+    use worker_message::Body::Hello;
+    let server = Server::start();
+    let mut c = client::connect(&server.url()).await.unwrap();
+    let (mut senders, mut readers) = (Vec::new(), Vec::new());
+    for rank in 0..12 {
+        let stream = WorkerStream::open(&mut c, pipeline_hello(rank, rank / 4))
+            .await
+            .unwrap();
+        senders.push(stream.sender);
+        let mut receiver = stream.receiver;
+        readers.push(tokio::spawn(async move { receiver.drain().await }));
+    }
+    // The last stage's layers have norms 50× the others' (without the
+    // layout its four ranks would be the job's outliers); rank 9, a replica
+    // of that stage, goes 10× its peers from step 40. Steps are 10 ms apart
+    // by the workers' clock, whatever the order the streams are read in.
+    let start = unix_now();
+    for step in 1..=60u64 {
+        for (rank, sender) in senders.iter().enumerate() {
+            let stage = if rank / 4 == 2 { 50.0 } else { 1.0 };
+            let bad = if rank == 9 && step >= 40 { 10.0 } else { 1.0 };
+            let wobble = 1.0 + 0.02 * (((step * 7 + rank as u64 * 3) % 5) as f64 - 2.0) / 2.0;
+            let p = proto::Summary {
+                time: start + step as f64 * 0.01,
+                grad_norm: Some(stage * bad * wobble),
+                ..summary(step, 0)
+            };
+            sender.summary(p).await.unwrap();
+        }
+    }
+
+    // A Hello that disagrees with the job's layout is refused, naming the field.
+    let disagree = |layout: proto::Layout| {
+        msg(Hello(proto::Hello {
+            layout: Some(layout),
+            ..pipeline_hello(3, 0)
+        }))
+    };
+    let sizes = proto::Layout {
+        data_parallel: 2,
+        tensor_parallel: 1,
+        pipeline_parallel: 6,
+        replica_group: 0,
+    };
+    let cases: Vec<(WorkerMessage, &[&str])> = vec![
+        (
+            disagree(sizes),
+            &[
+                "field layout: ",
+                "pipeline_parallel 6 = 12 ranks",
+                "laid out as data_parallel 4",
+            ],
+        ),
+        (
+            msg(Hello(pipeline_hello(3, 1))),
+            &["field layout.replica_group: 1", "rank 3 is in replica group 0"],
+        ),
+        (
+            msg(Hello(pipeline_hello(3, 3))),
+            &[
+                "field layout.replica_group: 3",
+                "not below tensor_parallel 1 × pipeline_parallel 3 = 3",
+            ],
+        ),
+        (
+            msg(Hello(hello("pipeline", 3, 8, 0))),
+            &["field world_size: 8", "laid out as"],
+        ),
+    ];
+    for (message, expected) in cases {
+        let status = refused(&mut c, vec![message]).await;
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        for part in expected {
+            assert!(status.message().contains(part), "{:?} lacks {part:?}", status.message());
+        }
+    }
+
+    drop(senders);
+    for reader in readers {
+        let advice = reader.await.unwrap().expect("stream ended cleanly");
+        let inspect: Vec<_> = advice
+            .iter()
+            .filter(|a| matches!(action(a), Action::InspectWorker { .. }))
+            .collect();
+        assert_eq!(inspect.len(), 1, "{advice:?}");
+        assert_eq!(action(inspect[0]), Action::InspectWorker { rank: 9 });
+        assert!(
+            inspect[0].reason.contains("of 4 ranks of replica group 2"),
+            "{advice:?}"
+        );
+    }
+    let text = server.scrape();
+    let refused_layouts = sample(&text, "gradguard_summaries_rejected_total{reason=\"layout\"}");
+    assert_eq!(refused_layouts, Some(4.0));
+}
+
 /// Opens a raw stream, sends `messages` and keeps its half open, and returns
 /// the status the server ended the stream with.
 async fn refused(client: &mut IngestClient<client::GrpcChannel>, messages: Vec<WorkerMessage>) -> tonic::Status {

@@ -4,6 +4,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use super::hit::{Emitter, Hit};
+use super::layout::{Layout, Placement};
 use super::per_rank::PerRank;
 use super::rules::{Obs, ranks};
 use super::worker::WorkerState;
@@ -68,6 +69,11 @@ pub(super) struct JobState {
     pub(super) profile: Option<String>,
     pub(super) layer_names: Vec<Arc<str>>,
     pub(super) world_size: Option<u32>,
+    /// How the ranks split the model (its first declaration); none: every
+    /// rank is compared with every other.
+    pub(super) layout: Option<Layout>,
+    /// Ranks placed in each replica group, at most `data_parallel`.
+    pub(super) group_ranks: PerRank<u32>,
     /// Per-rank state, only for ranks that reported (a rank number costs
     /// nothing until its rank sends a summary).
     pub(super) workers: PerRank<WorkerState>,
@@ -100,6 +106,8 @@ impl JobState {
             profile,
             layer_names: Vec::new(),
             world_size: None,
+            layout: None,
+            group_ranks: PerRank::default(),
             workers: PerRank::default(),
             peers: ranks::Peers::default(),
             ranks: ranks::State::default(),
@@ -116,6 +124,7 @@ impl JobState {
             job: self.id.clone(),
             ranks: self.workers.len(),
             world_size: self.world_size,
+            layout: self.layout,
             max_step: self.ranks.max_step,
             layers: self.layer_names.len(),
             open_episodes: self.policy.open_episodes(),
@@ -123,8 +132,46 @@ impl JobState {
                 + workers
                 + self.workers.heap_bytes()
                 + self.peers.heap_bytes()
+                + self.group_ranks.heap_bytes()
                 + self.ranks.heap_bytes(),
         }
+    }
+
+    /// Takes a rank's placement: the job's layout, when it has none yet (its
+    /// world size then is the layout's), and the rank's replica group, when
+    /// it has none yet and the group has room. Refused, it changes nothing.
+    pub(super) fn place(&mut self, p: &Placement) -> Result<(), EngineError> {
+        let group = p.replica_group;
+        let layout_error = |message: String| EngineError::Layout {
+            field: "layout.replica_group",
+            message,
+        };
+        let placed = self.peers.get(p.rank).and_then(|peer| peer.group);
+        match placed {
+            Some(g) if g != group => {
+                return Err(layout_error(format!(
+                    "{group}, but rank {} is in replica group {g}",
+                    p.rank
+                )));
+            }
+            Some(_) => {}
+            None => {
+                let members = self.group_ranks.get(group).copied().unwrap_or(0);
+                if members >= p.layout.data_parallel {
+                    return Err(layout_error(format!(
+                        "{group} already holds its data_parallel {members} ranks; rank {} would be one more",
+                        p.rank
+                    )));
+                }
+                *self.group_ranks.get_or_insert_with(group, || 0).0 += 1;
+                self.peers.get_or_insert_with(p.rank, ranks::Peer::default).0.group = Some(group);
+            }
+        }
+        if self.layout.is_none() {
+            self.layout = Some(p.layout);
+            self.world_size = Some(p.layout.ranks() as u32);
+        }
+        Ok(())
     }
 
     pub(super) fn validate(&self, s: &Summary) -> Result<(), EngineError> {
@@ -168,6 +215,7 @@ impl JobState {
         let (peer, _) = self.peers.get_or_insert_with(s.worker, ranks::Peer::default);
         peer.last_step = Some(s.step);
         peer.last_time = s.time.filter(|t| t.is_finite()).or(peer.last_time);
+        let group = peer.group;
 
         let rules = &self.rules;
         self.hits.clear();
@@ -207,16 +255,25 @@ impl JobState {
             }
         }
         em.worker = None;
-        ranks::record_norm(
-            &mut self.ranks,
-            &mut self.peers,
-            s.worker,
-            s.step,
-            obs.global_norm,
-            expected,
-            rules,
-            &mut em,
-        );
+        // With a layout, a rank is compared within its replica group (one
+        // that declared none, with no one); without, every rank is one group.
+        let compared = match self.layout {
+            None => Some((ranks::Group::Whole, expected)),
+            Some(l) => group.map(|g| (ranks::Group::Replicas(g), l.data_parallel as usize)),
+        };
+        if let Some((group, expected)) = compared {
+            ranks::record_norm(
+                &mut self.ranks,
+                &mut self.peers,
+                s.worker,
+                s.step,
+                obs.global_norm,
+                group,
+                expected,
+                rules,
+                &mut em,
+            );
+        }
         if advanced && ranks_seen > 1 {
             ranks::scan_stragglers(&self.ranks, &mut self.peers, rules, &mut em);
         }

@@ -15,6 +15,7 @@
 
 mod hit;
 mod job;
+mod layout;
 mod per_rank;
 mod policy;
 mod rules;
@@ -27,13 +28,14 @@ use std::sync::Arc;
 use crate::config::{ConfigError, RuleBook, Rules};
 use crate::model::{Advice, Finding, JobId, Severity, Summary};
 use job::{JobState, NotedRollback, job_entry};
+pub use layout::{Layout, Placement, agrees as layout_agrees};
 
 /// Largest accepted rank (exclusive): state is indexed by rank.
 pub const MAX_RANKS: u32 = 1 << 16;
 /// Findings remembered per job for cross-rank dedupe, at most.
 const MAX_REPORTED: usize = 4096;
 /// First byte of a snapshot: bumped whenever the state's layout changes.
-const SNAPSHOT_VERSION: u8 = 5;
+const SNAPSHOT_VERSION: u8 = 6;
 /// Rollback advice remembered per job, to act on its acknowledgement.
 const RECENT_ROLLBACKS: usize = 8;
 /// Largest accepted number of layers per job.
@@ -56,6 +58,9 @@ pub enum EngineError {
     TooManyLayers { got: usize },
     #[error("job {job} was declared with {expected} layer names; got a different list of {got}")]
     LayerNames { job: String, expected: usize, got: usize },
+    /// A layout that is none, or disagrees with the job's; names the Hello's field.
+    #[error("{message}")]
+    Layout { field: &'static str, message: String },
     #[error("{0}")]
     Config(String),
     #[error("snapshot of job {job} cannot be restored: {reason}")]
@@ -79,6 +84,8 @@ impl EngineError {
             EngineError::LayerCount { .. } => "layer_count",
             EngineError::TooManyLayers { .. } => "too_many_layers",
             EngineError::LayerNames { .. } => "layer_names",
+            EngineError::Layout { field: "rank", .. } => "rank_out_of_range",
+            EngineError::Layout { .. } => "layout",
             EngineError::Config(_) => "config",
             EngineError::Snapshot { .. } => "snapshot",
         }
@@ -109,6 +116,9 @@ pub struct JobSpec<'a> {
     pub layer_names: &'a [String],
     pub world_size: Option<u32>,
     pub profile: Option<&'a str>,
+    /// The declaring rank's place in the job's layout; none: every rank is
+    /// compared with every other (unless the job has a layout).
+    pub placement: Option<Placement>,
 }
 
 /// A read-only view of one job's state.
@@ -117,6 +127,7 @@ pub struct JobStatus {
     pub job: JobId,
     pub ranks: usize,
     pub world_size: Option<u32>,
+    pub layout: Option<Layout>,
     pub max_step: Option<u64>,
     pub layers: usize,
     /// Problems still open (not yet followed by a run of healthy steps).
@@ -148,29 +159,41 @@ impl Engine {
         }
     }
 
-    /// Declares a job (or a new rank's view of it): layer names, world size and
-    /// rule profile. Layer names are fixed by the first declaration that has them.
+    /// Declares a job (or a new rank's view of it): layer names, world size,
+    /// rule profile and layout. Layer names are fixed by the first declaration
+    /// that has them, the layout by the first that has one (its world size
+    /// then is the layout's), a rank's replica group by its first placement.
+    /// A declaration that disagrees is refused and changes nothing.
     pub fn declare(&mut self, job: &str, spec: &JobSpec) -> Result<(), EngineError> {
         if spec.layer_names.len() > MAX_LAYERS {
             return Err(EngineError::TooManyLayers {
                 got: spec.layer_names.len(),
             });
         }
-        let state = job_entry(&mut self.jobs, &self.book, job, spec.profile)?;
-        if !spec.layer_names.is_empty() {
-            if state.layer_names.is_empty() {
-                state.layer_names = spec.layer_names.iter().map(|n| Arc::from(n.as_str())).collect();
-            } else if state.layer_names.len() != spec.layer_names.len()
-                || state.layer_names.iter().zip(spec.layer_names).any(|(a, b)| **a != **b)
-            {
-                return Err(EngineError::LayerNames {
-                    job: job.to_owned(),
-                    expected: state.layer_names.len(),
-                    got: spec.layer_names.len(),
-                });
-            }
+        let world_size = spec.world_size.filter(|&w| w > 0);
+        if let Some(p) = &spec.placement {
+            p.check(world_size)?;
         }
-        if let Some(w) = spec.world_size.filter(|&w| w > 0) {
+        let state = job_entry(&mut self.jobs, &self.book, job, spec.profile)?;
+        if !spec.layer_names.is_empty()
+            && !state.layer_names.is_empty()
+            && (state.layer_names.len() != spec.layer_names.len()
+                || state.layer_names.iter().zip(spec.layer_names).any(|(a, b)| **a != **b))
+        {
+            return Err(EngineError::LayerNames {
+                job: job.to_owned(),
+                expected: state.layer_names.len(),
+                got: spec.layer_names.len(),
+            });
+        }
+        layout::agrees(state.layout, spec.placement.as_ref(), world_size)?;
+        if let Some(p) = &spec.placement {
+            state.place(p)?;
+        }
+        if !spec.layer_names.is_empty() && state.layer_names.is_empty() {
+            state.layer_names = spec.layer_names.iter().map(|n| Arc::from(n.as_str())).collect();
+        }
+        if let Some(w) = world_size {
             state.world_size = Some(w.min(MAX_RANKS));
         }
         Ok(())

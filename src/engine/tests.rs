@@ -801,6 +801,199 @@ fn too_few_ranks_for_an_outlier() {
     assert!(!rules(&run.take()).contains(&RuleId::RankOutlier));
 }
 
+/// Four pipeline stages of four data-parallel replicas (rank = stage × 4 +
+/// replica); the last stage's layers have norms 50× the others'.
+const PIPELINE: Layout = Layout {
+    data_parallel: 4,
+    tensor_parallel: 1,
+    pipeline_parallel: 4,
+};
+
+fn place(engine: &mut Engine, rank: u32, layout: Layout, replica_group: u32) -> Result<(), EngineError> {
+    let spec = JobSpec {
+        placement: Some(Placement {
+            layout,
+            rank,
+            replica_group,
+        }),
+        ..JobSpec::default()
+    };
+    engine.declare("job", &spec)
+}
+
+/// The pipeline job's run; `bad` reports 10× its stage's norm from step 40.
+fn pipeline_run(bad: Option<u32>) -> Vec<Summary> {
+    ranks(16, 0..60, move |r, s| {
+        let stage = if r / 4 == 3 { 50.0 } else { 1.0 };
+        let x = if bad == Some(r) && s >= 40 { 10.0 } else { 1.0 };
+        Some(summary(r, s, stage * x * noise(s * 16 + u64::from(r), 0.03), 3.0))
+    })
+}
+
+#[test]
+fn pipeline_stages_are_compared_only_within_their_replica_group() {
+    // Without a layout the last stage's ranks are outliers of the job...
+    let mut run = Run::new();
+    run.feed_all(pipeline_run(None));
+    let out = run.take();
+    let f = first(&out, RuleId::RankOutlier);
+    assert!(f.worker.is_some_and(|r| r / 4 == 3), "{f:?}");
+
+    // ... with it, nothing: each stage agrees with itself.
+    let mut run = Run::new();
+    for rank in 0..16 {
+        place(&mut run.engine, rank, PIPELINE, rank / 4).unwrap();
+    }
+    run.feed_all(pipeline_run(None));
+    let out = run.take();
+    assert!(out.findings.is_empty(), "{:#?}", out.findings);
+    let status = run.engine.status("job").unwrap();
+    assert_eq!((status.layout, status.world_size), (Some(PIPELINE), Some(16)));
+
+    // A bad replica within a stage is flagged, and only it.
+    let mut run = Run::new();
+    for rank in 0..16 {
+        place(&mut run.engine, rank, PIPELINE, rank / 4).unwrap();
+    }
+    run.feed_all(pipeline_run(Some(13)));
+    let out = run.take();
+    let f = first(&out, RuleId::RankOutlier);
+    assert_eq!((f.worker, f.step), (Some(13), 40));
+    assert!(f.message.contains("of 4 ranks of replica group 3"), "{}", f.message);
+    assert!(out.findings.iter().all(|f| f.worker == Some(13)), "{:#?}", out.findings);
+    assert!(
+        out.advice
+            .iter()
+            .any(|a| a.action == Action::InspectWorker { rank: 13 })
+    );
+}
+
+#[test]
+fn a_rank_of_a_laid_out_job_that_declared_no_group_is_compared_with_no_one() {
+    let mut run = Run::new();
+    for rank in 1..16 {
+        place(&mut run.engine, rank, PIPELINE, rank / 4).unwrap();
+    }
+    // Rank 0 never placed itself: its stage judges the three that did, which
+    // are fewer than min_ranks (4), so no one of stage 0 is judged.
+    run.feed_all(ranks(16, 0..60, |r, s| {
+        let x = if r == 0 { 1000.0 } else { 1.0 };
+        Some(summary(r, s, x * noise(s * 16 + u64::from(r), 0.03), 3.0))
+    }));
+    assert!(!rules(&run.take()).contains(&RuleId::RankOutlier));
+}
+
+#[test]
+fn stragglers_are_judged_across_replica_groups() {
+    let mut run = Run::new();
+    for rank in 0..16 {
+        place(&mut run.engine, rank, PIPELINE, rank / 4).unwrap();
+    }
+    // Rank 5 (stage 1) stops after step 10; the others go on.
+    run.feed_all(ranks(16, 0..40, |r, s| {
+        (r != 5 || s <= 10).then(|| {
+            let mut x = summary(r, s, if r / 4 == 3 { 50.0 } else { 1.0 }, 3.0);
+            x.time = Some(1_700_000_000.0 + 20.0 * s as f64);
+            x
+        })
+    }));
+    let out = run.take();
+    let lag = first(&out, RuleId::Straggler);
+    assert_eq!((lag.worker, lag.step), (Some(5), 20));
+    assert!(!rules(&out).contains(&RuleId::RankOutlier), "{:?}", rules(&out));
+}
+
+#[test]
+fn a_declaration_that_disagrees_with_the_layout_is_refused_and_changes_nothing() {
+    let mut e = Engine::default();
+    let field = |r: Result<(), EngineError>| match r.unwrap_err() {
+        EngineError::Layout { field, message } => format!("{field}: {message}"),
+        other => panic!("{other}"),
+    };
+    // Not a placement at all.
+    let zero = Layout {
+        tensor_parallel: 0,
+        ..PIPELINE
+    };
+    assert_eq!(
+        field(place(&mut e, 0, zero, 0)),
+        "layout.tensor_parallel: 0, must be at least 1"
+    );
+    assert_eq!(
+        field(place(&mut e, 0, PIPELINE, 4)),
+        "layout.replica_group: 4 is not below tensor_parallel 1 × pipeline_parallel 4 = 4"
+    );
+    assert_eq!(
+        field(place(&mut e, 16, PIPELINE, 0)),
+        "rank: 16 is not below the layout's data_parallel 4 × tensor_parallel 1 × pipeline_parallel 4 = 16 ranks"
+    );
+    let huge = Layout {
+        data_parallel: 1 << 16,
+        ..PIPELINE
+    };
+    assert!(field(place(&mut e, 0, huge, 0)).contains("above the limit of 65536"));
+    let spec = JobSpec {
+        world_size: Some(8),
+        placement: Some(Placement {
+            layout: PIPELINE,
+            rank: 0,
+            replica_group: 0,
+        }),
+        ..JobSpec::default()
+    };
+    assert!(field(e.declare("job", &spec)).ends_with("= 16 ranks, but world_size is 8"));
+    assert_eq!(e.job_count(), 0, "a refused placement creates no job");
+
+    for rank in 0..4 {
+        place(&mut e, rank, PIPELINE, 0).unwrap();
+    }
+    let before = e.snapshot("job").unwrap();
+    let other = Layout {
+        data_parallel: 2,
+        pipeline_parallel: 8,
+        ..PIPELINE
+    };
+    assert_eq!(
+        field(place(&mut e, 4, other, 1)),
+        "layout: data_parallel 2 × tensor_parallel 1 × pipeline_parallel 8 = 16 ranks, \
+         but the job is laid out as data_parallel 4 × tensor_parallel 1 × pipeline_parallel 4 = 16 ranks"
+    );
+    assert_eq!(
+        field(place(&mut e, 3, PIPELINE, 1)),
+        "layout.replica_group: 1, but rank 3 is in replica group 0"
+    );
+    assert_eq!(
+        field(place(&mut e, 4, PIPELINE, 0)),
+        "layout.replica_group: 0 already holds its data_parallel 4 ranks; rank 4 would be one more"
+    );
+    let world = JobSpec {
+        world_size: Some(8),
+        ..JobSpec::default()
+    };
+    assert_eq!(
+        field(e.declare("job", &world)),
+        "world_size: 8, but the job is laid out as data_parallel 4 × tensor_parallel 1 × pipeline_parallel 4 = 16 ranks"
+    );
+    assert_eq!(e.snapshot("job").unwrap(), before, "refusals changed the job");
+    // The same placement again, a Hello with none, or the layout's world size: fine.
+    place(&mut e, 3, PIPELINE, 0).unwrap();
+    e.declare("job", &JobSpec::default()).unwrap();
+    let world = JobSpec {
+        world_size: Some(16),
+        ..JobSpec::default()
+    };
+    e.declare("job", &world).unwrap();
+    assert_eq!(e.snapshot("job").unwrap(), before);
+
+    // The layout and the groups go with the job's snapshot.
+    let mut owner = Engine::default();
+    owner.restore("job", &before).unwrap();
+    assert_eq!(owner.status("job").unwrap().layout, Some(PIPELINE));
+    assert!(place(&mut owner, 3, PIPELINE, 1).is_err());
+    assert!(place(&mut owner, 4, PIPELINE, 0).is_err());
+    place(&mut owner, 4, PIPELINE, 1).unwrap();
+}
+
 #[test]
 fn straggler_and_stalled_rank() {
     let mut run = Run::new();
@@ -984,7 +1177,7 @@ fn handover_matches_one_engine(fault: crate::scenario::Fault, workers: u32, spli
     let spec = JobSpec {
         layer_names: &names,
         world_size: Some(workers),
-        profile: None,
+        ..JobSpec::default()
     };
     let (mut whole, mut first, mut second) = (Engine::default(), Engine::default(), Engine::default());
     whole.declare("sim", &spec).unwrap();

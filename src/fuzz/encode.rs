@@ -222,7 +222,24 @@ impl Writer<'_, '_> {
             u64::from(h.report_progress)
         };
         self.scalar(&mut f, !h.report_progress, |w| w.varint(7, truth));
-        self.finish(f, 7)
+        if let Some(l) = &h.layout {
+            let bytes = self.layout(l);
+            f.push(self.len(8, &bytes));
+        }
+        self.finish(f, 8)
+    }
+
+    fn layout(&mut self, l: &proto::Layout) -> Vec<u8> {
+        let mut f = Vec::new();
+        for (number, v) in [
+            (1, l.data_parallel),
+            (2, l.tensor_parallel),
+            (3, l.pipeline_parallel),
+            (4, l.replica_group),
+        ] {
+            self.scalar(&mut f, v == 0, |w| w.varint(number, u64::from(v)));
+        }
+        self.finish(f, 4)
     }
 
     fn ack(&mut self, a: &proto::AdviceAck) -> Vec<u8> {

@@ -176,6 +176,12 @@ pub fn hello(c: &mut Choices, layers: usize) -> proto::Hello {
         client_version: if c.one_in(2) { text(c) } else { String::new() },
         rule_profile: if c.one_in(4) { text(c) } else { String::new() },
         report_progress: c.one_in(2),
+        layout: c.one_in(3).then(|| proto::Layout {
+            data_parallel: c.pick(&[1, 2, 4, 0]),
+            tensor_parallel: c.pick(&[1, 2, 0]),
+            pipeline_parallel: c.pick(&[1, 2, 1 << 20]),
+            replica_group: c.pick(&[0, 1, 3, u32::MAX]),
+        }),
     }
 }
 

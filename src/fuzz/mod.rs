@@ -435,6 +435,7 @@ impl Canon {
             client_version,
             rule_profile,
             report_progress,
+            layout,
         } = h;
         self.str(job);
         self.u(u64::from(*rank));
@@ -444,6 +445,15 @@ impl Canon {
         self.str(client_version);
         self.str(rule_profile);
         self.u(u64::from(*report_progress));
+        match layout {
+            None => self.u(0),
+            Some(l) => {
+                self.u(1);
+                for v in [l.data_parallel, l.tensor_parallel, l.pipeline_parallel, l.replica_group] {
+                    self.u(u64::from(v));
+                }
+            }
+        }
     }
 
     fn declared(&mut self, d: &Result<Declared, Refusal>) {
@@ -459,6 +469,7 @@ impl Canon {
                 world_size,
                 profile,
                 progress,
+                placement,
             }) => {
                 self.u(1);
                 self.str(job);
@@ -468,6 +479,22 @@ impl Canon {
                 self.u(world_size.map_or(u64::MAX, u64::from));
                 self.str(profile.as_deref().unwrap_or("\0none"));
                 self.u(u64::from(*progress));
+                match placement {
+                    None => self.u(0),
+                    Some(p) => {
+                        self.u(1);
+                        let l = &p.layout;
+                        for v in [
+                            l.data_parallel,
+                            l.tensor_parallel,
+                            l.pipeline_parallel,
+                            p.rank,
+                            p.replica_group,
+                        ] {
+                            self.u(u64::from(v));
+                        }
+                    }
+                }
             }
         }
     }

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use super::{Limits, Reason, Refusal};
 use crate::config::RuleBook;
-use crate::engine::{EngineError, JobSpec};
+use crate::engine::{EngineError, JobSpec, Layout, Placement};
 use crate::model::JobId;
 use crate::proto;
 
@@ -18,6 +18,9 @@ pub struct Declared {
     pub profile: Option<String>,
     /// The worker asked for a Progress after each summary.
     pub progress: bool,
+    /// The rank's place in the job's layout, when the Hello gave one (its
+    /// world size is then the layout's).
+    pub placement: Option<Placement>,
 }
 
 impl Declared {
@@ -34,7 +37,18 @@ impl Declared {
             layer_names: &self.layer_names,
             world_size: self.world_size,
             profile: self.profile.as_deref(),
+            placement: self.placement,
         }
+    }
+
+    /// The Hello's layout, as it came (to forward the Hello).
+    pub fn layout(&self) -> Option<proto::Layout> {
+        self.placement.map(|p| proto::Layout {
+            data_parallel: p.layout.data_parallel,
+            tensor_parallel: p.layout.tensor_parallel,
+            pipeline_parallel: p.layout.pipeline_parallel,
+            replica_group: p.replica_group,
+        })
     }
 }
 
@@ -70,6 +84,10 @@ impl Limits {
                 format!("field rank: {} is above the limit of {}", h.rank, self.max_world_size),
             ));
         }
+        let placement = h
+            .layout
+            .map(|l| self.check_layout(&l, h.rank, h.world_size))
+            .transpose()?;
         let long = |field: &str, len: usize| {
             Refusal::new(
                 Reason::TooLong,
@@ -103,14 +121,42 @@ impl Limits {
                 ),
             ));
         }
+        let world_size = (h.world_size > 0).then_some(h.world_size);
         Ok(Declared {
             job: Arc::from(h.job),
             rank: h.rank,
             layer_names: h.layer_names.into(),
-            world_size: (h.world_size > 0).then_some(h.world_size),
+            // A layout's ranks are the world (checked equal when both are given).
+            world_size: world_size.or(placement.map(|p| p.layout.ranks() as u32)),
             profile: (!h.rule_profile.is_empty()).then_some(h.rule_profile),
             progress: h.report_progress,
+            placement,
         })
+    }
+
+    /// Checks a Hello's layout ([`Placement::check`]) and that its ranks are
+    /// within `max_world_size`.
+    fn check_layout(&self, l: &proto::Layout, rank: u32, world_size: u32) -> Result<Placement, Refusal> {
+        let placement = Placement {
+            layout: Layout {
+                data_parallel: l.data_parallel,
+                tensor_parallel: l.tensor_parallel,
+                pipeline_parallel: l.pipeline_parallel,
+            },
+            rank,
+            replica_group: l.replica_group,
+        };
+        if placement.layout.ranks() > u128::from(self.max_world_size) {
+            return Err(Refusal::new(
+                Reason::InvalidHello,
+                format!(
+                    "field layout: {}, above the limit of {}",
+                    placement.layout, self.max_world_size
+                ),
+            ));
+        }
+        placement.check((world_size > 0).then_some(world_size))?;
+        Ok(placement)
     }
 }
 
@@ -173,5 +219,75 @@ mod tests {
             (d.profile.as_deref(), d.progress, d.layer_names.len()),
             (Some("noisy"), true, 3)
         );
+    }
+
+    fn laid_out(rank: u32, world_size: u32, dp: u32, tp: u32, pp: u32, group: u32) -> proto::Hello {
+        proto::Hello {
+            layout: Some(proto::Layout {
+                data_parallel: dp,
+                tensor_parallel: tp,
+                pipeline_parallel: pp,
+                replica_group: group,
+            }),
+            ..hello("j", rank, world_size, 1)
+        }
+    }
+
+    #[test]
+    fn a_layout_is_checked_field_by_field_and_gives_the_world_size() {
+        let limits = Limits {
+            max_world_size: 64,
+            ..Limits::default()
+        };
+        let refused = |h| limits.check_hello(h).unwrap_err();
+        for (h, reason, message) in [
+            (
+                laid_out(0, 8, 0, 2, 2, 0),
+                Reason::Layout,
+                "field layout.data_parallel: 0, must be at least 1",
+            ),
+            (
+                laid_out(0, 8, 2, 2, 0, 0),
+                Reason::Layout,
+                "field layout.pipeline_parallel: 0, must be at least 1",
+            ),
+            (
+                laid_out(0, 8, 2, 2, 4, 0),
+                Reason::Layout,
+                "field layout: data_parallel 2 × tensor_parallel 2 × pipeline_parallel 4 = 16 ranks, \
+                 but world_size is 8",
+            ),
+            (
+                laid_out(0, 8, 2, 2, 2, 4),
+                Reason::Layout,
+                "field layout.replica_group: 4 is not below tensor_parallel 2 × pipeline_parallel 2 = 4",
+            ),
+            (
+                laid_out(8, 0, 2, 2, 2, 0),
+                Reason::RankOutOfRange,
+                "field rank: 8 is not below the layout's data_parallel 2 × tensor_parallel 2 × \
+                 pipeline_parallel 2 = 8 ranks",
+            ),
+            // The limit bounds the product, whatever the world size says;
+            // u32 sizes multiply without overflow.
+            (
+                laid_out(0, 0, u32::MAX, u32::MAX, u32::MAX, 0),
+                Reason::InvalidHello,
+                "field layout: data_parallel 4294967295 × tensor_parallel 4294967295 × pipeline_parallel \
+                 4294967295 = 79228162458924105385300197375 ranks, above the limit of 64",
+            ),
+        ] {
+            let r = refused(h);
+            assert_eq!((r.reason, r.message.as_str()), (reason, message));
+        }
+
+        let d = limits.check_hello(laid_out(5, 0, 2, 2, 2, 3)).unwrap();
+        assert_eq!(d.world_size, Some(8), "the layout's ranks are the world");
+        let p = d.placement.unwrap();
+        assert_eq!((p.rank, p.replica_group, p.layout.ranks()), (5, 3, 8));
+        assert_eq!(d.layout(), laid_out(5, 0, 2, 2, 2, 3).layout, "forwarded as it came");
+        assert_eq!(d.spec().placement, Some(p));
+        let d = limits.check_hello(hello("j", 1, 4, 1)).unwrap();
+        assert_eq!((d.placement, d.layout()), (None, None));
     }
 }

@@ -196,4 +196,54 @@ mod tests {
         let r = j.summary("a", 5, &p(1, 2), 1.0, &mut scratch, &mut out).unwrap_err();
         assert_eq!(r.reason, Reason::RankOutOfRange);
     }
+
+    #[test]
+    fn a_rank_whose_layout_disagrees_with_the_jobs_is_refused_naming_the_field() {
+        let mut j = judge(10);
+        let hello = |rank: u32, world_size: u32, layout: Option<(u32, u32, u32)>| {
+            Limits::default()
+                .check_hello(proto::Hello {
+                    job: "a".into(),
+                    rank,
+                    world_size,
+                    layout: layout.map(|(d, p, g)| proto::Layout {
+                        data_parallel: d,
+                        tensor_parallel: 1,
+                        pipeline_parallel: p,
+                        replica_group: g,
+                    }),
+                    ..Default::default()
+                })
+                .unwrap()
+        };
+        assert_eq!(j.declare(&hello(0, 0, Some((2, 2, 0)))), Ok(true));
+        for (d, field, value) in [
+            (
+                hello(1, 0, Some((1, 4, 1))),
+                "field layout: ",
+                "pipeline_parallel 4 = 4 ranks, but the job",
+            ),
+            (
+                hello(0, 4, Some((2, 2, 1))),
+                "field layout.replica_group: ",
+                "1, but rank 0 is in replica group 0",
+            ),
+            (hello(1, 8, None), "field world_size: ", "8, but the job is laid out as"),
+        ] {
+            let r = j.declare(&d).unwrap_err();
+            assert_eq!(r.reason, Reason::Layout, "{r}");
+            assert_eq!(r.status().code(), tonic::Code::InvalidArgument);
+            assert!(r.message.starts_with(field) && r.message.contains(value), "{r}");
+        }
+        // The job's world size is the layout's: rank 4 is beyond it.
+        assert_eq!(j.declare(&hello(1, 0, Some((2, 2, 0)))), Ok(false));
+        let (mut scratch, mut out) = (Summary::default(), Output::default());
+        let p = proto::Summary {
+            step: 1,
+            grad_norm: Some(1.0),
+            ..Default::default()
+        };
+        let r = j.summary("a", 4, &p, 1.0, &mut scratch, &mut out).unwrap_err();
+        assert_eq!(r.reason, Reason::RankOutOfRange, "{r}");
+    }
 }

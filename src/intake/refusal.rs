@@ -38,6 +38,10 @@ pub enum Reason {
     TooManyLayers,
     /// Layer names that differ from those the job was declared with.
     LayerNames,
+    /// A Hello's layout that is none (a size of 0, a replica group beyond
+    /// them, a product that is not the world size), or that disagrees with
+    /// the job's (its sizes, its world size, the rank's replica group).
+    Layout,
     /// A summary whose per-layer arrays do not match the declared layers.
     LayerCount,
     DuplicateStep,
@@ -56,7 +60,7 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, for tests and documentation.
-    pub const ALL: [Reason; 22] = [
+    pub const ALL: [Reason; 23] = [
         Reason::Undecodable,
         Reason::MessageTooLarge,
         Reason::EmptyMessage,
@@ -71,6 +75,7 @@ impl Reason {
         Reason::RankOutOfRange,
         Reason::TooManyLayers,
         Reason::LayerNames,
+        Reason::Layout,
         Reason::LayerCount,
         Reason::DuplicateStep,
         Reason::StepBackwards,
@@ -98,6 +103,7 @@ impl Reason {
             Reason::RankOutOfRange => "rank_out_of_range",
             Reason::TooManyLayers => "too_many_layers",
             Reason::LayerNames => "layer_names",
+            Reason::Layout => "layout",
             Reason::LayerCount => "layer_count",
             Reason::DuplicateStep => "duplicate_step",
             Reason::StepBackwards => "step_backwards",
@@ -168,6 +174,9 @@ impl From<&EngineError> for Refusal {
             EngineError::LayerCount { .. } => (Reason::LayerCount, "layer_l2"),
             EngineError::TooManyLayers { .. } => (Reason::TooManyLayers, "layer_names"),
             EngineError::LayerNames { .. } => (Reason::LayerNames, "layer_names"),
+            // The rank beyond the layout's ranks is out of range, as beyond a world size.
+            EngineError::Layout { field: "rank", .. } => (Reason::RankOutOfRange, "rank"),
+            EngineError::Layout { field, .. } => (Reason::Layout, *field),
             EngineError::Config(_) => (Reason::UnknownProfile, "rule_profile"),
             // Not a worker's doing; restoring is the service's.
             EngineError::Snapshot { .. } => (Reason::Undecodable, "snapshot"),
@@ -208,6 +217,10 @@ mod tests {
                 got: 2,
             },
             EngineError::TooManyLayers { got: 1 },
+            EngineError::Layout {
+                field: "layout",
+                message: "x".into(),
+            },
             EngineError::Config("x".into()),
         ] {
             assert_eq!(Refusal::from(&e).reason.label(), e.reason(), "{e}");

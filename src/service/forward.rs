@@ -13,7 +13,7 @@ use std::time::Duration;
 use super::mode::{Greeting, Mode, Shape};
 use crate::cluster::relay::Forwarder;
 use crate::config::{RuleBook, Rules};
-use crate::engine::{EngineError, Output};
+use crate::engine::{EngineError, Layout, Output, layout_agrees};
 use crate::intake::{Declared, IntakeMetrics, Limits, Refusal, convert};
 use crate::model::{JobId, Severity, Summary};
 use crate::proto::{self, worker_message::Body};
@@ -30,6 +30,8 @@ pub struct Forwarding {
 #[derive(Default)]
 struct Forwarded {
     world_size: Option<u32>,
+    /// The layout of the first Hello that had one.
+    layout: Option<Layout>,
     layers: usize,
     profile: Option<String>,
     /// The last step forwarded per rank (steps must increase).
@@ -50,14 +52,18 @@ impl Forwarding {
 
 impl Forwarding {
     /// Declares the rank here and to the job's owner (its Hello goes to the
-    /// summaries topic, ahead of the rank's summaries).
-    fn declare(&mut self, d: &Declared, hello: &proto::Hello) -> &Forwarded {
+    /// summaries topic, ahead of the rank's summaries). A layout that
+    /// disagrees with the one this replica saw is refused here, as the owner
+    /// would (a rank's replica group is the owner's to check).
+    fn declare(&mut self, d: &Declared, hello: &proto::Hello) -> Result<&Forwarded, Refusal> {
         let job = self.jobs.entry(d.job.clone()).or_default();
+        layout_agrees(job.layout, d.placement.as_ref(), d.world_size)?;
+        job.layout = job.layout.or(d.placement.map(|p| p.layout));
         job.world_size = d.world_size.or(job.world_size);
         job.layers = job.layers.max(d.layer_names.len());
         job.profile = d.profile.clone().or(job.profile.take());
         self.forwarder.send(&d.job, d.rank, Body::Hello(hello.clone()));
-        job
+        Ok(job)
     }
 }
 
@@ -68,7 +74,7 @@ impl Mode for Forwarding {
         if !self.jobs.contains_key(&d.job) {
             return Ok(Greeting::Pending);
         }
-        let job = self.declare(d, hello);
+        let job = self.declare(d, hello)?;
         Ok(Greeting::Held {
             last_step: job.last_step.get(&d.rank).copied(),
         })
@@ -78,7 +84,7 @@ impl Mode for Forwarding {
         if !self.jobs.contains_key(&d.job) {
             self.limits.admit_job(&d.job, self.jobs.len(), &self.metrics)?;
         }
-        self.declare(d, hello);
+        self.declare(d, hello)?;
         Ok(())
     }
 

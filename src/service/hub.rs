@@ -304,6 +304,7 @@ impl Hub {
             layer_names: d.layer_names.to_vec(),
             rule_profile: d.profile.clone().unwrap_or_default(),
             report_progress: d.progress,
+            layout: d.layout(),
             ..Default::default()
         };
         core.mode.admit(d, &hello)?;

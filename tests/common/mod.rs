@@ -218,6 +218,7 @@ pub fn hello(job: &str, rank: u32, world_size: u32, layers: usize) -> proto::Hel
         client_version: "test".into(),
         rule_profile: String::new(),
         report_progress: false,
+        layout: None,
     }
 }
 

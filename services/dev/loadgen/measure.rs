@@ -45,6 +45,7 @@ pub(super) async fn measure(args: &LoadgenArgs, target: &str, memory: MemorySour
                 client_version: "loadgen".to_owned(),
                 rule_profile: String::new(),
                 report_progress: false,
+                layout: None,
             };
             tokio::spawn(async move {
                 let mut client = client::connect_with(&target, &security).await?;

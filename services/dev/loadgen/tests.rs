@@ -84,7 +84,7 @@ fn engine_clips_the_spikes_and_nothing_else() {
     let spec = JobSpec {
         layer_names: &names,
         world_size: Some(4),
-        profile: None,
+        ..JobSpec::default()
     };
     engine.declare("loadgen-0", &spec).unwrap();
     let mut ranks: Vec<Generator> = (0..4).map(|r| Generator::new(r, 100, 1, 200, 0)).collect();

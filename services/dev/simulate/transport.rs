@@ -32,6 +32,7 @@ fn hello(scenario: &Scenario, layer_names: &[String], rank: u32) -> proto::Hello
         client_version: format!("simulate/{}", env!("CARGO_PKG_VERSION")),
         rule_profile: String::new(),
         report_progress: false,
+        layout: None,
     }
 }
 

@@ -3,10 +3,14 @@
 //! its peers did not (stalled).
 //!
 //! Data-parallel ranks see different micro-batches, so their local norms
-//! differ every step. The outlier rule learns the job's normal spread (the
-//! median absolute deviation of log-norms around each step's median, averaged
-//! over steps) and calls a rank an outlier when it stays outside it (`persist`
-//! of the last `of` steps) or is far beyond it once.
+//! differ every step. The outlier rule learns the normal spread (the median
+//! absolute deviation of log-norms around each step's median, averaged over
+//! steps) and calls a rank an outlier when it stays outside it (`persist` of
+//! the last `of` steps) or is far beyond it once. It compares only ranks that
+//! hold the same part of the model: with a layout, a step is judged per
+//! replica group (pipeline stages report different layers' norms), each with
+//! its own spread; without one, all ranks are one group. Straggler and stalled
+//! are job-wide: a rank lags whatever its group.
 //!
 //! They judge by the records' own steps and times, never a wall clock; the
 //! service calls [`scan_stalled`] with its clock through `Engine::tick`.
@@ -24,6 +28,8 @@ use crate::model::{RuleId, Severity};
 pub(crate) struct Peer {
     pub last_step: Option<u64>,
     pub last_time: Option<f64>,
+    /// Its replica group, as its Hello placed it (none without a layout).
+    pub group: Option<u32>,
     /// Whether the rank was outside the spread, one bit per judged step
     /// (newest lowest).
     outside: u32,
@@ -32,24 +38,53 @@ pub(crate) struct Peer {
     stalled: Latch,
 }
 
-/// The cross-rank state of each rank that reported.
+/// The cross-rank state of each rank that reported or was placed in a layout.
 pub(crate) type Peers = PerRank<Peer>;
+
+/// The ranks a norm is compared with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Group {
+    /// Every rank of the job (it declared no layout).
+    Whole,
+    /// The ranks of one replica group of the job's layout.
+    Replicas(u32),
+}
+
+impl Group {
+    fn key(self) -> u32 {
+        match self {
+            Group::Whole => 0,
+            Group::Replicas(g) => g,
+        }
+    }
+}
 
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub(crate) struct State {
-    /// Global norms per step until every rank has reported it (NaN: non-finite).
-    pending: BTreeMap<u64, Pending>,
+    /// Global norms per (step, group key) until every rank of the group has
+    /// reported it (NaN: non-finite).
+    pending: BTreeMap<(u64, u32), Pending>,
     pub max_step: Option<u64>,
     last_stall_scan: Option<f64>,
-    /// The learned spread (MAD of log-norms across ranks) and the steps
-    /// it has seen.
-    spread: f64,
-    judged: u32,
+    /// The learned spread of each group that was judged, by group key.
+    spreads: PerRank<Spread>,
     /// Per-step scratch (rank, norm, log-norm), kept for its capacity.
     #[serde(skip)]
     logs: Vec<(u32, f64, f64)>,
     #[serde(skip)]
     scratch: Vec<f64>,
+    /// Judged steps' norm vectors, kept for their capacity (a step's group
+    /// starts from one rather than allocating).
+    #[serde(skip)]
+    spare: Vec<Vec<(u32, f64)>>,
+}
+
+/// The learned spread of one group (MAD of log-norms across its ranks) and
+/// the steps it has seen.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+struct Spread {
+    spread: f64,
+    judged: u32,
 }
 
 /// MAD to standard deviation for normal data.
@@ -64,21 +99,29 @@ struct Pending {
     norms: Vec<(u32, f64)>,
 }
 
-/// Steps buffered at most; beyond, the oldest is judged with what it has.
+/// Steps (of one group each) buffered at most; beyond, the oldest is
+/// judged with what it has.
 const MAX_PENDING: usize = 4096;
+/// Judged steps' vectors kept for reuse, at most, and the largest kept.
+const MAX_SPARE: usize = 64;
+const MAX_SPARE_NORMS: usize = 1024;
 
 impl State {
     pub fn heap_bytes(&self) -> usize {
-        self.pending.values().map(|v| v.norms.capacity() * 16 + 64).sum()
+        self.pending
+            .values()
+            .map(|v| v.norms.capacity() * 16 + 64)
+            .sum::<usize>()
+            + self.spreads.heap_bytes()
     }
 }
 
-/// Buffers one rank's norm for `step` and judges every step that is complete
-/// (all `expected` ranks reported) or too old to wait for (a straggler's):
-/// `straggler.lag_steps` behind the leader and, when summaries carry times,
-/// first seen `straggler.min_lag_secs` ago. Ranks on separate streams arrive
-/// in no particular order, so one running ahead must not get steps judged
-/// before its peers could report them.
+/// Buffers one rank's norm for `step` and judges every step of a group that
+/// is complete (all `expected` ranks of the group reported) or too old to
+/// wait for (a straggler's): `straggler.lag_steps` behind the leader and, when
+/// summaries carry times, first seen `straggler.min_lag_secs` ago. Ranks on
+/// separate streams arrive in no particular order, so one running ahead must
+/// not get steps judged before its peers could report them.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn record_norm(
     state: &mut State,
@@ -86,6 +129,7 @@ pub(crate) fn record_norm(
     rank: u32,
     step: u64,
     norm: Option<f64>,
+    group: Group,
     expected: usize,
     rules: &Rules,
     em: &mut Emitter,
@@ -98,12 +142,18 @@ pub(crate) fn record_norm(
         return;
     }
     let now = em.time.filter(|t| t.is_finite());
-    let entry = state.pending.entry(step).or_default();
+    let key = (step, group.key());
+    let spare = &mut state.spare;
+    let entry = state.pending.entry(key).or_insert_with(|| Pending {
+        since: None,
+        norms: spare.pop().unwrap_or_default(),
+    });
     entry.since = entry.since.or(now);
     entry.norms.push((rank, if norm.is_finite() { norm } else { f64::NAN }));
     if entry.norms.len() >= expected {
-        let entry = state.pending.remove(&step).unwrap_or_default();
-        judge(state, step, &entry.norms, peers, rules, em);
+        let entry = state.pending.remove(&key).unwrap_or_default();
+        judge(state, step, group, &entry.norms, peers, rules, em);
+        state.recycle(entry.norms);
     }
     let horizon = state.max_step.unwrap_or(step).saturating_sub(rules.straggler.lag_steps);
     let patience = rules.straggler.min_lag_secs;
@@ -113,11 +163,26 @@ pub(crate) fn record_norm(
             break;
         };
         let waited = now.zip(entry.get().since).map(|(now, since)| now - since);
-        if !overfull && (*entry.key() >= horizon || waited.is_some_and(|w| w < patience)) {
+        if !overfull && (entry.key().0 >= horizon || waited.is_some_and(|w| w < patience)) {
             break;
         }
-        let (old_step, entry) = entry.remove_entry();
-        judge(state, old_step, &entry.norms, peers, rules, em);
+        let ((old_step, key), entry) = entry.remove_entry();
+        let old_group = match group {
+            Group::Whole => Group::Whole,
+            Group::Replicas(_) => Group::Replicas(key),
+        };
+        judge(state, old_step, old_group, &entry.norms, peers, rules, em);
+        state.recycle(entry.norms);
+    }
+}
+
+impl State {
+    /// Keeps a judged step's vector for the next step's group, within bounds.
+    fn recycle(&mut self, mut norms: Vec<(u32, f64)>) {
+        if self.spare.len() < MAX_SPARE && norms.capacity() <= MAX_SPARE_NORMS {
+            norms.clear();
+            self.spare.push(norms);
+        }
     }
 }
 
@@ -125,13 +190,22 @@ pub(crate) fn record_norm(
 /// will report them again).
 pub(crate) fn forget_after(state: &mut State, rank: u32, step: u64) {
     use std::ops::Bound;
-    for (_, pending) in state.pending.range_mut((Bound::Excluded(step), Bound::Unbounded)) {
+    let after = (Bound::Excluded((step, u32::MAX)), Bound::Unbounded);
+    for (_, pending) in state.pending.range_mut(after) {
         pending.norms.retain(|(r, _)| *r != rank);
     }
     state.pending.retain(|_, p| !p.norms.is_empty());
 }
 
-fn judge(state: &mut State, step: u64, entries: &[(u32, f64)], peers: &mut Peers, rules: &Rules, em: &mut Emitter) {
+fn judge(
+    state: &mut State,
+    step: u64,
+    group: Group,
+    entries: &[(u32, f64)],
+    peers: &mut Peers,
+    rules: &Rules,
+    em: &mut Emitter,
+) {
     let cfg = &rules.rank_outlier;
     let remind = rules.policy.cooldown_steps;
     let mut bad = entries.iter().filter(|e| !e.1.is_finite()).map(|e| e.0);
@@ -150,8 +224,8 @@ fn judge(state: &mut State, step: u64, entries: &[(u32, f64)], peers: &mut Peers
             f64::NAN,
             cfg.k,
             format!(
-                "rank {rank} is the only one of {} ranks with non-finite gradients at step {step}: bad shard or silent data corruption",
-                entries.len()
+                "rank {rank} is the only one of {} with non-finite gradients at step {step}: bad shard or silent data corruption",
+                among(group, entries.len())
             ),
         );
         h.about(rank).propose(Proposal::Inspect { rank });
@@ -160,6 +234,7 @@ fn judge(state: &mut State, step: u64, entries: &[(u32, f64)], peers: &mut Peers
     if finite < min {
         return;
     }
+    let learned = state.spreads.get_or_insert_with(group.key(), Spread::default).0;
     let mut logs = std::mem::take(&mut state.logs);
     logs.clear();
     logs.extend(
@@ -178,17 +253,17 @@ fn judge(state: &mut State, step: u64, entries: &[(u32, f64)], peers: &mut Peers
     values.clear();
     values.extend(logs.iter().map(|e| (e.2 - med).abs()));
     let step_mad = median(values).unwrap_or(0.0);
-    let warm = state.judged >= cfg.warmup;
+    let warm = learned.judged >= cfg.warmup;
     let floor = cfg.min_rel_spread.ln_1p();
-    let scale = (MAD_SIGMA * state.spread.max(step_mad)).max(floor);
+    let scale = (MAD_SIGMA * learned.spread.max(step_mad)).max(floor);
     // Learn the spread; once warmed up, an unusual step counts at most 3×,
     // so a burst of disagreement does not teach the rule to ignore it.
-    state.judged = state.judged.saturating_add(1);
+    learned.judged = learned.judged.saturating_add(1);
     if warm {
-        let x = step_mad.min(3.0 * state.spread.max(floor / MAD_SIGMA));
-        state.spread = SPREAD_ALPHA * state.spread + (1.0 - SPREAD_ALPHA) * x;
+        let x = step_mad.min(3.0 * learned.spread.max(floor / MAD_SIGMA));
+        learned.spread = SPREAD_ALPHA * learned.spread + (1.0 - SPREAD_ALPHA) * x;
     } else {
-        state.spread += (step_mad - state.spread) / f64::from(state.judged);
+        learned.spread += (step_mad - learned.spread) / f64::from(learned.judged);
     }
     let mask = if cfg.of >= 32 { u32::MAX } else { (1u32 << cfg.of) - 1 };
     let med_norm = med.exp();
@@ -212,10 +287,10 @@ fn judge(state: &mut State, step: u64, entries: &[(u32, f64)], peers: &mut Peers
                 score,
                 cfg.k,
                 format!(
-                    "rank {rank} gradient norm {} is {score:.1} spreads from the median {} of {} ranks at step {step}, {how} the job's normal spread between ranks (±{:.0}%)",
+                    "rank {rank} gradient norm {} is {score:.1} spreads from the median {} of {} at step {step}, {how} the normal spread between them (±{:.0}%)",
                     num(x),
                     num(med_norm),
-                    entries.len(),
+                    among(group, entries.len()),
                     (scale.exp() - 1.0) * 100.0
                 ),
             );
@@ -224,6 +299,14 @@ fn judge(state: &mut State, step: u64, entries: &[(u32, f64)], peers: &mut Peers
         }
     }
     state.logs = logs;
+}
+
+/// The ranks a step was judged among, for a finding's message.
+fn among(group: Group, ranks: usize) -> String {
+    match group {
+        Group::Whole => format!("{ranks} ranks"),
+        Group::Replicas(g) => format!("{ranks} ranks of replica group {g}"),
+    }
 }
 
 /// Called when the job's leading step advances: flags ranks `lag_steps` behind.

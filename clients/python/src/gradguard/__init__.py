@@ -18,16 +18,27 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 from ._config import Mode, named_options
+from ._layout import Layout
 
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     import torch
+    from torch.distributed.device_mesh import DeviceMesh
 
     from ._guard import Guard
     from .v1 import gradguard_pb2 as pb
 
-__all__ = ["GradGuardError", "Guard", "Mode", "RollbackRequested", "TrainingHalted", "__version__", "watch"]
+__all__ = [
+    "GradGuardError",
+    "Guard",
+    "Layout",
+    "Mode",
+    "RollbackRequested",
+    "TrainingHalted",
+    "__version__",
+    "watch",
+]
 
 
 @named_options
@@ -47,6 +58,7 @@ def watch(
     max_norm: float | None = None,
     rank: int | None = None,
     world_size: int | None = None,
+    layout: Layout | DeviceMesh | None = None,
     rule_profile: str = "",
     on_rollback: Callable[[int, pb.Advice], object] | Literal["raise"] | None = None,
     on_advice: Callable[[pb.Advice, bool], object] | None = None,
@@ -106,6 +118,16 @@ def watch(
     - `rank`, `world_size`: default from torch.distributed, else `$RANK`,
       `$WORLD_SIZE`; `process_group`: the group to agree on advice in
       (default the world).
+    - `layout`: how the job is laid out, so the service compares this rank's
+      norm only with the ranks holding the same part of the model: a
+      `gradguard.Layout(data_parallel, tensor_parallel, pipeline_parallel,
+      replica_group)`, or the job's `DeviceMesh` with named dimensions ("pp",
+      "tp", and data-parallel ones such as "dp", "dp_shard", "cp"), from which
+      this rank's is derived. Its ranks must be `world_size` (ValueError
+      otherwise). Give it with pipeline parallelism, where each stage reports
+      its own layers' norms; left out (the default), every rank is compared
+      with every other, which is right for DDP, FSDP, tensor parallelism and
+      HSDP (the guard reports the whole model's norms on every rank).
     - `rule_profile`: a named profile of the service's rules file.
     - `snapshot_every`: keep in-memory snapshots of the training state (the
       model, the optimizer, the `scaler` and `scheduler` given), one before
@@ -153,6 +175,7 @@ def watch(
         max_norm=max_norm,
         rank=rank,
         world_size=world_size,
+        layout=layout,
         rule_profile=rule_profile,
         on_rollback=on_rollback,
         on_advice=on_advice,

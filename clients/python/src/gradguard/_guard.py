@@ -10,17 +10,21 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from . import __version__
 from ._config import Mode, named_options, resolve_job, resolve_mode
+from ._layout import Layout, resolve_layout
 from ._measure import Layers, Measurement
 from ._security import resolve
 from ._snapshot import Snapshots
 from ._transport import Connection, GrpcConnection, KafkaConnection, Outbox, Progress, TransportStats
 from .v1 import gradguard_pb2 as pb
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 log = logging.getLogger("gradguard")
 
@@ -101,6 +105,7 @@ class Guard:
         max_norm: float | None = None,
         rank: int | None = None,
         world_size: int | None = None,
+        layout: Layout | DeviceMesh | None = None,
         rule_profile: str = "",
         on_rollback: Callable[[int, pb.Advice], object] | Literal["raise"] | None = None,
         on_advice: Callable[[pb.Advice, bool], object] | None = None,
@@ -178,6 +183,9 @@ class Guard:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         self.rank, self.world_size = rank, world_size
+        # Absent: the service compares every rank with every other, right for
+        # DDP and for the sharded norms (every rank reports the whole model's).
+        self.layout = resolve_layout(layout, world_size)
 
         # What advice did to this run; saved in checkpoints.
         self._step = 0
@@ -237,6 +245,7 @@ class Guard:
             client_version=f"gradguard-python/{__version__}",
             rule_profile=rule_profile,
             report_progress=max_lag is not None,
+            layout=self.layout.to_proto() if self.layout is not None else None,
         )
         self._progress = Progress()
         if kafka_brokers is not None:

@@ -60,7 +60,7 @@ class ServerMessage(_message.Message):
     def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., advice: _Optional[_Union[Advice, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("job", "rank", "world_size", "layer_names", "client_version", "rule_profile", "report_progress")
+    __slots__ = ("job", "rank", "world_size", "layer_names", "client_version", "rule_profile", "report_progress", "layout")
     JOB_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -68,6 +68,7 @@ class Hello(_message.Message):
     CLIENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     RULE_PROFILE_FIELD_NUMBER: _ClassVar[int]
     REPORT_PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
     job: str
     rank: int
     world_size: int
@@ -75,7 +76,20 @@ class Hello(_message.Message):
     client_version: str
     rule_profile: str
     report_progress: bool
-    def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., layer_names: _Optional[_Iterable[str]] = ..., client_version: _Optional[str] = ..., rule_profile: _Optional[str] = ..., report_progress: _Optional[bool] = ...) -> None: ...
+    layout: Layout
+    def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., layer_names: _Optional[_Iterable[str]] = ..., client_version: _Optional[str] = ..., rule_profile: _Optional[str] = ..., report_progress: _Optional[bool] = ..., layout: _Optional[_Union[Layout, _Mapping]] = ...) -> None: ...
+
+class Layout(_message.Message):
+    __slots__ = ("data_parallel", "tensor_parallel", "pipeline_parallel", "replica_group")
+    DATA_PARALLEL_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_PARALLEL_FIELD_NUMBER: _ClassVar[int]
+    PIPELINE_PARALLEL_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_GROUP_FIELD_NUMBER: _ClassVar[int]
+    data_parallel: int
+    tensor_parallel: int
+    pipeline_parallel: int
+    replica_group: int
+    def __init__(self, data_parallel: _Optional[int] = ..., tensor_parallel: _Optional[int] = ..., pipeline_parallel: _Optional[int] = ..., replica_group: _Optional[int] = ...) -> None: ...
 
 class Welcome(_message.Message):
     __slots__ = ("server_version", "last_step", "reports_progress", "urgency")
