@@ -221,7 +221,11 @@ def test_the_welcome_brings_the_rules_file_thresholds(make_server, tmp_path):
     server = make_server(extra=("--rules", str(rules)))
     run = Regression(peak_lr=0.01)
     with gradguard.watch(run.model, run.optimizer, job="own-thresholds", server=server.addr, max_lag=0) as guard:
-        run.train_guarded(guard, steps=3)
+        # The Welcome is taken in before the connection counts as made.
+        deadline = time.monotonic() + 30
+        while guard.stats.connects == 0:
+            assert time.monotonic() < deadline, f"never connected: {guard.stats}"
+            run.train_guarded(guard, steps=1)
         urgency = guard._urgency
         assert (urgency.z, urgency.severe_z, urgency.rise) == (3.5, 9.0, 0.4)
 
