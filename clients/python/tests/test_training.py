@@ -16,9 +16,9 @@ from conftest import free_port
 from problems import STEPS, Regression
 
 import gradguard
-from gradguard._guard import Urgency
 from gradguard._measure import Measurement
 from gradguard._transport import Outbox, Progress, TransportStats
+from gradguard._urgency import Urgency
 from gradguard.v1 import gradguard_pb2 as pb
 
 

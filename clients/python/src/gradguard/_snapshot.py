@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -289,3 +290,13 @@ def _fit(host: list[torch.Tensor], sources: list[torch.Tensor]) -> list[torch.Te
             pin = t.is_cuda
             out.append(torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pin))
     return out
+
+
+def default_snapshot_memory() -> int:
+    """A quarter of the host's memory, shared by the ranks on it."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 16 << 30
+    local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return total // 4 // local_ranks
