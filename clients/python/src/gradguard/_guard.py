@@ -170,7 +170,7 @@ class Guard:
         self.max_lag = max_lag
         self.lag_timeout = float(lag_timeout)
         self._lag_timeouts = 0
-        self.layers = Layers(model)
+        self.layers = Layers(model, optimizer)
 
         dist = torch.distributed if torch.distributed.is_available() else None
         self._group = process_group
@@ -219,7 +219,20 @@ class Guard:
         if kafka_brokers is None:
             # Files and the token are read now: a bad one raises here, not in the background.
             endpoint = resolve(server, token=token, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key)
+        # DeepSpeed's ZeRO optimizer is no torch optimizer: it steps the one it wraps.
+        hooked: Any = (
+            optimizer if hasattr(optimizer, "register_step_pre_hook") else getattr(optimizer, "optimizer", None)
+        )
+        if not hasattr(hooked, "register_step_pre_hook"):
+            raise TypeError(
+                f"optimizer: a torch.optim.Optimizer (or a wrapper of one in .optimizer), got {optimizer!r}"
+            )
         if snapshot_every is not None and mode == "enforce":
+            if hooked is not optimizer:
+                raise ValueError(
+                    "snapshot_every: in-memory snapshots do not cover DeepSpeed's ZeRO optimizer; "
+                    "give on_rollback a function that loads your checkpoint (engine.load_checkpoint)"
+                )
             self._snapshots = Snapshots(
                 model,
                 optimizer,
@@ -230,8 +243,8 @@ class Guard:
                 memory=snapshot_memory if snapshot_memory is not None else default_snapshot_memory(),
             )
         self._hooks = [
-            optimizer.register_step_pre_hook(self._before_optimizer_step),
-            optimizer.register_step_post_hook(self._after_optimizer_step),
+            hooked.register_step_pre_hook(self._before_optimizer_step),
+            hooked.register_step_post_hook(self._after_optimizer_step),
         ]
         # A batch stays well under the 4 MiB a gRPC message may have: a
         # summary is at most ~13 bytes per layer (three packed arrays).
@@ -656,6 +669,11 @@ class Guard:
     def _before_optimizer_step(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
         if self._snapshots is not None:
             self._snapshots.before_optimizer_step()
+        sharding = self.layers.sharding
+        if sharding is not None and sharding.skipping:  # a skipped step under DeepSpeed ZeRO
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None
         if self._lr_scale == 1.0 or self.mode != "enforce":
             return
         self._lr_saved = [g["lr"] for g in optimizer.param_groups]

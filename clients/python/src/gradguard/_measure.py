@@ -10,8 +10,8 @@ per-parameter values into layers (float64, so squares of huge norms do not
 overflow), and ONE device-to-host copy of a packed vector. Only a step whose
 gradients hold NaN or Inf pays a second pass to count them.
 
-Gradients sharded across ranks (FSDP, tensor parallelism) take
-`Layers.measure_sharded`: the same per-layer sums of squares of each rank's
+Gradients sharded across ranks (FSDP, tensor parallelism, DeepSpeed ZeRO)
+take `Layers.measure_sharded`: the same per-layer sums of squares of each rank's
 local shards, then one all_reduce makes them the model's (see _sharded.py).
 """
 
@@ -78,7 +78,7 @@ class Measurement:
 class Layers:
     """The trainable parameters of a model, grouped into layers in model order."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, optimizer: Any = None):
         self.names: list[str] = []
         self.params: list[torch.Tensor] = []
         self._layer_of: list[int] = []
@@ -103,6 +103,8 @@ class Layers:
         self._index_cache: dict[tuple[torch.device, int, int, int], torch.Tensor] = {}
         # CPU: which of the present gradients take a dot (see _dot_split).
         self._dot_cache: dict[tuple[int, ...], tuple[list[int], list[int]]] = {}
+        # DeepSpeed ZeRO: the unsharded parameters and names, the gradients in its optimizer.
+        self.sharding = _sharded.zero_sharding(named, model, optimizer, self._layer_of)
 
     def _init_sharded(
         self,
@@ -263,10 +265,11 @@ class Layers:
                 dist.all_reduce(hv, op=dist.ReduceOp.MAX, group=sh.group)
             high = [hv.view(torch.float64)]
         packed = torch.cat([sq, *high, _scalar(loss, device), _scalar(loss_scale, device)]).tolist()
+        unscale = 1.0 / sh.grad_scale()  # 1 but under DeepSpeed's own loss scaling
         squares = packed[:n]
-        layer_l2 = [math.sqrt(v) for v in squares]
-        total = math.sqrt(sum(squares))
-        layer_max_abs = packed[n : 2 * n] if max_abs else []
+        layer_l2 = [math.sqrt(v) * unscale for v in squares]
+        total = math.sqrt(sum(squares)) * unscale
+        layer_max_abs = [v * unscale for v in packed[n : 2 * n]] if max_abs else []
         agreed = -_unbits(packed[-3]) if agree is not None else None
         nonfinite = [0] * n
         if not math.isfinite(total) or any(not math.isfinite(v) for v in layer_max_abs):
@@ -394,6 +397,8 @@ class Layers:
         """Drops the gradients, so that an optimizer step changes nothing."""
         for p in self.params:
             p.grad = None
+        if self.sharding is not None:
+            self.sharding.skip()
 
 
 def _max_abs(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:

@@ -21,6 +21,15 @@ parallelism keep them; FSDP1's flat parameters (`use_orig_params=False`) are
 split back into the original parameters through the flat parameter's own
 `_fqns` and `_shard_param_infos`.
 
+DeepSpeed ZeRO 1-3 keeps gradients out of `param.grad`: after
+`engine.backward` each rank holds its partition of the averaged gradients in
+the ZeRO optimizer (`ZeroSharding`). Stages 1 and 2 split the flattened
+parameters of each group at partition boundaries, and DeepSpeed's own
+mapping (`param._hp_mapping`) names the fragment of each parameter a rank
+holds; stage 3 gives every parameter an even partition on every rank (the
+last one padded). The same per-layer sums of squares and one reduction over
+the data-parallel group make the model's norms.
+
 Plain DDP needs none of this: its gradients are already all-reduced, the same
 on every rank, and the local norm is the model's.
 """
@@ -58,6 +67,9 @@ class Sharding:
         self.group_rank = dist.get_rank(group)
         self.group_size = dist.get_world_size(group)
         self._counts_cache: dict[tuple[int, tuple[Any, ...]], bool] = {}
+        # True after a skipped step whose gradients clearing `param.grad`
+        # does not reach (DeepSpeed ZeRO): the optimizer's hook drops them.
+        self.skipping = False
 
     def local_pieces(self, params: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[int]]:
         """This rank's share of the gradients, of those that count here: the
@@ -82,7 +94,8 @@ class Sharding:
         return tensors, layers
 
     def local_grads(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Every local gradient tensor, for scaling in place."""
+        """Every local gradient tensor, for scaling in place (what the
+        optimizer step will read)."""
         out = []
         for p in params:
             g = p.grad
@@ -93,6 +106,15 @@ class Sharding:
             if g.numel():
                 out.append(g)
         return out
+
+    def grad_scale(self) -> float:
+        """The factor the gradients held are scaled by (a loss scale that
+        the optimizer step takes off), to divide the norms by."""
+        return 1.0
+
+    def skip(self) -> None:
+        """Called when a step is skipped, after `param.grad` is cleared,
+        which is enough here."""
 
     def _settled(self, g: Any) -> Any:
         """A gradient still `Partial` (a pending sum) is summed first: a
@@ -197,3 +219,130 @@ def _mesh_group(meshes: list[Any], dist: Any) -> Any:
     if first.size() == dist.get_world_size():
         return None  # the default group spans the mesh
     raise ValueError("gradguard: a multi-dimensional device mesh must span all ranks")
+
+
+# DeepSpeed's ZeRO optimizers: (module, class) -> stage (1 or 2 is the
+# optimizer's `partition_gradients`). Looked up only once deepspeed is
+# imported: a model cannot use them otherwise.
+_ZERO_CLASSES = {
+    ("deepspeed.runtime.zero.stage_1_and_2", "DeepSpeedZeroOptimizer"): 1,
+    ("deepspeed.runtime.zero.stage3", "DeepSpeedZeroOptimizer_Stage3"): 3,
+}
+
+
+class ZeroSharding(Sharding):
+    """DeepSpeed ZeRO: the gradients a rank holds after `engine.backward` are
+    its partition, in the ZeRO optimizer. Every piece is held by one rank
+    only (data-parallel ranks average the gradients before partitioning), so
+    each counts where it lies."""
+
+    def __init__(self, optimizer: Any, stage: int, params: list[torch.Tensor], layer_of: list[int], group: Any):
+        super().__init__([], group, torch.distributed, None)
+        self.optimizer = optimizer
+        self.stage = stage
+        self._layer_of = layer_of
+        # Stage 3: (parameter, sub-group, position in it, elements of real data in this rank's partition).
+        self._z3: list[tuple[int, int, int, int]] = []
+        if stage == 3:
+            where = {id(p): (i, j) for i, sub in enumerate(optimizer.fp16_groups) for j, p in enumerate(sub)}
+            for k, p in enumerate(params):
+                if id(p) not in where:
+                    raise ValueError(
+                        "gradguard: a trainable parameter of the model is not in DeepSpeed's ZeRO-3 optimizer"
+                    )
+                n = int(p.partition_numel())  # type: ignore[attr-defined]  # DeepSpeed's partitioned parameter
+                numel = int(p.ds_numel)  # type: ignore[attr-defined]
+                real = max(0, min(n, numel - self.group_rank * n))
+                self._z3.append((k, *where[id(p)], real))
+
+    def _fragments(self, params: list[torch.Tensor]) -> list[tuple[int, torch.Tensor]]:
+        """(parameter position, this rank's gradient fragment of it)."""
+        out = []
+        if self.stage == 3:
+            grads = self.optimizer.averaged_gradients
+            for k, i, j, real in self._z3:
+                if grads.get(i) is None:
+                    raise RuntimeError(
+                        "gradguard: DeepSpeed holds no gradients now: call guard.step after engine.backward at a "
+                        "gradient accumulation boundary, before engine.step"
+                    )
+                g = grads[i][j]
+                out.append((k, g.narrow(0, 0, real) if real < g.numel() else g))
+            return out
+        for k, p in enumerate(params):
+            mapping = getattr(p, "_hp_mapping", None)
+            if mapping is None:  # no part of it in this rank's partition
+                continue
+            g = mapping.get_lp_grad_fragment(p._index_in_param_group)  # type: ignore[attr-defined]
+            address = mapping.lp_fragment_address
+            if g.numel() == p.numel() and address.numel != p.numel():  # a whole gradient kept: its fragment
+                g = g.reshape(-1).narrow(0, address.start, address.numel)
+            out.append((k, g))
+        return out
+
+    def local_pieces(self, params: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[int]]:
+        self.skipping = False  # a new step
+        tensors, layers = [], []
+        for k, g in self._fragments(params):
+            if g.numel():
+                tensors.append(g)
+                layers.append(self._layer_of[k])
+        return tensors, layers
+
+    def local_grads(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [g for _, g in self._fragments(params) if g.numel()]
+
+    def grad_scale(self) -> float:
+        return float(getattr(self.optimizer, "loss_scale", 1.0))
+
+    def skip(self) -> None:
+        """The ZeRO optimizer's step reads its own partitions: the wrapped
+        optimizer's step (once per parameter group) finds its gradients
+        dropped (Guard._before_optimizer_step) until the next step is
+        measured, so the parameters and the optimizer state stay as they
+        were. DeepSpeed's loss scaling still sees an overflow as its own."""
+        self.skipping = True
+
+
+def zero_sharding(
+    named: Sequence[tuple[str, torch.Tensor]], model: torch.nn.Module, optimizer: Any, layer_of: list[int]
+) -> ZeroSharding | None:
+    """How DeepSpeed's ZeRO (stages 1-3) partitions the gradients of this
+    model, or None when it does not. The ZeRO optimizer is the one given, the
+    engine's (`model` a DeepSpeedEngine), or the one DeepSpeed linked to the
+    parameters. Free when deepspeed was never imported."""
+    if "deepspeed" not in sys.modules:
+        return None
+    classes = []
+    for (module, name), stage in _ZERO_CLASSES.items():
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type):
+            classes.append((cls, stage))
+    candidates = [optimizer, getattr(model, "optimizer", None)]
+    for _, p in named:
+        candidates += [getattr(p, "_z3_optimizer", None), getattr(p, "_zero_optimizer", None)]
+    found: tuple[Any, int] | None = next(
+        ((c, stage) for c in candidates for cls, stage in classes if isinstance(c, cls)), None
+    )
+    if found is None:
+        if any(hasattr(p, "ds_id") or getattr(p, "_hp_mapping", None) is not None for _, p in named):
+            wrapper = type(getattr(model, "optimizer", None) or optimizer).__name__
+            raise ValueError(
+                f"gradguard: DeepSpeed keeps this model's gradients in {wrapper}, which gradguard does not read; "
+                "supported: ZeRO stages 1-3 (DeepSpeedZeroOptimizer, DeepSpeedZeroOptimizer_Stage3)"
+            )
+        return None
+    zero, stage = found
+    params = [p for _, p in named]
+    if getattr(zero, "cpu_offload", False) or getattr(zero, "offload_optimizer", False):
+        raise ValueError("gradguard: DeepSpeed ZeRO with the optimizer offloaded is not supported")
+    if stage == 3:
+        groups = [zero.dp_process_group] + [getattr(p, "ds_process_group", zero.dp_process_group) for p in params]
+    else:
+        stage = 2 if zero.partition_gradients else 1
+        groups = list(zero.real_dp_process_group)
+    dist = torch.distributed
+    ranks = {tuple(dist.get_process_group_ranks(g or dist.group.WORLD)) for g in {id(g): g for g in groups}.values()}
+    if len(ranks) > 1:
+        raise ValueError("gradguard: DeepSpeed ZeRO with several data-parallel groups (MoE experts) is not supported")
+    return ZeroSharding(zero, stage, params, layer_of, groups[0])
