@@ -209,14 +209,29 @@ async fn a_pipeline_job_compares_each_rank_only_with_its_stage() {
     use worker_message::Body::Hello;
     let server = Server::start();
     let mut c = client::connect(&server.url()).await.unwrap();
-    let (mut senders, mut readers) = (Vec::new(), Vec::new());
+    let (mut senders, mut readers, mut seen) = (Vec::new(), Vec::new(), Vec::new());
     for rank in 0..12 {
         let stream = WorkerStream::open(&mut c, pipeline_hello(rank, rank / 4))
             .await
             .unwrap();
         senders.push(stream.sender);
         let mut receiver = stream.receiver;
-        readers.push(tokio::spawn(async move { receiver.drain().await }));
+        // Every stream must see the advice, so all stay open until each has
+        // one (a stream read ahead of the others could end before the step
+        // that decides it); then the rest is drained to the end.
+        let (tell, told) = tokio::sync::oneshot::channel();
+        seen.push(told);
+        readers.push(tokio::spawn(async move {
+            let mut advice = Vec::new();
+            let mut tell = Some(tell);
+            while let Some(a) = receiver.advice().await? {
+                if matches!(action(&a), Action::InspectWorker { .. }) {
+                    tell.take().map(|t| t.send(()));
+                }
+                advice.push(a);
+            }
+            Ok::<_, tonic::Status>(advice)
+        }));
     }
     // The last stage's layers have norms 50× the others' (without the
     // layout its four ranks would be the job's outliers); rank 9, a replica
@@ -283,6 +298,12 @@ async fn a_pipeline_job_compares_each_rank_only_with_its_stage() {
         }
     }
 
+    for told in seen {
+        tokio::time::timeout(Duration::from_secs(10), told)
+            .await
+            .expect("every stream gets inspect_worker advice")
+            .expect("the reader ran until it did");
+    }
     drop(senders);
     for reader in readers {
         let advice = reader.await.unwrap().expect("stream ended cleanly");
@@ -1300,4 +1321,68 @@ async fn the_welcome_carries_the_urgency_thresholds_of_the_jobs_rules() {
     assert_eq!((strict.grad_z, strict.grad_severe_z), (3.0, 4.0));
     let calm = welcome("calm", "").await;
     assert_eq!(calm.loss_min_rise, 0.5);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rank_that_joins_after_job_wide_advice_gets_it_and_a_returning_rank_does_not() {
+    let server = Server::start();
+    let mut c = client::connect(&server.url()).await.unwrap();
+    let first = WorkerStream::open(&mut c, hello("late", 0, 2, 0)).await.unwrap();
+    let mut early = first.receiver;
+    // Rank 0 alone: a NaN gradient at step 3 gets job-wide skip_step advice
+    // before rank 1 has a stream (it connected late, or its first summary
+    // was still on its way).
+    for step in 1..=3u64 {
+        let grad_norm = if step == 3 { f64::NAN } else { 1.0 };
+        first
+            .sender
+            .summary(proto::Summary {
+                grad_norm: Some(grad_norm),
+                ..summary(step, 0)
+            })
+            .await
+            .unwrap();
+    }
+    let given = tokio::time::timeout(Duration::from_secs(10), early.advice())
+        .await
+        .expect("rank 0 gets the advice")
+        .unwrap()
+        .expect("an advice");
+    assert_eq!(action(&given), Action::SkipStep);
+    assert!(given.target_rank.is_none(), "job-wide: {given:?}");
+
+    // Rank 1 joins: the advice in force comes right after its Welcome, so
+    // both ranks hold the same advice and agree on applying it.
+    let mut late = WorkerStream::open(&mut c, hello("late", 1, 2, 0)).await.unwrap();
+    let missed = tokio::time::timeout(Duration::from_secs(10), late.receiver.advice())
+        .await
+        .expect("the late rank gets the advice given before it joined")
+        .unwrap()
+        .expect("an advice");
+    assert_eq!(missed.id, given.id);
+
+    // Rank 0 reconnects (a new stream replaces its old one): it had the
+    // advice already and is not sent it again; the next advice it gets is new.
+    let again = WorkerStream::open(&mut c, hello("late", 0, 2, 0)).await.unwrap();
+    // Another NaN after the cooldown (20 steps) gets advice again.
+    for step in 4..=30u64 {
+        let grad_norm = if step == 30 { f64::NAN } else { 1.0 };
+        for sender in [&again.sender, &late.sender] {
+            sender
+                .summary(proto::Summary {
+                    grad_norm: Some(grad_norm),
+                    ..summary(step, 0)
+                })
+                .await
+                .unwrap();
+        }
+    }
+    let mut back = again.receiver;
+    let next = tokio::time::timeout(Duration::from_secs(10), back.advice())
+        .await
+        .expect("advice on the new stream")
+        .unwrap()
+        .expect("an advice");
+    assert!(next.id > given.id, "the returning rank was sent {next:?} again");
+    drop((again.sender, late.sender, first.sender));
 }

@@ -13,7 +13,7 @@
 //! slow reader loses advice (counted in `gradguard_advice_dropped_total`)
 //! instead of stalling everyone else.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
@@ -21,8 +21,10 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 use tonic::Status;
 
+mod job;
+
 pub use super::attachment::Attachment;
-use super::metrics::{HubMetrics, JobGauges};
+use super::metrics::HubMetrics;
 use super::mode::{Greeting, Mode, Shape};
 use crate::clock::unix_now;
 use crate::engine::Output;
@@ -32,6 +34,7 @@ use crate::proto::{self, server_message};
 use crate::recorder::{Record, Recorder};
 use crate::store::{Ack, JobRow};
 use crate::wire;
+use job::{Job, Stream};
 
 /// Where a stream's server messages go.
 pub type Outbox = mpsc::Sender<Result<proto::ServerMessage, Status>>;
@@ -50,75 +53,6 @@ struct Core {
     jobs: HashMap<crate::model::JobId, Job>,
     /// Scratch output, reused across calls.
     out: Output,
-}
-
-struct Job {
-    /// The open stream of each rank.
-    streams: HashMap<u32, Stream>,
-    last_active: Instant,
-    gauges: JobGauges,
-    /// When the service first saw it (since this start), seconds since the epoch.
-    first_seen: f64,
-    last_seen: f64,
-    /// Changed since its row was last recorded.
-    dirty: bool,
-    /// The job's latest advice, to act on acknowledgements.
-    recent: VecDeque<Recent>,
-}
-
-/// An advice remembered for acknowledgements.
-struct Recent {
-    id: u64,
-    /// Some rank acknowledged it (applied or not).
-    acked: bool,
-}
-
-/// Advice remembered per job for acknowledgements.
-const RECENT_ADVICE: usize = 64;
-
-impl Job {
-    fn set_streams(&self) {
-        self.gauges.streams.set(self.streams.len() as f64);
-    }
-
-    fn set_unacked(&self) {
-        let unacked = self.recent.iter().filter(|r| !r.acked).count();
-        self.gauges.unacked.set(unacked as f64);
-    }
-
-    /// Remembers an advice for its acknowledgements, and returns the queues
-    /// of the streams it goes to (its target rank, or all).
-    fn advised(&mut self, id: u64, target: Option<u32>) -> Vec<Outbox> {
-        if self.recent.len() == RECENT_ADVICE {
-            self.recent.pop_front();
-        }
-        self.recent.push_back(Recent { id, acked: false });
-        self.set_unacked();
-        self.streams
-            .iter()
-            .filter(|(rank, _)| target.is_none_or(|t| t == **rank))
-            .map(|(_, s)| s.outbox.clone())
-            .collect()
-    }
-
-    fn row(&self, id: &str, shape: Shape) -> JobRow {
-        JobRow {
-            job: id.to_owned(),
-            first_seen: self.first_seen,
-            last_seen: self.last_seen,
-            ranks: shape.ranks as u32,
-            world_size: shape.world_size,
-            layers: shape.layers as u32,
-            last_step: shape.last_step,
-            health: shape.health,
-        }
-    }
-}
-
-struct Stream {
-    id: u64,
-    outbox: Outbox,
-    principal: Option<Arc<str>>,
 }
 
 impl Hub {
@@ -170,12 +104,9 @@ impl Hub {
             declared,
             principal,
         };
-        let last_step = match core.mode.hello(&at.declared, &hello)? {
-            Greeting::Held { last_step } => {
-                self.attach(core, &at, outbox)?;
-                last_step
-            }
-            Greeting::Pending => None,
+        let (last_step, missed) = match core.mode.hello(&at.declared, &hello)? {
+            Greeting::Held { last_step } => (last_step, self.attach(core, &at, outbox)?),
+            Greeting::Pending => (None, Vec::new()),
         };
         let welcome = proto::Welcome {
             server_version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -192,6 +123,7 @@ impl Hub {
         let _ = outbox.try_send(Ok(proto::ServerMessage {
             body: Some(server_message::Body::Welcome(welcome)),
         }));
+        deliver(&self.metrics, &missed_deliveries(missed, outbox), None);
         self.metrics.active_streams.inc();
         Ok(at)
     }
@@ -199,7 +131,11 @@ impl Hub {
     /// Attaches the stream to its job's entry as its rank's stream; an older
     /// stream of the rank is told it was replaced. A rank another
     /// principal's stream holds is refused, and that stream goes on.
-    fn attach(&self, core: &mut Core, at: &Attachment, outbox: &Outbox) -> Result<(), Refusal> {
+    /// Returns the job-wide advice given before a rank's first stream
+    /// attached (a rank that joined late, or whose first summary came after
+    /// its peers' advice): it is in force for the job, and every rank must
+    /// apply it alike.
+    fn attach(&self, core: &mut Core, at: &Attachment, outbox: &Outbox) -> Result<Vec<proto::ServerMessage>, Refusal> {
         if let Some(held) = core
             .jobs
             .get(&at.declared.job)
@@ -222,22 +158,22 @@ impl Hub {
             let _ = old.outbox.try_send(Err(at.replaced().status()));
         }
         job.set_streams();
-        Ok(())
+        let missed = if job.ranks_seen.insert(at.declared.rank) {
+            job.in_force.iter().cloned().collect()
+        } else {
+            Vec::new()
+        };
+        Ok(missed)
     }
 
     /// The hub's entry of a job the mode accepted, created when new.
     fn track<'a>(&self, core: &'a mut Core, d: &Declared) -> &'a mut Job {
         let jobs = core.jobs.len() + usize::from(!core.jobs.contains_key(&d.job));
         self.metrics.active_jobs.set(jobs as i64);
-        let job = core.jobs.entry(d.job.clone()).or_insert_with(|| Job {
-            streams: HashMap::new(),
-            last_active: Instant::now(),
-            gauges: self.metrics.job_gauges(&d.job),
-            first_seen: unix_now(),
-            last_seen: unix_now(),
-            dirty: true,
-            recent: VecDeque::new(),
-        });
+        let job = core
+            .jobs
+            .entry(d.job.clone())
+            .or_insert_with(|| Job::new(self.metrics.job_gauges(&d.job)));
         job.last_active = Instant::now();
         job
     }
@@ -308,7 +244,9 @@ impl Hub {
             ..Default::default()
         };
         core.mode.admit(d, &hello)?;
-        self.attach(core, at, outbox)
+        let missed = self.attach(core, at, outbox)?;
+        deliver(&self.metrics, &missed_deliveries(missed, outbox), None);
+        Ok(())
     }
 
     /// The findings' and advice's books; the advice to the job's streams,
@@ -323,13 +261,11 @@ impl Hub {
         let mut deliveries = Vec::with_capacity(out.advice.len() + 1);
         for a in &out.advice {
             let Some(job) = core.jobs.get_mut(&a.job) else { continue };
-            let outboxes = job.advised(a.id, a.target);
-            deliveries.push(Delivery {
-                message: proto::ServerMessage {
-                    body: Some(server_message::Body::Advice(wire::advice_to_proto(a))),
-                },
-                outboxes,
-            });
+            let message = proto::ServerMessage {
+                body: Some(server_message::Body::Advice(wire::advice_to_proto(a))),
+            };
+            let outboxes = job.advised(a.id, a.target, &message);
+            deliveries.push(Delivery { message, outboxes });
         }
         deliveries.extend(progress);
         let then = self.deliver_later(deliveries, Some(received));
@@ -449,14 +385,13 @@ impl Hub {
         if advice.action.is_none() || job.recent.iter().any(|r| r.id == advice.id) {
             return;
         }
-        let outboxes = job.advised(advice.id, advice.target_rank);
-        drop(core);
-        let delivery = Delivery {
-            message: proto::ServerMessage {
-                body: Some(server_message::Body::Advice(advice)),
-            },
-            outboxes,
+        let (id, target) = (advice.id, advice.target_rank);
+        let message = proto::ServerMessage {
+            body: Some(server_message::Body::Advice(advice)),
         };
+        let outboxes = job.advised(id, target, &message);
+        drop(core);
+        let delivery = Delivery { message, outboxes };
         deliver(&self.metrics, &[delivery], None);
     }
 
@@ -571,6 +506,17 @@ impl Hub {
 pub struct Delivery {
     pub message: proto::ServerMessage,
     pub outboxes: Vec<Outbox>,
+}
+
+/// Advice a late rank missed, to its stream.
+fn missed_deliveries(missed: Vec<proto::ServerMessage>, outbox: &Outbox) -> Vec<Delivery> {
+    missed
+        .into_iter()
+        .map(|message| Delivery {
+            message,
+            outboxes: vec![outbox.clone()],
+        })
+        .collect()
 }
 
 /// Hands advice to its streams' queues without waiting: a full queue (a

@@ -22,6 +22,8 @@ several together), so that machine noise hits them alike:
            waits for the service's decision on it (one round trip)
 - eager (only when named in --loops): the same with linger=0, a message
            per step
+- snapshots (only when named in --loops): the gradguard loop with in-memory
+           snapshots for rollback every --snapshot-every steps (10)
 
 Prints each loop's median step time and the ratios the client is held to:
 gradguard/clip (target <= 1.02) and gradguard/naive (target < 1), each as the
@@ -55,7 +57,7 @@ ROOT = Path(__file__).resolve().parents[3]
 
 LOOPS = ("plain", "clip", "naive", "gradguard")
 # Run when named: the client in lock-step, and sending every step on its own.
-EXTRA_LOOPS = ("lockstep", "eager")
+EXTRA_LOOPS = ("lockstep", "eager", "snapshots")
 VOCAB = 1024
 CONTEXT = 32
 
@@ -194,6 +196,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--batch", type=int, help="default: 256 (mlp), 8 sequences (transformer)")
+    ap.add_argument("--snapshot-every", type=int, default=10, help="the snapshots loop's snapshot_every")
     args = ap.parse_args()
     if unknown := set(args.loops) - set(LOOPS + EXTRA_LOOPS):
         ap.error(f"--loops: unknown {', '.join(sorted(unknown))} (known: {', '.join(LOOPS + EXTRA_LOOPS)})")
@@ -218,6 +221,11 @@ def main() -> None:
         if "eager" in named:
             g = named["eager"]
             g.guard = gradguard.watch(g.model, g.opt, job="bench-eager", server=addr, max_norm=1.0, linger=0)
+        if "snapshots" in named:
+            g = named["snapshots"]
+            g.guard = gradguard.watch(
+                g.model, g.opt, job="bench-snapshots", server=addr, max_norm=1.0, snapshot_every=args.snapshot_every
+            )
         for loop in loops:  # warm-up, not counted
             for _ in range(5):
                 loop.step()
@@ -254,6 +262,7 @@ def main() -> None:
         print(
             f"{name} sent {st.sent} summaries in {st.messages} messages ({st.urgent} urgent), dropped {st.dropped}; "
             f"advice received {st.advice_received}; clipped {st.clipped} of {st.steps} steps at {st.clip_norm}"
+            + (f"; {st.snapshots} snapshots held" if st.snapshots else "")
         )
     summaries = sum(st.sent for st in stats.values())
     if summaries:
@@ -283,6 +292,7 @@ def main() -> None:
         ("lockstep", "gradguard"): "",
         ("eager", "naive"): "",
         ("gradguard", "eager"): "",
+        ("snapshots", "gradguard"): "",
     }
     for (a, b), target in targets.items():
         if a in median and b in median:
