@@ -200,7 +200,7 @@ pub struct ReplayArgs {
 pub enum FormatArg {
     /// Detect it from the file name and first lines.
     Auto,
-    /// gradguard's trace schema, one JSON object per line.
+    /// One JSON object per line: gradguard's trace schema (step, loss, grad_norm, lr, loss_scale, time, job, worker, layers), also read under exporters' names (global_step, iteration, train/loss, lm_loss, gradient_norm, learning_rate, timestamp, ...); other keys are ignored and named once per file.
     Jsonl,
     /// A Hugging Face `trainer_state.json`.
     Hf,

@@ -13,7 +13,7 @@ use std::process::ExitCode;
 use anyhow::anyhow;
 use gradguard::config::RuleBook;
 use gradguard::engine::{Engine, EngineError, JobSpec, Output};
-use gradguard::trace::{Format, Reader, Record, TraceError};
+use gradguard::trace::{Format, Reader, Record, TraceError, jsonl};
 
 use crate::cli::{Failure, ReplayArgs, warn};
 use crate::report::{JsonSink, Sink, Stats, TableSink};
@@ -113,13 +113,38 @@ impl Replay {
     }
 
     fn file(&mut self, path: &Path, format: Option<Format>, sink: &mut dyn Sink) -> Result<(), FileError> {
-        let reader = Reader::open(path, format).map_err(FileError::Trace)?;
+        let mut reader = Reader::open(path, format).map_err(FileError::Trace)?;
         let name = reader.path().to_owned();
-        for entry in reader {
+        let (mut read, mut first_skip) = (0usize, None);
+        for entry in reader.by_ref() {
             match entry.map_err(FileError::Trace)? {
-                Ok(record) => self.record(&name, &record, sink).map_err(FileError::Output)?,
-                Err(skipped) => self.skip(&name, skipped.line, &skipped.reason),
+                Ok(record) => {
+                    read += 1;
+                    self.record(&name, &record, sink).map_err(FileError::Output)?;
+                }
+                Err(skipped) => {
+                    first_skip.get_or_insert_with(|| format!("line {}: {}", skipped.line, skipped.reason));
+                    self.skip(&name, skipped.line, &skipped.reason);
+                }
             }
+        }
+        let ignored = reader.ignored_keys();
+        if !ignored.is_empty() {
+            let names: Vec<&str> = ignored.iter().map(String::as_str).collect();
+            let more = if names.len() == jsonl::MAX_IGNORED { ", ..." } else { "" };
+            warn(&format!(
+                "{name}: ignored keys that are no gradguard field: {}{more} (fields read: see `gradguard replay --help`)",
+                names.join(", ")
+            ));
+        }
+        // A file that yields nothing is an error, never a silent "No anomalies".
+        if read == 0 {
+            let why = first_skip.unwrap_or_else(|| "no line holds a record".to_owned());
+            return Err(FileError::Trace(TraceError::Invalid {
+                path: name,
+                format: reader.format(),
+                message: format!("no record could be read ({why})"),
+            }));
         }
         Ok(())
     }

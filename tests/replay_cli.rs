@@ -130,7 +130,12 @@ fn malformed_lines_are_reported_counted_and_fail_strict() {
         )),
         "{err}"
     );
-    assert!(err.contains(&format!("{name}:5: unknown field \"los\"")), "{err}");
+    // A key that is no gradguard field (here a misspelt one) is named once
+    // for the file; its line is still a record.
+    assert!(
+        err.contains(&format!("{name}: ignored keys that are no gradguard field: los")),
+        "{err}"
+    );
     let s = summary(&json_lines(&out)).clone();
     assert_eq!((s["records"].as_u64(), s["skipped"].as_u64()), (Some(2), Some(2)));
 
@@ -369,9 +374,26 @@ fn undetectable_file_fails_but_others_replay() {
         (Some(2), Some(1), Some(1))
     );
 
+    // Forced to a format it is not in, nothing can be read: an error naming
+    // the format and the first line it could not read, never "No anomalies".
     let forced = replay(&["--json", "--format", "llmc", odd.to_str().unwrap()]);
-    assert_eq!(forced.status.code(), Some(0));
-    assert_eq!(summary(&json_lines(&forced))["skipped"], 2);
+    assert_eq!(forced.status.code(), Some(1));
+    let err = stderr(&forced);
+    assert!(
+        err.contains("is not a valid llmc trace: no record could be read (line 1: "),
+        "{err}"
+    );
+    let s = summary(&json_lines(&forced)).clone();
+    assert_eq!((s["skipped"].as_u64(), s["failed_files"].as_u64()), (Some(2), Some(1)));
+
+    let empty = write(dir.path(), "empty.jsonl", "");
+    let out = replay(&[empty.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("no record could be read (no line holds a record)"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
@@ -393,4 +415,40 @@ fn min_severity_filters_the_lines_but_not_the_summary() {
     let bad = replay(&["--min-severity", "loud", LLMC_LOG]);
     assert_eq!(bad.status.code(), Some(2));
     assert!(stderr(&bad).contains("loud"), "{}", stderr(&bad));
+}
+
+#[test]
+fn an_exporters_jsonl_with_other_keys_and_spellings_is_read_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut text = String::new();
+    for step in 1..=300u64 {
+        let wobble = 1.0 + 0.05 * ((step * 7919 % 13) as f64 / 13.0 - 0.5);
+        let norm = if step == 134 { 45.0 * wobble } else { wobble };
+        let loss = 3.0 - step as f64 * 0.002;
+        text.push_str(&format!(
+            "{{\"global_step\": {step}, \"train/loss\": {loss}, \"gradient_norm\": {norm}, \
+             \"learning_rate\": 0.0003, \"epoch\": {}, \"day\": \"2022-10-15\"}}\n",
+            step as f64 / 100.0
+        ));
+    }
+    let path = write(dir.path(), "exported.jsonl", &text);
+    let out = replay(&["--json", path.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert_eq!(
+        err.matches("ignored keys").count(),
+        1,
+        "named once, not per line: {err}"
+    );
+    assert!(
+        err.contains("ignored keys that are no gradguard field: day, epoch"),
+        "{err}"
+    );
+    let lines = json_lines(&out);
+    let s = summary(&lines);
+    assert_eq!((s["records"].as_u64(), s["skipped"].as_u64()), (Some(300), Some(0)));
+    assert!(
+        lines.iter().any(|l| l["kind"] == "anomaly" && l["step"] == 134),
+        "the 45x spike at step 134"
+    );
 }

@@ -22,30 +22,101 @@
 //!   the worker's own `f32` arithmetic.
 //! - Norms (`grad_norm`, `l2`, `max_abs`, `param_norm`, `update_norm`) and
 //!   `loss_scale` must not be negative, unless non-finite.
-//! - Unknown fields are rejected, so a misspelt field (`grad_nrom`) is reported
-//!   instead of silently missing. (A duplicate field keeps its last value.)
+//! - Exporters' spellings are read too (see [`ALIASES`]): `global_step`,
+//!   `iteration`, `train/loss`, `gradient_norm`, `learning_rate`, ... A
+//!   line's own gradguard name wins over an alias, an earlier alias over a
+//!   later one. A whole-number float is a step (`134.0`).
+//! - Other keys (epoch, tokens, throughput, a date) are ignored: real
+//!   exporters always add some. [`parse_line_noting`] collects their names, so
+//!   that the reader reports them once per file, not per line (a misspelt
+//!   field, `grad_nrom`, shows there). (A duplicate field keeps its last value.)
 //! - Blank lines and lines starting with `#` are skipped silently. A malformed
 //!   line is a [`Skipped`] whose reason names the field and the value, e.g.
 //!   `field "step": expected an unsigned integer, got -3`.
+
+use std::collections::BTreeSet;
 
 use serde_json::{Map, Value};
 
 use super::{Entry, Record, Skipped, number, quote_nonfinite, show};
 use crate::model::{LayerStats, Summary};
 
-const FIELDS: &str = "job, worker, step, time, loss, lr, loss_scale, grad_norm, layers";
+/// Other spellings of the gradguard fields, in order of preference.
+pub const ALIASES: &[(&str, &[&str])] = &[
+    (
+        "step",
+        &[
+            "global_step",
+            "train/global_step",
+            "trainer/global_step",
+            "iteration",
+            "iter",
+            "_step",
+        ],
+    ),
+    (
+        "loss",
+        &[
+            "train/loss",
+            "train_loss",
+            "training_loss",
+            "loss/train",
+            "lm_loss",
+            "lm loss",
+            "train_loss_step",
+        ],
+    ),
+    (
+        "grad_norm",
+        &[
+            "gradient_norm",
+            "train/grad_norm",
+            "grad-norm",
+            "grad norm",
+            "global_grad_norm",
+            "total_grad_norm",
+        ],
+    ),
+    (
+        "lr",
+        &["learning_rate", "train/learning_rate", "train/lr", "learning-rate"],
+    ),
+    ("loss_scale", &["train/loss_scale", "loss-scale"]),
+    ("time", &["timestamp", "_timestamp", "wall_time"]),
+];
+
+/// Ignored key names collected per file at most (the first ones).
+pub const MAX_IGNORED: usize = 32;
+
 const LAYER_FIELDS: &str = "name, l2, max_abs, nonfinite, param_norm, update_norm";
 
 /// Parses one line; `None` for a blank or comment line.
 pub fn parse_line(text: &str, line: usize, default_job: &str) -> Option<Entry> {
+    parse_line_noting(text, line, default_job, &mut BTreeSet::new())
+}
+
+/// [`parse_line`], adding the names of the keys it ignored to `ignored`
+/// (up to [`MAX_IGNORED`] names).
+pub fn parse_line_noting(text: &str, line: usize, default_job: &str, ignored: &mut BTreeSet<String>) -> Option<Entry> {
     let text = text.trim();
     if text.is_empty() || text.starts_with('#') {
         return None;
     }
-    Some(parse_object(text, line, default_job).map_err(|reason| Skipped { line, reason }))
+    Some(parse_object(text, line, default_job, ignored).map_err(|reason| Skipped { line, reason }))
 }
 
-fn parse_object(text: &str, line: usize, default_job: &str) -> Result<Record, String> {
+/// The gradguard field an exporter's key stands for, and its preference
+/// (0 for the field's own name).
+fn field_of(key: &str) -> Option<(&'static str, usize)> {
+    ALIASES.iter().find_map(|(field, aliases)| {
+        if *field == key {
+            return Some((*field, 0));
+        }
+        aliases.iter().position(|a| *a == key).map(|i| (*field, i + 1))
+    })
+}
+
+fn parse_object(text: &str, line: usize, default_job: &str, ignored: &mut BTreeSet<String>) -> Result<Record, String> {
     let value: Value = serde_json::from_str(&quote_nonfinite(text)).map_err(json_error)?;
     let Value::Object(obj) = value else {
         return Err(format!("expected a JSON object, got {}", show(&value)));
@@ -54,6 +125,8 @@ fn parse_object(text: &str, line: usize, default_job: &str) -> Result<Record, St
     let mut summary = Summary::default();
     let mut step = None;
     let mut layers = None;
+    // The preference each field was read with (see `field_of`).
+    let mut taken: [usize; 6] = [usize::MAX; 6];
     for (key, v) in &obj {
         if v.is_null() {
             continue;
@@ -62,17 +135,34 @@ fn parse_object(text: &str, line: usize, default_job: &str) -> Result<Record, St
         match key.as_str() {
             "job" => job = Some(f.string(v)?),
             "worker" => summary.worker = f.u32(v)?,
-            "step" => step = Some(f.u64(v)?),
-            "time" => summary.time = Some(f.float(v)?),
-            "loss" => summary.loss = Some(f.float(v)?),
-            "lr" => summary.lr = Some(f.float(v)?),
-            "loss_scale" => summary.loss_scale = Some(f.norm(v)?),
-            "grad_norm" => summary.grad_norm = Some(f.norm(v)?),
             "layers" => layers = Some(parse_layers(v)?),
-            _ => return Err(format!("unknown field {key:?} (known: {FIELDS})")),
+            _ => {
+                let Some((field, preference)) = field_of(key) else {
+                    if ignored.len() < MAX_IGNORED && !ignored.contains(key.as_str()) {
+                        ignored.insert(key.clone());
+                    }
+                    continue;
+                };
+                let slot = ALIASES
+                    .iter()
+                    .position(|(name, _)| *name == field)
+                    .expect("from the table");
+                if preference > taken[slot] {
+                    continue;
+                }
+                taken[slot] = preference;
+                match field {
+                    "step" => step = Some(f.step(v)?),
+                    "time" => summary.time = Some(f.float(v)?),
+                    "loss" => summary.loss = Some(f.float(v)?),
+                    "lr" => summary.lr = Some(f.float(v)?),
+                    "loss_scale" => summary.loss_scale = Some(f.norm(v)?),
+                    _ => summary.grad_norm = Some(f.norm(v)?),
+                }
+            }
         }
     }
-    summary.step = step.ok_or("field \"step\" is missing")?;
+    summary.step = step.ok_or_else(|| format!("field \"step\" is missing (nor any of {})", ALIASES[0].1.join(", ")))?;
     let layer_names = match layers {
         Some((names, stats)) if !names.is_empty() => {
             summary.layers = stats;
@@ -154,8 +244,15 @@ impl Field<'_> {
         }
     }
 
-    fn u64(&self, v: &Value) -> Result<u64, String> {
-        v.as_u64().ok_or_else(|| self.err("an unsigned integer", v))
+    /// An unsigned integer, or a float with a whole value (`134.0`).
+    fn step(&self, v: &Value) -> Result<u64, String> {
+        let whole = || {
+            let x = v.as_f64()?;
+            (x >= 0.0 && x.fract() == 0.0 && x < 2f64.powi(53)).then_some(x as u64)
+        };
+        v.as_u64()
+            .or_else(whole)
+            .ok_or_else(|| self.err("an unsigned integer", v))
     }
 
     fn u32(&self, v: &Value) -> Result<u32, String> {
@@ -265,7 +362,7 @@ mod tests {
 
     #[test]
     fn missing_and_wrong_fields() {
-        assert_eq!(reason(r#"{"loss": 1.0}"#), r#"field "step" is missing"#);
+        assert!(reason(r#"{"loss": 1.0}"#).starts_with(r#"field "step" is missing (nor any of global_step"#));
         assert_eq!(
             reason(r#"{"step": -3}"#),
             r#"field "step": expected an unsigned integer, got -3"#
@@ -318,9 +415,50 @@ mod tests {
     }
 
     #[test]
-    fn unknown_fields_are_rejected() {
-        let r = reason(r#"{"step": 1, "grad_nrom": 1}"#);
-        assert!(r.starts_with(r#"unknown field "grad_nrom" (known: job, worker"#), "{r}");
+    fn other_keys_are_ignored_and_named_once() {
+        let mut ignored = BTreeSet::new();
+        let line = r#"{"step": 134, "loss": 2.44, "grad_norm": 26.26, "day": "2022-10-15", "grad_nrom": 1}"#;
+        for n in 1..=3 {
+            let r = parse_line_noting(line, n, "f", &mut ignored).unwrap().unwrap();
+            assert_eq!(
+                (r.summary.step, r.summary.loss, r.summary.grad_norm),
+                (134, Some(2.44), Some(26.26))
+            );
+        }
+        assert_eq!(ignored.into_iter().collect::<Vec<_>>(), ["day", "grad_nrom"]);
+
+        let mut many = BTreeSet::new();
+        for i in 0..100 {
+            parse_line_noting(&format!(r#"{{"step": 1, "k{i}": 0}}"#), 1, "f", &mut many);
+        }
+        assert_eq!(many.len(), MAX_IGNORED, "bounded");
+    }
+
+    #[test]
+    fn exporters_spellings_are_read_and_the_own_name_wins() {
+        let r = record(
+            r#"{"global_step": 134.0, "train/loss": 2.5, "gradient_norm": "NaN", "learning_rate": 3e-4, "epoch": 1.5}"#,
+        );
+        let s = &r.summary;
+        assert_eq!((s.step, s.loss, s.lr), (134, Some(2.5), Some(3e-4)));
+        assert!(s.grad_norm.unwrap().is_nan());
+        // Both spellings on one line, in either order: the gradguard name.
+        for line in [
+            r#"{"step": 1, "train/loss": 9, "loss": 2}"#,
+            r#"{"step": 1, "loss": 2, "train/loss": 9}"#,
+        ] {
+            assert_eq!(record(line).summary.loss, Some(2.0), "{line}");
+        }
+        // Of two aliases, the earlier in the table.
+        assert_eq!(record(r#"{"iteration": 7, "global_step": 5}"#).summary.step, 5);
+        assert_eq!(
+            reason(r#"{"global_step": 1.5}"#),
+            r#"field "global_step": expected an unsigned integer, got 1.5"#
+        );
+        assert_eq!(
+            reason(r#"{"epoch": 1}"#),
+            r#"field "step" is missing (nor any of global_step, train/global_step, trainer/global_step, iteration, iter, _step)"#
+        );
     }
 
     #[test]

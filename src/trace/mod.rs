@@ -30,6 +30,7 @@ pub mod jsonl;
 pub mod llmc;
 
 use std::borrow::Cow;
+use std::collections::BTreeSet;
 use std::fmt;
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Cursor, Read};
@@ -181,6 +182,9 @@ pub struct Reader {
     path: String,
     format: Format,
     inner: Inner,
+    /// Keys the jsonl lines carried that are no gradguard field (the first
+    /// [`jsonl::MAX_IGNORED`]), to report once.
+    ignored: BTreeSet<String>,
 }
 
 /// A line-based format's parser: the text, its 1-based number and the default
@@ -270,6 +274,7 @@ impl Reader {
                     path: name.to_owned(),
                     format,
                     inner: Inner::Entries(entries.into_iter()),
+                    ignored: BTreeSet::new(),
                 });
             }
         };
@@ -284,11 +289,18 @@ impl Reader {
             path: name.to_owned(),
             format,
             inner,
+            ignored: BTreeSet::new(),
         })
     }
 
     pub fn format(&self) -> Format {
         self.format
+    }
+
+    /// The keys of the jsonl lines read so far that are no gradguard field
+    /// and were ignored (the first [`jsonl::MAX_IGNORED`] names).
+    pub fn ignored_keys(&self) -> &BTreeSet<String> {
+        &self.ignored
     }
 
     /// The input's name as given to `open` (`-` for standard input).
@@ -330,11 +342,14 @@ impl Iterator for Reader {
                 Line::Ok => std::str::from_utf8(buf).map_err(|_| "line is not valid UTF-8".to_owned()),
             };
             let entry = match text {
-                Ok(t) => parse(
-                    t.strip_prefix('\u{feff}').filter(|_| *line == 1).unwrap_or(t),
-                    *line,
-                    job,
-                ),
+                Ok(t) => {
+                    let t = t.strip_prefix('\u{feff}').filter(|_| *line == 1).unwrap_or(t);
+                    if self.format == Format::Jsonl {
+                        jsonl::parse_line_noting(t, *line, job, &mut self.ignored)
+                    } else {
+                        parse(t, *line, job)
+                    }
+                }
                 Err(reason) => Some(Err(Skipped { line: *line, reason })),
             };
             if let Some(e) = entry {
