@@ -178,6 +178,12 @@ pub struct ReplayArgs {
     #[arg(long, value_enum, default_value_t = FormatArg::Auto)]
     pub format: FormatArg,
 
+    /// jsonl: read FIELD (step, loss, grad_norm, lr, loss_scale, time) from
+    /// KEY, before any other spelling, e.g. `--field loss=train/loss_step`.
+    /// Repeatable.
+    #[arg(long, value_name = "FIELD=KEY")]
+    pub field: Vec<String>,
+
     /// Rules file (TOML); the built-in defaults when absent.
     #[arg(long, value_name = "FILE")]
     pub rules: Option<PathBuf>,

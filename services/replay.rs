@@ -25,6 +25,10 @@ pub fn run(args: &ReplayArgs) -> Result<ExitCode, Failure> {
         None => RuleBook::builtin(),
     };
     check_inputs(&args.files).map_err(Failure::usage)?;
+    let mut fields = jsonl::FieldMap::default();
+    for spec in &args.field {
+        fields.add(spec).map_err(|e| Failure::usage(anyhow!(e)))?;
+    }
 
     let stdout = io::BufWriter::new(io::stdout().lock());
     let mut sink: Box<dyn Sink> = if args.json {
@@ -34,6 +38,7 @@ pub fn run(args: &ReplayArgs) -> Result<ExitCode, Failure> {
     };
     let mut replay = Replay::new(Engine::new(book));
     replay.min_severity = args.min_severity;
+    replay.fields = fields;
     let written = replay_all(&mut replay, &args.files, args.format.format(), sink.as_mut())
         .and_then(|()| sink.finish(&replay.stats));
     match written {
@@ -99,6 +104,8 @@ struct Replay {
     stats: Stats,
     /// Least severity printed; everything is counted.
     min_severity: Severity,
+    /// The user's keys for fields (jsonl).
+    fields: jsonl::FieldMap,
 }
 
 impl Replay {
@@ -106,6 +113,7 @@ impl Replay {
         Self {
             engine,
             min_severity: Severity::Info,
+            fields: jsonl::FieldMap::default(),
             declared: HashMap::new(),
             out: Output::default(),
             stats: Stats::new(),
@@ -113,7 +121,9 @@ impl Replay {
     }
 
     fn file(&mut self, path: &Path, format: Option<Format>, sink: &mut dyn Sink) -> Result<(), FileError> {
-        let mut reader = Reader::open(path, format).map_err(FileError::Trace)?;
+        let mut reader = Reader::open(path, format)
+            .map_err(FileError::Trace)?
+            .with_fields(self.fields.clone());
         let name = reader.path().to_owned();
         let (mut read, mut first_skip) = (0usize, None);
         for entry in reader.by_ref() {

@@ -452,3 +452,32 @@ fn an_exporters_jsonl_with_other_keys_and_spellings_is_read_whole() {
         "the 45x spike at step 134"
     );
 }
+
+#[test]
+fn field_maps_a_key_and_a_bad_mapping_is_a_usage_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(
+        dir.path(),
+        "lightning.jsonl",
+        "{\"step\": 1, \"train/loss_step\": 2.5, \"train/loss_epoch\": 9}\n{\"step\": 2, \"train/loss_step\": NaN}\n",
+    );
+    let name = path.to_str().unwrap();
+    let out = replay(&["--json", "--field", "loss=train/loss_step", name]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let lines = json_lines(&out);
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["kind"] == "anomaly" && l["rule"] == "nonfinite" && l["step"] == 2),
+        "the NaN loss read from the mapped key: {lines:?}"
+    );
+    assert!(stderr(&out).contains("ignored keys that are no gradguard field: train/loss_epoch"));
+
+    let bad = replay(&["--field", "los=train/loss_step", name]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(
+        stderr(&bad).contains("\"los\" is not a field (fields: step, loss"),
+        "{}",
+        stderr(&bad)
+    );
+}

@@ -85,6 +85,36 @@ pub const ALIASES: &[(&str, &[&str])] = &[
     ("time", &["timestamp", "_timestamp", "wall_time"]),
 ];
 
+/// Keys the user named for fields (`replay --field loss=train/loss_step`):
+/// such a key is read for its field before any other spelling.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FieldMap(Vec<(&'static str, String)>);
+
+impl FieldMap {
+    /// Parses `FIELD=KEY`; the error names the value and the fields.
+    pub fn add(&mut self, spec: &str) -> Result<(), String> {
+        let names = || ALIASES.iter().map(|(f, _)| *f).collect::<Vec<_>>().join(", ");
+        let (field, key) = spec
+            .split_once('=')
+            .ok_or_else(|| format!("--field {spec:?}: expected FIELD=KEY, e.g. loss=train/loss_step"))?;
+        let field = ALIASES
+            .iter()
+            .map(|(f, _)| *f)
+            .find(|f| *f == field.trim())
+            .ok_or_else(|| format!("--field {spec:?}: {field:?} is not a field (fields: {})", names()))?;
+        if key.is_empty() {
+            return Err(format!("--field {spec:?}: the key is empty"));
+        }
+        self.0.retain(|(f, _)| *f != field);
+        self.0.push((field, key.to_owned()));
+        Ok(())
+    }
+
+    fn field(&self, key: &str) -> Option<&'static str> {
+        self.0.iter().find(|(_, k)| k == key).map(|(f, _)| *f)
+    }
+}
+
 /// Ignored key names collected per file at most (the first ones).
 pub const MAX_IGNORED: usize = 32;
 
@@ -92,31 +122,46 @@ const LAYER_FIELDS: &str = "name, l2, max_abs, nonfinite, param_norm, update_nor
 
 /// Parses one line; `None` for a blank or comment line.
 pub fn parse_line(text: &str, line: usize, default_job: &str) -> Option<Entry> {
-    parse_line_noting(text, line, default_job, &mut BTreeSet::new())
+    parse_line_noting(text, line, default_job, &FieldMap::default(), &mut BTreeSet::new())
 }
 
-/// [`parse_line`], adding the names of the keys it ignored to `ignored`
-/// (up to [`MAX_IGNORED`] names).
-pub fn parse_line_noting(text: &str, line: usize, default_job: &str, ignored: &mut BTreeSet<String>) -> Option<Entry> {
+/// [`parse_line`] with the user's `fields`, adding the names of the keys it
+/// ignored to `ignored` (up to [`MAX_IGNORED`] names).
+pub fn parse_line_noting(
+    text: &str,
+    line: usize,
+    default_job: &str,
+    fields: &FieldMap,
+    ignored: &mut BTreeSet<String>,
+) -> Option<Entry> {
     let text = text.trim();
     if text.is_empty() || text.starts_with('#') {
         return None;
     }
-    Some(parse_object(text, line, default_job, ignored).map_err(|reason| Skipped { line, reason }))
+    Some(parse_object(text, line, default_job, fields, ignored).map_err(|reason| Skipped { line, reason }))
 }
 
-/// The gradguard field an exporter's key stands for, and its preference
-/// (0 for the field's own name).
-fn field_of(key: &str) -> Option<(&'static str, usize)> {
+/// The gradguard field a key stands for, and its preference (lower wins):
+/// the user's key for it, then the field's own name, then the aliases in order.
+fn field_of(key: &str, fields: &FieldMap) -> Option<(&'static str, usize)> {
+    if let Some(field) = fields.field(key) {
+        return Some((field, 0));
+    }
     ALIASES.iter().find_map(|(field, aliases)| {
         if *field == key {
-            return Some((*field, 0));
+            return Some((*field, 1));
         }
-        aliases.iter().position(|a| *a == key).map(|i| (*field, i + 1))
+        aliases.iter().position(|a| *a == key).map(|i| (*field, i + 2))
     })
 }
 
-fn parse_object(text: &str, line: usize, default_job: &str, ignored: &mut BTreeSet<String>) -> Result<Record, String> {
+fn parse_object(
+    text: &str,
+    line: usize,
+    default_job: &str,
+    fields: &FieldMap,
+    ignored: &mut BTreeSet<String>,
+) -> Result<Record, String> {
     let value: Value = serde_json::from_str(&quote_nonfinite(text)).map_err(json_error)?;
     let Value::Object(obj) = value else {
         return Err(format!("expected a JSON object, got {}", show(&value)));
@@ -137,7 +182,7 @@ fn parse_object(text: &str, line: usize, default_job: &str, ignored: &mut BTreeS
             "worker" => summary.worker = f.u32(v)?,
             "layers" => layers = Some(parse_layers(v)?),
             _ => {
-                let Some((field, preference)) = field_of(key) else {
+                let Some((field, preference)) = field_of(key, fields) else {
                     if ignored.len() < MAX_IGNORED && !ignored.contains(key.as_str()) {
                         ignored.insert(key.clone());
                     }
@@ -419,7 +464,9 @@ mod tests {
         let mut ignored = BTreeSet::new();
         let line = r#"{"step": 134, "loss": 2.44, "grad_norm": 26.26, "day": "2022-10-15", "grad_nrom": 1}"#;
         for n in 1..=3 {
-            let r = parse_line_noting(line, n, "f", &mut ignored).unwrap().unwrap();
+            let r = parse_line_noting(line, n, "f", &FieldMap::default(), &mut ignored)
+                .unwrap()
+                .unwrap();
             assert_eq!(
                 (r.summary.step, r.summary.loss, r.summary.grad_norm),
                 (134, Some(2.44), Some(26.26))
@@ -429,9 +476,34 @@ mod tests {
 
         let mut many = BTreeSet::new();
         for i in 0..100 {
-            parse_line_noting(&format!(r#"{{"step": 1, "k{i}": 0}}"#), 1, "f", &mut many);
+            parse_line_noting(
+                &format!(r#"{{"step": 1, "k{i}": 0}}"#),
+                1,
+                "f",
+                &FieldMap::default(),
+                &mut many,
+            );
         }
         assert_eq!(many.len(), MAX_IGNORED, "bounded");
+    }
+
+    #[test]
+    fn a_users_key_for_a_field_wins() {
+        let mut fields = FieldMap::default();
+        fields.add("loss=train/loss_step").unwrap();
+        let line = r#"{"step": 3, "loss": 9, "train/loss_step": 2.5, "train/loss_epoch": 7}"#;
+        let mut ignored = BTreeSet::new();
+        let r = parse_line_noting(line, 1, "f", &fields, &mut ignored).unwrap().unwrap();
+        assert_eq!(r.summary.loss, Some(2.5));
+        assert_eq!(ignored.into_iter().collect::<Vec<_>>(), ["train/loss_epoch"]);
+        assert!(
+            fields
+                .add("los=x")
+                .unwrap_err()
+                .contains(r#""los" is not a field (fields: step, loss"#)
+        );
+        assert!(fields.add("loss").unwrap_err().contains("expected FIELD=KEY"));
+        assert!(fields.add("loss=").unwrap_err().contains("the key is empty"));
     }
 
     #[test]

@@ -185,6 +185,8 @@ pub struct Reader {
     /// Keys the jsonl lines carried that are no gradguard field (the first
     /// [`jsonl::MAX_IGNORED`]), to report once.
     ignored: BTreeSet<String>,
+    /// The user's keys for fields (jsonl).
+    fields: jsonl::FieldMap,
 }
 
 /// A line-based format's parser: the text, its 1-based number and the default
@@ -275,6 +277,7 @@ impl Reader {
                     format,
                     inner: Inner::Entries(entries.into_iter()),
                     ignored: BTreeSet::new(),
+                    fields: jsonl::FieldMap::default(),
                 });
             }
         };
@@ -290,11 +293,18 @@ impl Reader {
             format,
             inner,
             ignored: BTreeSet::new(),
+            fields: jsonl::FieldMap::default(),
         })
     }
 
     pub fn format(&self) -> Format {
         self.format
+    }
+
+    /// Reads the user's keys for fields (jsonl; other formats have fixed names).
+    pub fn with_fields(mut self, fields: jsonl::FieldMap) -> Self {
+        self.fields = fields;
+        self
     }
 
     /// The keys of the jsonl lines read so far that are no gradguard field
@@ -345,7 +355,7 @@ impl Iterator for Reader {
                 Ok(t) => {
                     let t = t.strip_prefix('\u{feff}').filter(|_| *line == 1).unwrap_or(t);
                     if self.format == Format::Jsonl {
-                        jsonl::parse_line_noting(t, *line, job, &mut self.ignored)
+                        jsonl::parse_line_noting(t, *line, job, &self.fields, &mut self.ignored)
                     } else {
                         parse(t, *line, job)
                     }
