@@ -1,9 +1,12 @@
 //! `gradguard replay`: feeds recorded logs through one engine, in file order.
 //!
 //! Malformed lines and records the engine refuses (a duplicate or backwards
-//! step, a wrong layer count) are reported on stderr as `FILE:LINE: REASON`,
-//! counted as skipped, and passed over. A file that cannot be read at all is
-//! reported, counted as failed (exit 1), and the other files still replay.
+//! step, a wrong layer count) are counted as skipped and passed over; the
+//! first ten of a file are reported on stderr as `FILE:LINE: REASON`, the rest
+//! as a count. Exit status: 2 when the command line is wrong (an option, the
+//! rules file, `--field`); 1 when an input could not be replayed (missing,
+//! unreadable, of no known format, or without a single record: the other
+//! files still replay), or, with `--strict`, when a line was skipped; else 0.
 
 use std::collections::HashMap;
 use std::io;
@@ -24,7 +27,10 @@ pub fn run(args: &ReplayArgs) -> Result<ExitCode, Failure> {
         Some(path) => RuleBook::load(path).map_err(Failure::usage)?,
         None => RuleBook::builtin(),
     };
-    check_inputs(&args.files).map_err(Failure::usage)?;
+    if args.files.iter().filter(|f| *f == Path::new("-")).count() > 1 {
+        return Err(Failure::usage(anyhow!("standard input (-) can be replayed only once")));
+    }
+    check_inputs(&args.files).map_err(Failure::input)?;
     let mut fields = jsonl::FieldMap::default();
     for spec in &args.field {
         fields.add(spec).map_err(|e| Failure::usage(anyhow!(e)))?;
@@ -62,9 +68,6 @@ pub fn run(args: &ReplayArgs) -> Result<ExitCode, Failure> {
 /// Fails fast on inputs that cannot be opened, before anything is replayed.
 fn check_inputs(files: &[PathBuf]) -> anyhow::Result<()> {
     let stdin = Path::new("-");
-    if files.iter().filter(|f| *f == stdin).count() > 1 {
-        return Err(anyhow!("standard input (-) can be replayed only once"));
-    }
     for file in files.iter().filter(|f| *f != stdin) {
         let meta = std::fs::metadata(file).map_err(|e| anyhow!("cannot read {}: {e}", file.display()))?;
         if meta.is_dir() {
@@ -106,7 +109,12 @@ struct Replay {
     min_severity: Severity,
     /// The user's keys for fields (jsonl).
     fields: jsonl::FieldMap,
+    /// Lines skipped in the file being read.
+    file_skips: usize,
 }
+
+/// Skipped lines printed per file; the rest are counted.
+const SHOWN_SKIPS: usize = 10;
 
 impl Replay {
     fn new(engine: Engine) -> Self {
@@ -114,6 +122,7 @@ impl Replay {
             engine,
             min_severity: Severity::Info,
             fields: jsonl::FieldMap::default(),
+            file_skips: 0,
             declared: HashMap::new(),
             out: Output::default(),
             stats: Stats::new(),
@@ -126,6 +135,7 @@ impl Replay {
             .with_fields(self.fields.clone());
         let name = reader.path().to_owned();
         let (mut read, mut first_skip) = (0usize, None);
+        self.file_skips = 0;
         for entry in reader.by_ref() {
             match entry.map_err(FileError::Trace)? {
                 Ok(record) => {
@@ -137,6 +147,13 @@ impl Replay {
                     self.skip(&name, skipped.line, &skipped.reason);
                 }
             }
+        }
+        if self.file_skips > SHOWN_SKIPS {
+            warn(&format!(
+                "{name}: {} more lines skipped ({} in all)",
+                self.file_skips - SHOWN_SKIPS,
+                self.file_skips
+            ));
         }
         let ignored = reader.ignored_keys();
         if !ignored.is_empty() {
@@ -201,8 +218,13 @@ impl Replay {
         self.engine.observe(&record.job, &record.summary, &mut self.out)
     }
 
+    /// Counts a skipped line; the first [`SHOWN_SKIPS`] of a file are printed,
+    /// the rest summed up at its end (see `file`).
     fn skip(&mut self, name: &str, line: usize, reason: &str) {
         self.stats.skipped += 1;
-        warn(&format!("{name}:{line}: {reason}"));
+        self.file_skips += 1;
+        if self.file_skips <= SHOWN_SKIPS {
+            warn(&format!("{name}:{line}: {reason}"));
+        }
     }
 }

@@ -355,7 +355,11 @@ fn missing_file_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("nope.jsonl");
     let out = replay(&[missing.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "an input that cannot be replayed, as any other"
+    );
     assert!(stderr(&out).contains(missing.to_str().unwrap()), "{}", stderr(&out));
     assert_eq!(stdout(&out), "", "nothing is replayed");
 }
@@ -480,4 +484,19 @@ fn field_maps_a_key_and_a_bad_mapping_is_a_usage_error() {
         "{}",
         stderr(&bad)
     );
+}
+
+#[test]
+fn a_file_of_bad_lines_shows_the_first_ten_and_counts_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut text = String::from("{\"step\": 1}\n");
+    for _ in 0..25 {
+        text.push_str("{\"step\": -1}\n");
+    }
+    let path = write(dir.path(), "noisy.jsonl", &text);
+    let out = replay(&["--json", path.to_str().unwrap()]);
+    let err = stderr(&out);
+    assert_eq!(err.matches("expected an unsigned integer").count(), 10, "{err}");
+    assert!(err.contains("noisy.jsonl: 15 more lines skipped (25 in all)"), "{err}");
+    assert_eq!(summary(&json_lines(&out))["skipped"], 25);
 }
