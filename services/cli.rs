@@ -212,6 +212,8 @@ pub enum FormatArg {
     Hf,
     /// An llm.c `main.log`, or the standard output of llm.c's training program.
     Llmc,
+    /// Megatron-LM or NeMo standard output: `iteration N/ T | ... | lm loss: ... | grad norm: ... |` lines.
+    Megatron,
 }
 
 impl FormatArg {
@@ -222,6 +224,7 @@ impl FormatArg {
             FormatArg::Jsonl => Some(Format::Jsonl),
             FormatArg::Hf => Some(Format::Hf),
             FormatArg::Llmc => Some(Format::Llmc),
+            FormatArg::Megatron => Some(Format::Megatron),
         }
     }
 }

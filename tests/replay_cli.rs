@@ -500,3 +500,59 @@ fn a_file_of_bad_lines_shows_the_first_ten_and_counts_the_rest() {
     assert!(err.contains("noisy.jsonl: 15 more lines skipped (25 in all)"), "{err}");
     assert_eq!(summary(&json_lines(&out))["skipped"], 25);
 }
+
+#[test]
+fn a_megatron_log_is_detected_and_read_with_its_skipped_and_nan_iterations() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut text = String::from(
+        "using world size: 8, data-parallel size: 8, tensor-model-parallel size: 1\n\
+         ------------------------ arguments ------------------------\n\
+         \x20 lr .............................................. 0.0003\n\
+         \x20 iteration ........................................ 0\n",
+    );
+    for it in (10..=2000u64).step_by(10) {
+        let wobble = 1.0 + 0.05 * ((it * 7919 % 13) as f64 / 13.0 - 0.5);
+        let loss = 8.0 - it as f64 * 0.002;
+        let line = match it {
+            // An AMP overflow: the interval's steps were skipped, no norm printed.
+            500 => format!(
+                " [2024-05-01 10:00:00] iteration {it:>8}/  100000 | learning rate: 3.000000E-04 | \
+                 lm loss: {loss:.6E} | loss scale: 32768.0 | number of skipped iterations:  10 | \
+                 number of nan iterations:   0 |"
+            ),
+            1500.. => format!(
+                " [2024-05-01 10:00:00] iteration {it:>8}/  100000 | learning rate: 3.000000E-04 | \
+                 lm loss: nan | loss scale: 1.0 | grad norm: nan | number of skipped iterations:   0 | \
+                 number of nan iterations:  10 |"
+            ),
+            _ => format!(
+                " [2024-05-01 10:00:00] iteration {it:>8}/  100000 | consumed samples: {} | \
+                 learning rate: 3.000000E-04 | lm loss: {loss:.6E} | loss scale: 65536.0 | \
+                 grad norm: {:.4} | number of skipped iterations:   0 | number of nan iterations:   0 |",
+                it * 512,
+                wobble
+            ),
+        };
+        text.push_str(&line);
+        text.push('\n');
+        if it % 500 == 0 {
+            text.push_str(" validation loss at iteration 500 | lm loss value: 2.3 | lm loss PPL: 9.9 |\n");
+        }
+    }
+    let path = write(dir.path(), "megatron_stdout.txt", &text);
+    let out = replay(&["--json", path.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let lines = json_lines(&out);
+    let s = summary(&lines);
+    assert_eq!((s["records"].as_u64(), s["skipped"].as_u64()), (Some(200), Some(0)));
+    let critical_at = lines
+        .iter()
+        .filter(|l| l["kind"] == "anomaly" && l["severity"] == "critical")
+        .filter_map(|l| l["step"].as_u64())
+        .min();
+    assert_eq!(
+        critical_at,
+        Some(1500),
+        "the NaN iterations are critical where they start"
+    );
+}

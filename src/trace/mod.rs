@@ -28,6 +28,7 @@
 pub mod hf;
 pub mod jsonl;
 pub mod llmc;
+pub mod megatron;
 
 use std::borrow::Cow;
 use std::collections::BTreeSet;
@@ -53,16 +54,18 @@ pub enum Format {
     Jsonl,
     Hf,
     Llmc,
+    Megatron,
 }
 
 impl Format {
-    pub const ALL: [Format; 3] = [Format::Jsonl, Format::Hf, Format::Llmc];
+    pub const ALL: [Format; 4] = [Format::Jsonl, Format::Hf, Format::Llmc, Format::Megatron];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Format::Jsonl => "jsonl",
             Format::Hf => "hf",
             Format::Llmc => "llmc",
+            Format::Megatron => "megatron",
         }
     }
 
@@ -99,8 +102,17 @@ impl Format {
         if let Some(format) = Format::by_first_line(first) {
             return Some(format);
         }
-        let stdout = llmc::looks_like_stdout(first) || lines.any(llmc::looks_like_stdout);
-        stdout.then_some(Format::Llmc)
+        // Both start with other output (a banner, the arguments): the first
+        // step line of either decides.
+        std::iter::once(first).chain(lines).find_map(|l| {
+            if llmc::looks_like_stdout(l) {
+                Some(Format::Llmc)
+            } else if megatron::looks_like(l) {
+                Some(Format::Megatron)
+            } else {
+                None
+            }
+        })
     }
 
     /// The format a first line with content settles, if any.
@@ -133,7 +145,7 @@ impl FromStr for Format {
         Format::ALL
             .into_iter()
             .find(|f| f.as_str() == s)
-            .ok_or_else(|| format!("unknown trace format {s:?} (expected jsonl, hf or llmc)"))
+            .ok_or_else(|| format!("unknown trace format {s:?} (expected jsonl, hf, llmc or megatron)"))
     }
 }
 
@@ -167,7 +179,7 @@ pub enum TraceError {
     Open { path: String, source: io::Error },
     #[error("cannot read {path}: {source}")]
     Read { path: String, source: io::Error },
-    #[error("cannot tell the format of {path} (use --format jsonl, hf or llmc)")]
+    #[error("cannot tell the format of {path} (use --format jsonl, hf, llmc or megatron)")]
     Undetected { path: String },
     #[error("{path} is not a valid {format} trace: {message}")]
     Invalid {
@@ -248,6 +260,7 @@ impl Reader {
         let mut input: Box<dyn BufRead> = Box::new(input);
         let parse: ParseLine = match format {
             Format::Jsonl => jsonl::parse_line,
+            Format::Megatron => megatron::parse_line,
             Format::Llmc => {
                 let settled = |line: &[u8]| llmc::settles(line).is_some();
                 let (head, rest) = read_head(input, settled).map_err(|source| TraceError::Read {
@@ -442,7 +455,9 @@ fn read_head(
 fn read_detection_head(input: Box<dyn BufRead>) -> io::Result<(Vec<u8>, Box<dyn BufRead>)> {
     let mut first = true;
     read_head(input, |line| {
-        let settled = (first && Format::by_first_line(line).is_some()) || llmc::looks_like_stdout(line);
+        let settled = (first && Format::by_first_line(line).is_some())
+            || llmc::looks_like_stdout(line)
+            || megatron::looks_like(line);
         first = false;
         settled
     })
@@ -693,6 +708,7 @@ mod tests {
             let _ = jsonl::parse_line(&line, 1, "j");
             let _ = llmc::parse_line(&line, 1, "j");
             let _ = llmc::parse_stdout_line(&line, 1, "j");
+            let _ = megatron::parse_line(&line, 1, "j");
             let _ = llmc::dialect(line.as_bytes());
             let _ = hf::parse_document(&line, "j");
             let _ = Format::detect(Path::new("x"), line.as_bytes());
