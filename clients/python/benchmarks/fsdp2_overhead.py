@@ -28,13 +28,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import math
 import os
-import random
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -42,6 +39,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import step_overhead
 from step_overhead import Transformer, model, process_cpu, start_server, task
 
 import gradguard
@@ -61,32 +59,11 @@ def sharded(kind: str) -> torch.nn.Module:
     return net
 
 
-class Loop:
-    def __init__(self, name: str, kind: str, x: torch.Tensor, y: torch.Tensor):
-        self.name = name
-        self.model = sharded(kind)
-        self.params = list(self.model.parameters())
-        self.opt = torch.optim.AdamW(self.params, lr=1e-4)
-        self.x, self.y = x, y
-        self.times: list[float] = []
-        self.block: list[float] = []
-        self.guard: gradguard.Guard | None = None
+class Loop(step_overhead.Loop):
+    """step_overhead's loop on the sharded model (its `naive` loop is not run here)."""
 
-    def step(self) -> None:
-        t = time.perf_counter()
-        self.opt.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.cross_entropy(self.model(self.x), self.y)
-        loss.backward()
-        b = time.perf_counter()
-        go = True
-        if self.name == "clip":
-            torch.nn.utils.clip_grad_norm_(self.params, 1.0)
-        elif self.guard is not None:
-            go = self.guard.step(loss)
-        self.block.append(time.perf_counter() - b)
-        if go:
-            self.opt.step()
-        self.times.append(time.perf_counter() - t)
+    def make_model(self, kind: str, device: torch.device) -> torch.nn.Module:
+        return sharded(kind)
 
 
 def worker(rank: int, port: int, addr: str, args: argparse.Namespace, out: str) -> None:
@@ -109,15 +86,8 @@ def worker(rank: int, port: int, addr: str, args: argparse.Namespace, out: str) 
                     loop.model, loop.opt, job="bench-fsdp2", server=addr, max_norm=1.0, **options
                 )
                 assert loop.guard.layers.sharding is not None, "the client did not see the FSDP2 shards"
-        for loop in loops:  # warm-up, not counted
-            for _ in range(5):
-                loop.step()
-            loop.times.clear()
-            loop.block.clear()
-        for turn in range(math.ceil(args.rounds * args.steps / args.block)):
-            for loop in loops[turn % len(loops) :] + loops[: turn % len(loops)]:
-                for _ in range(args.block):
-                    loop.step()
+        step_overhead.warm_up(loops)
+        step_overhead.take_turns(loops, args.rounds * args.steps, args.block)
         stats = {}
         for loop in loops:
             if loop.guard is not None:
@@ -204,19 +174,11 @@ def report(args: argparse.Namespace, ranks: list[dict], server_cpu: float) -> No
     if summaries:
         print(f"the service (nice 19, same CPUs) used {server_cpu / summaries * 1e3:.3f} ms of CPU per summary")
 
-    def by_turn(a: str, b: str) -> str:
-        k = args.block
-        turns = range(0, len(times[a]) - k + 1, k)
-        ratios = [statistics.mean(times[a][i : i + k]) / statistics.mean(times[b][i : i + k]) for i in turns]
-        rng = random.Random(0)
-        resampled = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(2000))
-        return f"{statistics.median(ratios):.3f} [{resampled[50]:.3f}, {resampled[1949]:.3f}] over {len(ratios)} turns"
-
     for a, b in (("gradguard", "clip"), ("clip", "plain"), ("gradguard", "plain")):
         if a in median and b in median:
             step_by_step = statistics.median(x / y for x, y in zip(times[a], times[b]))
             print(
-                f"{a}/{b}: medians {median[a] / median[b]:.3f}, paired by turn {by_turn(a, b)}, "
+                f"{a}/{b}: medians {median[a] / median[b]:.3f}, paired by turn {step_overhead.paired_by_turn(times[a], times[b], args.block)}, "
                 f"step by step {step_by_step:.3f}"
             )
     added = {n: statistics.median(block[n]) * 1e3 for n in names if n != "plain"}

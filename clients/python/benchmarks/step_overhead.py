@@ -145,13 +145,16 @@ def sync() -> None:
 class Loop:
     def __init__(self, name: str, kind: str, x: torch.Tensor, y: torch.Tensor):
         self.name = name
-        self.model = model(kind).to(x.device)
+        self.model = self.make_model(kind, x.device)
         self.params = list(self.model.parameters())
         self.opt = torch.optim.AdamW(self.params, lr=1e-4)
         self.x, self.y = x, y
         self.times: list[float] = []
         self.block: list[float] = []
         self.guard = None
+
+    def make_model(self, kind: str, device: torch.device) -> torch.nn.Module:
+        return model(kind).to(device)
 
     def step(self) -> None:
         sync()
@@ -226,20 +229,9 @@ def main() -> None:
             g.guard = gradguard.watch(
                 g.model, g.opt, job="bench-snapshots", server=addr, max_norm=1.0, snapshot_every=args.snapshot_every
             )
-        for loop in loops:  # warm-up, not counted
-            for _ in range(5):
-                loop.step()
-            loop.times.clear()
-            loop.block.clear()
+        warm_up(loops)
         server_cpu = process_cpu(server.pid)
-        # In turns of a few steps, so that drift in the machine's speed
-        # (shared, noisy) lands on every loop alike. The order rotates from
-        # turn to turn: a loop whose turn follows another's starts with that
-        # one's model in the caches.
-        for turn in range(math.ceil(args.rounds * args.steps / args.block)):
-            for loop in loops[turn % len(loops) :] + loops[: turn % len(loops)]:
-                for _ in range(args.block):
-                    loop.step()
+        take_turns(loops, args.rounds * args.steps, args.block)
         stats = {loop.name: loop.guard.stats for loop in loops if loop.guard is not None}
         for loop in loops:
             if loop.guard is not None:
@@ -277,14 +269,7 @@ def main() -> None:
         return statistics.median(x / y for x, y in zip(by_name[a], by_name[b]))
 
     def by_turn(a: str, b: str) -> str:
-        """The median of the turns' ratios, with a bootstrap 95% interval."""
-        k = args.block
-        turns = range(0, len(by_name[a]) - k + 1, k)
-        ratios = [statistics.mean(by_name[a][i : i + k]) / statistics.mean(by_name[b][i : i + k]) for i in turns]
-        rng = random.Random(0)
-        resampled = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(2000))
-        low, high = resampled[50], resampled[1949]
-        return f"{statistics.median(ratios):.3f} [{low:.3f}, {high:.3f}] over {len(ratios)} turns"
+        return paired_by_turn(by_name[a], by_name[b], args.block)
 
     targets = {
         ("gradguard", "clip"): "<= 1.02",
@@ -321,6 +306,36 @@ def main() -> None:
             f"lock-step (max_lag=0) costs {median['lockstep'] - median['gradguard']:+.3f} ms/step "
             f"({median['lockstep'] / median['gradguard']:.3f}x gradguard); lag timeouts {stats['lockstep'].lag_timeouts}"
         )
+
+
+def warm_up(loops: list[Loop], steps: int = 5) -> None:
+    """Steps every loop a few times, not counted."""
+    for loop in loops:
+        for _ in range(steps):
+            loop.step()
+        loop.times.clear()
+        loop.block.clear()
+
+
+def take_turns(loops: list[Loop], steps: int, block: int) -> None:
+    """`steps` steps of every loop, in turns of `block`, so that drift in
+    the machine's speed (shared, noisy) lands on every loop alike. The order
+    rotates from turn to turn: a loop whose turn follows another's starts
+    with that one's model in the caches."""
+    for turn in range(math.ceil(steps / block)):
+        for loop in loops[turn % len(loops) :] + loops[: turn % len(loops)]:
+            for _ in range(block):
+                loop.step()
+
+
+def paired_by_turn(a: list[float], b: list[float], block: int) -> str:
+    """The median of the turns' ratios of mean steps, with a bootstrap 95% interval."""
+    turns = range(0, len(a) - block + 1, block)
+    ratios = [statistics.mean(a[i : i + block]) / statistics.mean(b[i : i + block]) for i in turns]
+    rng = random.Random(0)
+    resampled = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(2000))
+    low, high = resampled[50], resampled[1949]
+    return f"{statistics.median(ratios):.3f} [{low:.3f}, {high:.3f}] over {len(ratios)} turns"
 
 
 def process_cpu(pid: int) -> float:

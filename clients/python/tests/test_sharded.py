@@ -307,6 +307,41 @@ def _close(a: float, b: float) -> float:
     return rel
 
 
+def matches_reference(got: dict, ref: dict) -> float:
+    """Asserts that one rank measured the reference's norms on every step
+    after the poisoned one, and ended with its clipped gradients and its
+    parameters; returns the worst relative error of the norms."""
+    worst = 0.0
+    for (norm, layers, max_abs, nonfinite), want_norm, want_layers, want_max in zip(
+        got["measured"][1:], ref["norms"], ref["layers"], ref["max_abs"]
+    ):
+        assert not any(nonfinite)
+        worst = max(worst, _close(norm, want_norm))
+        for layer, v in layers.items():
+            worst = max(worst, _close(v, want_layers[layer]))
+        for layer, v in zip(got["names"], max_abs):
+            worst = max(worst, _close(v, want_max[layer]))
+    # Every rank clipped by the same factor: the unsharded gradient is the clipped reference.
+    for n, g in ref["grads"].items():
+        torch.testing.assert_close(got["grads"][n], g, rtol=REL, atol=1e-7, msg=n)
+    for n, p in ref["params"].items():
+        torch.testing.assert_close(got["params"][n], p, rtol=REL, atol=1e-7, msg=n)
+    return worst
+
+
+def stored_as_reference(server, job: str, ranks: int, ref: dict) -> None:
+    """Asserts that the service took in every summary of `job` and shows the
+    reference's last norm."""
+    stored = server.wait_for_step(job, STEPS + 1)
+    deadline = time.monotonic() + 30
+    while stored.connected_streams:  # every summary taken in: the gauge holds a last step's norm
+        assert time.monotonic() < deadline, stored
+        time.sleep(0.05)
+        stored = server.job(job)
+    assert stored.ranks == ranks and stored.layers == len(ref["layers"][0])
+    _close(_metric(server, job), ref["norms"][-1])
+
+
 @pytest.mark.parametrize(
     ("kind", "world"),
     [(kind, world) for world, kinds in WORLDS.items() for kind in kinds],
@@ -324,30 +359,9 @@ def test_a_sharded_model_reports_and_clips_by_the_whole_models_norms(runs, kind,
         nan_norm, _, _, nonfinite = got["measured"][0]
         assert math.isnan(nan_norm) and sum(nonfinite) == 1, nonfinite
         assert len(got["measured"]) == STEPS + 1
-        for (norm, layers, max_abs, nonfinite), want_norm, want_layers, want_max in zip(
-            got["measured"][1:], ref["norms"], ref["layers"], ref["max_abs"]
-        ):
-            assert not any(nonfinite)
-            worst = max(worst, _close(norm, want_norm))
-            for layer, v in layers.items():
-                worst = max(worst, _close(v, want_layers[layer]))
-            for layer, v in zip(got["names"], max_abs):
-                worst = max(worst, _close(v, want_max[layer]))
-        # Every rank clipped by the same factor: the unsharded gradient is the clipped reference.
-        for n, g in ref["grads"].items():
-            torch.testing.assert_close(got["grads"][n], g, rtol=REL, atol=1e-7, msg=n)
-        for n, p in ref["params"].items():
-            torch.testing.assert_close(got["params"][n], p, rtol=REL, atol=1e-7, msg=n)
+        worst = max(worst, matches_reference(got, ref))
     print(f"{kind}: worst relative error {worst:.1e}")
-
-    stored = server.wait_for_step(job, STEPS + 1)
-    deadline = time.monotonic() + 30
-    while stored.connected_streams:  # every summary taken in: the gauge holds a last step's norm
-        assert time.monotonic() < deadline, stored
-        time.sleep(0.05)
-        stored = server.job(job)
-    assert stored.ranks == world and stored.layers == len(ref["layers"][0])
-    _close(_metric(server, job), ref["norms"][-1])
+    stored_as_reference(server, job, world, ref)
 
 
 @pytest.mark.parametrize(
