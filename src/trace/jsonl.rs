@@ -141,17 +141,18 @@ pub fn parse_line_noting(
     Some(parse_object(text, line, default_job, fields, ignored).map_err(|reason| Skipped { line, reason }))
 }
 
-/// The gradguard field a key stands for, and its preference (lower wins):
-/// the user's key for it, then the field's own name, then the aliases in order.
-fn field_of(key: &str, fields: &FieldMap) -> Option<(&'static str, usize)> {
+/// The gradguard field a key stands for (its index in [`ALIASES`]), and its
+/// preference (lower wins): the user's key for it, then the field's own name,
+/// then the aliases in order.
+fn field_of(key: &str, fields: &FieldMap) -> Option<(usize, usize)> {
     if let Some(field) = fields.field(key) {
-        return Some((field, 0));
+        return ALIASES.iter().position(|(f, _)| *f == field).map(|i| (i, 0));
     }
-    ALIASES.iter().find_map(|(field, aliases)| {
+    ALIASES.iter().enumerate().find_map(|(i, (field, aliases))| {
         if *field == key {
-            return Some((*field, 1));
+            return Some((i, 1));
         }
-        aliases.iter().position(|a| *a == key).map(|i| (*field, i + 2))
+        aliases.iter().position(|a| *a == key).map(|p| (i, p + 2))
     })
 }
 
@@ -171,7 +172,7 @@ fn parse_object(
     let mut step = None;
     let mut layers = None;
     // The preference each field was read with (see `field_of`).
-    let mut taken: [usize; 6] = [usize::MAX; 6];
+    let mut taken = [usize::MAX; ALIASES.len()];
     for (key, v) in &obj {
         if v.is_null() {
             continue;
@@ -182,21 +183,17 @@ fn parse_object(
             "worker" => summary.worker = f.u32(v)?,
             "layers" => layers = Some(parse_layers(v)?),
             _ => {
-                let Some((field, preference)) = field_of(key, fields) else {
+                let Some((slot, preference)) = field_of(key, fields) else {
                     if ignored.len() < MAX_IGNORED && !ignored.contains(key.as_str()) {
                         ignored.insert(key.clone());
                     }
                     continue;
                 };
-                let slot = ALIASES
-                    .iter()
-                    .position(|(name, _)| *name == field)
-                    .expect("from the table");
                 if preference > taken[slot] {
                     continue;
                 }
                 taken[slot] = preference;
-                match field {
+                match ALIASES[slot].0 {
                     "step" => step = Some(f.step(v)?),
                     "time" => summary.time = Some(f.float(v)?),
                     "loss" => summary.loss = Some(f.float(v)?),

@@ -510,9 +510,15 @@ class Guard:
             return None
         with self._lock:
             local = self._received_max
+        return self._min_over_ranks(local)
+
+    def _min_over_ranks(self, value: int) -> torch.Tensor:
+        """The smallest of every rank's `value`, on the device the group's
+        backend reduces on (no host sync here)."""
+        assert self._dist is not None
         backend = self._dist.get_backend(self._group)
         device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-        t = torch.tensor([local], dtype=torch.int64, device=device)
+        t = torch.tensor([value], dtype=torch.int64, device=device)
         self._dist.all_reduce(t, op=self._dist.ReduceOp.MIN, group=self._group)
         return t
 
@@ -634,11 +640,7 @@ class Guard:
         local = self._snapshots.newest_at_or_before(to_step)
         chosen = -1 if local is None else local
         if job_wide and self._dist is not None and self.world_size > 1:
-            backend = self._dist.get_backend(self._group)
-            device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-            t = torch.tensor([chosen], dtype=torch.int64, device=device)
-            self._dist.all_reduce(t, op=self._dist.ReduceOp.MIN, group=self._group)
-            chosen = int(t.item())
+            chosen = int(self._min_over_ranks(chosen).item())
         if chosen < 0 or self._snapshots.newest_at_or_before(chosen) != chosen:
             return None
         try:

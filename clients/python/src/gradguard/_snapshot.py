@@ -127,8 +127,9 @@ class Snapshots:
         if self.pinned is not None and self.keep == 1:
             return  # the one slot holds the state to go back to if this course fails too
         self.next_step = step + self.every
-        sources: list[torch.Tensor] = [_local(t) for t in self._model_tensors()]
-        buffers = sum(1 for _ in self.model.buffers())
+        sources: list[torch.Tensor] = [_local(t) for t in self.model.buffers()]
+        buffers = len(sources)
+        sources += [_local(t) for t in self.model.parameters()]
         model = len(sources)
         optimizer: dict[int, _OptimizerEntry] = {}
         for p, state in self.optimizer.state.items():
