@@ -233,6 +233,19 @@ impl Reader {
             })?;
             Box::new(BufReader::with_capacity(64 << 10, file))
         };
+        Self::from_named_input(path, input, format)
+    }
+
+    /// Reads `input` as the contents of `path`: in the given format, or the one
+    /// detected from `path`'s name and the input's first lines. `path` names
+    /// the input in errors and gives the default job (see [`Reader::open`]);
+    /// `gradguard follow` hands a growing file's contents this way.
+    pub fn from_named_input(
+        path: &Path,
+        input: Box<dyn BufRead>,
+        format: Option<Format>,
+    ) -> Result<Reader, TraceError> {
+        let name = path.display().to_string();
         let (format, input) = match format {
             Some(f) => (f, input),
             None => {
