@@ -30,6 +30,9 @@ pub enum Command {
     Serve(crate::serve::ServeArgs),
     /// Replay recorded training logs through the detector and report what it finds.
     Replay(ReplayArgs),
+    /// Tail a training log as it is written and stream it to a running server,
+    /// as the job's workers would; print the advice it gets.
+    Follow(crate::follow::FollowArgs),
     /// Write a synthetic training run with an injected fault as JSON lines.
     Generate(crate::dev::generate::GenerateArgs),
     /// Print the effective rules (defaults, or a job's with its overrides) as TOML.

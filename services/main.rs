@@ -5,6 +5,7 @@
 
 mod cli;
 mod dev;
+mod follow;
 mod output;
 mod query_cli;
 mod replay;
@@ -28,6 +29,7 @@ fn main() -> ExitCode {
             let matches = matches.subcommand_matches("serve").expect("serve's own matches");
             serve::run(args, matches).map(|()| ExitCode::SUCCESS)
         }
+        cli::Command::Follow(args) => follow::run(args),
         cli::Command::Simulate(args) => dev::simulate::run(args),
         cli::Command::Loadgen(args) => dev::loadgen::run(args),
         cli::Command::Sink(args) => dev::sink::run(args),

@@ -350,7 +350,8 @@ async fn serve(settings: ServeSettings, book: RuleBook, names: Names) -> anyhow:
     Ok(())
 }
 
-async fn shutdown_signal() {
+/// Ctrl-C or SIGTERM (`follow` stops on them too).
+pub(crate) async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {

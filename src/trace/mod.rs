@@ -29,6 +29,7 @@ pub mod hf;
 pub mod jsonl;
 pub mod llmc;
 pub mod megatron;
+pub mod tail;
 
 use std::borrow::Cow;
 use std::collections::BTreeSet;

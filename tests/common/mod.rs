@@ -44,6 +44,13 @@ impl Server {
         Self::spawn(Command::new(env!("CARGO_BIN_EXE_gradguard")), data_dir, args)
     }
 
+    /// Starts the server on a given gRPC address (to restart it where its
+    /// clients look for it) and data directory.
+    pub fn start_at(grpc: SocketAddr, data_dir: &std::path::Path) -> Self {
+        let command = Command::new(env!("CARGO_BIN_EXE_gradguard"));
+        Self::spawn_on(command, &grpc.to_string(), data_dir, &[])
+    }
+
     /// Starts the server under an open-file limit of `files` descriptors
     /// (soft and hard: it cannot raise it).
     pub fn start_with_file_limit(files: u64, args: &[&str]) -> Self {
@@ -64,9 +71,13 @@ impl Server {
         self.child.id()
     }
 
-    fn spawn(mut command: Command, data_dir: &std::path::Path, args: &[&str]) -> Self {
+    fn spawn(command: Command, data_dir: &std::path::Path, args: &[&str]) -> Self {
+        Self::spawn_on(command, "127.0.0.1:0", data_dir, args)
+    }
+
+    fn spawn_on(mut command: Command, grpc: &str, data_dir: &std::path::Path, args: &[&str]) -> Self {
         let mut child = command
-            .args(["serve", "--grpc-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0"])
+            .args(["serve", "--grpc-addr", grpc, "--metrics-addr", "127.0.0.1:0"])
             .arg("--data-dir")
             .arg(data_dir)
             .args(args)
