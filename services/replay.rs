@@ -143,6 +143,7 @@ impl Replay {
                     self.record(&name, &record, sink).map_err(FileError::Output)?;
                 }
                 Err(skipped) => {
+                    self.stats.unreadable += 1;
                     first_skip.get_or_insert_with(|| format!("line {}: {}", skipped.line, skipped.reason));
                     self.skip(&name, skipped.line, &skipped.reason);
                 }

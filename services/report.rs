@@ -14,8 +14,11 @@
 //!   scale_loss_scale, `to_step` for rollback, `rank` for inspect_worker, none
 //!   for skip_step and halt); `evidence` maps names to numbers.
 //! - a last `{"kind":"summary","files","failed_files","records","skipped",
-//!   "anomalies":{SEVERITY:n},"advice":{ACTION:n},"jobs":{JOB:{"records",
-//!   "skipped","anomalies","advice"}}}`; every severity and action is present.
+//!   "unreadable","anomalies":{SEVERITY:n},"advice":{ACTION:n},"jobs":{JOB:
+//!   {"records","skipped","anomalies","advice"}}}`; every severity and action
+//!   is present. `skipped` is `unreadable` (lines that could not be read,
+//!   which belong to no job) plus every job's `skipped` (its records the
+//!   engine refused); the table's rows add up the same way.
 //!
 //! A non-finite number is written as the string `"NaN"`, `"Infinity"` or
 //! `"-Infinity"` (the spellings the jsonl reader accepts), never as null, so it
@@ -40,8 +43,11 @@ pub struct Stats {
     pub failed_files: usize,
     /// Records the engine accepted.
     pub records: u64,
-    /// Malformed lines plus records the engine refused.
+    /// Malformed lines plus records the engine refused: `unreadable` plus
+    /// every job's `skipped`.
     pub skipped: u64,
+    /// Malformed lines (they belong to no job).
+    pub unreadable: u64,
     pub anomalies: BTreeMap<Severity, u64>,
     pub advice: BTreeMap<&'static str, u64>,
     pub jobs: BTreeMap<String, JobStats>,
@@ -115,6 +121,7 @@ struct SummaryLine<'a> {
     failed_files: usize,
     records: u64,
     skipped: u64,
+    unreadable: u64,
     anomalies: &'a BTreeMap<Severity, u64>,
     advice: &'a BTreeMap<&'static str, u64>,
     jobs: &'a BTreeMap<String, JobStats>,
@@ -177,6 +184,7 @@ impl<W: Write> Sink for JsonSink<W> {
             failed_files: stats.failed_files,
             records: stats.records,
             skipped: stats.skipped,
+            unreadable: stats.unreadable,
             anomalies: &stats.anomalies,
             advice: &stats.advice,
             jobs: &stats.jobs,
@@ -290,6 +298,16 @@ fn write_summary(out: &mut impl Write, stats: &Stats) -> io::Result<()> {
                 j.advice.to_string(),
             ]
         })
+        .chain((stats.unreadable > 0).then(|| {
+            let dash = || "-".to_owned();
+            [
+                "(unreadable lines)".to_owned(),
+                dash(),
+                stats.unreadable.to_string(),
+                dash(),
+                dash(),
+            ]
+        }))
         .collect();
     let rows: Vec<&[String]> = std::iter::once(&header).chain(&rows).map(|r| &r[..]).collect();
     write_table(out, &rows, &[false, true, true, true, true])

@@ -556,3 +556,46 @@ fn a_megatron_log_is_detected_and_read_with_its_skipped_and_nan_iterations() {
         "the NaN iterations are critical where they start"
     );
 }
+
+#[test]
+fn the_summary_and_the_per_job_table_agree_on_skipped_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = "{\"job\": \"a\", \"step\": 1, \"loss\": 2.0}\n\
+        {\"job\": \"a\", \"step\": \"x\"}\n\
+        {\"job\": \"a\", \"step\": 1, \"loss\": 2.0}\n\
+        {\"job\": \"b\", \"step\": 5, \"loss\": 2.0}\n\
+        {\"job\": \"b\", \"step\": 4, \"loss\": 2.0}\n\
+        not json\n";
+    let path = write(dir.path(), "mixed.jsonl", text);
+    let out = replay(&["--json", path.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let lines = json_lines(&out);
+    let s = summary(&lines);
+    assert_eq!(s["skipped"], 4);
+    assert_eq!(s["unreadable"], 2, "the two lines that name no readable record");
+    let per_job: u64 = s["jobs"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|j| j["skipped"].as_u64().unwrap())
+        .sum();
+    assert_eq!(per_job, 2, "a's duplicate step 1 and b's backward step 4");
+
+    let out = replay(&[path.to_str().unwrap()]);
+    let text = stdout(&out);
+    assert!(text.contains("4 lines skipped"), "{text}");
+    let row = |name: &str| -> Vec<String> {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("{name}: {text}"));
+        line.split_whitespace().map(str::to_owned).collect()
+    };
+    assert_eq!(row("a")[2], "1");
+    assert_eq!(row("b")[2], "1");
+    assert_eq!(
+        row("(unreadable")[3],
+        "2",
+        "the table's skipped column adds up to the summary's"
+    );
+}
