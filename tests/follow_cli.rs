@@ -57,8 +57,13 @@ fn free_addr() -> SocketAddr {
 }
 
 fn start_follow(log: &Path, url: &str) -> Child {
+    start_follow_with(log, url, &["--job", JOB])
+}
+
+fn start_follow_with(log: &Path, url: &str, args: &[&str]) -> Child {
     Command::new(BIN)
-        .args(["follow", "--server", url, "--job", JOB, "--poll", "20ms", "--json"])
+        .args(["follow", "--server", url, "--poll", "20ms", "--json"])
+        .args(args)
         .arg(log)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -73,8 +78,13 @@ fn stop_follow(child: Child) -> Run {
     child.wait_with_output().unwrap().into()
 }
 
-/// The highest step of the job the service has, polled until it is `step`.
+/// The highest step of [`JOB`] the service has, polled until it is `step`.
 fn wait_for_step(url: &str, step: u64) {
+    wait_for_job_step(url, JOB, step);
+}
+
+/// The highest step of `job` the service has, polled until it is `step`.
+fn wait_for_job_step(url: &str, job: &str, step: u64) {
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut last = None;
     while Instant::now() < deadline {
@@ -83,7 +93,7 @@ fn wait_for_step(url: &str, step: u64) {
             last = run
                 .json()
                 .iter()
-                .find(|j| j["job"] == JOB)
+                .find(|j| j["job"] == job)
                 .and_then(|j| j["last_step"].as_u64());
             if last == Some(step) {
                 return;
@@ -95,7 +105,7 @@ fn wait_for_step(url: &str, step: u64) {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    panic!("the service did not get step {step} of {JOB} (it has {last:?})");
+    panic!("the service did not get step {step} of {job} (it has {last:?})");
 }
 
 fn metric(server: &Server, series: &str) -> f64 {
@@ -244,4 +254,55 @@ fn follow_refuses_a_log_it_cannot_read_and_a_bad_command_line() {
     assert!(run.stderr.contains("nope"), "{}", run.stderr);
     let run = gradguard(&["follow", "--server", &server.url(), "--poll", "0s", "x.log"]);
     run.assert_code(2);
+}
+
+/// A Hugging Face `trainer_state.json` whose history holds steps 1..=`steps`.
+fn trainer_state(steps: u64) -> String {
+    let history: Vec<Value> = (1..=steps)
+        .map(|s| serde_json::json!({"step": s, "epoch": s as f64 / 100.0, "loss": 2.0 - s as f64 / 100.0, "grad_norm": 1.0, "learning_rate": 1e-4}))
+        .collect();
+    serde_json::to_string_pretty(&serde_json::json!({"global_step": steps, "log_history": history})).unwrap()
+}
+
+#[test]
+fn follow_reads_a_trainer_output_directory_checkpoint_by_checkpoint() {
+    let server = Server::start();
+    let url = server.url();
+    let out = tempfile::tempdir().unwrap();
+    let run_dir = out.path().join("my-run");
+    let checkpoint = |steps: u64| {
+        let dir = run_dir.join(format!("checkpoint-{steps}"));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("trainer_state.json");
+        fs::write(&path, trainer_state(steps)).unwrap();
+        // Newer than any before, whatever the file system's time resolution.
+        let time = std::time::SystemTime::now() + Duration::from_secs(steps);
+        File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(time)
+            .unwrap();
+    };
+    checkpoint(10);
+    // The job is the directory's name.
+    let follow = start_follow_with(&run_dir, &url, &[]);
+    wait_for_job_step(&url, "my-run", 10);
+    // Each checkpoint's state holds the whole history: only its new steps go.
+    checkpoint(20);
+    wait_for_job_step(&url, "my-run", 20);
+    let (accepted, refused) = accepted_and_refused(&server);
+    let run = stop_follow(follow);
+    run.assert_code(0);
+    assert_eq!((accepted, refused), (20.0, 0.0), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("20 step(s) sent, 0 already at the service"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains("checkpoint-20/trainer_state.json (hf)"),
+        "{}",
+        run.stderr
+    );
 }
