@@ -755,3 +755,63 @@ fn without_auth_serve_warns_and_tokens_never_reach_its_logs() {
     // Three refusals of one reason, logged once.
     assert_eq!(stderr.matches("reason=\"bad_token\"").count(), 1, "{stderr}");
 }
+
+/// `follow` carries the client credentials: a token the job is in scope of
+/// streams the log; none, or one of another team, is refused and exits 1.
+#[test]
+fn follow_streams_with_a_token_in_scope_and_exits_on_a_refusal() {
+    let dir = tempfile::tempdir().unwrap();
+    let auth = auth_file(dir.path(), false);
+    let server = Server::start_with(&["--auth", auth.to_str().unwrap()]);
+    let url = server.url();
+    let log = dir.path().join("run.jsonl");
+    let lines: String = (0..5).map(|s| format!("{{\"step\": {s}, \"loss\": 2.0}}\n")).collect();
+    std::fs::write(&log, lines).unwrap();
+    let follow = |job: &str| -> Vec<String> {
+        [
+            "follow",
+            "--server",
+            &url,
+            "--poll",
+            "20ms",
+            "--job",
+            job,
+            log.to_str().unwrap(),
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    };
+    let run = |args: &[String], env: &[(&str, &str)]| {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        cli(&args, env)
+    };
+
+    let refused = run(&follow("team-b/run"), &[("GRADGUARD_TOKEN", "token-a")]);
+    refused.assert_code(1);
+    assert!(refused.stderr.contains("PermissionDenied"), "{}", refused.stderr);
+    let anonymous = run(&follow("team-a/run"), &[]);
+    anonymous.assert_code(1);
+    assert!(anonymous.stderr.contains("Unauthenticated"), "{}", anonymous.stderr);
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gradguard"))
+        .args(follow("team-a/run"))
+        .env("GRADGUARD_TOKEN", "token-a")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let jobs = cli(&["jobs", "--server", &url, "--json"], &[("GRADGUARD_TOKEN", "token-a")]).json();
+        if jobs.iter().any(|j| j["job"] == "team-a/run" && j["last_step"] == 4) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "follow did not stream with its token: {jobs:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
