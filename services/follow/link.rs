@@ -103,7 +103,7 @@ impl Link {
             };
             let stream = match stream {
                 Ok(stream) => stream,
-                Err(End::Done) => return self.give_up(),
+                Err(End::Done) => return self.give_up(&mut records),
                 Err(End::Fatal(message)) => return Err(Fatal(message)),
                 Err(End::Lost(reason)) => {
                     if waiting_since.is_none() {
@@ -113,7 +113,7 @@ impl Link {
                     }
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
-                        _ = stop.wait_for(|s| *s) => return self.give_up(),
+                        _ = stop.wait_for(|s| *s) => return self.give_up(&mut records),
                     }
                     delay = (delay * 2).min(RETRY_MAX);
                     continue;
@@ -135,12 +135,17 @@ impl Link {
     }
 
     /// Stopped while the service is away: what was not sent is said.
-    fn give_up(&self) -> Result<(), Fatal> {
-        if !self.unconfirmed.is_empty() {
+    fn give_up(&self, records: &mut mpsc::Receiver<Record>) -> Result<(), Fatal> {
+        records.close();
+        let mut unsent = self.unconfirmed.len();
+        while records.try_recv().is_ok() {
+            unsent += 1;
+        }
+        if unsent > 0 {
             self.shared.note(&format!(
-                "{}: stopped with {} step(s) the service has not confirmed; a later follow sends them",
+                "{}: stopped while the service was away: {unsent} step(s) read were not sent \
+                 (or not confirmed); a later follow sends them",
                 self.who(),
-                self.unconfirmed.len()
             ));
         }
         Ok(())
