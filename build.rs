@@ -35,5 +35,40 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(false)
         .compile(&[ingest_frames]);
     println!("cargo:rerun-if-changed=proto");
+    revision();
     Ok(())
+}
+
+/// Sets `GRADGUARD_REVISION` for `gradguard_build_info`: the environment's
+/// (a container build without `.git` passes it), else the checkout's commit
+/// (with `-dirty` when it has uncommitted changes to tracked files), else
+/// `unknown`. Rebuilt when the commit moves.
+fn revision() {
+    println!("cargo:rerun-if-env-changed=GRADGUARD_REVISION");
+    let git = |args: &[&str]| -> Option<String> {
+        let out = std::process::Command::new("git").args(args).output().ok()?;
+        let text = String::from_utf8(out.stdout).ok()?;
+        (out.status.success() && !text.trim().is_empty()).then(|| text.trim().to_owned())
+    };
+    let revision = std::env::var("GRADGUARD_REVISION")
+        .ok()
+        .filter(|r| !r.is_empty())
+        .or_else(|| {
+            let commit = git(&["rev-parse", "--short=12", "HEAD"])?;
+            // The files that change when HEAD moves: HEAD, the branch it is on, packed refs.
+            let mut watched = vec![git(&["rev-parse", "--git-path", "HEAD"])?];
+            if let Some(branch) = git(&["symbolic-ref", "-q", "HEAD"]) {
+                watched.extend(git(&["rev-parse", "--git-path", &branch]));
+            }
+            watched.extend(git(&["rev-parse", "--git-path", "packed-refs"]));
+            for path in watched {
+                println!("cargo:rerun-if-changed={path}");
+            }
+            let dirty = git(&["status", "--porcelain", "--untracked-files=no"]).is_some();
+            Some(if dirty { format!("{commit}-dirty") } else { commit })
+        });
+    println!(
+        "cargo:rustc-env=GRADGUARD_REVISION={}",
+        revision.unwrap_or_else(|| "unknown".to_owned())
+    );
 }

@@ -181,7 +181,7 @@ fn an_exploding_job_is_brought_back_through_kafka_alone() {
     );
     assert_eq!(common::sample(&text, "gradguard_kafka_partitions_owned"), Some(4.0));
     assert!(
-        replica.sample("gradguard_advice_total{action=\"clip_gradients\",job=\"kafka-explode\"}") >= Some(1.0),
+        replica.sample("gradguard_advice_total{action=\"clip_gradients\",training_job=\"kafka-explode\"}") >= Some(1.0),
         "{}",
         replica.scrape()
     );
@@ -244,7 +244,7 @@ fn a_grpc_worker_on_one_replica_is_advised_by_the_jobs_owner_on_another() {
     assert_eq!(summaries(&relay), 0.0);
     // The relay delivered the advice on the streams and took their acks.
     assert_eq!(
-        relay.sample("gradguard_job_advice_unacked{job=\"grpc-via-relay\"}"),
+        relay.sample("gradguard_job_advice_unacked{training_job=\"grpc-via-relay\"}"),
         Some(0.0)
     );
     // A relay cannot say when the owner has decided on a step: asked for
@@ -312,7 +312,9 @@ fn every_replica_answers_queries_about_every_job() {
                 .iter()
                 .flat_map(|sev| {
                     text.lines().filter(move |l| {
-                        l.starts_with("gradguard_anomalies_total{") && l.contains("job=\"queried\"") && l.contains(sev)
+                        l.starts_with("gradguard_anomalies_total{")
+                            && l.contains("training_job=\"queried\"")
+                            && l.contains(sev)
                     })
                 })
                 .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
@@ -428,7 +430,7 @@ fn a_broker_outage_loses_no_accepted_summary() {
         replica.wait_for("the replica to see the brokers down", |t| {
             common::sample(t, "gradguard_kafka_up") == Some(0.0)
         });
-        let last_summary = "gradguard_job_last_summary_timestamp_seconds{job=\"outage\"}";
+        let last_summary = "gradguard_job_last_step_timestamp_seconds{training_job=\"outage\"}";
         let at_cut = replica.sample(last_summary).expect("the job's last-summary time");
         replica.wait_for("the replica to accept summaries with the brokers away", |t| {
             common::sample(t, last_summary).is_some_and(|ts| ts > at_cut + 0.5)

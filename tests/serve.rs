@@ -52,7 +52,10 @@ async fn healthy_run_gets_no_advice() {
         sample(&text, "gradguard_layer_stats_total"),
         Some(1600.0 * LAYERS as f64)
     );
-    assert_eq!(sample(&text, "gradguard_job_health{job=\"healthy\"}"), Some(0.0));
+    assert_eq!(
+        sample(&text, "gradguard_job_health{training_job=\"healthy\"}"),
+        Some(0.0)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -76,7 +79,7 @@ async fn exploding_run_gets_clip_advice_then_an_escalation() {
     assert!(
         sample(
             &text,
-            "gradguard_advice_total{action=\"clip_gradients\",job=\"explode\"}"
+            "gradguard_advice_total{action=\"clip_gradients\",training_job=\"explode\"}"
         )
         .unwrap()
             >= 1.0
@@ -86,14 +89,16 @@ async fn exploding_run_gets_clip_advice_then_an_escalation() {
         .filter_map(|severity| {
             sample(
                 &text,
-                &format!("gradguard_anomalies_total{{job=\"explode\",rule=\"grad_spike\",severity=\"{severity}\"}}"),
+                &format!(
+                    "gradguard_anomalies_total{{rule=\"grad_spike\",severity=\"{severity}\",training_job=\"explode\"}}"
+                ),
             )
         })
         .sum();
     assert!(spikes >= 1.0, "{text}");
     assert!(sample(&text, "gradguard_advice_latency_seconds_count").unwrap() >= advice.len() as f64);
     assert!(
-        sample(&text, "gradguard_job_health{job=\"explode\"}").unwrap() >= 2.0,
+        sample(&text, "gradguard_job_health{training_job=\"explode\"}").unwrap() >= 2.0,
         "{text}"
     );
 }
@@ -672,7 +677,7 @@ async fn job_cap_refuses_new_jobs_and_idle_jobs_are_forgotten() {
     let mut rx = first.receiver;
     rx.drain().await.unwrap();
     let text = server.wait_for("the finished job's series to go", |text| {
-        sample(text, "gradguard_active_jobs") == Some(0.0) && !text.contains("job=\"first\"")
+        sample(text, "gradguard_active_jobs") == Some(0.0) && !text.contains("training_job=\"first\"")
     });
     assert_eq!(sample(&text, "gradguard_jobs_refused_total"), Some(1.0));
 
@@ -718,7 +723,7 @@ async fn a_thousand_hello_only_streams_do_not_block_a_new_job() {
     let text = tokio::task::block_in_place(|| server.scrape());
     assert_eq!(sample(&text, "gradguard_active_jobs"), Some(1.0));
     assert_eq!(sample(&text, "gradguard_jobs_refused_total"), Some(0.0));
-    assert!(!text.contains("job=\"squat-"), "squatters have no series");
+    assert!(!text.contains("training_job=\"squat-"), "squatters have no series");
 }
 
 #[test]
@@ -866,11 +871,11 @@ fn unix_now() -> f64 {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_job_exports_the_series_its_alerts_need() {
     let server = Server::start();
-    let job = |name: &str| format!("{name}{{job=\"unacked\"}}");
+    let job = |name: &str| format!("{name}{{training_job=\"unacked\"}}");
     let cfg = config("unacked", Fault::AbruptExplosion, 1);
     let (mut scenario, senders, mut receivers) = open_job(&server.url(), &cfg).await;
     assert!(
-        !server.scrape().contains("job=\"unacked\""),
+        !server.scrape().contains("training_job=\"unacked\""),
         "a Hello alone creates no series"
     );
     let first = scenario.next_step().expect("a first step");
@@ -881,7 +886,7 @@ async fn a_job_exports_the_series_its_alerts_need() {
     for rule in gradguard::model::RuleId::ALL {
         for severity in ["warning", "critical"] {
             let series = format!(
-                "gradguard_anomalies_total{{job=\"unacked\",rule=\"{}\",severity=\"{severity}\"}}",
+                "gradguard_anomalies_total{{rule=\"{}\",severity=\"{severity}\",training_job=\"unacked\"}}",
                 rule.as_str()
             );
             assert_eq!(sample(&text, &series), Some(0.0), "{series}");
@@ -898,7 +903,7 @@ async fn a_job_exports_the_series_its_alerts_need() {
     let text = server.wait_for("the stream to close", |t| {
         sample(t, &job("gradguard_job_streams")) == Some(0.0)
     });
-    let seen = sample(&text, &job("gradguard_job_last_summary_timestamp_seconds")).unwrap();
+    let seen = sample(&text, &job("gradguard_job_last_step_timestamp_seconds")).unwrap();
     assert!(seen >= before - 1.0 && seen <= unix_now() + 1.0, "{seen}");
     let unacked = sample(&text, &job("gradguard_job_advice_unacked")).unwrap();
     assert_eq!(unacked, advice.len().min(64) as f64, "nobody acknowledged anything");
@@ -1016,7 +1021,8 @@ async fn a_rank_that_applied_a_rollback_reports_its_steps_again() {
     );
     // The restored norms, 100× below the abandoned run's, are not a collapse.
     for severity in ["info", "warning", "critical"] {
-        let series = format!("gradguard_anomalies_total{{job=\"rolled\",rule=\"vanishing\",severity=\"{severity}\"}}");
+        let series =
+            format!("gradguard_anomalies_total{{rule=\"vanishing\",severity=\"{severity}\",training_job=\"rolled\"}}");
         assert_eq!(sample(&text, &series).unwrap_or(0.0), 0.0, "{text}");
     }
 }

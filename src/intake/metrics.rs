@@ -48,12 +48,12 @@ impl IntakeMetrics {
             anomalies: vec(
                 "gradguard_anomalies_total",
                 "Anomalies found, by job, rule and severity.",
-                &["job", "rule", "severity"],
+                &["training_job", "rule", "severity"],
             ),
             advice: vec(
                 "gradguard_advice_total",
                 "Advice decided, by job and action.",
-                &["job", "action"],
+                &["training_job", "action"],
             ),
             acks: vec(
                 "gradguard_advice_acks_total",

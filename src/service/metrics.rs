@@ -7,7 +7,7 @@
 //! writer (`recorder::StoreMetrics`), the cluster (`cluster::ClusterMetrics`).
 //!
 //! Names follow the conventions: `gradguard_` prefix, base units, `_total`
-//! counters. Labels are bounded: `job` (capped by `--max-jobs`, and removed
+//! counters. Labels are bounded: `training_job` (the training job, capped by `--max-jobs`, and removed
 //! with the job), `rule`, `severity`, `action`, `reason`; never a step or a rank.
 //! Alerts belong on the counters (`increase(gradguard_anomalies_total[5m]) > 0`):
 //! a one-step spike never shows in a gauge scraped every 15 s.
@@ -46,6 +46,7 @@ pub struct HubMetrics {
     job_lr: GaugeVec,
     job_health: GaugeVec,
     job_last_summary: GaugeVec,
+    job_start: GaugeVec,
     job_streams: GaugeVec,
     job_unacked: GaugeVec,
     /// The intake's per-job series start and end with the hub's jobs.
@@ -103,6 +104,18 @@ pub const LATENCY_BUCKETS: [f64; 14] = [
     50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 500e-3, 1.0,
 ];
 
+/// `gradguard_build_info{version,revision} 1`: which build a target runs
+/// (`revision` is the commit it was built from, see build.rs).
+pub fn register_build_info(r: &Registry) {
+    let opts = Opts::new(
+        "gradguard_build_info",
+        "The running build: its version and revision; always 1.",
+    )
+    .const_label("version", env!("CARGO_PKG_VERSION"))
+    .const_label("revision", env!("GRADGUARD_REVISION"));
+    registered(r, prometheus::Gauge::with_opts(opts).unwrap()).set(1.0);
+}
+
 /// Registers a collector; only a duplicate or malformed name fails, fixed here.
 pub fn registered<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> C {
     r.register(Box::new(c.clone())).expect("a metric registered once");
@@ -111,7 +124,8 @@ pub fn registered<C: prometheus::core::Collector + Clone + 'static>(r: &Registry
 
 impl HubMetrics {
     pub fn register(r: &Registry, intake: IntakeMetrics) -> Self {
-        let job_gauge = |name: &str, help: &str| registered(r, GaugeVec::new(Opts::new(name, help), &["job"]).unwrap());
+        let job_gauge =
+            |name: &str, help: &str| registered(r, GaugeVec::new(Opts::new(name, help), &["training_job"]).unwrap());
         Self {
             advice_dropped: registered(
                 r,
@@ -151,8 +165,13 @@ impl HubMetrics {
                 "Worst open problem of a job: 0 healthy, 1 info, 2 warning, 3 critical.",
             ),
             job_last_summary: job_gauge(
-                "gradguard_job_last_summary_timestamp_seconds",
+                "gradguard_job_last_step_timestamp_seconds",
                 "When the latest summary of a job (any rank) was taken, seconds since the epoch.",
+            ),
+            job_start: job_gauge(
+                "gradguard_job_start_timestamp_seconds",
+                "When this service began tracking a job (its first stream), seconds since the epoch; \
+                 the alerts count a young job's anomaly counters whole, as Prometheus never saw them at 0.",
             ),
             job_streams: job_gauge("gradguard_job_streams", "Worker streams of a job open now."),
             job_unacked: job_gauge(
@@ -166,6 +185,7 @@ impl HubMetrics {
     /// A new job's gauges (and its alerted anomaly counters, at 0).
     pub fn job_gauges(&self, job: &str) -> JobGauges {
         self.intake.new_job(job);
+        self.job_start.with_label_values(&[job]).set(crate::clock::unix_now());
         JobGauges {
             grad_norm: self.job_grad_norm.with_label_values(&[job]),
             loss: self.job_loss.with_label_values(&[job]),
@@ -185,6 +205,7 @@ impl HubMetrics {
             &self.job_lr,
             &self.job_health,
             &self.job_last_summary,
+            &self.job_start,
             &self.job_streams,
             &self.job_unacked,
         ] {

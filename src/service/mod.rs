@@ -150,6 +150,7 @@ impl Service {
         let registry = prometheus::Registry::new();
         #[cfg(target_os = "linux")]
         registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
+        metrics::register_build_info(&registry);
         let intake = IntakeMetrics::register(&registry);
         let hub_metrics = HubMetrics::register(&registry, intake.clone());
         let limits = settings.limits.clone();

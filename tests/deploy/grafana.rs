@@ -99,8 +99,11 @@ fn the_dashboard_has_its_panels_the_job_variable_and_alert_annotations() {
     assert_eq!(ids.len(), count, "panel ids repeat");
 
     // The job variable lists the training jobs, several at once.
-    let job = variable(&d, "job");
-    assert_eq!(job["query"]["query"], "label_values(gradguard_job_health, job)");
+    let job = variable(&d, "training_job");
+    assert_eq!(
+        job["query"]["query"],
+        "label_values(gradguard_job_health, training_job)"
+    );
     assert_eq!(job["multi"], true);
     assert_eq!(job["includeAll"], true);
     assert_eq!(job["datasource"], wanted);
@@ -114,8 +117,12 @@ fn the_dashboard_has_its_panels_the_job_variable_and_alert_annotations() {
     };
     for (what, metric, with) in [
         ("job health overview", "gradguard_job_health", ""),
-        ("global gradient norm per job", "gradguard_job_grad_norm", "by (job)"),
-        ("loss per job", "gradguard_job_loss", "by (job)"),
+        (
+            "global gradient norm per job",
+            "gradguard_job_grad_norm",
+            "by (training_job)",
+        ),
+        ("loss per job", "gradguard_job_loss", "by (training_job)"),
         (
             "anomalies by rule and severity",
             "gradguard_anomalies_total",
@@ -138,7 +145,10 @@ fn the_dashboard_has_its_panels_the_job_variable_and_alert_annotations() {
             m.starts_with("gradguard_job_") || m == "gradguard_anomalies_total" || m == "gradguard_advice_total"
         });
         if per_job && !place.starts_with("variable") {
-            assert!(e.contains(r#"job=~"$job""#), "{place} ignores the job variable: {e}");
+            assert!(
+                e.contains(r#"training_job=~"$training_job""#),
+                "{place} ignores the training_job variable: {e}"
+            );
         }
     }
 }

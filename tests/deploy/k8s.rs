@@ -265,7 +265,10 @@ fn the_manifests_fit_together_and_run_what_exists() {
     assert_eq!(endpoints.len(), 1);
     let port = str_at(&endpoints[0], "port", "the endpoint");
     assert!(svc_ports.iter().any(|p| p["name"].as_str() == Some(port)));
-    assert_eq!(endpoints[0]["honorLabels"].as_bool(), Some(true));
+    assert!(
+        endpoints[0]["honorLabels"].is_badvalue(),
+        "the training job is `training_job`: no honorLabels"
+    );
     assert_eq!(str_at(&endpoints[0], "path", "the endpoint"), "/metrics");
     // Over HTTPS when the metrics port is TLS, trusting the CA in the TLS
     // Secret, and checking a name the certificate carries (Prometheus

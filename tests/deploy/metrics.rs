@@ -4,10 +4,14 @@
 
 use gradguard::scenario::{Fault, ScenarioConfig};
 
+use std::io::Write;
+use std::process::{Command, Stdio};
+
 use crate::common::{self, Server};
 use crate::grafana::dashboard_exprs;
 use crate::prometheus::rule_exprs;
 use crate::promql::metric_names;
+use crate::support::tool;
 
 /// Metrics that exist only in cluster mode (`gradguard serve
 /// --kafka-brokers`): a standalone service never exports them, so they are
@@ -54,7 +58,22 @@ fn every_metric_in_the_alert_rules_and_the_dashboard_is_exported() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let (advice, _) = runtime.block_on(common::play(&server.url(), cfg));
     assert!(!advice[0].is_empty(), "the exploding job got no advice");
-    let exported = exported(&server.scrape());
+    let text = server.scrape();
+    let exported = exported(&text);
+
+    // Prometheus's own lint finds nothing on a live exposition.
+    let lint = lint(&text);
+    assert!(lint.is_empty(), "promtool check metrics: {lint}");
+    let build_info = text
+        .lines()
+        .find(|l| l.starts_with("gradguard_build_info{"))
+        .unwrap_or_else(|| panic!("no gradguard_build_info in {text}"));
+    assert!(
+        build_info.contains(&format!("version=\"{}\"", env!("CARGO_PKG_VERSION")))
+            && build_info.contains("revision=\""),
+        "{build_info}"
+    );
+    assert!(build_info.ends_with(" 1"), "{build_info}");
 
     for name in CLUSTER_ONLY {
         assert!(
@@ -90,4 +109,27 @@ fn every_metric_in_the_alert_rules_and_the_dashboard_is_exported() {
         rule_names >= 10 && checked.len() >= 20,
         "too few names found: {checked:?}"
     );
+}
+
+/// What `promtool check metrics` says of an exposition (empty when clean).
+fn lint(text: &str) -> String {
+    let mut child = Command::new(tool("promtool"))
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run promtool");
+    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.success() && said.trim().is_empty() {
+        String::new()
+    } else {
+        format!("exit {:?}: {said}", out.status.code())
+    }
 }

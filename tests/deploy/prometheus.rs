@@ -68,7 +68,9 @@ fn promtool_checks_the_config_the_rules_and_their_unit_tests() {
 }
 
 #[test]
-fn every_alert_has_a_severity_names_its_job_and_is_unit_tested() {
+fn every_alert_has_a_severity_names_its_job_a_runbook_and_is_unit_tested() {
+    let runbook = read(&repo("deploy/RUNBOOK.md"));
+    let anchors = markdown_anchors(&runbook);
     let tests = yaml(&repo("deploy/prometheus/tests/gradguard_test.yml"));
     // Alerts that some unit test expects to fire.
     let fired: Vec<&str> = list(&tests, "tests")
@@ -103,19 +105,55 @@ fn every_alert_has_a_severity_names_its_job_and_is_unit_tested() {
             );
             let summary = str_at(&rule["annotations"], "summary", name);
             let description = str_at(&rule["annotations"], "description", name);
-            assert!(description.contains("{{ $labels.job }}"), "{name}: {description}");
             if per_job {
-                assert!(summary.contains("{{ $labels.job }}"), "{name}: {summary}");
+                // The training job, never Prometheus's scrape job.
+                for text in [summary, description] {
+                    assert!(text.contains("{{ $labels.training_job }}"), "{name}: {text}");
+                    assert!(!text.contains("$labels.job "), "{name}: {text}");
+                }
+                let expr = str_at(rule, "expr", name);
+                assert!(!expr.contains("(job") && !expr.contains(" job)"), "{name}: {expr}");
             } else {
+                assert!(description.contains("{{ $labels.job }}"), "{name}: {description}");
                 assert!(
                     summary.contains("{{ $labels.job }}") || summary.contains("{{ $labels.instance }}"),
                     "{name}: {summary}"
                 );
             }
             assert!(fired.contains(&name), "no promtool unit test fires {name}");
+            let url = str_at(&rule["annotations"], "runbook_url", name);
+            let (page, anchor) = url
+                .split_once('#')
+                .unwrap_or_else(|| panic!("{name}: runbook_url {url} has no #anchor"));
+            assert!(page.ends_with("/deploy/RUNBOOK.md"), "{name}: {url}");
+            assert!(
+                anchors.iter().any(|a| a == anchor),
+                "{name}: no heading for #{anchor} in deploy/RUNBOOK.md"
+            );
+            assert_eq!(anchor, name.to_lowercase(), "{name}: its section is named after it");
         }
     }
     assert!(alerts >= 10, "only {alerts} alerts");
+}
+
+/// The anchors of a Markdown file's headings, as the project's host makes
+/// them: lower case, spaces to `-`, other punctuation dropped.
+fn markdown_anchors(text: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix('#'))
+        .map(|h| {
+            h.trim_start_matches('#')
+                .trim()
+                .to_lowercase()
+                .chars()
+                .filter_map(|c| match c {
+                    ' ' => Some('-'),
+                    c if c.is_alphanumeric() || c == '-' || c == '_' => Some(c),
+                    _ => None,
+                })
+                .collect()
+        })
+        .collect()
 }
 
 /// A Prometheus on loopback with its own config and storage, killed when dropped.
@@ -126,13 +164,13 @@ struct Prometheus {
 }
 
 impl Prometheus {
-    /// Scrapes `target` every second with the project's scrape settings
+    /// Scrapes `target` every `interval` with the project's scrape settings
     /// (its CA file replaced by `ca`) and evaluates the project's rule files
-    /// every second.
-    fn start(target: SocketAddr, ca: &Path) -> Self {
+    /// as often.
+    fn start(target: SocketAddr, ca: &Path, interval: &str) -> Self {
         let prometheus = tool("prometheus");
         let mut dir = tempfile::tempdir().expect("a temporary directory");
-        std::fs::write(dir.path().join("prometheus.yml"), e2e_config(target, ca)).unwrap();
+        std::fs::write(dir.path().join("prometheus.yml"), e2e_config(target, ca, interval)).unwrap();
         // Prometheus does not listen on port 0: take a port the OS says is
         // free, and try another if it was taken in between.
         for _ in 0..5 {
@@ -255,18 +293,17 @@ impl Drop for Prometheus {
 
 /// A Prometheus config for the end-to-end test: the project's `gradguard`
 /// scrape job aimed at `target` (its scheme, and its TLS settings with the
-/// CA file at `ca`), the project's rule files, one-second scrapes and
-/// evaluations.
-fn e2e_config(target: SocketAddr, ca: &Path) -> String {
+/// CA file at `ca`), the project's rule files, scrapes and evaluations
+/// every `interval`.
+fn e2e_config(target: SocketAddr, ca: &Path, interval: &str) -> String {
     let project = yaml(&repo("deploy/prometheus/prometheus.yml"));
     let job = list(&project, "scrape_configs")
         .iter()
         .find(|c| c["job_name"].as_str() == Some("gradguard"))
         .expect("a `gradguard` scrape job in deploy/prometheus/prometheus.yml");
-    assert_eq!(
-        job["honor_labels"].as_bool(),
-        Some(true),
-        "the rules read the training job from `job`: the scrape job needs honor_labels: true"
+    assert!(
+        job["honor_labels"].is_badvalue(),
+        "the training job is `training_job`: the scrape job needs no honor_labels"
     );
     let path = job["metrics_path"].as_str().unwrap_or("/metrics");
     let scheme = job["scheme"].as_str().unwrap_or("http");
@@ -294,9 +331,9 @@ fn e2e_config(target: SocketAddr, ca: &Path) -> String {
         }
     }
     format!(
-        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+        "global:\n  scrape_interval: {interval}\n  evaluation_interval: {interval}\n\
          rule_files:\n  - {}\n\
-         scrape_configs:\n  - job_name: gradguard\n    honor_labels: true\n    metrics_path: {}\n    \
+         scrape_configs:\n  - job_name: gradguard\n    metrics_path: {}\n    \
          scheme: {}\n{tls}    static_configs:\n      - targets: [{}]\n",
         q(&rules.display().to_string()),
         q(path),
@@ -332,7 +369,7 @@ fn prometheus_fires_the_critical_alert_for_an_exploding_job_and_nothing_for_a_he
     let secrets = Secrets::make();
     let args = secrets.compose_serve_args(REPLICAS[0]);
     let server = Server::start_with(&args.iter().map(String::as_str).collect::<Vec<_>>());
-    let prom = Prometheus::start(server.metrics, &secrets.path("ca.crt"));
+    let prom = Prometheus::start(server.metrics, &secrets.path("ca.crt"), "1s");
     prom.wait("the first scrape of gradguard", 30, |p| {
         let up = p.query(r#"up{job="gradguard"}"#);
         (up.first()?["value"][1] == "1").then_some(())
@@ -376,7 +413,7 @@ fn prometheus_fires_the_critical_alert_for_an_exploding_job_and_nothing_for_a_he
     let alert = prom.wait("GradguardJobCriticalAnomaly firing for e2e-explode", 60, |p| {
         p.alerts().into_iter().find(|a| {
             a["labels"]["alertname"] == "GradguardJobCriticalAnomaly"
-                && a["labels"]["job"] == "e2e-explode"
+                && a["labels"]["training_job"] == "e2e-explode"
                 && a["state"] == "firing"
         })
     });
@@ -391,14 +428,14 @@ fn prometheus_fires_the_critical_alert_for_an_exploding_job_and_nothing_for_a_he
 
     // The healthy job was scraped, and raised nothing, not even pending.
     assert_eq!(
-        prom.query(r#"gradguard_job_health{job="e2e-healthy"}"#).len(),
+        prom.query(r#"gradguard_job_health{training_job="e2e-healthy"}"#).len(),
         1,
         "Prometheus never scraped the healthy job"
     );
     let healthy: Vec<Value> = prom
         .alerts()
         .into_iter()
-        .filter(|a| a["labels"]["job"] == "e2e-healthy")
+        .filter(|a| a["labels"]["training_job"] == "e2e-healthy")
         .collect();
     assert!(healthy.is_empty(), "alerts for the healthy job: {healthy:#?}");
 
@@ -414,6 +451,104 @@ fn prometheus_fires_the_critical_alert_for_an_exploding_job_and_nothing_for_a_he
         ready.as_secs_f64(),
         fired.as_secs_f64(),
         started.elapsed().as_secs_f64()
+    );
+}
+
+/// The scrape and evaluation interval deploy/prometheus/prometheus.yml documents.
+fn documented_interval() -> String {
+    let project = yaml(&repo("deploy/prometheus/prometheus.yml"));
+    let global = &project["global"];
+    let scrape = str_at(global, "scrape_interval", "global").to_owned();
+    assert_eq!(str_at(global, "evaluation_interval", "global"), scrape);
+    scrape
+}
+
+/// The alerts firing now: (alert name, training job, rule) of each.
+fn firing(p: &Prometheus) -> Vec<(String, String, String)> {
+    p.alerts()
+        .into_iter()
+        .filter(|a| a["state"] == "firing")
+        .map(|a| {
+            let label = |k: &str| a["labels"][k].as_str().unwrap_or("").to_owned();
+            (label("alertname"), label("training_job"), label("rule"))
+        })
+        .collect()
+}
+
+#[test]
+fn at_the_documented_interval_a_job_nan_from_its_first_step_and_one_shorter_than_a_scrape_alert_once() {
+    let _turn = common::turn();
+    let interval = documented_interval();
+    let secrets = Secrets::make();
+    let args = secrets.compose_serve_args(REPLICAS[0]);
+    let server = Server::start_with(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let prom = Prometheus::start(server.metrics, &secrets.path("ca.crt"), &interval);
+    prom.wait("the first scrape of gradguard", 60, |p| {
+        let up = p.query(r#"up{job="gradguard"}"#);
+        (up.first()?["value"][1] == "1").then_some(())
+    });
+    // Both jobs start right after a scrape and are over long before the
+    // next: a job NaN from its very first step (its counter is born at 1),
+    // and one NaN at step 10 of 30 (its counter is 0 for milliseconds only).
+    let scraped_at = |p: &Prometheus| {
+        let t = p.query(r#"timestamp(up{job="gradguard"})"#);
+        t.first()?["value"][1].as_str()?.parse::<f64>().ok()
+    };
+    let before = scraped_at(&prom);
+    prom.wait("the next scrape", 60, |p| scraped_at(p).filter(|t| Some(*t) != before));
+    let played = Instant::now();
+    for (job, fault_at) in [("e2e-nan-first", "0"), ("e2e-short", "10")] {
+        simulate(
+            &server,
+            &secrets,
+            &[
+                "--scenario",
+                "nan",
+                "--job",
+                job,
+                "--workers",
+                "1",
+                "--steps",
+                "30",
+                "--fault-at",
+                fault_at,
+            ],
+        );
+    }
+    let took = played.elapsed();
+    let seconds: f64 = interval.trim_end_matches('s').parse().expect("an interval in seconds");
+    assert!(
+        took.as_secs_f64() < seconds,
+        "the two jobs took {took:?}, more than a scrape interval ({interval})"
+    );
+
+    let wanted = ["e2e-nan-first", "e2e-short"];
+    let alerts = prom.wait("GradguardJobCriticalAnomaly firing for both jobs", 120, |p| {
+        let now = firing(p);
+        wanted
+            .iter()
+            .all(|job| {
+                now.iter()
+                    .any(|(name, j, _)| name == "GradguardJobCriticalAnomaly" && j == job)
+            })
+            .then_some(now)
+    });
+    // One alert per job and rule: the critical nonfinite one.
+    for job in wanted {
+        let of_job: Vec<_> = alerts.iter().filter(|(_, j, _)| j == job).collect();
+        assert_eq!(
+            of_job,
+            [&(
+                "GradguardJobCriticalAnomaly".to_owned(),
+                job.to_owned(),
+                "nonfinite".to_owned()
+            )],
+            "{alerts:?}"
+        );
+    }
+    eprintln!(
+        "e2e at {interval}: both critical alerts fired {:.1} s after the jobs ended",
+        played.elapsed().as_secs_f64() - took.as_secs_f64()
     );
 }
 

@@ -296,7 +296,7 @@ def runs(tmp_path_factory):
 
 def _metric(server, job: str) -> float:
     text = urllib.request.urlopen(f"http://{server.metrics}/metrics", timeout=10).read().decode()
-    m = re.search(rf'^gradguard_job_grad_norm{{job="{re.escape(job)}"}} (\S+)$', text, re.MULTILINE)
+    m = re.search(rf'^gradguard_job_grad_norm{{training_job="{re.escape(job)}"}} (\S+)$', text, re.MULTILINE)
     assert m, text
     return float(m.group(1))
 
