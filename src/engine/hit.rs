@@ -166,9 +166,27 @@ pub(crate) fn num(x: f64) -> String {
     }
 }
 
+/// A score (z, spreads) for a message: one decimal, or [`num`]'s form when
+/// huge (a norm 1e11 times its mean is "2.107e15σ", not sixteen digits).
+pub(crate) fn score(z: f64) -> String {
+    if z.is_finite() && z.abs() < 1e4 {
+        format!("{z:.1}")
+    } else {
+        num(z)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scores_keep_one_decimal_until_they_are_huge() {
+        assert_eq!(score(6.04), "6.0");
+        assert_eq!(score(9999.94), "9999.9");
+        assert_eq!(score(2107436077047684.8), "2.107e15");
+        assert_eq!(score(f64::INFINITY), "inf");
+    }
 
     #[test]
     fn numbers_keep_four_significant_digits() {

@@ -10,7 +10,7 @@
 use super::Obs;
 use super::loss::LossTrend;
 use crate::config::Rules;
-use crate::engine::hit::{Emitter, Latch, Proposal, num};
+use crate::engine::hit::{Emitter, Latch, Proposal, num, score};
 use crate::engine::stats::{Ema, Window};
 use crate::model::{RuleId, Severity};
 
@@ -215,8 +215,9 @@ fn spike(state: &mut State, norm: f64, rules: &Rules, record: u64, em: &mut Emit
             z,
             cfg.z,
             format!(
-                "{severe}gradient spike: norm {} is {z:.1}σ above its moving mean {}",
+                "{severe}gradient spike: norm {} is {}σ above its moving mean {}",
                 num(norm),
+                score(z),
                 num(state.ema.mean())
             ),
         );

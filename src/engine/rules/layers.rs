@@ -109,7 +109,11 @@ pub(crate) fn check(state: &mut State, obs: &Obs, rules: &Rules, em: &mut Emitte
                 Severity::Info,
                 l2,
                 max,
-                format!("layer {name} gradient norm {l2:.4} is above the configured maximum {max}"),
+                format!(
+                    "layer {name} gradient norm {} is above the configured maximum {}",
+                    num(l2),
+                    num(max)
+                ),
             )
             .on_layer(name)
             .propose(Proposal::Clip { max_norm });

@@ -9,7 +9,7 @@
 //! spike at the jump it is the classic instability: critical, roll back.
 
 use crate::config::Rules;
-use crate::engine::hit::{Emitter, Latch, Proposal, num};
+use crate::engine::hit::{Emitter, Latch, Proposal, num, score};
 use crate::engine::stats::{SlidingMin, Window};
 use crate::model::{RuleId, Severity};
 
@@ -318,8 +318,9 @@ fn judge_jump(
             z,
             cfg.z,
             format!(
-                "loss {} jumped {z:.1}σ above its median {} of the last {} records",
+                "loss {} jumped {}σ above its median {} of the last {} records",
                 num(loss),
+                score(z),
                 num(median),
                 state.recent.len()
             ),

@@ -18,7 +18,7 @@
 use std::collections::BTreeMap;
 
 use crate::config::Rules;
-use crate::engine::hit::{Emitter, Latch, Proposal, num};
+use crate::engine::hit::{Emitter, Latch, Proposal, num, score as score_text};
 use crate::engine::per_rank::PerRank;
 use crate::engine::stats::median;
 use crate::model::{RuleId, Severity};
@@ -287,8 +287,9 @@ fn judge(
                 score,
                 cfg.k,
                 format!(
-                    "rank {rank} gradient norm {} is {score:.1} spreads from the median {} of {} at step {step}, {how} the normal spread between them (±{:.0}%)",
+                    "rank {rank} gradient norm {} is {} spreads from the median {} of {} at step {step}, {how} the normal spread between them (±{:.0}%)",
                     num(x),
+                    score_text(score),
                     num(med_norm),
                     among(group, entries.len()),
                     (scale.exp() - 1.0) * 100.0
