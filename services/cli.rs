@@ -96,6 +96,10 @@ pub fn auth(command: &AuthCommand) -> Result<ExitCode, Failure> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The server a client command talks to when neither `--server` nor
+/// `GRADGUARD_SERVER` says: a `gradguard serve` on this machine.
+pub const DEFAULT_SERVER: &str = "http://localhost:50051";
+
 /// How a client command proves itself to the server and checks it: TLS
 /// and a bearer token (every command that calls a server has these).
 #[derive(Debug, Clone, Default, Args)]
@@ -159,7 +163,7 @@ impl ClientSecurityArgs {
 #[derive(Debug, Args)]
 pub struct RulesArgs {
     /// Rules file (TOML); the built-in defaults when absent.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", env = "GRADGUARD_RULES")]
     pub rules: Option<PathBuf>,
 
     /// Show this job's rules, with its `[jobs]` override applied.
@@ -188,7 +192,7 @@ pub struct ReplayArgs {
     pub field: Vec<String>,
 
     /// Rules file (TOML); the built-in defaults when absent.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", env = "GRADGUARD_RULES")]
     pub rules: Option<PathBuf>,
 
     /// Write one JSON object per line (anomalies, advice, then a summary).
@@ -201,7 +205,12 @@ pub struct ReplayArgs {
 
     /// Print only anomalies and advice of at least this severity (info, warning,
     /// critical); the summary still counts everything.
-    #[arg(long, value_name = "SEVERITY", default_value = "info")]
+    #[arg(
+        long = "severity",
+        alias = "min-severity",
+        value_name = "SEVERITY",
+        default_value = "info"
+    )]
     pub min_severity: Severity,
 }
 
@@ -277,7 +286,7 @@ pub fn describe(error: &anyhow::Error) -> String {
 
 /// A gRPC status for a message: its code and its message.
 pub fn status_text(status: &tonic::Status) -> String {
-    format!("{:?}: {}", status.code(), status.message())
+    gradguard::client::status_message(status)
 }
 
 /// The rules file of a command that still takes `--config`, the old name of

@@ -32,11 +32,12 @@ use crate::cli::{self, Failure};
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// Rules file (TOML, as for `replay --rules`); the built-in defaults when absent.
-    #[arg(long, value_name = "FILE", env = "GRADGUARD_CONFIG")]
+    #[arg(long, value_name = "FILE", env = "GRADGUARD_RULES")]
     pub rules: Option<PathBuf>,
 
-    /// The old name of `--rules`, still accepted with a deprecation note.
-    #[arg(long, value_name = "FILE", hide = true)]
+    /// The old name of `--rules` (and `GRADGUARD_CONFIG` of `GRADGUARD_RULES`),
+    /// still accepted with a deprecation note.
+    #[arg(long, value_name = "FILE", hide = true, env = "GRADGUARD_CONFIG", hide_env = true)]
     pub config: Option<PathBuf>,
 
     /// Settings file (TOML, `version = 1`): addresses, limits, store, Kafka.
@@ -104,7 +105,7 @@ pub struct ServeArgs {
 
     /// Server messages queued per stream; advice for a worker that does not
     /// read is dropped beyond this (counted in `gradguard_advice_dropped_total`).
-    #[arg(long, default_value_t = defaults::STREAM_QUEUE, value_parser = clap::value_parser!(u64).range(ranges::STREAM_QUEUE))]
+    #[arg(long, default_value_t = defaults::STREAM_QUEUE, value_parser = clap::value_parser!(u64).range(ranges::STREAM_QUEUE), env = "GRADGUARD_STREAM_QUEUE")]
     pub stream_queue: u64,
 
     /// Store reads the Query service runs at once (default: one per CPU, at
@@ -131,7 +132,7 @@ pub struct ServeArgs {
     /// Run without a store (`--data-dir` is ignored): nothing is persisted,
     /// advice goes out without waiting for a disk, and the Query service
     /// answers FAILED_PRECONDITION.
-    #[arg(long)]
+    #[arg(long, env = "GRADGUARD_NO_STORE")]
     pub no_store: bool,
 
     /// How a commit waits for the disk before its advice goes out: `full`
@@ -179,7 +180,7 @@ pub struct ServeArgs {
     pub auth: Option<PathBuf>,
 
     /// Worker threads of the async runtime (default: one per CPU).
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1024), env = "GRADGUARD_THREADS")]
     pub threads: Option<u64>,
 }
 
@@ -192,7 +193,16 @@ pub enum StoreSync {
 pub fn run(args: &ServeArgs, matches: &ArgMatches) -> Result<(), Failure> {
     let source = |id: &str| matches.value_source(id);
     let rules_on_command_line = source("rules") == Some(ValueSource::CommandLine);
-    let rules = cli::rules_file(args.rules.as_deref(), args.config.as_deref(), rules_on_command_line)?;
+    // GRADGUARD_CONFIG, the old name of GRADGUARD_RULES, counts only when
+    // neither --rules nor GRADGUARD_RULES is given.
+    let rules = if source("config") == Some(ValueSource::EnvVariable) {
+        if args.rules.is_none() {
+            cli::warn("gradguard: warning: GRADGUARD_CONFIG is deprecated and will be removed: use GRADGUARD_RULES");
+        }
+        args.rules.clone().or_else(|| args.config.clone())
+    } else {
+        cli::rules_file(args.rules.as_deref(), args.config.as_deref(), rules_on_command_line)?
+    };
     let book = match &rules {
         Some(path) => RuleBook::load(path)
             .with_context(|| format!("--rules {}", path.display()))

@@ -34,9 +34,11 @@ pub enum ClientError {
         detail: String,
         hint: &'static str,
     },
+    #[error("invalid server address {url:?}: {why}")]
+    Address { url: String, why: String },
     #[error("TLS: {0}")]
     Tls(String),
-    #[error("server refused the stream: {0}")]
+    #[error("server refused the stream: {}", status_message(.0))]
     Status(#[from] Status),
     #[error("server ended the stream before its Welcome")]
     NoWelcome,
@@ -142,19 +144,8 @@ pub async fn connect_with(url: &str, security: &ClientSecurity) -> Result<Ingest
 /// files are given), the token on every call; `host:port` is taken as http,
 /// or https with TLS files.
 pub async fn channel(url: &str, security: &ClientSecurity) -> Result<GrpcChannel, ClientError> {
-    let full = if url.contains("://") {
-        url.to_owned()
-    } else if security.wants_tls() {
-        format!("https://{url}")
-    } else {
-        format!("http://{url}")
-    };
+    let full = server_url(url, security)?;
     let tls = full.starts_with("https://");
-    if !tls && security.wants_tls() {
-        return Err(ClientError::Tls(format!(
-            "{url} is plaintext (http://) but TLS files were given: use https://"
-        )));
-    }
     let mut endpoint = Endpoint::from_shared(full).map_err(|source| ClientError::Url {
         url: url.to_owned(),
         source,
@@ -179,6 +170,69 @@ pub async fn channel(url: &str, security: &ClientSecurity) -> Result<GrpcChannel
             hint: hint(tls),
         })?;
     Ok(InterceptedService::new(channel, credentials))
+}
+
+/// The full URL of a server address (`host:port` is http, or https with TLS
+/// files), checked: an `http://` or `https://` URL with a port, and https
+/// when TLS files are given. Commands call it first, to refuse a wrong
+/// `--server` before doing anything.
+pub fn server_url(url: &str, security: &ClientSecurity) -> Result<String, ClientError> {
+    let full = if url.contains("://") {
+        url.to_owned()
+    } else if security.wants_tls() {
+        format!("https://{url}")
+    } else {
+        format!("http://{url}")
+    };
+    check_address(url, &full)?;
+    if !full.starts_with("https://") && security.wants_tls() {
+        return Err(ClientError::Tls(format!(
+            "{url} is plaintext (http://) but TLS files were given: use https://"
+        )));
+    }
+    Ok(full)
+}
+
+/// A server address must be `http://` or `https://` with a host and a port
+/// (a missing port would silently mean 80 or 443, never gradguard's).
+fn check_address(url: &str, full: &str) -> Result<(), ClientError> {
+    let bad = |why: String| ClientError::Address {
+        url: url.to_owned(),
+        why,
+    };
+    let (scheme, rest) = full.split_once("://").unwrap_or(("", full));
+    if scheme != "http" && scheme != "https" {
+        return Err(bad(format!("{scheme}:// is not supported (use http:// or https://)")));
+    }
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let port = match authority.rsplit_once(':') {
+        // An IPv6 address without a port: [::1]
+        Some((host, _)) if authority.ends_with(']') || host.is_empty() => None,
+        Some((_, port)) => Some(port),
+        None => None,
+    };
+    match port {
+        None => Err(bad(format!(
+            "no port (gradguard's gRPC port is 50051 by default: {scheme}://{authority}:50051)"
+        ))),
+        Some(p) if p.parse::<u16>().is_err() => Err(bad(format!("port {p:?} is not a port number"))),
+        Some(_) => Ok(()),
+    }
+}
+
+/// What a status from a server means, in words: `Code: message`, or for a
+/// server that is not gradguard's gRPC port (an HTTP server, such as its
+/// metrics port) what it is.
+pub fn status_message(status: &Status) -> String {
+    let message = status.message();
+    if status.code() == tonic::Code::Unimplemented
+        && let Some(http) = message.split("HTTP status code ").nth(1)
+    {
+        return format!(
+            "not a gRPC server: it answered HTTP {http} (its metrics port? gRPC is serve's --grpc-addr, :50051 by default)"
+        );
+    }
+    format!("{:?}: {message}", status.code())
 }
 
 /// An error and its causes, `: `-separated (tonic's own message is only

@@ -419,3 +419,54 @@ fn jobs_follows_every_page_or_stops_at_the_limit() {
     let last = table.stdout.lines().last().unwrap();
     assert!(last.starts_with("z-\\n\\u{1b}[2Jxxx"), "{last}");
 }
+
+/// A wrong server address says what is wrong with it, in every client command.
+#[test]
+fn a_wrong_server_address_says_what_is_wrong() {
+    let server = common::Server::start();
+    let metrics = format!("http://{}", server.metrics);
+    for command in [
+        vec!["jobs"],
+        vec!["anomalies"],
+        vec!["simulate", "--scenario", "healthy", "--steps", "5"],
+        vec!["follow", "no-such.log"],
+    ] {
+        // The metrics port is HTTP, not gRPC.
+        if command[0] != "follow" {
+            let run = query(&metrics, &command);
+            run.assert_code(1);
+            assert!(
+                run.stderr
+                    .contains("not a gRPC server: it answered HTTP 404 (its metrics port?"),
+                "{command:?}: {}",
+                run.stderr
+            );
+        }
+        for (url, says) in [
+            (
+                "localhost",
+                "no port (gradguard's gRPC port is 50051 by default: http://localhost:50051)",
+            ),
+            (
+                "ftp://localhost:50051",
+                "ftp:// is not supported (use http:// or https://)",
+            ),
+            ("http://localhost:http", "port \"http\" is not a port number"),
+        ] {
+            let run = query(url, &command);
+            run.assert_code(2);
+            assert!(run.stderr.contains(says), "{command:?} --server {url}: {}", run.stderr);
+        }
+    }
+    // simulate reads the same variable and default as the query commands.
+    let run: Run = Command::new(BIN)
+        .args(["simulate", "--scenario", "healthy", "--steps", "5", "--workers", "1"])
+        .env("GRADGUARD_SERVER", &metrics)
+        .output()
+        .unwrap()
+        .into();
+    run.assert_code(1);
+    assert!(run.stderr.contains(&server.metrics.to_string()), "{}", run.stderr);
+    let run = gradguard(&["simulate", "--help"]);
+    assert!(run.stdout.contains("http://localhost:50051"), "{}", run.stdout);
+}

@@ -409,14 +409,14 @@ fn bad_arguments_exit_2() {
 
 #[test]
 fn min_severity_filters_the_lines_but_not_the_summary() {
-    let out = replay(&["--json", "--min-severity", "warning", LLMC_LOG]);
+    let out = replay(&["--json", "--severity", "warning", LLMC_LOG]);
     assert!(out.status.success(), "{}", stderr(&out));
     let lines = json_lines(&out);
     assert_eq!(lines.len(), 1, "only the summary: the healthy run has no warning");
     assert_eq!(lines[0]["kind"], "summary");
     assert!(lines[0]["anomalies"]["info"].as_u64().unwrap() > 0);
 
-    let bad = replay(&["--min-severity", "loud", LLMC_LOG]);
+    let bad = replay(&["--severity", "loud", LLMC_LOG]);
     assert_eq!(bad.status.code(), Some(2));
     assert!(stderr(&bad).contains("loud"), "{}", stderr(&bad));
 }

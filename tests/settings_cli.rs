@@ -16,6 +16,7 @@ fn serve_up(args: &[&str], env: &[(&str, &str)]) -> (String, String) {
         .arg("serve")
         .args(args)
         .env_remove("GRADGUARD_CONFIG")
+        .env_remove("GRADGUARD_RULES")
         .env_remove("GRADGUARD_SETTINGS")
         .envs(env.iter().copied())
         .env("RUST_LOG", "warn")
@@ -40,6 +41,7 @@ fn fails(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
     let out = Command::new(BIN)
         .args(args)
         .env_remove("GRADGUARD_CONFIG")
+        .env_remove("GRADGUARD_RULES")
         .env_remove("GRADGUARD_SETTINGS")
         .envs(env.iter().copied())
         .output()
@@ -71,7 +73,21 @@ fn serve_reads_the_rules_file_from_rules_and_still_from_config_with_a_note() {
 
     let (_, err) = serve_up(&[&LOCAL[..], &["--rules", &good]].concat(), &[]);
     assert!(!err.contains("deprecated"), "{err}");
+    let (_, err) = serve_up(&LOCAL, &[("GRADGUARD_RULES", &good)]);
+    assert!(!err.contains("deprecated"), "{err}");
+    // The old environment variable works, and says so.
     let (_, err) = serve_up(&LOCAL, &[("GRADGUARD_CONFIG", &good)]);
+    assert!(
+        err.contains("GRADGUARD_CONFIG is deprecated") && err.contains("GRADGUARD_RULES"),
+        "{err}"
+    );
+    let (code, err) = fails(&["serve"], &[("GRADGUARD_CONFIG", &bad)]);
+    assert_eq!(code, 2, "GRADGUARD_CONFIG is read: {err}");
+    // A --rules flag beats the old variable, silently.
+    let (_, err) = serve_up(
+        &[&LOCAL[..], &["--rules", &good]].concat(),
+        &[("GRADGUARD_CONFIG", &bad)],
+    );
     assert!(!err.contains("deprecated"), "{err}");
 
     // The old name works, and says so.
@@ -86,7 +102,7 @@ fn serve_reads_the_rules_file_from_rules_and_still_from_config_with_a_note() {
 
     // A --config flag beats the environment variable of --rules, as any flag does;
     // two flags for one file are a usage error.
-    let (code, err) = fails(&["serve", "--config", &bad], &[("GRADGUARD_CONFIG", &good)]);
+    let (code, err) = fails(&["serve", "--config", &bad], &[("GRADGUARD_RULES", &good)]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("grad_spike.z = -1"), "{err}");
     let (code, err) = fails(&["serve", "--rules", &good, "--config", &good], &[]);
@@ -300,4 +316,37 @@ fn the_readme_example_is_a_valid_settings_file_of_the_defaults() {
     let (es, ds) = (e.store.as_ref().unwrap(), d.store.as_ref().unwrap());
     assert_eq!((&es.dir, es.sync, es.retention), (&ds.dir, ds.sync, ds.retention));
     assert_eq!(e.kafka.as_ref().unwrap().brokers.as_deref(), Some("broker1:9092"));
+}
+
+#[test]
+fn every_serve_flag_reads_an_environment_variable() {
+    let out = Command::new(BIN).args(["serve", "--help"]).output().unwrap();
+    let help = String::from_utf8(out.stdout).unwrap();
+    // Each option's block: from its `--flag` line to the next one.
+    let mut blocks: Vec<(String, String)> = Vec::new();
+    for line in help.lines() {
+        let trimmed = line.trim_start();
+        let flag = trimmed
+            .strip_prefix("-h, ")
+            .unwrap_or(trimmed)
+            .strip_prefix("--")
+            .filter(|_| line.starts_with("  "));
+        match flag {
+            Some(rest) => blocks.push((rest.split_whitespace().next().unwrap().to_owned(), line.to_owned())),
+            None => {
+                if let Some((_, text)) = blocks.last_mut() {
+                    text.push_str(line);
+                }
+            }
+        }
+    }
+    let flags: Vec<&str> = blocks.iter().map(|(f, _)| f.as_str()).collect();
+    assert!(flags.len() >= 25 && flags.contains(&"threads"), "{flags:?}");
+    for (flag, text) in &blocks {
+        if flag == "help" {
+            continue;
+        }
+        let wanted = format!("[env: GRADGUARD_{}=", flag.to_uppercase().replace('-', "_"));
+        assert!(text.contains(&wanted), "--{flag} reads no {wanted}...]: {text}");
+    }
 }

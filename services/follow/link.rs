@@ -156,7 +156,7 @@ impl Link {
             .await
             .map_err(|e| match e {
                 ClientError::Connect { detail, .. } => End::Lost(detail),
-                other => End::Fatal(other.to_string()),
+                other => End::Fatal(format!("--server: {other}")),
             })?;
         let hello = proto::Hello {
             job: self.job.clone(),
@@ -305,7 +305,7 @@ impl Link {
 /// What a status that ended (or refused) a stream means for the link: the
 /// service away or busy is waited for; a refusal is final.
 fn ended_by(status: &Status) -> End {
-    let text = format!("{:?}: {}", status.code(), status.message());
+    let text = client::status_message(status);
     match status.code() {
         Code::Unavailable
         | Code::Unknown

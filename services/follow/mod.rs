@@ -52,7 +52,7 @@ pub struct FollowArgs {
     pub path: PathBuf,
 
     /// The gradguard server's gRPC address (`http://host:port`, `https://host:port` for TLS; `host:port` is taken as http).
-    #[arg(long, value_name = "URL", env = "GRADGUARD_SERVER")]
+    #[arg(long, value_name = "URL", env = "GRADGUARD_SERVER", default_value = crate::cli::DEFAULT_SERVER)]
     pub server: String,
 
     /// Send every record as this job (default: the job a record names, else
@@ -101,9 +101,11 @@ pub fn run(args: &FollowArgs) -> Result<ExitCode, Failure> {
     if args.job.as_deref().is_some_and(|j| j.trim().is_empty()) {
         return Err(Failure::usage(anyhow!("--job: must not be empty")));
     }
+    let security = args.security.security()?;
+    gradguard::client::server_url(&args.server, &security).map_err(|e| Failure::usage(anyhow!("--server: {e}")))?;
     let shared = Arc::new(Shared {
         url: args.server.clone(),
-        security: args.security.security()?,
+        security,
         profile: args.profile.clone(),
         json: args.json,
         counts: Mutex::default(),

@@ -12,7 +12,7 @@ pub struct ServerArgs {
         long,
         value_name = "URL",
         env = "GRADGUARD_SERVER",
-        default_value = "http://localhost:50051"
+        default_value = crate::cli::DEFAULT_SERVER
     )]
     pub server: String,
 

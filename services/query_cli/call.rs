@@ -20,7 +20,9 @@ pub(super) fn block_on<T>(work: impl Future<Output = Result<T, Failure>>) -> Res
 pub(super) async fn connect(url: &str, security: &ClientSecurity) -> Result<QueryClient<GrpcChannel>, Failure> {
     match client::channel(url, security).await {
         Ok(channel) => Ok(QueryClient::new(channel).max_decoding_message_size(64 << 20)),
-        Err(e @ ClientError::Url { .. }) => Err(Failure::usage(anyhow!("--server: {e}"))),
+        Err(e @ (ClientError::Url { .. } | ClientError::Address { .. })) => {
+            Err(Failure::usage(anyhow!("--server: {e}")))
+        }
         Err(e @ ClientError::Tls(_)) => Err(Failure::usage(e)),
         Err(e) => Err(Failure::input(e)),
     }

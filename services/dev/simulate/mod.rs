@@ -76,13 +76,9 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Args)]
 pub struct SimulateArgs {
-    /// The gradguard server's gRPC address (`http://host:port`; `host:port` is taken as http).
-    #[arg(
-        long,
-        value_name = "URL",
-        required_unless_present = "kafka_brokers",
-        conflicts_with = "kafka_brokers"
-    )]
+    /// The gradguard server's gRPC address (`http://host:port`, `https://host:port` for TLS; `host:port` is taken as http)
+    /// [default: $GRADGUARD_SERVER, else http://localhost:50051, as the query commands; not with --kafka-brokers].
+    #[arg(long, value_name = "URL", conflicts_with = "kafka_brokers")]
     pub server: Option<String>,
 
     #[command(flatten)]
@@ -266,10 +262,19 @@ fn scenario_config(args: &SimulateArgs, start_time: f64) -> Result<ScenarioConfi
 
 async fn simulate(args: &SimulateArgs, scenario: Scenario) -> Result<ExitCode, Failure> {
     let (events_tx, events) = mpsc::unbounded_channel();
-    let (ranks, target) = match (&args.server, &args.kafka_brokers) {
+    // Without --server nor --kafka-brokers, the query commands' server.
+    let server = args.server.clone().or_else(|| {
+        args.kafka_brokers.is_none().then(|| {
+            std::env::var("GRADGUARD_SERVER")
+                .ok()
+                .filter(|u| !u.is_empty())
+                .unwrap_or_else(|| crate::cli::DEFAULT_SERVER.to_owned())
+        })
+    });
+    let (ranks, target) = match (server, &args.kafka_brokers) {
         (Some(url), _) => (
-            Transport::Grpc(open_ranks(url, &args.security.security()?, &scenario, &events_tx).await?),
-            url.clone(),
+            Transport::Grpc(open_ranks(&url, &args.security.security()?, &scenario, &events_tx).await?),
+            url,
         ),
         (None, Some(brokers)) => {
             let worker = open_kafka(args, brokers, &scenario, &events_tx).await?;
@@ -278,7 +283,7 @@ async fn simulate(args: &SimulateArgs, scenario: Scenario) -> Result<ExitCode, F
                 format!("the Kafka brokers {brokers}"),
             )
         }
-        (None, None) => unreachable!("clap requires --server or --kafka-brokers"),
+        (None, None) => unreachable!("a server is chosen when no brokers are given"),
     };
     // Only the receive tasks hold senders now: the channel closes when all end.
     drop(events_tx);

@@ -172,7 +172,7 @@ pub(super) async fn open_ranks(
 
 fn open_failure(url: &str, security: &ClientSecurity, rank: u32, error: ClientError) -> Failure {
     match error {
-        ClientError::Url { .. } => Failure::usage(anyhow!("--server: {error}")),
+        ClientError::Url { .. } | ClientError::Address { .. } => Failure::usage(anyhow!("--server: {error}")),
         ClientError::Connect { .. } => Failure::input(error),
         ClientError::Tls(_) => Failure::usage(error),
         ClientError::Status(status) => Failure::input(anyhow!(
