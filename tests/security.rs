@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Server, hello};
+use common::{Server, hello, https_get};
 use gradguard::client::{self, ClientError, ClientSecurity, GrpcChannel, WorkerStream};
 use gradguard::proto::{self, query_client::QueryClient};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
@@ -663,29 +663,6 @@ fn the_metrics_port_serves_tls_when_asked() {
     // Plaintext gets no answer.
     let plain = ureq::get(&format!("http://{}/healthz", server.metrics)).call();
     assert!(plain.is_err(), "plaintext /healthz answered: {plain:?}");
-}
-
-/// One HTTP/1.1 GET over TLS, the whole response as text.
-fn https_get(addr: std::net::SocketAddr, roots: rustls::RootCertStore, path: &str) -> String {
-    use std::io::{Read, Write};
-    let config =
-        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
-    let mut tcp = std::net::TcpStream::connect(addr).unwrap();
-    let mut tls = rustls::Stream::new(&mut conn, &mut tcp);
-    write!(
-        tls,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = Vec::new();
-    let _ = tls.read_to_end(&mut out);
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[test]

@@ -281,3 +281,26 @@ pub async fn play(url: &str, cfg: ScenarioConfig) -> (Vec<Vec<proto::Advice>>, F
     }
     (received, scenario.plan().clone())
 }
+
+/// One HTTP/1.1 GET over TLS, the whole response as text.
+pub fn https_get(addr: std::net::SocketAddr, roots: rustls::RootCertStore, path: &str) -> String {
+    use std::io::{Read, Write};
+    let config =
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
+    let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+    let mut tls = rustls::Stream::new(&mut conn, &mut tcp);
+    write!(
+        tls,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    let _ = tls.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}

@@ -1,45 +1,169 @@
-//! deploy/k8s/: the manifests parse, fit together (selectors, port names,
-//! the ConfigMap's keys, volumes) and run what exists: the image the compose
-//! file builds, flags `gradguard serve` takes, a rules file it accepts.
+//! deploy/k8s/ (standalone) and deploy/k8s-kafka/ (the cluster-mode overlay
+//! on it), as `kubectl kustomize` renders them: they pass schema validation
+//! (deploy/validate/k8s.py), fit together (selectors, port names, the
+//! ConfigMap's keys, volumes) and run what exists: the image the compose file
+//! builds, flags `gradguard serve` takes, a rules file it accepts. The
+//! standalone base, run as its pod runs it, is ready with nothing else running.
+//!
+//! The tools (kubectl, kubernetes-validate, the Prometheus Operator's models)
+//! come from the venv of deploy/validate/requirements.txt; without it these
+//! tests fail saying how to make it.
 
 use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
-use yaml_rust2::Yaml;
+use yaml_rust2::{Yaml, YamlLoader};
 
 use crate::containers::{dockerfile_stages, flag_value, gradguard_image, listen_port};
-use crate::support::{ServeFlags, list, repo, scalar, str_at, strings, yaml, yaml_docs};
+use crate::support::{ServeFlags, list, repo, scalar, str_at, strings, yaml};
 
-/// Every document of every manifest, with its file name.
-fn manifests() -> Vec<(String, Yaml)> {
-    let kustomization = yaml(&repo("deploy/k8s/kustomization.yaml"));
-    let resources = strings(list(&kustomization, "resources"));
-    let mut files: Vec<String> = std::fs::read_dir(repo("deploy/k8s"))
+/// Standalone: `kubectl apply -k deploy/k8s`.
+pub const BASE: &str = "deploy/k8s";
+/// Cluster mode over Kafka: `kubectl apply -k deploy/k8s-kafka`.
+pub const KAFKA: &str = "deploy/k8s-kafka";
+
+/// A tool of the validation venv (deploy/validate/requirements.txt). Missing,
+/// it fails the test with how to make the venv: never passes by skipping.
+pub fn venv_tool(name: &str) -> PathBuf {
+    let path = repo("deploy/validate/.venv/bin").join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: the Kubernetes manifest tests need the venv of deploy/validate/requirements.txt \
+         (kubectl, kubernetes-validate, the Prometheus Operator's models), which .ci/run makes: \
+         python3 -m venv deploy/validate/.venv && \
+         deploy/validate/.venv/bin/pip install -r deploy/validate/requirements.txt",
+        path.display()
+    );
+    path
+}
+
+/// The objects `kubectl apply -k DIR` would apply, as `kubectl kustomize` renders them.
+pub fn render(dir: &str) -> Vec<Yaml> {
+    let out = Command::new(venv_tool("kubectl"))
+        .arg("kustomize")
+        .arg(repo(dir))
+        .output()
+        .expect("run kubectl kustomize");
+    assert!(
+        out.status.success(),
+        "kubectl kustomize {dir} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    YamlLoader::load_from_str(&text).unwrap_or_else(|e| panic!("kubectl kustomize {dir}: not YAML: {e}"))
+}
+
+/// The `.yaml` files of a folder of the repository, but its kustomization.
+fn manifest_files(dir: &str) -> Vec<String> {
+    let mut files: Vec<String> = std::fs::read_dir(repo(dir))
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .filter(|f| f.ends_with(".yaml") && f != "kustomization.yaml")
         .collect();
     files.sort();
-    let mut listed = resources.clone();
-    listed.sort();
-    assert_eq!(listed, files, "kustomization.yaml lists every manifest, and only those");
-    resources
-        .iter()
-        .flat_map(|f| {
-            yaml_docs(&repo("deploy/k8s").join(f))
-                .into_iter()
-                .map(move |d| (f.clone(), d))
-        })
-        .collect()
+    files
 }
 
-fn one<'a>(docs: &'a [(String, Yaml)], kind: &str) -> &'a Yaml {
-    let found: Vec<&Yaml> = docs
+#[test]
+fn each_kustomization_lists_every_manifest_of_its_folder() {
+    // The base: every manifest a resource.
+    let base = yaml(&repo(&format!("{BASE}/kustomization.yaml")));
+    let mut resources = strings(list(&base, "resources"));
+    resources.sort();
+    assert_eq!(
+        resources,
+        manifest_files(BASE),
+        "{BASE}: resources, every manifest and only those"
+    );
+    // The overlay: the base, then every other manifest a patch. (Kustomize
+    // refuses a base that contains its overlay, so the overlay is a sibling.)
+    let overlay = yaml(&repo(&format!("{KAFKA}/kustomization.yaml")));
+    let rel = format!("../{}", BASE.rsplit('/').next().unwrap());
+    assert_eq!(strings(list(&overlay, "resources")), [rel], "{KAFKA}: the base, only");
+    let mut patches: Vec<String> = list(&overlay, "patches")
         .iter()
-        .filter(|(_, d)| d["kind"].as_str() == Some(kind))
-        .map(|(_, d)| d)
+        .map(|p| str_at(p, "path", "a patch").to_owned())
         .collect();
-    assert_eq!(found.len(), 1, "one {kind} expected in deploy/k8s");
+    patches.sort();
+    assert_eq!(
+        patches,
+        manifest_files(KAFKA),
+        "{KAFKA}: patches, every manifest and only those"
+    );
+}
+
+#[test]
+fn both_renderings_pass_schema_validation() {
+    let out = Command::new(venv_tool("python"))
+        .arg(repo("deploy/validate/k8s.py"))
+        .args([repo(BASE), repo(KAFKA)])
+        .output()
+        .expect("run deploy/validate/k8s.py");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "deploy/validate/k8s.py {BASE} {KAFKA} failed:\n{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Every object of both was validated, none let through.
+    let objects = render(BASE).len() + render(KAFKA).len();
+    assert_eq!(text.lines().filter(|l| l.starts_with("ok ")).count(), objects, "{text}");
+}
+
+/// Runs deploy/validate/k8s.py on YAML text; (success, its output).
+fn validate_text(text: &str) -> (bool, String) {
+    use std::io::Write;
+    let mut child = Command::new(venv_tool("python"))
+        .arg(repo("deploy/validate/k8s.py"))
+        .arg("-")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run deploy/validate/k8s.py");
+    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[test]
+fn the_validator_refuses_what_a_cluster_would() {
+    let out = Command::new(venv_tool("kubectl"))
+        .arg("kustomize")
+        .arg(repo(BASE))
+        .output()
+        .unwrap();
+    let base = String::from_utf8(out.stdout).unwrap();
+    let (ok, text) = validate_text(&base);
+    assert!(ok, "{text}");
+    // A mistyped field of a built-in kind and of a custom resource, a wrong
+    // type, a kind nobody knows: each fails, by name.
+    for (from, to, object) in [
+        ("  serviceName:", "  servicename:", "StatefulSet/gradguard"),
+        ("honorLabels: true", "honourLabels: true", "ServiceMonitor/gradguard"),
+        ("containerPort: 9464", "containerPort: nine", "StatefulSet/gradguard"),
+        ("interval: 15s", "interval: 15 seconds", "ServiceMonitor/gradguard"),
+        ("kind: Service\n", "kind: Servic\n", "Servic/gradguard"),
+    ] {
+        assert!(base.contains(from), "{from:?} not in the rendered base");
+        let (ok, text) = validate_text(&base.replacen(from, to, 1));
+        assert!(!ok, "{from:?} -> {to:?} was accepted:\n{text}");
+        assert!(
+            text.lines().any(|l| l.starts_with("FAIL ") && l.contains(object)),
+            "{from:?} -> {to:?}: no failure for {object}:\n{text}"
+        );
+    }
+}
+
+fn one<'a>(docs: &'a [Yaml], kind: &str, what: &str) -> &'a Yaml {
+    let found: Vec<&Yaml> = docs.iter().filter(|d| d["kind"].as_str() == Some(kind)).collect();
+    assert_eq!(found.len(), 1, "{what}: one {kind} expected");
     found[0]
 }
 
@@ -52,18 +176,48 @@ fn assert_selects(selector: &Yaml, labels: &Yaml, what: &str) {
     }
 }
 
-#[test]
-fn the_manifests_fit_together_and_run_what_exists() {
-    let docs = manifests();
-    for (file, d) in &docs {
-        assert!(d["apiVersion"].as_str().is_some(), "{file}: no apiVersion");
-        assert!(d["metadata"]["name"].as_str().is_some(), "{file}: no metadata.name");
+/// A rendered deployment that passed the checks both pass.
+pub struct Deployment {
+    pub docs: Vec<Yaml>,
+    /// The gradguard container's arguments.
+    pub args: Vec<String>,
+}
+
+impl Deployment {
+    pub fn kind(&self, kind: &str) -> &Yaml {
+        one(&self.docs, kind, "the rendering")
     }
-    let sts = one(&docs, "StatefulSet");
-    let svc = one(&docs, "Service");
-    let cm = one(&docs, "ConfigMap");
-    let monitor = one(&docs, "ServiceMonitor");
-    one(&docs, "PrometheusRule");
+
+    pub fn container(&self) -> &Yaml {
+        &list(&self.kind("StatefulSet")["spec"]["template"]["spec"], "containers")[0]
+    }
+
+    pub fn replicas(&self) -> i64 {
+        self.kind("StatefulSet")["spec"]["replicas"].as_i64().unwrap_or(1)
+    }
+
+    pub fn config(&self) -> &Yaml {
+        &self.kind("ConfigMap")["data"]
+    }
+}
+
+/// Renders `dir` and checks what holds for the base and the overlay alike:
+/// selectors, ports, flags `gradguard serve` takes, ConfigMap keys, volumes,
+/// the image, TLS, the Secrets, the ServiceMonitor, the rules file.
+fn check_deployment(dir: &str) -> Deployment {
+    let docs = render(dir);
+    for d in &docs {
+        assert!(d["apiVersion"].as_str().is_some(), "{dir}: no apiVersion in {d:?}");
+        assert!(
+            d["metadata"]["name"].as_str().is_some(),
+            "{dir}: no metadata.name in {d:?}"
+        );
+    }
+    let sts = one(&docs, "StatefulSet", dir);
+    let svc = one(&docs, "Service", dir);
+    let cm = one(&docs, "ConfigMap", dir);
+    let monitor = one(&docs, "ServiceMonitor", dir);
+    one(&docs, "PrometheusRule", dir);
     let serve = ServeFlags::load();
 
     let pod = &sts["spec"]["template"];
@@ -117,11 +271,6 @@ fn the_manifests_fit_together_and_run_what_exists() {
             assert!(has_key(str_at(r, "key", name)), "{name}: no such key in the ConfigMap");
         }
     }
-    assert!(
-        flag_value(&args, "--kafka-brokers").is_some(),
-        "the replicas run in cluster mode"
-    );
-
     // Volumes: the rules from the ConfigMap where --rules looks, the data
     // claim where --data-dir points.
     let volumes = list(&pod["spec"], "volumes");
@@ -190,7 +339,7 @@ fn the_manifests_fit_together_and_run_what_exists() {
     // metrics port; over HTTPS when the metrics port is TLS.
     let tls = flag_value(&args, "--tls-cert").is_some();
     let metrics_tls = args.iter().any(|a| a == "--metrics-tls");
-    assert!(tls && metrics_tls, "the replicas run with TLS on both ports");
+    assert!(tls && metrics_tls, "{dir}: the replicas run with TLS on both ports");
     let probes: &[&str] = if tls {
         assert!(c["readinessProbe"]["grpc"].is_badvalue(), "a gRPC probe on a TLS port");
         &["readinessProbe", "livenessProbe"]
@@ -300,6 +449,92 @@ fn the_manifests_fit_together_and_run_what_exists() {
     // The rules file in the ConfigMap is one `gradguard serve --rules` accepts.
     let rules = cm_data[&Yaml::String(rules_key.to_owned())].as_str().unwrap();
     assert_serve_accepts(rules);
+    Deployment { docs, args }
+}
+
+#[test]
+fn the_standalone_base_is_one_replica_with_its_own_store_and_no_broker() {
+    let d = check_deployment(BASE);
+    assert_eq!(d.replicas(), 1, "{BASE}: one replica");
+    assert_eq!(
+        flag_value(&d.args, "--kafka-brokers"),
+        None,
+        "{BASE}: standalone, no --kafka-brokers"
+    );
+    let env = strings(
+        &list(d.container(), "env")
+            .iter()
+            .map(|e| e["name"].clone())
+            .collect::<Vec<_>>(),
+    );
+    assert!(
+        !env.iter().any(|e| e.contains("KAFKA")),
+        "{BASE}: Kafka settings {env:?}"
+    );
+    assert!(
+        d.config()["kafka-brokers"].is_badvalue(),
+        "{BASE}: the ConfigMap names brokers nothing reads"
+    );
+    // The store on the claim (checked with the volumes), not --no-store.
+    assert!(!d.args.iter().any(|a| a == "--no-store"), "{BASE}: {:?}", d.args);
+}
+
+#[test]
+fn the_kafka_overlay_runs_replicas_in_cluster_mode_and_changes_nothing_else() {
+    let d = check_deployment(KAFKA);
+    assert!(d.replicas() > 1, "{KAFKA}: {} replica", d.replicas());
+    // --kafka-brokers from the ConfigMap (the generic checks followed
+    // $(VAR) to the env and its configMapKeyRef to a key that exists).
+    let brokers = flag_value(&d.args, "--kafka-brokers").expect("--kafka-brokers in the overlay");
+    let var = brokers.strip_prefix("$(").and_then(|v| v.strip_suffix(')'));
+    let var = var.unwrap_or_else(|| panic!("--kafka-brokers {brokers}: not from the ConfigMap"));
+    let env = list(d.container(), "env")
+        .iter()
+        .find(|e| e["name"].as_str() == Some(var))
+        .unwrap();
+    let key = str_at(&env["valueFrom"]["configMapKeyRef"], "key", var);
+    let value = str_at(d.config(), key, "the ConfigMap");
+    for broker in value.split(',') {
+        let (host, port) = broker
+            .rsplit_once(':')
+            .unwrap_or_else(|| panic!("{key}: {broker} is not host:port"));
+        assert!(!host.is_empty() && port.parse::<u16>().is_ok(), "{key}: {broker}");
+    }
+
+    // The base, but for the brokers and the replica count.
+    let base = check_deployment(BASE);
+    for kind in ["Service", "ServiceMonitor", "PrometheusRule"] {
+        assert_eq!(d.kind(kind), base.kind(kind), "{KAFKA} changes the {kind}");
+    }
+    let mut extra: Vec<&str> = d.args.iter().map(String::as_str).collect();
+    for a in &base.args {
+        let at = extra
+            .iter()
+            .position(|e| e == a)
+            .unwrap_or_else(|| panic!("{KAFKA} drops {a}"));
+        extra.remove(at);
+    }
+    assert_eq!(
+        extra,
+        ["--kafka-brokers", brokers.as_str()],
+        "{KAFKA}: arguments beyond the base's"
+    );
+    for field in [
+        "volumeMounts",
+        "ports",
+        "readinessProbe",
+        "livenessProbe",
+        "image",
+        "securityContext",
+    ] {
+        assert_eq!(d.container()[field], base.container()[field], "{KAFKA} changes {field}");
+    }
+    let (sts, base_sts) = (d.kind("StatefulSet"), base.kind("StatefulSet"));
+    for field in ["selector", "serviceName", "volumeClaimTemplates"] {
+        assert_eq!(sts["spec"][field], base_sts["spec"][field], "{KAFKA} changes {field}");
+    }
+    let pod = |s: &Yaml| s["spec"]["template"]["spec"]["volumes"].clone();
+    assert_eq!(pod(sts), pod(base_sts), "{KAFKA} changes the volumes");
 }
 
 /// (Secret, key) of every `kubectl create secret` command in deploy/README.md's
