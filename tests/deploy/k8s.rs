@@ -399,7 +399,7 @@ fn check_deployment(dir: &str) -> Deployment {
         let (secret, key) = secret_of(flag);
         assert_eq!((secret.as_str(), key.as_str()), want, "{flag}");
         assert!(
-            created.iter().any(|(s, k)| *s == secret && *k == key),
+            created.iter().any(|(s, k, _)| *s == secret && *k == key),
             "deploy/README.md creates no key {key} in Secret {secret}: {created:?}"
         );
     }
@@ -432,7 +432,7 @@ fn check_deployment(dir: &str) -> Deployment {
         let ca = (str_at(ca, "name", "the CA secret"), str_at(ca, "key", "the CA secret"));
         assert_eq!(ca, ("gradguard-tls", "ca.crt"));
         assert!(
-            created.iter().any(|(s, k)| s == ca.0 && k == ca.1),
+            created.iter().any(|(s, k, _)| s == ca.0 && k == ca.1),
             "deploy/README.md creates no {ca:?}"
         );
         let server_name = str_at(&ep["tlsConfig"], "serverName", "the endpoint's tlsConfig");
@@ -537,9 +537,10 @@ fn the_kafka_overlay_runs_replicas_in_cluster_mode_and_changes_nothing_else() {
     assert_eq!(pod(sts), pod(base_sts), "{KAFKA} changes the volumes");
 }
 
-/// (Secret, key) of every `kubectl create secret` command in deploy/README.md's
-/// code blocks, each key from a file deploy/make-secrets.sh writes.
-fn readme_secrets() -> Vec<(String, String)> {
+/// (Secret, key, file) of every `kubectl create secret` command in
+/// deploy/README.md's code blocks, each key from a file deploy/make-secrets.sh
+/// writes.
+pub fn readme_secrets() -> Vec<(String, String, String)> {
     let readme = crate::support::read(&repo("deploy/README.md"));
     let code: String = readme.split("```").skip(1).step_by(2).collect::<Vec<_>>().join("\n");
     let joined = code.replace("\\\n", " ");
@@ -559,7 +560,7 @@ fn readme_secrets() -> Vec<(String, String)> {
                     crate::secrets::FILES.contains(&file),
                     "deploy/README.md: {file} is not a file deploy/make-secrets.sh writes"
                 );
-                found.push((name.to_owned(), key.to_owned()));
+                found.push((name.to_owned(), key.to_owned(), file.to_owned()));
             }
         }
     }
