@@ -94,6 +94,22 @@ fn each_kustomization_lists_every_manifest_of_its_folder() {
 }
 
 #[test]
+fn the_readmes_apply_both_kustomizations_and_no_other() {
+    for readme in ["README.md", "deploy/README.md"] {
+        let text = crate::support::read(&repo(readme));
+        let code: String = text.split("```").skip(1).step_by(2).collect::<Vec<_>>().join("\n");
+        let mut applied: Vec<&str> = code
+            .lines()
+            .filter_map(|l| l.split("kubectl apply -k ").nth(1))
+            .map(|rest| rest.split_whitespace().next().unwrap().trim_end_matches('/'))
+            .collect();
+        applied.sort();
+        applied.dedup();
+        assert_eq!(applied, [BASE, KAFKA], "{readme}: the `kubectl apply -k` commands");
+    }
+}
+
+#[test]
 fn both_renderings_pass_schema_validation() {
     let out = Command::new(venv_tool("python"))
         .arg(repo("deploy/validate/k8s.py"))
