@@ -79,7 +79,7 @@ def unknown_fields(given: Any, kept: Any, path: str = "") -> list[str]:
     return []
 
 
-def check(doc: Any, version: str) -> str | None:
+def check(doc: Any, versions: list[str]) -> str | None:
     """None when the object is valid, else why not."""
     if not isinstance(doc, dict) or not doc.get("apiVersion") or not doc.get("kind"):
         return "not a Kubernetes object (no apiVersion and kind)"
@@ -92,12 +92,13 @@ def check(doc: Any, version: str) -> str | None:
             return str(e)
         unknown = unknown_fields(doc, parsed.model_dump(by_alias=True, exclude_unset=True, mode="json"))
         return f"unknown fields {unknown}" if unknown else None
-    try:
-        kubernetes_validate.validate(doc, version, strict=True)
-    except kv_utils.SchemaNotFoundError:
-        return f"no schema for {kind} {api_version}: neither a built-in kind nor a known CRD"
-    except kv_utils.ValidationError as e:
-        return f"{'.'.join(str(p) for p in e.path) or '.'}: {e.message}"
+    for version in versions:
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kv_utils.SchemaNotFoundError:
+            return f"no schema for {kind} {api_version} in Kubernetes {version}, and not a known CRD"
+        except kv_utils.ValidationError as e:
+            return f"Kubernetes {version}: {'.'.join(str(p) for p in e.path) or '.'}: {e.message}"
     return None
 
 
@@ -127,7 +128,7 @@ def main() -> int:
         for doc in docs:
             meta = doc if isinstance(doc, dict) else {}
             name = f"{meta.get('kind')}/{(meta.get('metadata') or {}).get('name')}"
-            why = next((f"Kubernetes {v}: {w}" for v in versions if (w := check(doc, v)) is not None), None)
+            why = check(doc, versions)
             if why is None:
                 print(f"ok   {source}: {name}")
             else:
