@@ -1,13 +1,22 @@
 //! Readers for recorded training logs, used by `gradguard replay`.
 //!
-//! Three formats, each in its own module:
+//! Six formats, each in its own module:
 //!
 //! - [`jsonl`]: the project's own trace schema, one JSON object per line;
 //! - [`hf`]: a Hugging Face `trainer_state.json` (its `log_history`);
 //! - [`llmc`]: an llm.c text log, either its `main.log` (`s:STEP trl:LOSS
 //!   lr:LR norm:NORM`) or the training program's standard output (`step N/T |
 //!   loss L (z)| norm G (z)| lr LR | ...` lines amid a banner and evaluation
-//!   output).
+//!   output);
+//! - [`megatron`]: Megatron-LM's and NeMo's `iteration N/ T | ...` lines;
+//! - [`tensorboard`]: TensorBoard event files (TFRecords of `Event`s), whose
+//!   scalars' tags stand for fields through jsonl's table;
+//! - [`csv`]: CSV tables with a header (Lightning's `metrics.csv`, W&B and
+//!   MLflow exports), whose columns stand for fields the same way.
+//!
+//! The binary formats and CSV pull their own records from the input
+//! ([`Source`]); a record's `line` is then the event record's number
+//! (tensorboard) or the row's first line (csv).
 //!
 //! [`Reader::open`] picks the format (given, or detected from the file name and
 //! its first lines, see [`Format::detect`]) and yields one [`Entry`] per input
@@ -25,10 +34,13 @@
 //! - values are passed through as read, non-finite ones included (reporting them
 //!   is the engine's job); no input makes a reader panic.
 
+pub mod csv;
 pub mod hf;
 pub mod jsonl;
 pub mod llmc;
 pub mod megatron;
+mod scalars;
+pub mod tensorboard;
 
 use std::borrow::Cow;
 use std::collections::BTreeSet;
@@ -55,10 +67,22 @@ pub enum Format {
     Hf,
     Llmc,
     Megatron,
+    Tensorboard,
+    Csv,
 }
 
+/// The format names, as error messages list them.
+const NAMES: &str = "jsonl, hf, llmc, megatron, tensorboard or csv";
+
 impl Format {
-    pub const ALL: [Format; 4] = [Format::Jsonl, Format::Hf, Format::Llmc, Format::Megatron];
+    pub const ALL: [Format; 6] = [
+        Format::Jsonl,
+        Format::Hf,
+        Format::Llmc,
+        Format::Megatron,
+        Format::Tensorboard,
+        Format::Csv,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -66,6 +90,32 @@ impl Format {
             Format::Hf => "hf",
             Format::Llmc => "llmc",
             Format::Megatron => "megatron",
+            Format::Tensorboard => "tensorboard",
+            Format::Csv => "csv",
+        }
+    }
+
+    /// What a [`Skipped`]'s `line` counts in this format.
+    pub fn unit(self) -> &'static str {
+        match self {
+            Format::Tensorboard => "record",
+            Format::Hf => "entry",
+            _ => "line",
+        }
+    }
+
+    /// The format a file name alone settles: `trainer_state.json` (hf),
+    /// `events.out.tfevents.*` (tensorboard), `*.csv` (csv).
+    pub fn by_name(path: &Path) -> Option<Format> {
+        let name = path.file_name()?.to_str()?;
+        if name == "trainer_state.json" {
+            Some(Format::Hf)
+        } else if name.starts_with("events.out.tfevents.") {
+            Some(Format::Tensorboard)
+        } else if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("csv")) {
+            Some(Format::Csv)
+        } else {
+            None
         }
     }
 
@@ -74,16 +124,22 @@ impl Format {
     /// `step N/T |` line when the first line settles nothing). `None` when
     /// nothing fits.
     ///
-    /// A file named `trainer_state.json`, a first line that is a lone `{` (a
-    /// pretty-printed JSON document) or that mentions `"log_history"` is hf; any
-    /// other first line starting with `{` is jsonl; `s:123 ...` is llmc
-    /// (`main.log`). Otherwise, a `step N/T |` line anywhere in `head` is llmc
-    /// (standard output, whose first lines are a banner). Blank lines and `#`
-    /// comments are passed over; with no content at all, the extension decides
-    /// (`.jsonl`/`.ndjson`: jsonl, `.json`: hf, `.log`: llmc).
+    /// A name [`Format::by_name`] knows settles it; so does a first TFRecord
+    /// header whose length checksum verifies (tensorboard). A first line that
+    /// is a lone `{` (a pretty-printed JSON document) or that mentions
+    /// `"log_history"` is hf; any other first line starting with `{` is jsonl;
+    /// `s:123 ...` is llmc (`main.log`); a comma-separated header with a step
+    /// column and a column of another field is csv. Otherwise, a `step N/T |`
+    /// line anywhere in `head` is llmc (standard output, whose first lines are
+    /// a banner). Blank lines and `#` comments are passed over; with no content
+    /// at all, the extension decides (`.jsonl`/`.ndjson`: jsonl, `.json`: hf,
+    /// `.log`: llmc).
     pub fn detect(path: &Path, head: &[u8]) -> Option<Format> {
-        if path.file_name().is_some_and(|n| n == "trainer_state.json") {
-            return Some(Format::Hf);
+        if let Some(format) = Format::by_name(path) {
+            return Some(format);
+        }
+        if tensorboard::looks_like(head) {
+            return Some(Format::Tensorboard);
         }
         let head = head.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(head);
         let mut lines = head
@@ -123,6 +179,8 @@ impl Format {
             Some(Format::Jsonl)
         } else if llmc::looks_like(first) {
             Some(Format::Llmc)
+        } else if csv::looks_like_header(first) {
+            Some(Format::Csv)
         } else {
             None
         }
@@ -145,7 +203,7 @@ impl FromStr for Format {
         Format::ALL
             .into_iter()
             .find(|f| f.as_str() == s)
-            .ok_or_else(|| format!("unknown trace format {s:?} (expected jsonl, hf, llmc or megatron)"))
+            .ok_or_else(|| format!("unknown trace format {s:?} (expected {NAMES})"))
     }
 }
 
@@ -179,7 +237,7 @@ pub enum TraceError {
     Open { path: String, source: io::Error },
     #[error("cannot read {path}: {source}")]
     Read { path: String, source: io::Error },
-    #[error("cannot tell the format of {path} (use --format jsonl, hf, llmc or megatron)")]
+    #[error("cannot tell the format of {path} (use --format {NAMES})")]
     Undetected { path: String },
     #[error("{path} is not a valid {format} trace: {message}")]
     Invalid {
@@ -214,8 +272,29 @@ enum Inner {
         parse: ParseLine,
     },
     Entries(std::vec::IntoIter<Entry>),
+    /// A reader that frames its own records (tensorboard, csv).
+    Stream(Box<dyn Source>),
     /// After a read error: nothing more.
     Done,
+}
+
+/// A format that pulls its records from the input itself, one at a time.
+pub(crate) trait Source {
+    /// The next entry, reading names through `fields` and noting the names
+    /// of no field in `ignored`; `None` at the end.
+    fn next_entry(
+        &mut self,
+        fields: &jsonl::FieldMap,
+        ignored: &mut BTreeSet<String>,
+    ) -> Option<Result<Entry, SourceError>>;
+}
+
+/// Why a [`Source`] cannot go on.
+#[derive(Debug)]
+pub(crate) enum SourceError {
+    Read(io::Error),
+    /// The input as a whole is not of the format: why.
+    Invalid(String),
 }
 
 impl Reader {
@@ -246,7 +325,7 @@ impl Reader {
         format: Option<Format>,
     ) -> Result<Reader, TraceError> {
         let name = path.display().to_string();
-        let (format, input) = match format {
+        let (format, input) = match format.or_else(|| Format::by_name(path)) {
             Some(f) => (f, input),
             None => {
                 let (head, rest) = read_detection_head(input).map_err(|source| TraceError::Read {
@@ -271,7 +350,22 @@ impl Reader {
         job: &str,
     ) -> Result<Reader, TraceError> {
         let mut input: Box<dyn BufRead> = Box::new(input);
+        if matches!(format, Format::Tensorboard | Format::Csv) {
+            let source: Box<dyn Source> = if format == Format::Tensorboard {
+                Box::new(tensorboard::Reader::new(input, job))
+            } else {
+                Box::new(csv::Reader::new(input, job))
+            };
+            return Ok(Reader {
+                path: name.to_owned(),
+                format,
+                inner: Inner::Stream(source),
+                ignored: BTreeSet::new(),
+                fields: jsonl::FieldMap::default(),
+            });
+        }
         let parse: ParseLine = match format {
+            Format::Tensorboard | Format::Csv => unreachable!("read above"),
             Format::Jsonl => jsonl::parse_line,
             Format::Megatron => megatron::parse_line,
             Format::Llmc => {
@@ -327,14 +421,16 @@ impl Reader {
         self.format
     }
 
-    /// Reads the user's keys for fields (jsonl; other formats have fixed names).
+    /// Reads the user's keys for fields (jsonl, tensorboard, csv; the other
+    /// formats have fixed names).
     pub fn with_fields(mut self, fields: jsonl::FieldMap) -> Self {
         self.fields = fields;
         self
     }
 
-    /// The keys of the jsonl lines read so far that are no gradguard field
-    /// and were ignored (the first [`jsonl::MAX_IGNORED`] names).
+    /// The keys of the jsonl lines (the tags, the columns) read so far that
+    /// are no gradguard field and were ignored (the first
+    /// [`jsonl::MAX_IGNORED`] names).
     pub fn ignored_keys(&self) -> &BTreeSet<String> {
         &self.ignored
     }
@@ -359,6 +455,21 @@ impl Iterator for Reader {
         else {
             return match &mut self.inner {
                 Inner::Entries(entries) => entries.next().map(Ok),
+                Inner::Stream(source) => {
+                    let next = source.next_entry(&self.fields, &mut self.ignored)?;
+                    let path = self.path.clone();
+                    let error = match next {
+                        Ok(entry) => return Some(Ok(entry)),
+                        Err(SourceError::Read(source)) => TraceError::Read { path, source },
+                        Err(SourceError::Invalid(message)) => TraceError::Invalid {
+                            path,
+                            format: self.format,
+                            message,
+                        },
+                    };
+                    self.inner = Inner::Done;
+                    Some(Err(error))
+                }
                 _ => None,
             };
         };
@@ -462,10 +573,16 @@ fn read_head(
     }
 }
 
-/// Reads what [`Format::detect`] needs: up to the first line with content, or
-/// when that line settles nothing, on to the first llm.c standard-output step
-/// line (within [`DETECT_LIMIT`]).
-fn read_detection_head(input: Box<dyn BufRead>) -> io::Result<(Vec<u8>, Box<dyn BufRead>)> {
+/// Reads what [`Format::detect`] needs: a first TFRecord header (12 bytes),
+/// else up to the first line with content, or when that line settles nothing,
+/// on to the first llm.c standard-output step line (within [`DETECT_LIMIT`]).
+fn read_detection_head(mut input: Box<dyn BufRead>) -> io::Result<(Vec<u8>, Box<dyn BufRead>)> {
+    let mut start = Vec::with_capacity(12);
+    (&mut input).take(12).read_to_end(&mut start)?;
+    if tensorboard::looks_like(&start) {
+        return Ok((start, input));
+    }
+    let input = Box::new(Cursor::new(start).chain(input));
     let mut first = true;
     read_head(input, |line| {
         let settled = (first && Format::by_first_line(line).is_some())
@@ -477,7 +594,7 @@ fn read_detection_head(input: Box<dyn BufRead>) -> io::Result<(Vec<u8>, Box<dyn 
 }
 
 /// The job of records that do not name one: `stdin`, or the file stem (hf: the
-/// run directory).
+/// run directory; tensorboard: the directory of the event file).
 pub fn default_job(path: &Path, format: Format) -> String {
     if path == Path::new("-") {
         return "stdin".to_owned();
@@ -486,6 +603,11 @@ pub fn default_job(path: &Path, format: Format) -> String {
         && let Some(dir) = hf::run_dir(path)
     {
         return dir;
+    }
+    if format == Format::Tensorboard
+        && let Some(dir) = path.parent().and_then(|p| p.file_name())
+    {
+        return dir.to_string_lossy().into_owned();
     }
     path.file_stem()
         .map(|s| s.to_string_lossy().into_owned())
@@ -568,7 +690,10 @@ mod tests {
         assert_eq!("jsonl".parse::<Format>(), Ok(Format::Jsonl));
         assert_eq!("hf".parse::<Format>(), Ok(Format::Hf));
         assert_eq!("llmc".parse::<Format>(), Ok(Format::Llmc));
-        assert!("csv".parse::<Format>().unwrap_err().contains("\"csv\""));
+        assert_eq!("csv".parse::<Format>(), Ok(Format::Csv));
+        assert_eq!("tensorboard".parse::<Format>(), Ok(Format::Tensorboard));
+        let err = "xml".parse::<Format>().unwrap_err();
+        assert!(err.contains("\"xml\"") && err.contains("tensorboard or csv"), "{err}");
     }
 
     #[test]
@@ -587,7 +712,8 @@ mod tests {
 
     #[test]
     fn unknown_content_is_not_detected() {
-        assert_eq!(detect("a.txt", "step,loss\n1,2.0\n"), None);
+        assert_eq!(detect("a.txt", "epoch,acc\n1,2.0\n"), None);
+        assert_eq!(detect("a.txt", "step,epoch\n1,2.0\n"), None, "no column of a field");
         assert_eq!(detect("a.log", "hello world\n"), None);
         assert_eq!(detect("a.txt", "s:x trl:1\n"), None);
         assert_eq!(detect("a.txt", ""), None);
