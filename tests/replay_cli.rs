@@ -404,7 +404,11 @@ fn undetectable_file_fails_but_others_replay() {
 fn bad_arguments_exit_2() {
     assert_eq!(replay(&[]).status.code(), Some(2));
     assert_eq!(replay(&["--format", "xml", "x"]).status.code(), Some(2));
-    assert_eq!(replay(&["--records", "x"]).status.code(), Some(2), "--records needs --json");
+    assert_eq!(
+        replay(&["--records", "x"]).status.code(),
+        Some(2),
+        "--records needs --json"
+    );
     assert_eq!(replay(&["-", "-"]).status.code(), Some(2));
 }
 

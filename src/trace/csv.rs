@@ -24,8 +24,9 @@
 //!
 //! **Long tables**, one row per value: a header with `key`, `value` and a step
 //! column, and perhaps `timestamp` (MLflow's metric history). The rows are
-//! pivoted to one record per step, in step order; unlike a wide table, such a
-//! file is read whole before its first record.
+//! pivoted to one record per step, in step order (the time of a step: its
+//! last row's); unlike a wide table, such a file is read whole before its
+//! first record.
 //!
 //! A time over 10^11 is taken for milliseconds (MLflow's timestamps) and read
 //! as seconds. A row whose step or value cannot be read is a [`Skipped`] line
@@ -84,6 +85,7 @@ enum Layout {
         step: usize,
         key: usize,
         value: usize,
+        time: Option<usize>,
     },
 }
 
@@ -186,8 +188,9 @@ impl Reader {
             })?;
         let index = |name: &str| names.iter().position(|n| n == name);
         if let (Some(key), Some(value)) = (index("key"), index("value")) {
+            let time = (names.iter()).position(|n| scalars::slot(n, fields).is_some_and(|(f, _)| f == TIME));
             self.names = names;
-            return Ok(Layout::Long { step, key, value });
+            return Ok(Layout::Long { step, key, value, time });
         }
         let mut jobs = vec![self.job.clone()];
         let mut columns = Vec::new();
@@ -283,7 +286,7 @@ impl Reader {
     /// Reads a whole long table and queues its records in step order.
     fn long(
         &mut self,
-        (step_at, key, value): (usize, usize, usize),
+        (step_at, key, value, time): (usize, usize, usize, Option<usize>),
         fields: &FieldMap,
         ignored: &mut BTreeSet<String>,
     ) -> Result<(), SourceError> {
@@ -308,11 +311,15 @@ impl Reader {
                 scalars::note_ignored(ignored, &name);
                 continue;
             };
+            let when = time.and_then(|t| self.cell(t)).and_then(|t| scalars::float(&t));
             match scalars::float(&text) {
-                Some(x) => steps
-                    .entry(step)
-                    .or_insert_with(|| Gather::new(step, line))
-                    .put(slot, seconds(slot, x)),
+                Some(x) => {
+                    let g = steps.entry(step).or_insert_with(|| Gather::new(step, line));
+                    g.put(slot, seconds(slot, x));
+                    if let Some(t) = when {
+                        g.put((TIME, usize::MAX - 1), seconds((TIME, 0), t));
+                    }
+                }
                 None => {
                     let reason = format!("key {:?}: expected a number, got {:?}", short(&name), short(&text));
                     self.out.push_back(Err(Skipped { line, reason }));
@@ -370,9 +377,9 @@ impl Reader {
             None => self.header(fields, ignored)?,
         };
         match &layout {
-            Layout::Long { step, key, value } => {
+            Layout::Long { step, key, value, time } => {
                 self.done = true;
-                self.long((*step, *key, *value), fields, ignored)?;
+                self.long((*step, *key, *value, *time), fields, ignored)?;
             }
             Layout::Wide { step, columns, jobs } => {
                 if self.read_row()? {
@@ -436,5 +443,207 @@ impl<R: Read> Read for LineCap<R> {
             ));
         }
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::trace::Record;
+    use std::io::Cursor;
+
+    fn read_with(text: &[u8], fields: &FieldMap) -> (Result<Vec<Entry>, String>, BTreeSet<String>) {
+        let mut reader = Reader::new(Box::new(Cursor::new(text.to_vec())), "file");
+        let mut ignored = BTreeSet::new();
+        let mut out = Vec::new();
+        while let Some(e) = reader.next_entry(fields, &mut ignored) {
+            match e {
+                Ok(e) => out.push(e),
+                Err(SourceError::Invalid(m)) => return (Err(m), ignored),
+                Err(SourceError::Read(e)) => return (Err(e.to_string()), ignored),
+            }
+        }
+        (Ok(out), ignored)
+    }
+
+    fn records(text: &str) -> Vec<Record> {
+        let (entries, _) = read_with(text.as_bytes(), &FieldMap::default());
+        entries.unwrap().into_iter().map(Result::unwrap).collect()
+    }
+
+    fn error(text: &[u8]) -> String {
+        read_with(text, &FieldMap::default()).0.unwrap_err()
+    }
+
+    /// (line, step, loss, grad_norm, lr)
+    type Row = (usize, u64, Option<f64>, Option<f64>, Option<f64>);
+
+    fn rows(records: &[Record]) -> Vec<Row> {
+        records
+            .iter()
+            .map(|r| {
+                (
+                    r.line,
+                    r.summary.step,
+                    r.summary.loss,
+                    r.summary.grad_norm,
+                    r.summary.lr,
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn lightning_metrics_merge_a_steps_rows() {
+        // CSVLogger: sorted columns, \r\n, a validation row after the train row
+        // of the same step, an epoch-end row.
+        let text = "epoch,grad_2.0_norm_total,lr-SGD,step,train_loss,val_loss\r\n\
+                    0,1.5,0.1,1,2.5,\r\n\
+                    0,1.25,0.1,2,nan,\r\n\
+                    0,,,2,,2.75\r\n\
+                    1,inf,0.05,3,2.0,\r\n\
+                    1,,,4,,2.5\r\n";
+        let (entries, ignored) = read_with(text.as_bytes(), &FieldMap::default());
+        let recs: Vec<Record> = entries.unwrap().into_iter().map(Result::unwrap).collect();
+        let got = rows(&recs);
+        assert_eq!(got[0], (2, 1, Some(2.5), Some(1.5), Some(0.1)));
+        assert_eq!((got[1].0, got[1].1, got[1].3), (3, 2, Some(1.25)));
+        assert!(got[1].2.unwrap().is_nan());
+        assert_eq!(got[2], (5, 3, Some(2.0), Some(f64::INFINITY), Some(0.05)));
+        assert_eq!(got.len(), 3, "step 4 holds only a validation value");
+        assert_eq!(recs[0].job, "file");
+        assert_eq!(ignored.into_iter().collect::<Vec<_>>(), ["epoch", "val_loss"]);
+    }
+
+    #[test]
+    fn wandb_history_and_panel_exports() {
+        let recs = records(
+            "\u{feff}_step,train/loss,_runtime,_timestamp,train/grad_norm\n\
+             0,3.5,1.2,1700000000.5,1.0\n\
+             1,3.25,2.4,1700000001.5,\n",
+        );
+        assert_eq!(
+            rows(&recs),
+            [(2, 0, Some(3.5), Some(1.0), None), (3, 1, Some(3.25), None, None)]
+        );
+        assert_eq!(recs[0].summary.time, Some(1_700_000_000.5));
+
+        // A panel export of two runs: one job per run; __MIN/__MAX passed over.
+        let text = "\"Step\",\"run-a - train/loss\",\"run-a - train/loss__MIN\",\"run-a - train/loss__MAX\",\"run-b - train/loss\"\n\
+                    10,2.5,2.4,2.6,3.5\n\
+                    20,,,,3.25\n";
+        let (entries, ignored) = read_with(text.as_bytes(), &FieldMap::default());
+        let recs: Vec<Record> = entries.unwrap().into_iter().map(Result::unwrap).collect();
+        let got: Vec<(&str, u64, Option<f64>)> = recs
+            .iter()
+            .map(|r| (r.job.as_str(), r.summary.step, r.summary.loss))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("run-a", 10, Some(2.5)),
+                ("run-b", 10, Some(3.5)),
+                ("run-b", 20, Some(3.25))
+            ]
+        );
+        assert!(ignored.is_empty(), "{ignored:?}");
+    }
+
+    #[test]
+    fn long_tables_are_pivoted_by_step() {
+        // MLflow's metric history: grouped by key, timestamps in milliseconds.
+        let recs = records(
+            "key,value,timestamp,step\n\
+             loss,2.5,1700000000000,1\n\
+             loss,2.25,1700000001000,2\n\
+             lr,0.1,1700000000000,1\n\
+             lr,0.1,1700000001000,2\n\
+             grad_norm,NaN,1700000001000,2\n\
+             accuracy,0.5,1700000001000,2\n",
+        );
+        let got = rows(&recs);
+        assert_eq!(got[0], (2, 1, Some(2.5), None, Some(0.1)));
+        assert_eq!((got[1].0, got[1].1, got[1].2), (3, 2, Some(2.25)));
+        assert!(got[1].3.unwrap().is_nan());
+        assert_eq!(
+            recs[0].summary.time,
+            Some(1_700_000_000.0),
+            "milliseconds read as seconds"
+        );
+    }
+
+    #[test]
+    fn bad_cells_are_skipped_with_their_line_and_column() {
+        let text = "step,loss\n1,2.0\n\n2,abc\n-3,1.0\n,1.0\n4.0,1.5\n";
+        let (entries, _) = read_with(text.as_bytes(), &FieldMap::default());
+        let entries = entries.unwrap();
+        let skips: Vec<(usize, String)> = entries
+            .iter()
+            .filter_map(|e| e.as_ref().err())
+            .map(|s| (s.line, s.reason.clone()))
+            .collect();
+        assert_eq!(
+            skips,
+            [
+                (4, "column \"loss\": expected a number, got \"abc\"".to_owned()),
+                (
+                    5,
+                    "column \"step\": expected an unsigned integer, got \"-3\"".to_owned()
+                ),
+                (6, "column \"step\" (the step) is empty".to_owned()),
+            ]
+        );
+        let steps: Vec<u64> = entries
+            .iter()
+            .filter_map(|e| e.as_ref().ok())
+            .map(|r| r.summary.step)
+            .collect();
+        assert_eq!(steps, [1, 4]);
+    }
+
+    #[test]
+    fn a_header_without_the_needed_columns_is_an_error_naming_them() {
+        let e = error(b"epoch,acc\n1,0.5\n");
+        assert!(
+            e.starts_with(
+                "no step column in the header (columns: epoch, acc); a step column is named step or global_step"
+            ),
+            "{e}"
+        );
+        let e = error(b"step,epoch,val_loss\n1,0,2.0\n");
+        assert!(
+            e.starts_with("no column of a field in the header (columns: step, epoch, val_loss); it needs one for loss, grad_norm, lr, loss_scale"),
+            "{e}"
+        );
+        assert_eq!(error(b""), "the file is empty: no header line");
+        assert_eq!(error(b"\xff\xfe\x00junk,\x80\n"), "the header line is not UTF-8 text");
+        let mut long = b"step,loss\n".to_vec();
+        long.extend(std::iter::repeat_n(b'1', MAX_LINE + 10));
+        assert!(error(&long).contains("a line is longer than 16 MiB"));
+        // Only a header: no records, no error (replay says none was read).
+        assert!(read_with(b"step,loss\n", &FieldMap::default()).0.unwrap().is_empty());
+    }
+
+    #[test]
+    fn field_map_names_columns() {
+        let mut fields = FieldMap::default();
+        fields.add("step=Iter").unwrap();
+        fields.add("loss=Value").unwrap();
+        let (entries, _) = read_with(b"Wall time,Iter,Value\n1700000000.5,3,0.75\n", &fields);
+        let r = entries.unwrap().remove(0).unwrap();
+        assert_eq!(
+            (r.summary.step, r.summary.loss, r.summary.time),
+            (3, Some(0.75), Some(1_700_000_000.5))
+        );
+    }
+
+    #[test]
+    fn detects_headers() {
+        assert!(looks_like_header(b"epoch,step,train_loss,lr-SGD"));
+        assert!(looks_like_header(b"\"Step\",\"run - train/loss\""));
+        assert!(looks_like_header(b"key,value,timestamp,step"));
+        assert!(!looks_like_header(b"step,epoch"));
+        assert!(!looks_like_header(b"loss,lr"));
+        assert!(!looks_like_header(b"step loss"));
     }
 }

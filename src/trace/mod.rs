@@ -36,13 +36,14 @@
 
 pub mod csv;
 pub mod hf;
+mod json;
 pub mod jsonl;
+mod lines;
 pub mod llmc;
 pub mod megatron;
 mod scalars;
 pub mod tensorboard;
 
-use std::borrow::Cow;
 use std::collections::BTreeSet;
 use std::fmt;
 use std::fs::File;
@@ -51,6 +52,8 @@ use std::path::Path;
 use std::str::FromStr;
 
 use crate::model::Summary;
+pub(crate) use json::{number, quote_nonfinite, show};
+use lines::{Line, read_detection_head, read_head, read_line};
 
 /// The longest line a line-based reader accepts; a longer one is skipped, so a
 /// file without newlines cannot make the reader buffer it whole.
@@ -506,93 +509,6 @@ impl Iterator for Reader {
     }
 }
 
-enum Line {
-    Ok,
-    TooLong,
-    Eof,
-}
-
-/// Reads one line into `buf` without its `\n` or `\r\n`. A line over
-/// [`MAX_LINE`] is consumed to its end but not kept.
-fn read_line(input: &mut dyn BufRead, buf: &mut Vec<u8>) -> io::Result<Line> {
-    buf.clear();
-    let n = input.take(MAX_LINE as u64 + 1).read_until(b'\n', buf)?;
-    if n == 0 {
-        return Ok(Line::Eof);
-    }
-    if buf.last() == Some(&b'\n') {
-        buf.pop();
-        if buf.last() == Some(&b'\r') {
-            buf.pop();
-        }
-        return Ok(Line::Ok);
-    }
-    if buf.len() <= MAX_LINE {
-        return Ok(Line::Ok); // the last line, without a newline
-    }
-    // Discard the rest of the over-long line, chunk by chunk.
-    loop {
-        let chunk = input.fill_buf()?;
-        if chunk.is_empty() {
-            break;
-        }
-        match chunk.iter().position(|&b| b == b'\n') {
-            Some(i) => {
-                input.consume(i + 1);
-                break;
-            }
-            None => {
-                let len = chunk.len();
-                input.consume(len);
-            }
-        }
-    }
-    buf.clear();
-    Ok(Line::TooLong)
-}
-
-/// Reads lines up to and including the first one with content (neither blank
-/// nor a `#` comment) that `enough` accepts, given trimmed and without a
-/// byte-order mark, or up to [`DETECT_LIMIT`] bytes or the end; returns them
-/// and the rest of the input. Reading no further keeps a piped stream flowing.
-fn read_head(
-    mut input: Box<dyn BufRead>,
-    mut enough: impl FnMut(&[u8]) -> bool,
-) -> io::Result<(Vec<u8>, Box<dyn BufRead>)> {
-    let mut head = Vec::new();
-    loop {
-        let start = head.len();
-        let room = (DETECT_LIMIT - start) as u64;
-        let n = (&mut input).take(room).read_until(b'\n', &mut head)?;
-        let line = head[start..].trim_ascii();
-        let line = line.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(line);
-        let content = !line.is_empty() && !line.starts_with(b"#");
-        if n == 0 || head.len() >= DETECT_LIMIT || (content && enough(line)) {
-            return Ok((head, input));
-        }
-    }
-}
-
-/// Reads what [`Format::detect`] needs: a first TFRecord header (12 bytes),
-/// else up to the first line with content, or when that line settles nothing,
-/// on to the first llm.c standard-output step line (within [`DETECT_LIMIT`]).
-fn read_detection_head(mut input: Box<dyn BufRead>) -> io::Result<(Vec<u8>, Box<dyn BufRead>)> {
-    let mut start = Vec::with_capacity(12);
-    (&mut input).take(12).read_to_end(&mut start)?;
-    if tensorboard::looks_like(&start) {
-        return Ok((start, input));
-    }
-    let input = Box::new(Cursor::new(start).chain(input));
-    let mut first = true;
-    read_head(input, |line| {
-        let settled = (first && Format::by_first_line(line).is_some())
-            || llmc::looks_like_stdout(line)
-            || megatron::looks_like(line);
-        first = false;
-        settled
-    })
-}
-
 /// The job of records that do not name one: `stdin`, or the file stem (hf: the
 /// run directory; tensorboard: the directory of the event file).
 pub fn default_job(path: &Path, format: Format) -> String {
@@ -615,71 +531,10 @@ pub fn default_job(path: &Path, format: Format) -> String {
         .unwrap_or_else(|| "trace".to_owned())
 }
 
-/// Python's `json.dumps` writes non-finite floats as the bare tokens `NaN`,
-/// `Infinity` and `-Infinity`, which are not JSON. Quotes them (outside
-/// strings) so a JSON parser accepts the text; [`number`] reads them back.
-pub(crate) fn quote_nonfinite(text: &str) -> Cow<'_, str> {
-    if !text.contains("NaN") && !text.contains("Infinity") {
-        return Cow::Borrowed(text);
-    }
-    let mut out = String::with_capacity(text.len() + 16);
-    let (mut in_string, mut escaped) = (false, false);
-    let mut rest = text;
-    while let Some(c) = rest.chars().next() {
-        if in_string {
-            match c {
-                _ if escaped => escaped = false,
-                '\\' => escaped = true,
-                '"' => in_string = false,
-                _ => {}
-            }
-        } else if c == '"' {
-            in_string = true;
-        } else if let Some(token) = ["NaN", "Infinity", "-Infinity"]
-            .into_iter()
-            .find(|t| rest.starts_with(t))
-        {
-            out.push('"');
-            out.push_str(token);
-            out.push('"');
-            rest = &rest[token.len()..];
-            continue;
-        }
-        out.push(c);
-        rest = &rest[c.len_utf8()..];
-    }
-    Cow::Owned(out)
-}
-
-/// A JSON value as a float: a number, or one of the strings `"NaN"`,
-/// `"Infinity"`, `"-Infinity"` (also `"nan"`, `"inf"`, `"-inf"`).
-pub(crate) fn number(v: &serde_json::Value) -> Option<f64> {
-    match v {
-        serde_json::Value::Number(n) => n.as_f64(),
-        serde_json::Value::String(s) => match s.as_str() {
-            "NaN" | "nan" => Some(f64::NAN),
-            "Infinity" | "inf" => Some(f64::INFINITY),
-            "-Infinity" | "-inf" => Some(f64::NEG_INFINITY),
-            _ => None,
-        },
-        _ => None,
-    }
-}
-
-/// A JSON value as it appears in an error message, shortened.
-pub(crate) fn show(v: &serde_json::Value) -> String {
-    let mut s = v.to_string();
-    if s.len() > 40 {
-        let cut = (0..=37).rev().find(|&i| s.is_char_boundary(i)).unwrap_or(0);
-        s.truncate(cut);
-        s.push_str("...");
-    }
-    s
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::borrow::Cow;
 
     fn detect(name: &str, head: &str) -> Option<Format> {
         Format::detect(Path::new(name), head.as_bytes())
@@ -708,6 +563,31 @@ mod tests {
             Some(Format::Llmc)
         );
         assert_eq!(detect("a.txt", "s:12 trl:3.5\r\n"), Some(Format::Llmc));
+    }
+
+    #[test]
+    fn detects_tensorboard_and_csv() {
+        assert_eq!(
+            detect("logs/events.out.tfevents.1700000000.host.1.0", ""),
+            Some(Format::Tensorboard)
+        );
+        assert_eq!(detect("metrics.CSV", ""), Some(Format::Csv));
+        assert_eq!(detect("a.txt", "epoch,step,train_loss\n0,1,2.5\n"), Some(Format::Csv));
+        assert_eq!(detect("a.txt", "key,value,step\n"), Some(Format::Csv));
+        let header = [&24u64.to_le_bytes()[..], &[0xa3, 0x7f, 0x4b, 0x22]].concat();
+        assert_eq!(Format::detect(Path::new("x"), &header), Some(Format::Tensorboard));
+        // The 12 bytes are all detection reads of an event file.
+        let mut bytes = header.clone();
+        bytes.extend(b"\nmore");
+        let (head, mut rest) = read_detection_head(Box::new(Cursor::new(bytes))).unwrap();
+        assert_eq!(head, header);
+        let mut tail = Vec::new();
+        rest.read_to_end(&mut tail).unwrap();
+        assert_eq!(tail, b"\nmore");
+        assert_eq!(
+            default_job(Path::new("runs/bert/events.out.tfevents.1"), Format::Tensorboard),
+            "bert"
+        );
     }
 
     #[test]

@@ -394,3 +394,316 @@ fn read_full(input: &mut dyn BufRead, buf: &mut [u8]) -> io::Result<usize> {
     }
     Ok(got)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Cursor, Read};
+
+    /// One TFRecord around `data`.
+    pub(crate) fn frame(data: &[u8]) -> Vec<u8> {
+        let len = (data.len() as u64).to_le_bytes();
+        let mut out = len.to_vec();
+        out.extend(masked_crc32c(&len).to_le_bytes());
+        out.extend(data);
+        out.extend(masked_crc32c(data).to_le_bytes());
+        out
+    }
+
+    fn simple(tag: &str, x: f32) -> Value {
+        Value {
+            tag: tag.into(),
+            simple_value: Some(x),
+            tensor: None,
+        }
+    }
+
+    fn event(step: i64, time: f64, values: Vec<Value>) -> Vec<u8> {
+        let summary = (!values.is_empty()).then_some(Summary { value: values });
+        frame(
+            &Event {
+                wall_time: time,
+                step,
+                summary,
+            }
+            .encode_to_vec(),
+        )
+    }
+
+    fn read_all(bytes: Vec<u8>, fields: &FieldMap) -> (Vec<Entry>, BTreeSet<String>) {
+        let mut reader = Reader::new(Box::new(Cursor::new(bytes)), "run");
+        let mut ignored = BTreeSet::new();
+        let mut out = Vec::new();
+        while let Some(e) = reader.next_entry(fields, &mut ignored) {
+            out.push(e.expect("no read error"));
+        }
+        (out, ignored)
+    }
+
+    /// A file version event, then steps 1..=n of loss, grad norm and lr, one
+    /// event each.
+    fn run(n: i64) -> Vec<u8> {
+        let mut bytes = frame(&[
+            0x1a, 0x0d, b'b', b'r', b'a', b'i', b'n', b'.', b'E', b'v', b'e', b'n', b't', b':', b'2',
+        ]);
+        for step in 1..=n {
+            let t = 1000.0 + step as f64;
+            bytes.extend(event(step, t, vec![simple("train/loss", 2.0 + step as f32)]));
+            bytes.extend(event(step, t + 0.5, vec![simple("train/grad_norm", 0.5)]));
+            bytes.extend(event(
+                step,
+                t + 0.5,
+                vec![simple("lr", 0.25), simple("train/epoch", 1.0)],
+            ));
+        }
+        bytes
+    }
+
+    #[test]
+    fn masked_crc_known_values() {
+        // TensorFlow's own: every event file of a 24-byte first record
+        // starts with these 12 bytes; torch's 72-byte one with the second.
+        assert_eq!(masked_crc32c(&24u64.to_le_bytes()), 0x224b_7fa3);
+        assert_eq!(masked_crc32c(&72u64.to_le_bytes()), 0x9d48_92fe);
+        assert_eq!(crc32c::crc32c(b"123456789"), 0xe306_9283, "the CRC-32C check value");
+        assert_eq!(masked_crc32c(b"123456789"), 0xc78a_b0e5);
+        assert_eq!(masked_crc32c(b""), 0xa282_ead8);
+        assert!(looks_like(&frame(b"x")) && !looks_like(b"{\"step\": 1}\n") && !looks_like(b"short"));
+    }
+
+    #[test]
+    fn gathers_one_record_per_step() {
+        let (entries, ignored) = read_all(run(3), &FieldMap::default());
+        let records: Vec<_> = entries.into_iter().map(Result::unwrap).collect();
+        assert_eq!(records.len(), 3);
+        let r = &records[1];
+        assert_eq!(
+            (r.job.as_str(), r.summary.step, r.line),
+            ("run", 2, 5),
+            "record 5: step 2's first event"
+        );
+        let s = &r.summary;
+        assert_eq!(
+            (s.loss, s.grad_norm, s.lr, s.time),
+            (Some(4.0), Some(0.5), Some(0.25), Some(1002.0))
+        );
+        assert_eq!(ignored.into_iter().collect::<Vec<_>>(), ["train/epoch"]);
+    }
+
+    #[test]
+    fn field_map_and_steps_without_fields() {
+        let mut bytes = event(1, 0.0, vec![simple("my/loss", 3.0)]);
+        bytes.extend(event(2, 0.0, vec![simple("eval/acc", 0.5)]));
+        bytes.extend(event(3, 0.0, vec![simple("my/loss", 1.0)]));
+        let mut fields = FieldMap::default();
+        fields.add("loss=my/loss").unwrap();
+        let (entries, ignored) = read_all(bytes.clone(), &fields);
+        let steps: Vec<u64> = entries.iter().map(|e| e.as_ref().unwrap().summary.step).collect();
+        assert_eq!(steps, [1, 3], "step 2 has no field: nothing");
+        assert_eq!(ignored.into_iter().collect::<Vec<_>>(), ["eval/acc"]);
+        let (entries, _) = read_all(bytes, &FieldMap::default());
+        assert!(entries.is_empty());
+    }
+
+    #[test]
+    fn a_bad_data_checksum_skips_that_record_only() {
+        let mut bytes = run(3);
+        let first = 12 + 15 + 4; // the file version record
+        let second_data = first + 12;
+        bytes[second_data + 3] ^= 0x40;
+        let (entries, _) = read_all(bytes, &FieldMap::default());
+        let skip = entries[0].as_ref().unwrap_err();
+        assert_eq!(skip.line, 2);
+        assert_eq!(
+            skip.reason,
+            format!("record 2 at byte {first}: the data's checksum does not match; record skipped")
+        );
+        let records: Vec<_> = entries[1..].iter().map(|e| e.as_ref().unwrap()).collect();
+        assert_eq!(
+            records.len(),
+            3,
+            "the other records of step 1 and the next steps are read"
+        );
+        assert_eq!(records[0].summary.loss, None, "step 1's loss was in the bad record");
+        assert_eq!(records[0].summary.grad_norm, Some(0.5));
+    }
+
+    #[test]
+    fn lost_framing_stops_the_file() {
+        // A bad length checksum.
+        let mut bytes = run(2);
+        let third = 31 + event(1, 1001.0, vec![simple("train/loss", 3.0)]).len();
+        bytes[third + 9] ^= 1;
+        let (entries, _) = read_all(bytes, &FieldMap::default());
+        assert_eq!(entries.len(), 2, "{entries:?}");
+        assert_eq!(
+            entries[0].as_ref().unwrap().summary.loss,
+            Some(3.0),
+            "what was read before is kept"
+        );
+        let skip = entries[1].as_ref().unwrap_err();
+        assert_eq!(skip.line, 3);
+        assert!(
+            skip.reason.starts_with(&format!(
+                "record 3 at byte {third}: the length's checksum does not match"
+            )),
+            "{}",
+            skip.reason
+        );
+
+        // Cut inside a header, inside data.
+        let bytes = run(2);
+        for (cut, want) in [
+            (bytes.len() - 5, "the file ends inside it"),
+            (third + 5, "the file ends inside its header (5 of 12 bytes)"),
+        ] {
+            let (entries, _) = read_all(bytes[..cut].to_vec(), &FieldMap::default());
+            let skip = entries.last().unwrap().as_ref().unwrap_err();
+            assert!(
+                skip.reason.contains("is cut short") && skip.reason.contains(want),
+                "{}",
+                skip.reason
+            );
+        }
+
+        // A huge length, with a checksum that verifies: refused before any allocation.
+        let len = (1u64 << 40).to_le_bytes();
+        let mut bytes = len.to_vec();
+        bytes.extend(masked_crc32c(&len).to_le_bytes());
+        let (entries, _) = read_all(bytes, &FieldMap::default());
+        assert!(
+            entries[0]
+                .as_ref()
+                .unwrap_err()
+                .reason
+                .contains("length 1099511627776 is over 16 MiB")
+        );
+
+        // Junk, and data that is no event.
+        let (entries, _) = read_all(b"hello, world; not a TFRecord at all".to_vec(), &FieldMap::default());
+        assert_eq!(entries.len(), 1);
+        assert!(
+            entries[0]
+                .as_ref()
+                .unwrap_err()
+                .reason
+                .contains("record 1 at byte 0: the length's checksum")
+        );
+        let (entries, _) = read_all(frame(&[0xff, 0xff, 0xff]), &FieldMap::default());
+        assert!(
+            entries[0]
+                .as_ref()
+                .unwrap_err()
+                .reason
+                .starts_with("record 1 at byte 0: not a TensorBoard event")
+        );
+        assert!(read_all(Vec::new(), &FieldMap::default()).0.is_empty());
+    }
+
+    fn tensor(dtype: i32, f: impl FnOnce(&mut TensorProto)) -> Value {
+        let mut t = TensorProto {
+            dtype,
+            tensor_shape: Some(TensorShape { dim: vec![] }),
+            ..TensorProto::default()
+        };
+        f(&mut t);
+        Value {
+            tag: "x".into(),
+            simple_value: None,
+            tensor: Some(t),
+        }
+    }
+
+    #[test]
+    fn scalar_tensors_of_each_type() {
+        assert_eq!(scalar(&tensor(DT_FLOAT, |t| t.float_val = vec![1.5])), Some(1.5));
+        assert_eq!(
+            scalar(&tensor(DT_FLOAT, |t| t.tensor_content = 2.5f32.to_le_bytes().to_vec())),
+            Some(2.5)
+        );
+        assert_eq!(scalar(&tensor(DT_DOUBLE, |t| t.double_val = vec![0.1])), Some(0.1));
+        assert_eq!(
+            scalar(&tensor(DT_DOUBLE, |t| t.tensor_content = 0.3f64.to_le_bytes().to_vec())),
+            Some(0.3)
+        );
+        assert_eq!(scalar(&tensor(DT_INT64, |t| t.int64_val = vec![7])), Some(7.0));
+        assert_eq!(
+            scalar(&tensor(DT_INT32, |t| t.tensor_content = (-3i32).to_le_bytes().to_vec())),
+            Some(-3.0)
+        );
+        assert_eq!(scalar(&tensor(DT_HALF, |t| t.half_val = vec![0x3e00])), Some(1.5));
+        assert_eq!(
+            scalar(&tensor(DT_HALF, |t| t.half_val = vec![0x7c00])),
+            Some(f64::INFINITY)
+        );
+        assert!(
+            scalar(&tensor(DT_HALF, |t| t.half_val = vec![0x7e00]))
+                .unwrap()
+                .is_nan()
+        );
+        assert_eq!(
+            scalar(&tensor(DT_BFLOAT16, |t| t.tensor_content = vec![0xc0, 0x3f])),
+            Some(1.5)
+        );
+        assert!(
+            scalar(&tensor(DT_FLOAT, |t| t.float_val = vec![f32::NAN]))
+                .unwrap()
+                .is_nan()
+        );
+        // One element in a shape of ones is a scalar too; more elements, a
+        // string, or nothing at all is not.
+        let one = tensor(DT_FLOAT, |t| {
+            t.float_val = vec![4.0];
+            t.tensor_shape = Some(TensorShape {
+                dim: vec![Dim { size: 1 }],
+            });
+        });
+        assert_eq!(scalar(&one), Some(4.0));
+        let hist = tensor(DT_DOUBLE, |t| {
+            t.double_val = vec![0.0; 6];
+            t.tensor_shape = Some(TensorShape {
+                dim: vec![Dim { size: 2 }, Dim { size: 3 }],
+            });
+        });
+        assert_eq!(scalar(&hist), None);
+        assert_eq!(
+            scalar(&tensor(7, |t| t.tensor_content = b"text".to_vec())),
+            None,
+            "DT_STRING"
+        );
+        assert_eq!(scalar(&tensor(DT_FLOAT, |_| {})), None);
+        assert_eq!(scalar(&tensor(DT_FLOAT, |t| t.float_val = vec![1.0, 2.0])), None);
+    }
+
+    /// A reader that hands out one byte per read, as a growing file may.
+    struct Trickle(Cursor<Vec<u8>>);
+
+    impl Read for Trickle {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = buf.len().min(1);
+            self.0.read(&mut buf[..n])
+        }
+    }
+
+    #[test]
+    fn reads_a_record_at_a_time_from_short_reads() {
+        let input = io::BufReader::with_capacity(1, Trickle(Cursor::new(run(4))));
+        let mut reader = Reader::new(Box::new(input), "j");
+        let mut ignored = BTreeSet::new();
+        let mut n = 0;
+        while let Some(e) = reader.next_entry(&FieldMap::default(), &mut ignored) {
+            assert_eq!(e.unwrap().unwrap().summary.step, n + 1);
+            n += 1;
+        }
+        assert_eq!(n, 4);
+    }
+
+    #[test]
+    fn negative_steps_are_skipped() {
+        let (entries, _) = read_all(event(-1, 0.0, vec![simple("loss", 1.0)]), &FieldMap::default());
+        assert_eq!(
+            entries[0].as_ref().unwrap_err().reason,
+            "record 1 at byte 0: negative step -1"
+        );
+    }
+}
