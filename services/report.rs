@@ -273,7 +273,10 @@ impl<W: Write> Sink for TableSink<W> {
 
     fn finish(&mut self, stats: &Stats) -> io::Result<()> {
         let out = &mut self.out;
-        if self.rows.is_empty() {
+        if self.rows.is_empty() && stats.records == 0 {
+            // Not "No anomalies": nothing was looked at.
+            writeln!(out, "Nothing was replayed.")?;
+        } else if self.rows.is_empty() {
             writeln!(out, "No anomalies.")?;
         } else {
             // The job column only earns its width when there is more than one job.
