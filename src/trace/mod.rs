@@ -219,7 +219,8 @@ pub struct Record {
     pub layer_names: Option<Vec<String>>,
     pub summary: Summary,
     /// Where the record came from: the 1-based line (for hf: the position in
-    /// `log_history`, see [`hf`]).
+    /// `log_history`, see [`hf`]; for tensorboard: the number of the step's
+    /// first event record in the file; for csv: the step's first row's line).
     pub line: usize,
 }
 
