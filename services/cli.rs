@@ -177,7 +177,10 @@ pub struct RulesArgs {
 
 #[derive(Debug, Args)]
 pub struct ReplayArgs {
-    /// Trace files, replayed in order through one engine; `-` reads standard input.
+    /// Trace files, replayed in order through one engine; `-` reads standard
+    /// input. A directory is a TensorBoard log directory: every
+    /// `events.out.tfevents.*` file under it, one job per directory holding
+    /// them (named by its path in the directory given).
     #[arg(required = true, value_name = "FILE")]
     pub files: Vec<PathBuf>,
 
@@ -185,9 +188,9 @@ pub struct ReplayArgs {
     #[arg(long, value_enum, default_value_t = FormatArg::Auto)]
     pub format: FormatArg,
 
-    /// jsonl: read FIELD (step, loss, grad_norm, lr, loss_scale, time) from
-    /// KEY, before any other spelling, e.g. `--field loss=train/loss_step`.
-    /// Repeatable.
+    /// jsonl, tensorboard, csv: read FIELD (step, loss, grad_norm, lr,
+    /// loss_scale, time) from KEY (a key, a tag, a column), before any other
+    /// spelling, e.g. `--field loss=train/loss_step`. Repeatable.
     #[arg(long, value_name = "FIELD=KEY")]
     pub field: Vec<String>,
 
@@ -198,6 +201,12 @@ pub struct ReplayArgs {
     /// Write one JSON object per line (anomalies, advice, then a summary).
     #[arg(long)]
     pub json: bool,
+
+    /// With --json, also write each record read, as the engine gets it:
+    /// `{"kind":"record","job","worker","step","time","loss","grad_norm","lr","loss_scale","line"}`,
+    /// before what the engine made of it.
+    #[arg(long, requires = "json")]
+    pub records: bool,
 
     /// Exit with status 1 when any line was skipped.
     #[arg(long)]
@@ -226,6 +235,10 @@ pub enum FormatArg {
     Llmc,
     /// Megatron-LM or NeMo standard output: `iteration N/ T | ... | lm loss: ... | grad norm: ... |` lines.
     Megatron,
+    /// TensorBoard event files (`events.out.tfevents.*`): scalars whose tags name fields as jsonl's keys do (loss, train/loss, train_loss, Loss/train, grad_norm, train/grad_norm, lr, learning_rate, lr-Adam, ...), one record per step; other tags are ignored and named once per file.
+    Tensorboard,
+    /// CSV with a header: a wide table (Lightning's metrics.csv, W&B exports; a step column and columns named as jsonl's keys, `RUN - KEY` as KEY for job RUN) or a long one (`key,value,step[,timestamp]`, MLflow's metric history).
+    Csv,
 }
 
 impl FormatArg {
@@ -237,6 +250,8 @@ impl FormatArg {
             FormatArg::Hf => Some(Format::Hf),
             FormatArg::Llmc => Some(Format::Llmc),
             FormatArg::Megatron => Some(Format::Megatron),
+            FormatArg::Tensorboard => Some(Format::Tensorboard),
+            FormatArg::Csv => Some(Format::Csv),
         }
     }
 }

@@ -2,14 +2,18 @@
 //!
 //! Malformed lines and records the engine refuses (a duplicate or backwards
 //! step, a wrong layer count) are counted as skipped and passed over; the
-//! first ten of a file are reported on stderr as `FILE:LINE: REASON`, the rest
-//! as a count. Exit status: 2 when the command line is wrong (an option, the
+//! first ten of a file are reported on stderr as `FILE:LINE: REASON` (LINE is
+//! the event record's number for TensorBoard), the rest as a count. A
+//! directory given stands for the TensorBoard event files under it (see
+//! [`log_dir`]). Exit status: 2 when the command line is wrong (an option, the
 //! rules file, `--field`); 1 when an input could not be replayed (missing,
-//! unreadable, of no known format, or without a single record: the other
-//! files still replay), or, with `--strict`, when a line was skipped; else 0.
+//! unreadable, a directory without event files, of no known format, or
+//! without a single record: the other files still replay), or, with
+//! `--strict`, when a line was skipped; else 0.
 
-use std::collections::HashMap;
-use std::io;
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::{self, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -30,7 +34,7 @@ pub fn run(args: &ReplayArgs) -> Result<ExitCode, Failure> {
     if args.files.iter().filter(|f| *f == Path::new("-")).count() > 1 {
         return Err(Failure::usage(anyhow!("standard input (-) can be replayed only once")));
     }
-    check_inputs(&args.files).map_err(Failure::input)?;
+    let inputs = check_inputs(&args.files).map_err(Failure::input)?;
     let mut fields = jsonl::FieldMap::default();
     for spec in &args.field {
         fields.add(spec).map_err(|e| Failure::usage(anyhow!(e)))?;
@@ -38,15 +42,15 @@ pub fn run(args: &ReplayArgs) -> Result<ExitCode, Failure> {
 
     let stdout = io::BufWriter::new(io::stdout().lock());
     let mut sink: Box<dyn Sink> = if args.json {
-        Box::new(JsonSink::new(stdout))
+        Box::new(JsonSink::new(stdout).with_records(args.records))
     } else {
         Box::new(TableSink::new(stdout))
     };
     let mut replay = Replay::new(Engine::new(book));
     replay.min_severity = args.min_severity;
     replay.fields = fields;
-    let written = replay_all(&mut replay, &args.files, args.format.format(), sink.as_mut())
-        .and_then(|()| sink.finish(&replay.stats));
+    let written =
+        replay_all(&mut replay, &inputs, args.format.format(), sink.as_mut()).and_then(|()| sink.finish(&replay.stats));
     match written {
         Ok(()) => {}
         // The reader of our output went away (`| head`): nothing left to do.
@@ -65,22 +69,97 @@ pub fn run(args: &ReplayArgs) -> Result<ExitCode, Failure> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Fails fast on inputs that cannot be opened, before anything is replayed.
-fn check_inputs(files: &[PathBuf]) -> anyhow::Result<()> {
-    let stdin = Path::new("-");
-    for file in files.iter().filter(|f| *f != stdin) {
-        let meta = std::fs::metadata(file).map_err(|e| anyhow!("cannot read {}: {e}", file.display()))?;
-        if meta.is_dir() {
-            return Err(anyhow!("cannot read {}: is a directory", file.display()));
-        }
-    }
-    Ok(())
+/// One file to replay: a path given, or an event file of a log directory
+/// with the job it belongs to.
+struct Input {
+    path: PathBuf,
+    job: Option<String>,
 }
 
-fn replay_all(replay: &mut Replay, files: &[PathBuf], format: Option<Format>, sink: &mut dyn Sink) -> io::Result<()> {
-    for path in files {
+/// Fails fast on inputs that cannot be opened, before anything is replayed;
+/// expands log directories to their event files.
+fn check_inputs(files: &[PathBuf]) -> anyhow::Result<Vec<Input>> {
+    let stdin = Path::new("-");
+    let mut inputs = Vec::new();
+    for file in files {
+        if file == stdin {
+            inputs.push(Input {
+                path: file.clone(),
+                job: None,
+            });
+            continue;
+        }
+        let meta = std::fs::metadata(file).map_err(|e| anyhow!("cannot read {}: {e}", file.display()))?;
+        if !meta.is_dir() {
+            inputs.push(Input {
+                path: file.clone(),
+                job: None,
+            });
+            continue;
+        }
+        let found = log_dir(file).map_err(|e| anyhow!("cannot read {}: {e}", file.display()))?;
+        if found.is_empty() {
+            return Err(anyhow!(
+                "cannot read {}: is a directory without TensorBoard event files (events.out.tfevents.*)",
+                file.display()
+            ));
+        }
+        inputs.extend(found);
+    }
+    Ok(inputs)
+}
+
+/// Deepest directory level searched for event files.
+const MAX_DEPTH: usize = 32;
+
+/// The TensorBoard event files (`events.out.tfevents.*`) under `dir`, at any
+/// depth (symbolic links to directories are not followed): each directory
+/// holding some is one job, named by its path relative to `dir` (`dir`'s own
+/// name for the files directly in it). Jobs come in path order, the files of
+/// one in name order (their names start with the time they were made).
+fn log_dir(dir: &Path) -> io::Result<Vec<Input>> {
+    let mut jobs: BTreeMap<PathBuf, Vec<PathBuf>> = BTreeMap::new();
+    let mut stack = vec![(dir.to_path_buf(), 0)];
+    while let Some((at, depth)) = stack.pop() {
+        for entry in std::fs::read_dir(&at)? {
+            let entry = entry?;
+            let path = entry.path();
+            let kind = entry.file_type()?;
+            if kind.is_dir() {
+                if depth < MAX_DEPTH {
+                    stack.push((path, depth + 1));
+                }
+            } else if entry.file_name().to_string_lossy().starts_with("events.out.tfevents.") && path.is_file() {
+                jobs.entry(at.clone()).or_default().push(path);
+            }
+        }
+    }
+    let own_name = || {
+        let full = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+        full.file_name()
+            .map_or_else(|| "tensorboard".to_owned(), |n| n.to_string_lossy().into_owned())
+    };
+    let mut inputs = Vec::new();
+    for (at, mut files) in jobs {
+        files.sort();
+        let rel = at.strip_prefix(dir).unwrap_or(&at);
+        let job = if rel.as_os_str().is_empty() {
+            own_name()
+        } else {
+            rel.to_string_lossy().replace('\\', "/")
+        };
+        inputs.extend(files.into_iter().map(|path| Input {
+            path,
+            job: Some(job.clone()),
+        }));
+    }
+    Ok(inputs)
+}
+
+fn replay_all(replay: &mut Replay, inputs: &[Input], format: Option<Format>, sink: &mut dyn Sink) -> io::Result<()> {
+    for input in inputs {
         replay.stats.files += 1;
-        if let Err(e) = replay.file(path, format, sink) {
+        if let Err(e) = replay.file(input, format, sink) {
             match e {
                 FileError::Trace(e) => {
                     warn(&format!("gradguard: {e}"));
@@ -129,11 +208,24 @@ impl Replay {
         }
     }
 
-    fn file(&mut self, path: &Path, format: Option<Format>, sink: &mut dyn Sink) -> Result<(), FileError> {
-        let mut reader = Reader::open(path, format)
-            .map_err(FileError::Trace)?
-            .with_fields(self.fields.clone());
+    fn file(&mut self, input: &Input, format: Option<Format>, sink: &mut dyn Sink) -> Result<(), FileError> {
+        let path = input.path.as_path();
+        let reader = match &input.job {
+            None => Reader::open(path, format),
+            // An event file of a log directory.
+            Some(job) => File::open(path)
+                .map_err(|source| TraceError::Open {
+                    path: path.display().to_string(),
+                    source,
+                })
+                .and_then(|file| {
+                    let file = BufReader::with_capacity(64 << 10, file);
+                    Reader::from_input(file, Format::Tensorboard, &path.display().to_string(), job)
+                }),
+        };
+        let mut reader = reader.map_err(FileError::Trace)?.with_fields(self.fields.clone());
         let name = reader.path().to_owned();
+        let unit = reader.format().unit();
         let (mut read, mut first_skip) = (0usize, None);
         self.file_skips = 0;
         for entry in reader.by_ref() {
@@ -144,14 +236,14 @@ impl Replay {
                 }
                 Err(skipped) => {
                     self.stats.unreadable += 1;
-                    first_skip.get_or_insert_with(|| format!("line {}: {}", skipped.line, skipped.reason));
+                    first_skip.get_or_insert_with(|| format!("{unit} {}: {}", skipped.line, skipped.reason));
                     self.skip(&name, skipped.line, &skipped.reason);
                 }
             }
         }
         if self.file_skips > SHOWN_SKIPS {
             warn(&format!(
-                "{name}: {} more lines skipped ({} in all)",
+                "{name}: {} more {unit}s skipped ({} in all)",
                 self.file_skips - SHOWN_SKIPS,
                 self.file_skips
             ));
@@ -160,14 +252,23 @@ impl Replay {
         if !ignored.is_empty() {
             let names: Vec<&str> = ignored.iter().map(String::as_str).collect();
             let more = if names.len() == jsonl::MAX_IGNORED { ", ..." } else { "" };
+            let what = match reader.format() {
+                Format::Tensorboard => "tags",
+                Format::Csv => "columns",
+                _ => "keys",
+            };
             warn(&format!(
-                "{name}: ignored keys that are no gradguard field: {}{more} (fields read: see `gradguard replay --help`)",
+                "{name}: ignored {what} that are no gradguard field: {}{more} (fields read: see `gradguard replay --help`)",
                 names.join(", ")
             ));
         }
         // A file that yields nothing is an error, never a silent "No anomalies".
         if read == 0 {
-            let why = first_skip.unwrap_or_else(|| "no line holds a record".to_owned());
+            let why = first_skip.unwrap_or_else(|| match reader.format() {
+                Format::Tensorboard => "no event holds a scalar of a field".to_owned(),
+                Format::Csv => "no row holds a value of a field".to_owned(),
+                _ => "no line holds a record".to_owned(),
+            });
             return Err(FileError::Trace(TraceError::Invalid {
                 path: name,
                 format: reader.format(),
@@ -178,6 +279,7 @@ impl Replay {
     }
 
     fn record(&mut self, name: &str, record: &Record, sink: &mut dyn Sink) -> io::Result<()> {
+        sink.record(record)?;
         self.out.clear();
         match self.feed(record) {
             Ok(()) => {

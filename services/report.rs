@@ -13,6 +13,9 @@
 //!   action's parameter (`max_norm` for clip_gradients, `factor` for scale_lr and
 //!   scale_loss_scale, `to_step` for rollback, `rank` for inspect_worker, none
 //!   for skip_step and halt); `evidence` maps names to numbers.
+//! - with `--records`, before each record's anomalies and advice:
+//!   `{"kind":"record","job","worker","step","time","loss","grad_norm","lr",
+//!   "loss_scale","line"}`, the record as read (absent values are null);
 //! - a last `{"kind":"summary","files","failed_files","records","skipped",
 //!   "unreadable","anomalies":{SEVERITY:n},"advice":{ACTION:n},"jobs":{JOB:
 //!   {"records","skipped","anomalies","advice"}}}`; every severity and action
@@ -32,6 +35,7 @@ use std::collections::BTreeMap;
 use std::io::{self, Write};
 
 use gradguard::model::{Action, Advice, Finding, RuleId, Severity};
+use gradguard::trace::Record;
 use serde::Serialize;
 
 use crate::output::{AdviceLine, Evidence, Num, count_list, json_line, or_dash, write_table};
@@ -94,6 +98,10 @@ impl Stats {
 
 /// Where findings, advice and the summary go.
 pub trait Sink {
+    /// A record read, before the engine sees it (written only on request).
+    fn record(&mut self, _record: &Record) -> io::Result<()> {
+        Ok(())
+    }
     fn anomaly(&mut self, f: &Finding) -> io::Result<()>;
     fn advice(&mut self, a: &Advice) -> io::Result<()>;
     fn finish(&mut self, stats: &Stats) -> io::Result<()>;
@@ -127,14 +135,35 @@ struct SummaryLine<'a> {
     jobs: &'a BTreeMap<String, JobStats>,
 }
 
+#[derive(Serialize)]
+struct RecordLine<'a> {
+    kind: &'static str,
+    job: &'a str,
+    worker: u32,
+    step: u64,
+    time: Option<Num>,
+    loss: Option<Num>,
+    grad_norm: Option<Num>,
+    lr: Option<Num>,
+    loss_scale: Option<Num>,
+    line: usize,
+}
+
 /// Writes each event as it comes, one JSON object per line.
 pub struct JsonSink<W: Write> {
     out: W,
+    /// Whether records read are written too (`--records`).
+    records: bool,
 }
 
 impl<W: Write> JsonSink<W> {
     pub fn new(out: W) -> Self {
-        Self { out }
+        Self { out, records: false }
+    }
+
+    pub fn with_records(mut self, records: bool) -> Self {
+        self.records = records;
+        self
     }
 
     fn line(&mut self, value: &impl Serialize) -> io::Result<()> {
@@ -143,6 +172,25 @@ impl<W: Write> JsonSink<W> {
 }
 
 impl<W: Write> Sink for JsonSink<W> {
+    fn record(&mut self, r: &Record) -> io::Result<()> {
+        if !self.records {
+            return Ok(());
+        }
+        let s = &r.summary;
+        self.line(&RecordLine {
+            kind: "record",
+            job: &r.job,
+            worker: s.worker,
+            step: s.step,
+            time: s.time.map(Num),
+            loss: s.loss.map(Num),
+            grad_norm: s.grad_norm.map(Num),
+            lr: s.lr.map(Num),
+            loss_scale: s.loss_scale.map(Num),
+            line: r.line,
+        })
+    }
+
     fn anomaly(&mut self, f: &Finding) -> io::Result<()> {
         self.line(&AnomalyLine {
             kind: "anomaly",
@@ -233,7 +281,10 @@ impl<W: Write> Sink for TableSink<W> {
 
     fn finish(&mut self, stats: &Stats) -> io::Result<()> {
         let out = &mut self.out;
-        if self.rows.is_empty() {
+        if self.rows.is_empty() && stats.records == 0 {
+            // Not "No anomalies": nothing was looked at.
+            writeln!(out, "Nothing was replayed.")?;
+        } else if self.rows.is_empty() {
             writeln!(out, "No anomalies.")?;
         } else {
             // The job column only earns its width when there is more than one job.

@@ -367,7 +367,7 @@ fn missing_file_is_named() {
 #[test]
 fn undetectable_file_fails_but_others_replay() {
     let dir = tempfile::tempdir().unwrap();
-    let odd = write(dir.path(), "odd.txt", "step,loss\n1,2.0\n");
+    let odd = write(dir.path(), "odd.txt", "epoch,acc\n1,2.0\n");
     let good = write(dir.path(), "good.jsonl", "{\"step\": 1}\n");
     let out = replay(&["--json", odd.to_str().unwrap(), good.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
@@ -403,7 +403,12 @@ fn undetectable_file_fails_but_others_replay() {
 #[test]
 fn bad_arguments_exit_2() {
     assert_eq!(replay(&[]).status.code(), Some(2));
-    assert_eq!(replay(&["--format", "csv", "x"]).status.code(), Some(2));
+    assert_eq!(replay(&["--format", "xml", "x"]).status.code(), Some(2));
+    assert_eq!(
+        replay(&["--records", "x"]).status.code(),
+        Some(2),
+        "--records needs --json"
+    );
     assert_eq!(replay(&["-", "-"]).status.code(), Some(2));
 }
 

@@ -52,6 +52,7 @@ pub const ALIASES: &[(&str, &[&str])] = &[
             "iteration",
             "iter",
             "_step",
+            "Step",
         ],
     ),
     (
@@ -61,9 +62,12 @@ pub const ALIASES: &[(&str, &[&str])] = &[
             "train_loss",
             "training_loss",
             "loss/train",
+            "Loss/train",
+            "train/loss_step",
             "lm_loss",
             "lm loss",
             "train_loss_step",
+            "Train/Loss",
         ],
     ),
     (
@@ -75,14 +79,26 @@ pub const ALIASES: &[(&str, &[&str])] = &[
             "grad norm",
             "global_grad_norm",
             "total_grad_norm",
+            "grad_2.0_norm_total",
+            "train/gradient_norm",
+            "grad_norm/train",
         ],
     ),
     (
         "lr",
-        &["learning_rate", "train/learning_rate", "train/lr", "learning-rate"],
+        &[
+            "learning_rate",
+            "train/learning_rate",
+            "train/lr",
+            "learning-rate",
+            "lr-SGD",
+            "lr-Adam",
+            "lr-AdamW",
+            "lr/train",
+        ],
     ),
     ("loss_scale", &["train/loss_scale", "loss-scale"]),
-    ("time", &["timestamp", "_timestamp", "wall_time"]),
+    ("time", &["timestamp", "_timestamp", "wall_time", "Wall time"]),
 ];
 
 /// Keys the user named for fields (`replay --field loss=train/loss_step`):
@@ -144,7 +160,7 @@ pub fn parse_line_noting(
 /// The gradguard field a key stands for (its index in [`ALIASES`]), and its
 /// preference (lower wins): the user's key for it, then the field's own name,
 /// then the aliases in order.
-fn field_of(key: &str, fields: &FieldMap) -> Option<(usize, usize)> {
+pub(crate) fn field_of(key: &str, fields: &FieldMap) -> Option<(usize, usize)> {
     if let Some(field) = fields.field(key) {
         return ALIASES.iter().position(|(f, _)| *f == field).map(|i| (i, 0));
     }
@@ -526,7 +542,7 @@ mod tests {
         );
         assert_eq!(
             reason(r#"{"epoch": 1}"#),
-            r#"field "step" is missing (nor any of global_step, train/global_step, trainer/global_step, iteration, iter, _step)"#
+            r#"field "step" is missing (nor any of global_step, train/global_step, trainer/global_step, iteration, iter, _step, Step)"#
         );
     }
 

@@ -1,13 +1,22 @@
 //! Readers for recorded training logs, used by `gradguard replay`.
 //!
-//! Three formats, each in its own module:
+//! Six formats, each in its own module:
 //!
 //! - [`jsonl`]: the project's own trace schema, one JSON object per line;
 //! - [`hf`]: a Hugging Face `trainer_state.json` (its `log_history`);
 //! - [`llmc`]: an llm.c text log, either its `main.log` (`s:STEP trl:LOSS
 //!   lr:LR norm:NORM`) or the training program's standard output (`step N/T |
 //!   loss L (z)| norm G (z)| lr LR | ...` lines amid a banner and evaluation
-//!   output).
+//!   output);
+//! - [`megatron`]: Megatron-LM's and NeMo's `iteration N/ T | ...` lines;
+//! - [`tensorboard`]: TensorBoard event files (TFRecords of `Event`s), whose
+//!   scalars' tags stand for fields through jsonl's table;
+//! - [`csv`]: CSV tables with a header (Lightning's `metrics.csv`, W&B and
+//!   MLflow exports), whose columns stand for fields the same way.
+//!
+//! The binary formats and CSV pull their own records from the input
+//! ([`Source`]); a record's `line` is then the event record's number
+//! (tensorboard) or the row's first line (csv).
 //!
 //! [`Reader::open`] picks the format (given, or detected from the file name and
 //! its first lines, see [`Format::detect`]) and yields one [`Entry`] per input
@@ -25,13 +34,17 @@
 //! - values are passed through as read, non-finite ones included (reporting them
 //!   is the engine's job); no input makes a reader panic.
 
+pub mod csv;
 pub mod hf;
+mod json;
 pub mod jsonl;
+mod lines;
 pub mod llmc;
 pub mod megatron;
+mod scalars;
 pub mod tail;
+pub mod tensorboard;
 
-use std::borrow::Cow;
 use std::collections::BTreeSet;
 use std::fmt;
 use std::fs::File;
@@ -40,6 +53,8 @@ use std::path::Path;
 use std::str::FromStr;
 
 use crate::model::Summary;
+pub(crate) use json::{number, quote_nonfinite, show};
+use lines::{Line, read_detection_head, read_head, read_line};
 
 /// The longest line a line-based reader accepts; a longer one is skipped, so a
 /// file without newlines cannot make the reader buffer it whole.
@@ -56,10 +71,22 @@ pub enum Format {
     Hf,
     Llmc,
     Megatron,
+    Tensorboard,
+    Csv,
 }
 
+/// The format names, as error messages list them.
+const NAMES: &str = "jsonl, hf, llmc, megatron, tensorboard or csv";
+
 impl Format {
-    pub const ALL: [Format; 4] = [Format::Jsonl, Format::Hf, Format::Llmc, Format::Megatron];
+    pub const ALL: [Format; 6] = [
+        Format::Jsonl,
+        Format::Hf,
+        Format::Llmc,
+        Format::Megatron,
+        Format::Tensorboard,
+        Format::Csv,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -67,6 +94,32 @@ impl Format {
             Format::Hf => "hf",
             Format::Llmc => "llmc",
             Format::Megatron => "megatron",
+            Format::Tensorboard => "tensorboard",
+            Format::Csv => "csv",
+        }
+    }
+
+    /// What a [`Skipped`]'s `line` counts in this format.
+    pub fn unit(self) -> &'static str {
+        match self {
+            Format::Tensorboard => "record",
+            Format::Hf => "entry",
+            _ => "line",
+        }
+    }
+
+    /// The format a file name alone settles: `trainer_state.json` (hf),
+    /// `events.out.tfevents.*` (tensorboard), `*.csv` (csv).
+    pub fn by_name(path: &Path) -> Option<Format> {
+        let name = path.file_name()?.to_str()?;
+        if name == "trainer_state.json" {
+            Some(Format::Hf)
+        } else if name.starts_with("events.out.tfevents.") {
+            Some(Format::Tensorboard)
+        } else if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("csv")) {
+            Some(Format::Csv)
+        } else {
+            None
         }
     }
 
@@ -75,16 +128,22 @@ impl Format {
     /// `step N/T |` line when the first line settles nothing). `None` when
     /// nothing fits.
     ///
-    /// A file named `trainer_state.json`, a first line that is a lone `{` (a
-    /// pretty-printed JSON document) or that mentions `"log_history"` is hf; any
-    /// other first line starting with `{` is jsonl; `s:123 ...` is llmc
-    /// (`main.log`). Otherwise, a `step N/T |` line anywhere in `head` is llmc
-    /// (standard output, whose first lines are a banner). Blank lines and `#`
-    /// comments are passed over; with no content at all, the extension decides
-    /// (`.jsonl`/`.ndjson`: jsonl, `.json`: hf, `.log`: llmc).
+    /// A name [`Format::by_name`] knows settles it; so does a first TFRecord
+    /// header whose length checksum verifies (tensorboard). A first line that
+    /// is a lone `{` (a pretty-printed JSON document) or that mentions
+    /// `"log_history"` is hf; any other first line starting with `{` is jsonl;
+    /// `s:123 ...` is llmc (`main.log`); a comma-separated header with a step
+    /// column and a column of another field is csv. Otherwise, a `step N/T |`
+    /// line anywhere in `head` is llmc (standard output, whose first lines are
+    /// a banner). Blank lines and `#` comments are passed over; with no content
+    /// at all, the extension decides (`.jsonl`/`.ndjson`: jsonl, `.json`: hf,
+    /// `.log`: llmc).
     pub fn detect(path: &Path, head: &[u8]) -> Option<Format> {
-        if path.file_name().is_some_and(|n| n == "trainer_state.json") {
-            return Some(Format::Hf);
+        if let Some(format) = Format::by_name(path) {
+            return Some(format);
+        }
+        if tensorboard::looks_like(head) {
+            return Some(Format::Tensorboard);
         }
         let head = head.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(head);
         let mut lines = head
@@ -124,6 +183,8 @@ impl Format {
             Some(Format::Jsonl)
         } else if llmc::looks_like(first) {
             Some(Format::Llmc)
+        } else if csv::looks_like_header(first) {
+            Some(Format::Csv)
         } else {
             None
         }
@@ -146,7 +207,7 @@ impl FromStr for Format {
         Format::ALL
             .into_iter()
             .find(|f| f.as_str() == s)
-            .ok_or_else(|| format!("unknown trace format {s:?} (expected jsonl, hf, llmc or megatron)"))
+            .ok_or_else(|| format!("unknown trace format {s:?} (expected {NAMES})"))
     }
 }
 
@@ -159,7 +220,8 @@ pub struct Record {
     pub layer_names: Option<Vec<String>>,
     pub summary: Summary,
     /// Where the record came from: the 1-based line (for hf: the position in
-    /// `log_history`, see [`hf`]).
+    /// `log_history`, see [`hf`]; for tensorboard: the number of the step's
+    /// first event record in the file; for csv: the step's first row's line).
     pub line: usize,
 }
 
@@ -180,7 +242,7 @@ pub enum TraceError {
     Open { path: String, source: io::Error },
     #[error("cannot read {path}: {source}")]
     Read { path: String, source: io::Error },
-    #[error("cannot tell the format of {path} (use --format jsonl, hf, llmc or megatron)")]
+    #[error("cannot tell the format of {path} (use --format {NAMES})")]
     Undetected { path: String },
     #[error("{path} is not a valid {format} trace: {message}")]
     Invalid {
@@ -215,8 +277,29 @@ enum Inner {
         parse: ParseLine,
     },
     Entries(std::vec::IntoIter<Entry>),
+    /// A reader that frames its own records (tensorboard, csv).
+    Stream(Box<dyn Source>),
     /// After a read error: nothing more.
     Done,
+}
+
+/// A format that pulls its records from the input itself, one at a time.
+pub(crate) trait Source {
+    /// The next entry, reading names through `fields` and noting the names
+    /// of no field in `ignored`; `None` at the end.
+    fn next_entry(
+        &mut self,
+        fields: &jsonl::FieldMap,
+        ignored: &mut BTreeSet<String>,
+    ) -> Option<Result<Entry, SourceError>>;
+}
+
+/// Why a [`Source`] cannot go on.
+#[derive(Debug)]
+pub(crate) enum SourceError {
+    Read(io::Error),
+    /// The input as a whole is not of the format: why.
+    Invalid(String),
 }
 
 impl Reader {
@@ -247,7 +330,7 @@ impl Reader {
         format: Option<Format>,
     ) -> Result<Reader, TraceError> {
         let name = path.display().to_string();
-        let (format, input) = match format {
+        let (format, input) = match format.or_else(|| Format::by_name(path)) {
             Some(f) => (f, input),
             None => {
                 let (head, rest) = read_detection_head(input).map_err(|source| TraceError::Read {
@@ -272,7 +355,22 @@ impl Reader {
         job: &str,
     ) -> Result<Reader, TraceError> {
         let mut input: Box<dyn BufRead> = Box::new(input);
+        if matches!(format, Format::Tensorboard | Format::Csv) {
+            let source: Box<dyn Source> = if format == Format::Tensorboard {
+                Box::new(tensorboard::Reader::new(input, job))
+            } else {
+                Box::new(csv::Reader::new(input, job))
+            };
+            return Ok(Reader {
+                path: name.to_owned(),
+                format,
+                inner: Inner::Stream(source),
+                ignored: BTreeSet::new(),
+                fields: jsonl::FieldMap::default(),
+            });
+        }
         let parse: ParseLine = match format {
+            Format::Tensorboard | Format::Csv => unreachable!("read above"),
             Format::Jsonl => jsonl::parse_line,
             Format::Megatron => megatron::parse_line,
             Format::Llmc => {
@@ -328,14 +426,16 @@ impl Reader {
         self.format
     }
 
-    /// Reads the user's keys for fields (jsonl; other formats have fixed names).
+    /// Reads the user's keys for fields (jsonl, tensorboard, csv; the other
+    /// formats have fixed names).
     pub fn with_fields(mut self, fields: jsonl::FieldMap) -> Self {
         self.fields = fields;
         self
     }
 
-    /// The keys of the jsonl lines read so far that are no gradguard field
-    /// and were ignored (the first [`jsonl::MAX_IGNORED`] names).
+    /// The keys of the jsonl lines (the tags, the columns) read so far that
+    /// are no gradguard field and were ignored (the first
+    /// [`jsonl::MAX_IGNORED`] names).
     pub fn ignored_keys(&self) -> &BTreeSet<String> {
         &self.ignored
     }
@@ -360,6 +460,21 @@ impl Iterator for Reader {
         else {
             return match &mut self.inner {
                 Inner::Entries(entries) => entries.next().map(Ok),
+                Inner::Stream(source) => {
+                    let next = source.next_entry(&self.fields, &mut self.ignored)?;
+                    let path = self.path.clone();
+                    let error = match next {
+                        Ok(entry) => return Some(Ok(entry)),
+                        Err(SourceError::Read(source)) => TraceError::Read { path, source },
+                        Err(SourceError::Invalid(message)) => TraceError::Invalid {
+                            path,
+                            format: self.format,
+                            message,
+                        },
+                    };
+                    self.inner = Inner::Done;
+                    Some(Err(error))
+                }
                 _ => None,
             };
         };
@@ -396,89 +511,8 @@ impl Iterator for Reader {
     }
 }
 
-enum Line {
-    Ok,
-    TooLong,
-    Eof,
-}
-
-/// Reads one line into `buf` without its `\n` or `\r\n`. A line over
-/// [`MAX_LINE`] is consumed to its end but not kept.
-fn read_line(input: &mut dyn BufRead, buf: &mut Vec<u8>) -> io::Result<Line> {
-    buf.clear();
-    let n = input.take(MAX_LINE as u64 + 1).read_until(b'\n', buf)?;
-    if n == 0 {
-        return Ok(Line::Eof);
-    }
-    if buf.last() == Some(&b'\n') {
-        buf.pop();
-        if buf.last() == Some(&b'\r') {
-            buf.pop();
-        }
-        return Ok(Line::Ok);
-    }
-    if buf.len() <= MAX_LINE {
-        return Ok(Line::Ok); // the last line, without a newline
-    }
-    // Discard the rest of the over-long line, chunk by chunk.
-    loop {
-        let chunk = input.fill_buf()?;
-        if chunk.is_empty() {
-            break;
-        }
-        match chunk.iter().position(|&b| b == b'\n') {
-            Some(i) => {
-                input.consume(i + 1);
-                break;
-            }
-            None => {
-                let len = chunk.len();
-                input.consume(len);
-            }
-        }
-    }
-    buf.clear();
-    Ok(Line::TooLong)
-}
-
-/// Reads lines up to and including the first one with content (neither blank
-/// nor a `#` comment) that `enough` accepts, given trimmed and without a
-/// byte-order mark, or up to [`DETECT_LIMIT`] bytes or the end; returns them
-/// and the rest of the input. Reading no further keeps a piped stream flowing.
-fn read_head(
-    mut input: Box<dyn BufRead>,
-    mut enough: impl FnMut(&[u8]) -> bool,
-) -> io::Result<(Vec<u8>, Box<dyn BufRead>)> {
-    let mut head = Vec::new();
-    loop {
-        let start = head.len();
-        let room = (DETECT_LIMIT - start) as u64;
-        let n = (&mut input).take(room).read_until(b'\n', &mut head)?;
-        let line = head[start..].trim_ascii();
-        let line = line.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(line);
-        let content = !line.is_empty() && !line.starts_with(b"#");
-        if n == 0 || head.len() >= DETECT_LIMIT || (content && enough(line)) {
-            return Ok((head, input));
-        }
-    }
-}
-
-/// Reads what [`Format::detect`] needs: up to the first line with content, or
-/// when that line settles nothing, on to the first llm.c standard-output step
-/// line (within [`DETECT_LIMIT`]).
-fn read_detection_head(input: Box<dyn BufRead>) -> io::Result<(Vec<u8>, Box<dyn BufRead>)> {
-    let mut first = true;
-    read_head(input, |line| {
-        let settled = (first && Format::by_first_line(line).is_some())
-            || llmc::looks_like_stdout(line)
-            || megatron::looks_like(line);
-        first = false;
-        settled
-    })
-}
-
 /// The job of records that do not name one: `stdin`, or the file stem (hf: the
-/// run directory).
+/// run directory; tensorboard: the directory of the event file).
 pub fn default_job(path: &Path, format: Format) -> String {
     if path == Path::new("-") {
         return "stdin".to_owned();
@@ -488,77 +522,21 @@ pub fn default_job(path: &Path, format: Format) -> String {
     {
         return dir;
     }
+    if format == Format::Tensorboard
+        && let Some(dir) = path.parent().and_then(|p| p.file_name())
+    {
+        return dir.to_string_lossy().into_owned();
+    }
     path.file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "trace".to_owned())
 }
 
-/// Python's `json.dumps` writes non-finite floats as the bare tokens `NaN`,
-/// `Infinity` and `-Infinity`, which are not JSON. Quotes them (outside
-/// strings) so a JSON parser accepts the text; [`number`] reads them back.
-pub(crate) fn quote_nonfinite(text: &str) -> Cow<'_, str> {
-    if !text.contains("NaN") && !text.contains("Infinity") {
-        return Cow::Borrowed(text);
-    }
-    let mut out = String::with_capacity(text.len() + 16);
-    let (mut in_string, mut escaped) = (false, false);
-    let mut rest = text;
-    while let Some(c) = rest.chars().next() {
-        if in_string {
-            match c {
-                _ if escaped => escaped = false,
-                '\\' => escaped = true,
-                '"' => in_string = false,
-                _ => {}
-            }
-        } else if c == '"' {
-            in_string = true;
-        } else if let Some(token) = ["NaN", "Infinity", "-Infinity"]
-            .into_iter()
-            .find(|t| rest.starts_with(t))
-        {
-            out.push('"');
-            out.push_str(token);
-            out.push('"');
-            rest = &rest[token.len()..];
-            continue;
-        }
-        out.push(c);
-        rest = &rest[c.len_utf8()..];
-    }
-    Cow::Owned(out)
-}
-
-/// A JSON value as a float: a number, or one of the strings `"NaN"`,
-/// `"Infinity"`, `"-Infinity"` (also `"nan"`, `"inf"`, `"-inf"`).
-pub(crate) fn number(v: &serde_json::Value) -> Option<f64> {
-    match v {
-        serde_json::Value::Number(n) => n.as_f64(),
-        serde_json::Value::String(s) => match s.as_str() {
-            "NaN" | "nan" => Some(f64::NAN),
-            "Infinity" | "inf" => Some(f64::INFINITY),
-            "-Infinity" | "-inf" => Some(f64::NEG_INFINITY),
-            _ => None,
-        },
-        _ => None,
-    }
-}
-
-/// A JSON value as it appears in an error message, shortened.
-pub(crate) fn show(v: &serde_json::Value) -> String {
-    let mut s = v.to_string();
-    if s.len() > 40 {
-        let cut = (0..=37).rev().find(|&i| s.is_char_boundary(i)).unwrap_or(0);
-        s.truncate(cut);
-        s.push_str("...");
-    }
-    s
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::borrow::Cow;
 
     fn detect(name: &str, head: &str) -> Option<Format> {
         Format::detect(Path::new(name), head.as_bytes())
@@ -569,7 +547,10 @@ mod tests {
         assert_eq!("jsonl".parse::<Format>(), Ok(Format::Jsonl));
         assert_eq!("hf".parse::<Format>(), Ok(Format::Hf));
         assert_eq!("llmc".parse::<Format>(), Ok(Format::Llmc));
-        assert!("csv".parse::<Format>().unwrap_err().contains("\"csv\""));
+        assert_eq!("csv".parse::<Format>(), Ok(Format::Csv));
+        assert_eq!("tensorboard".parse::<Format>(), Ok(Format::Tensorboard));
+        let err = "xml".parse::<Format>().unwrap_err();
+        assert!(err.contains("\"xml\"") && err.contains("tensorboard or csv"), "{err}");
     }
 
     #[test]
@@ -587,8 +568,34 @@ mod tests {
     }
 
     #[test]
+    fn detects_tensorboard_and_csv() {
+        assert_eq!(
+            detect("logs/events.out.tfevents.1700000000.host.1.0", ""),
+            Some(Format::Tensorboard)
+        );
+        assert_eq!(detect("metrics.CSV", ""), Some(Format::Csv));
+        assert_eq!(detect("a.txt", "epoch,step,train_loss\n0,1,2.5\n"), Some(Format::Csv));
+        assert_eq!(detect("a.txt", "key,value,step\n"), Some(Format::Csv));
+        let header = [&24u64.to_le_bytes()[..], &[0xa3, 0x7f, 0x4b, 0x22]].concat();
+        assert_eq!(Format::detect(Path::new("x"), &header), Some(Format::Tensorboard));
+        // The 12 bytes are all detection reads of an event file.
+        let mut bytes = header.clone();
+        bytes.extend(b"\nmore");
+        let (head, mut rest) = read_detection_head(Box::new(Cursor::new(bytes))).unwrap();
+        assert_eq!(head, header);
+        let mut tail = Vec::new();
+        rest.read_to_end(&mut tail).unwrap();
+        assert_eq!(tail, b"\nmore");
+        assert_eq!(
+            default_job(Path::new("runs/bert/events.out.tfevents.1"), Format::Tensorboard),
+            "bert"
+        );
+    }
+
+    #[test]
     fn unknown_content_is_not_detected() {
-        assert_eq!(detect("a.txt", "step,loss\n1,2.0\n"), None);
+        assert_eq!(detect("a.txt", "epoch,acc\n1,2.0\n"), None);
+        assert_eq!(detect("a.txt", "step,epoch\n1,2.0\n"), None, "no column of a field");
         assert_eq!(detect("a.log", "hello world\n"), None);
         assert_eq!(detect("a.txt", "s:x trl:1\n"), None);
         assert_eq!(detect("a.txt", ""), None);
