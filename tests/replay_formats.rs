@@ -9,9 +9,13 @@
 //! It needs the Python of `clients/python/.venv` with torch, lightning and
 //! tensorboard (`.ci/run` installs them), or `GRADGUARD_PYTHON`.
 
+mod common;
+
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -399,4 +403,56 @@ fn junk_empty_files_and_missing_columns_fail_naming_the_format() {
         assert_eq!(out.status.code(), Some(1), "{}", path.display());
         assert!(stderr(&out).contains(want), "{}: {}", path.display(), stderr(&out));
     }
+}
+
+/// `follow` on a TensorBoard log directory whose event file is written a few
+/// bytes at a time, as a writer's buffered flushes land: every step reaches
+/// the service once, each when the next step's first event is written.
+#[test]
+fn follow_streams_an_event_file_written_in_pieces() {
+    let server = common::Server::start();
+    let url = server.url();
+    let bytes = std::fs::read(event_file("torch")).unwrap();
+    let logdir = tempfile::tempdir().unwrap();
+    let run = logdir.path().join("tb-live");
+    std::fs::create_dir(&run).unwrap();
+    let path = run.join("events.out.tfevents.1700000000.host.1.0");
+    let mut file = std::fs::File::create(&path).unwrap();
+    let mut follow = Command::new(BIN)
+        .args(["follow", "--server", &url, "--poll", "10ms"])
+        .arg(&run)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    for piece in bytes.chunks(37) {
+        file.write_all(piece).unwrap();
+        file.flush().unwrap();
+    }
+    // Step 50, the last, waits for a 51st that never comes.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = Command::new(BIN)
+            .args(["jobs", "--json", "--server", &url])
+            .output()
+            .unwrap();
+        let jobs = String::from_utf8(out.stdout).unwrap();
+        if jobs.contains(r#""job":"tb-live""#) && jobs.contains(r#""last_step":49"#) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "follow did not stream the event file: {jobs}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(server.sample("gradguard_summaries_total"), Some(49.0));
+    assert_eq!(
+        server.sample("gradguard_summaries_rejected_total{reason=\"undecodable\"}"),
+        Some(0.0)
+    );
+    let _ = follow.kill();
+    let out = follow.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("(tensorboard)") && !err.contains("checksum"), "{err}");
 }
