@@ -983,6 +983,25 @@ fn bad_flags_and_config_exit_before_binding_a_port() {
     let (code, err) = serve_fails(&["--grpc-addr", &addr, "--metrics-addr", "127.0.0.1:0", "--no-store"]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains(&format!("cannot bind --grpc-addr {addr}")), "{err}");
+
+    // Nothing is created before both ports are bound: not the default data
+    // directory in the working directory.
+    for ports in [
+        ["--grpc-addr", &addr, "--metrics-addr", "127.0.0.1:0"],
+        ["--grpc-addr", "127.0.0.1:0", "--metrics-addr", &addr],
+    ] {
+        let cwd = tempfile::tempdir().unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_gradguard"))
+            .arg("serve")
+            .args(ports)
+            .current_dir(cwd.path())
+            .env_remove("GRADGUARD_DATA_DIR")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+        let left: Vec<_> = std::fs::read_dir(cwd.path()).unwrap().collect();
+        assert!(left.is_empty(), "serve left {left:?} behind");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
