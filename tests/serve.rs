@@ -1411,3 +1411,33 @@ async fn a_rank_that_joins_after_job_wide_advice_gets_it_and_a_returning_rank_do
     assert!(next.id > given.id, "the returning rank was sent {next:?} again");
     drop((again.sender, late.sender, first.sender));
 }
+
+/// SIGTERM with workers connected: their streams get what they sent answered,
+/// then end with UNAVAILABLE (so the workers reconnect), and the service is
+/// gone well within its drain timeout instead of waiting it out.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_ends_the_open_streams_at_once_with_unavailable() {
+    let server = Server::start();
+    let mut client = client::connect(&server.url()).await.unwrap();
+    let mut started = WorkerStream::open(&mut client, hello("draining", 0, 2, 0))
+        .await
+        .unwrap();
+    started.sender.summary(summary(1, 0)).await.unwrap();
+    // A stream past its Hello but without a summary yet ends too.
+    let mut waiting = WorkerStream::open(&mut client, hello("draining", 1, 2, 0))
+        .await
+        .unwrap();
+    server.wait_for("both streams", |t| sample(t, "gradguard_active_streams") == Some(2.0));
+    let stopping = std::time::Instant::now();
+    tokio::task::spawn_blocking(move || server.stop()).await.unwrap();
+    let took = stopping.elapsed();
+    assert!(
+        took < gradguard::service::DRAIN_TIMEOUT / 2,
+        "SIGTERM took {took:?} with two workers connected"
+    );
+    for stream in [&mut started, &mut waiting] {
+        let end = stream.receiver.drain().await.unwrap_err();
+        assert_eq!(end.code(), Code::Unavailable, "{end:?}");
+        assert!(end.message().contains("shutting down"), "{end:?}");
+    }
+}

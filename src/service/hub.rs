@@ -79,6 +79,11 @@ impl Hub {
         &self.limits
     }
 
+    /// Worker streams open now (past their Hello).
+    pub fn open_streams(&self) -> i64 {
+        self.metrics.active_streams.get()
+    }
+
     pub fn next_stream_id(&self) -> u64 {
         self.next_stream.fetch_add(1, Ordering::Relaxed)
     }

@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status, Streaming};
 
@@ -30,16 +30,26 @@ pub struct IngestService {
     /// Server messages queued per stream before advice is dropped.
     queue: usize,
     max_message_bytes: usize,
+    /// Raised when the service stops: every stream then ends (UNAVAILABLE).
+    stopping: watch::Receiver<bool>,
 }
 
 impl IngestService {
-    pub fn new(hub: Arc<Hub>, metrics: IntakeMetrics, queue: usize, max_message_bytes: usize, gate: Arc<Gate>) -> Self {
+    pub fn new(
+        hub: Arc<Hub>,
+        metrics: IntakeMetrics,
+        queue: usize,
+        max_message_bytes: usize,
+        gate: Arc<Gate>,
+        stopping: watch::Receiver<bool>,
+    ) -> Self {
         Self {
             hub,
             gate,
             metrics,
             queue,
             max_message_bytes,
+            stopping,
         }
     }
 }
@@ -66,6 +76,7 @@ impl Ingest for IngestService {
             decoder: Decoder::default(),
             metrics: self.metrics.clone(),
             max_message_bytes: self.max_message_bytes,
+            stopping: self.stopping.clone(),
         };
         tokio::spawn(session.run(request.into_inner()));
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -78,7 +89,11 @@ struct Session {
     decoder: Decoder,
     metrics: IntakeMetrics,
     max_message_bytes: usize,
+    stopping: watch::Receiver<bool>,
 }
+
+/// The status a stream ends with when the service stops.
+pub const SHUTTING_DOWN: &str = "gradguard is shutting down: reconnect (what was accepted is kept)";
 
 /// What a stream's messages are handed to, part by part.
 struct Stream {
@@ -103,9 +118,20 @@ impl Session {
         let limits = self.stream.hub.limits().clone();
         let opened = tokio::time::Instant::now();
         let mut hello_at = None;
+        let mut stopping = self.stopping.clone();
         loop {
             let next = if self.stream.started {
-                inbound.message().await
+                let next = tokio::select! {
+                    next = inbound.message() => Some(next),
+                    _ = stopping.wait_for(|s| *s) => None,
+                };
+                match next {
+                    Some(next) => next,
+                    None => {
+                        self.shut_down().await;
+                        break;
+                    }
+                }
             } else {
                 // Until its first summary, a stream has a deadline: an opened
                 // stream (or a Hello alone) holds nothing for long.
@@ -129,10 +155,18 @@ impl Session {
                         ),
                     ),
                 };
-                match tokio::time::timeout_at(deadline, inbound.message()).await {
-                    Ok(next) => next,
-                    Err(_) => {
+                let next = tokio::select! {
+                    next = tokio::time::timeout_at(deadline, inbound.message()) => Some(next),
+                    _ = stopping.wait_for(|s| *s) => None,
+                };
+                match next {
+                    Some(Ok(next)) => next,
+                    Some(Err(_)) => {
                         self.refuse(Refusal::new(Reason::HelloTimeout, missing)).await;
+                        break;
+                    }
+                    None => {
+                        self.shut_down().await;
                         break;
                     }
                 }
@@ -169,6 +203,16 @@ impl Session {
                 break;
             }
         }
+    }
+
+    /// The service stops: what the stream sent is made durable (its advice
+    /// goes out), then the stream ends with UNAVAILABLE, so the worker
+    /// reconnects (to this service once it is back, or another replica).
+    async fn shut_down(&self) {
+        if let Some(at) = &self.stream.attachment {
+            self.stream.hub.flush(&at.declared.job).await;
+        }
+        let _ = self.stream.outbox.send(Err(Status::unavailable(SHUTTING_DOWN))).await;
     }
 
     /// Ends the stream with the refusal's status.

@@ -122,6 +122,7 @@ pub struct Service {
     grpc_addr: SocketAddr,
     http_addr: SocketAddr,
     stop: tokio::sync::watch::Sender<bool>,
+    hub: Arc<Hub>,
     servers: Vec<JoinHandle<()>>,
     background: Vec<JoinHandle<()>>,
     cluster: Option<Cluster>,
@@ -235,6 +236,7 @@ impl Service {
             settings.stream_queue,
             max_message,
             gate.clone(),
+            stopping.clone(),
         ))
         .max_decoding_message_size(max_message);
         let check = access::Check(gate.clone());
@@ -333,6 +335,7 @@ impl Service {
         Ok(Self {
             grpc_addr,
             http_addr,
+            hub,
             stop,
             servers,
             background,
@@ -350,8 +353,17 @@ impl Service {
 
     /// Stops serving: the cluster's detector commits what it processed, and
     /// open worker streams get a few seconds to end.
+    /// Stops serving: every open worker stream is answered for what it sent
+    /// (made durable, its advice sent), then ended with UNAVAILABLE so its
+    /// worker reconnects; the servers get [`DRAIN_TIMEOUT`] to finish.
     pub async fn stop(self) {
-        tracing::info!("shutting down");
+        let streams = self.hub.open_streams();
+        let started = std::time::Instant::now();
+        tracing::info!(
+            open_streams = streams,
+            timeout = ?DRAIN_TIMEOUT,
+            "shutting down: ending the open worker streams once what they sent is stored"
+        );
         let _ = self.stop.send(true);
         for task in &self.background {
             task.abort();
@@ -364,9 +376,18 @@ impl Service {
                 let _ = server.await;
             }
         };
-        let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
+        match tokio::time::timeout(DRAIN_TIMEOUT, drain).await {
+            Ok(()) => tracing::info!(took = ?started.elapsed(), "stopped"),
+            Err(_) => tracing::warn!(
+                open_streams = self.hub.open_streams(),
+                "stopped after {DRAIN_TIMEOUT:?}: connections still open were cut"
+            ),
+        }
     }
 }
+
+/// How long [`Service::stop`] waits for the servers to finish.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Re-reads the auth file on SIGHUP, and the TLS files when they change
 /// (checked every few seconds, and on SIGHUP). What does not load is logged
