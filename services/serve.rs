@@ -182,6 +182,17 @@ pub struct ServeArgs {
     /// Worker threads of the async runtime (default: one per CPU).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1024), env = "GRADGUARD_THREADS")]
     pub threads: Option<u64>,
+
+    /// How the log on stderr is written: `text` (for people) or `json` (one
+    /// object per line, for a log pipeline). Filtered by `RUST_LOG` (default `info`).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "GRADGUARD_LOG_FORMAT")]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -251,7 +262,9 @@ pub fn run(args: &ServeArgs, matches: &ArgMatches) -> Result<(), Failure> {
         .build()
         .context("cannot start the async runtime")
         .map_err(Failure::input)?;
-    runtime.block_on(serve(settings, book, names)).map_err(Failure::input)
+    runtime
+        .block_on(serve(settings, book, names, args.log_format))
+        .map_err(Failure::input)
 }
 
 /// The settings the flags give: only those given on the command line or by
@@ -335,8 +348,8 @@ impl Names {
     }
 }
 
-async fn serve(settings: ServeSettings, book: RuleBook, names: Names) -> anyhow::Result<()> {
-    init_tracing();
+async fn serve(settings: ServeSettings, book: RuleBook, names: Names, log: LogFormat) -> anyhow::Result<()> {
+    init_tracing(log);
     let grpc = TcpListener::bind(settings.grpc_addr)
         .await
         .with_context(|| format!("cannot bind {} {}", names.grpc, settings.grpc_addr))?;
@@ -383,13 +396,18 @@ pub(crate) async fn shutdown_signal() {
     }
 }
 
-/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
-fn init_tracing() {
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`): text, or one
+/// JSON object per line with the event's fields at the top level.
+fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
+    };
 }

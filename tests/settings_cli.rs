@@ -350,3 +350,28 @@ fn every_serve_flag_reads_an_environment_variable() {
         assert!(text.contains(&wanted), "--{flag} reads no {wanted}...]: {text}");
     }
 }
+
+#[test]
+fn serve_logs_json_lines_when_asked() {
+    for (args, env) in [
+        (vec!["--log-format", "json"], vec![]),
+        (vec![], vec![("GRADGUARD_LOG_FORMAT", "json")]),
+    ] {
+        let (_, err) = serve_up(&[&LOCAL[..], &args].concat(), &env);
+        let lines: Vec<serde_json::Value> = err
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+            .collect();
+        let warning = lines
+            .iter()
+            .find(|l| l["level"] == "WARN")
+            .unwrap_or_else(|| panic!("no warning logged: {err}"));
+        assert!(warning["message"].as_str().unwrap().contains("no --auth"), "{warning}");
+        assert!(
+            warning["timestamp"].is_string() && warning["target"].is_string(),
+            "{warning}"
+        );
+    }
+    let (code, err) = fails(&["serve", "--log-format", "xml"], &[]);
+    assert_eq!(code, 2, "{err}");
+}
