@@ -215,3 +215,62 @@ fn an_unreachable_server_is_named() {
     assert_eq!(run.code, Some(1), "{}", run.stderr);
     assert!(run.stderr.contains("http://127.0.0.1:1"), "{}", run.stderr);
 }
+
+/// A fault that gets anomalies but no advice (vanishing gradients: nothing a
+/// worker could do at once) still shows them: the stored counts, and where to
+/// list them.
+#[test]
+fn anomalies_without_advice_are_shown() {
+    let server = Server::start();
+    let run = server.simulate(&[
+        "--scenario",
+        "vanish",
+        "--job",
+        "sim-vanish-shown",
+        "--workers",
+        "2",
+        "--steps",
+        "700",
+        "--step-interval",
+        "1ms",
+    ]);
+    run.assert_code(0);
+    let line = run
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("anomalies"))
+        .unwrap_or_else(|| panic!("no anomalies line: {}", run.stdout));
+    assert!(
+        line.contains("warning") && line.contains("`gradguard anomalies --job sim-vanish-shown` lists them"),
+        "{line}"
+    );
+    let stored: u64 = line.split_whitespace().next().unwrap().parse().unwrap();
+    let listed = Command::new(BIN)
+        .args([
+            "anomalies",
+            "--server",
+            &server.url,
+            "--job",
+            "sim-vanish-shown",
+            "--json",
+            "--limit",
+            "100000",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&listed.stdout).lines().count() as u64, stored);
+
+    let run = server.simulate(&[
+        "--scenario",
+        "vanish",
+        "--workers",
+        "2",
+        "--steps",
+        "700",
+        "--step-interval",
+        "1ms",
+        "--json",
+    ]);
+    let summary: serde_json::Value = serde_json::from_str(run.stdout.lines().last().unwrap()).unwrap();
+    assert!(summary["anomalies"]["warning"].as_u64() > Some(0), "{summary}");
+}

@@ -45,12 +45,15 @@ use std::time::Duration;
 
 use anyhow::anyhow;
 use clap::{Args, ValueEnum};
+use gradguard::client::ClientSecurity;
 use gradguard::clock::unix_now;
 use gradguard::engine::MAX_LAYERS;
+use gradguard::proto::{self, query_client::QueryClient};
 use gradguard::scenario::{Fault, Scenario, ScenarioConfig};
 use tokio::sync::mpsc;
 
 use crate::cli::Failure;
+use print::Anomalies;
 use sim::Sim;
 use transport::{Transport, open_kafka, open_ranks, stream_error};
 
@@ -198,6 +201,27 @@ impl ScenarioName {
     }
 }
 
+/// The job's anomalies the server stored, by severity (its Query API).
+async fn stored_anomalies(url: &str, security: &ClientSecurity, job: &str) -> Result<Anomalies, String> {
+    let channel = gradguard::client::channel(url, security)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut query = QueryClient::new(channel);
+    let request = proto::GetJobRequest { job: job.to_owned() };
+    match query.get_job(request).await {
+        Ok(job) => {
+            let j = job.into_inner();
+            Ok(Anomalies {
+                info: j.anomalies_info,
+                warning: j.anomalies_warning,
+                critical: j.anomalies_critical,
+            })
+        }
+        Err(s) if s.code() == tonic::Code::FailedPrecondition => Err("the server keeps no store (--no-store)".into()),
+        Err(s) => Err(crate::cli::status_text(&s)),
+    }
+}
+
 fn parse_interval(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (expected e.g. 5ms, 1s, or 0)"))
 }
@@ -296,7 +320,11 @@ async fn simulate(args: &SimulateArgs, scenario: Scenario) -> Result<ExitCode, F
         Some(e) => Some(format!("{e:#}")),
         None => stream_error(&target, &sim.ends, stopped, unfinished),
     };
-    let summary = sim.summary(error.as_deref());
+    let mut summary = sim.summary(error.as_deref());
+    summary.anomalies = match &args.kafka_brokers {
+        Some(_) => Err("played through Kafka: ask a replica with `gradguard job`".to_owned()),
+        None => stored_anomalies(&target, &args.security.security()?, &summary.job).await,
+    };
     sim.out.summary(&summary);
     sim.out.done()?;
     match error {

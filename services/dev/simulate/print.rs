@@ -42,6 +42,17 @@ pub(super) struct Outcome {
     pub(super) verdict: Verdict,
     pub(super) problems: Vec<String>,
     pub(super) error: Option<String>,
+    /// The job's anomalies the server stored, by severity, or why they are
+    /// not known (no store; a cluster reached through Kafka).
+    pub(super) anomalies: Result<Anomalies, String>,
+}
+
+/// Stored anomalies of the job, by severity.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub(super) struct Anomalies {
+    pub(super) info: u64,
+    pub(super) warning: u64,
+    pub(super) critical: u64,
 }
 
 /// A number for people: fixed point in the usual range, scientific outside it.
@@ -201,6 +212,7 @@ fn summary_lines(o: &Outcome) -> Vec<String> {
         "sent       {} steps ({} summaries){span}",
         o.steps_sent, o.summaries_sent
     ));
+    lines.push(format!("anomalies  {}", anomalies_text(&o.anomalies, &o.job)));
     lines.push(format!("advice     {}", advice_text(o)));
     if let Some(lag) = o.lag {
         lines.push(format!("lag        {}", lag_text(lag)));
@@ -250,6 +262,20 @@ pub(super) fn lag_text((lo, hi): (u64, u64)) -> String {
     text
 }
 
+fn anomalies_text(a: &Result<Anomalies, String>, job: &str) -> String {
+    match a {
+        Ok(a) if a.info + a.warning + a.critical == 0 => "none stored".to_owned(),
+        Ok(a) => {
+            let counts = count_list([("critical", a.critical), ("warning", a.warning), ("info", a.info)]);
+            format!(
+                "{} stored ({counts}; `gradguard anomalies --job {job}` lists them)",
+                a.info + a.warning + a.critical
+            )
+        }
+        Err(why) => format!("not known: {why}"),
+    }
+}
+
 fn advice_text(o: &Outcome) -> String {
     if o.advice == 0 {
         return "none".to_owned();
@@ -284,6 +310,8 @@ struct SummaryLine<'a> {
     advice: &'a BTreeMap<&'static str, u64>,
     advice_total: u64,
     advice_applied: u64,
+    /// Stored anomalies by severity; null when the server cannot tell.
+    anomalies: Option<Anomalies>,
     advice_lag: Option<LagJson>,
     before: Option<LevelJson>,
     after: Option<LevelJson>,
@@ -344,6 +372,7 @@ fn summary_json(o: &Outcome) -> String {
         advice: &o.by_action,
         advice_total: o.advice,
         advice_applied: o.applied,
+        anomalies: o.anomalies.as_ref().ok().copied(),
         advice_lag: o.lag.map(|(min, max)| LagJson { min, max }),
         before: o.before.as_ref().map(LevelJson::from),
         after: o.after.as_ref().map(LevelJson::from),

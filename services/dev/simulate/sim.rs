@@ -239,6 +239,7 @@ impl Sim {
             ),
             problems,
             error: error.map(str::to_owned),
+            anomalies: Err("not asked".to_owned()),
         }
     }
 }
