@@ -470,3 +470,51 @@ fn a_wrong_server_address_says_what_is_wrong() {
     let run = gradguard(&["simulate", "--help"]);
     assert!(run.stdout.contains("http://localhost:50051"), "{}", run.stdout);
 }
+
+#[test]
+fn since_and_until_filter_by_time() {
+    let _turn = turn();
+    let server = common::Server::start();
+    let url = server.url();
+    explode(&url, "timed", "1", "400", "200");
+    let count = |extra: &[&str]| -> usize {
+        let mut args = vec!["anomalies", "--job", "timed", "--json", "--limit", "100000"];
+        args.extend(extra);
+        query(&url, &args).json().len()
+    };
+    let all = count(&[]);
+    assert!(all > 0);
+    assert_eq!(count(&["--since", "1h"]), all);
+    assert_eq!(count(&["--until", "2000-01-01T00:00:00Z"]), 0);
+    // Split at a time between two of them (to the second, as RFC 3339 is given).
+    let rows = query(&url, &["anomalies", "--job", "timed", "--json", "--limit", "100000"]).json();
+    let mut times: Vec<f64> = rows.iter().map(|r| r["time"].as_f64().unwrap()).collect();
+    times.sort_by(f64::total_cmp);
+    let cut = std::time::UNIX_EPOCH + Duration::from_secs(times[0] as u64 + 1);
+    let cut_text = humantime::format_rfc3339_seconds(cut).to_string();
+    let before = times.iter().filter(|&&t| t <= times[0].floor() + 1.0).count();
+    assert_eq!(count(&["--until", &cut_text]), before, "--until {cut_text}");
+    assert_eq!(
+        count(&["--since", &cut_text]),
+        all - times.iter().filter(|&&t| t < times[0].floor() + 1.0).count()
+    );
+    assert_eq!(count(&["--since", "2100-01-01 00:00:00"]), 0);
+    let advice = query(&url, &["advice", "--job", "timed", "--json", "--since", "1h"]).json();
+    assert!(!advice.is_empty());
+    assert!(
+        query(
+            &url,
+            &["advice", "--job", "timed", "--json", "--until", "1999-12-31T23:59:59Z"]
+        )
+        .json()
+        .is_empty()
+    );
+
+    let run = query(&url, &["anomalies", "--since", "yesterday"]);
+    run.assert_code(2);
+    assert!(
+        run.stderr.contains("--since") && run.stderr.contains("yesterday"),
+        "{}",
+        run.stderr
+    );
+}

@@ -70,6 +70,32 @@ pub struct FilterArgs {
     /// Up to this step (inclusive).
     #[arg(long, value_name = "STEP")]
     pub to_step: Option<u64>,
+
+    /// From this time on (inclusive): a time ago (`30m`, `2h`, `1day`) or
+    /// an RFC 3339 time (`2026-12-04T03:00:00Z`).
+    #[arg(long, value_name = "TIME", value_parser = parse_time)]
+    pub since: Option<f64>,
+
+    /// Up to this time (inclusive), as `--since`.
+    #[arg(long, value_name = "TIME", value_parser = parse_time)]
+    pub until: Option<f64>,
+}
+
+/// A time for `--since`/`--until`, in seconds since the epoch: a duration
+/// before now, or an RFC 3339 time (UTC, or with `Z`; `T` or a space).
+fn parse_time(s: &str) -> Result<f64, String> {
+    let now = std::time::SystemTime::now();
+    let at = match humantime::parse_duration(s) {
+        Ok(ago) => now
+            .checked_sub(ago)
+            .ok_or_else(|| format!("{s} ago is before the epoch"))?,
+        Err(_) => humantime::parse_rfc3339_weak(s).map_err(|_| {
+            format!("{s:?} is neither a time ago (30m, 2h, 1day) nor an RFC 3339 time (2026-12-04T03:00:00Z)")
+        })?,
+    };
+    at.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .map_err(|_| format!("{s:?} is before the epoch"))
 }
 
 impl FilterArgs {
@@ -81,8 +107,8 @@ impl FilterArgs {
             worker: self.worker,
             step_from: self.from_step,
             step_to: self.to_step,
-            time_from: None,
-            time_to: None,
+            time_from: self.since,
+            time_to: self.until,
         }
     }
 }
