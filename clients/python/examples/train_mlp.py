@@ -9,6 +9,10 @@ above the edge of stability. The guard streams every step to the service
 (`--server`, default localhost:50051), clips, scales the learning rate or rolls
 back to an in-memory checkpoint as advised. With no service running the run
 goes on unguarded (and diverges): the client never raises into the loop.
+
+Each run is a new job (`example-mlp-<time>-<pid>`, printed at the start), so running
+it again starts afresh rather than continuing the last run's job (whose steps
+the service already has); `--job NAME` names it yourself.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import argparse
 import copy
 import logging
 import math
+import os
+import time
 
 import torch
 
@@ -26,13 +32,17 @@ import gradguard
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--server", default="localhost:50051")
-    ap.add_argument("--job", default="example-mlp")
+    ap.add_argument("--job", default=None, help="the job's name (default: example-mlp-<time>-<pid>, new each run)")
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--lr", type=float, default=0.2, help="peak learning rate (0.05 trains without trouble)")
     ap.add_argument("--mode", choices=["enforce", "observe"], default="enforce")
     ap.add_argument("--no-guard", action="store_true", help="train without gradguard")
     args = ap.parse_args()
+    if args.job is None:
+        args.job = f"example-mlp-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    if not args.no_guard:
+        print(f"job {args.job} on {args.server}")
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(

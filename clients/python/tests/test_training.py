@@ -293,6 +293,19 @@ def test_the_example_script_runs_as_is(server):
     )
     assert out.returncode == 0, out.stderr
     assert "finished with a finite loss" in out.stdout, out.stdout
+    # Run again as written: a new job, not the last run's continued.
+    again = subprocess.run(
+        [sys.executable, str(script), "--server", server.addr, "--steps", "300"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        check=False,
+    )
+    assert again.returncode == 0, again.stderr
+    assert "finished with a finite loss" in again.stdout, again.stdout
+    jobs = [o.stdout.splitlines()[0].split()[1] for o in (out, again)]
+    assert jobs[0] != jobs[1] and all(j.startswith("example-mlp-") for j in jobs), jobs
     alone = subprocess.run(
         [sys.executable, str(script), "--no-guard", "--steps", "300"],
         capture_output=True,
