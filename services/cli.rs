@@ -58,6 +58,19 @@ pub enum Command {
     /// Helpers for `serve --auth` files.
     #[command(subcommand)]
     Auth(AuthCommand),
+    /// Print a shell completion script, e.g. `gradguard completions bash >
+    /// /etc/bash_completion.d/gradguard` (or `source <(gradguard completions bash)`).
+    Completions {
+        /// The shell: bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+}
+
+/// `gradguard completions SHELL`: the completion script on stdout.
+pub fn completions(shell: clap_complete::Shell) -> Result<ExitCode, Failure> {
+    use clap::CommandFactory;
+    clap_complete::generate(shell, &mut Cli::command(), "gradguard", &mut io::stdout());
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(Debug, Subcommand)]

@@ -39,6 +39,7 @@ fn main() -> ExitCode {
         cli::Command::Advice(args) => query_cli::advice(args),
         cli::Command::Watch(args) => query_cli::watch(args),
         cli::Command::Auth(command) => cli::auth(command),
+        cli::Command::Completions { shell } => cli::completions(*shell),
     };
     result.unwrap_or_else(|failure| {
         cli::warn(&format!("gradguard: {}", cli::describe(&failure.error)));

@@ -375,3 +375,32 @@ fn serve_logs_json_lines_when_asked() {
     let (code, err) = fails(&["serve", "--log-format", "xml"], &[]);
     assert_eq!(code, 2, "{err}");
 }
+
+/// `gradguard completions bash` is a script bash accepts, and completes the
+/// commands and the flags.
+#[test]
+fn bash_completes_commands_and_flags() {
+    let out = Command::new(BIN).args(["completions", "bash"]).output().unwrap();
+    assert!(out.status.success());
+    let dir = tempfile::tempdir().unwrap();
+    let script = write(dir.path(), "gradguard.bash", &String::from_utf8(out.stdout).unwrap());
+    let complete = |words: &str| -> String {
+        // As bash calls it: the command, the word being completed, the one before.
+        let all: Vec<&str> = words.split_whitespace().collect();
+        let n = all.len();
+        let program = format!(
+            "source {script}; COMP_WORDS=({words}); COMP_CWORD={}; _gradguard gradguard {} {}; echo \"${{COMPREPLY[@]}}\"",
+            n - 1,
+            all[n - 1],
+            all[n - 2]
+        );
+        let out = Command::new("bash").args(["-c", &program]).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    };
+    assert_eq!(complete("gradguard fol"), "follow");
+    assert_eq!(complete("gradguard serve --log-f"), "--log-format");
+    assert!(complete("gradguard replay --sev").contains("--severity"));
+    let (code, err) = fails(&["completions", "tcsh"], &[]);
+    assert_eq!(code, 2, "{err}");
+}
