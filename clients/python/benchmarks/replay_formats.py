@@ -37,7 +37,7 @@ def replay(path: Path, fmt: str) -> tuple[float, int]:
     """Wall seconds of one replay and the records it read."""
     start = time.perf_counter()
     out = subprocess.run(
-        [str(BIN), "replay", "--json", "--min-severity", "critical", "--format", fmt, str(path)],
+        [str(BIN), "replay", "--json", "--severity", "critical", "--format", fmt, str(path)],
         capture_output=True,
         text=True,
         check=False,
