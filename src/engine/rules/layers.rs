@@ -16,10 +16,6 @@ pub(crate) struct LayerState {
     /// The layer's largest norm over its first records, and how many were seen.
     early: f32,
     seen: u8,
-    /// Below this the layer is far below its early level (−∞ until that
-    /// is known); derived from `early`, so rebuilt after a restore.
-    #[serde(skip)]
-    low: f32,
     floor_run: u32,
     floor: Latch,
     ceiling: Latch,
@@ -34,11 +30,32 @@ pub(crate) struct State {
     /// Every layer has its early level (recomputed after a restore).
     #[serde(skip)]
     early_done: bool,
+    /// Per layer, below this its norm is far below its early level (−∞ until
+    /// that is known); derived from `early`, so rebuilt after a restore.
+    /// Apart from the layers' states: a quiet record reads only these two.
+    #[serde(skip)]
+    low: Vec<f32>,
+    /// Per layer, whether a latch is active or a floor run counting
+    /// ([`LayerState::armed`]); derived, so rebuilt after a restore.
+    #[serde(skip)]
+    armed: Vec<bool>,
 }
 
 impl State {
     pub fn heap_bytes(&self) -> usize {
-        self.layers.capacity() * std::mem::size_of::<LayerState>()
+        self.layers.capacity() * std::mem::size_of::<LayerState>() + self.low.capacity() * 4 + self.armed.capacity()
+    }
+}
+
+impl LayerState {
+    /// Whether a quiet record would change anything: a latch to clear, a
+    /// floor run to end.
+    fn armed(&self) -> bool {
+        self.floor_run > 0
+            || self.floor.active()
+            || self.ceiling.active()
+            || self.update_high.active()
+            || self.update_low.active()
     }
 }
 
@@ -82,11 +99,20 @@ fn update_ratio(l: &LayerStats) -> Option<f64> {
 }
 
 /// The per-layer rules for one layer (a finite one) with a condition that
-/// holds: ceiling, floor and update ratio, in that order. `typical` is the
-/// layers' RMS once computed for this summary.
+/// holds: ceiling, floor and update ratio, in that order. `low` is its
+/// floor's limit ([`State::low`]), `typical` the layers' RMS once computed
+/// for this summary.
 #[cold]
 #[inline(never)]
-fn judge(cx: &Layers, i: usize, l: &LayerStats, st: &mut LayerState, typical: &mut Option<f64>, em: &mut Emitter) {
+fn judge(
+    cx: &Layers,
+    i: usize,
+    l: &LayerStats,
+    low: f32,
+    st: &mut LayerState,
+    typical: &mut Option<f64>,
+    em: &mut Emitter,
+) {
     let (obs, step, remind, floor, update) = (cx.obs, cx.step, cx.remind, cx.floor, cx.update);
     let l2 = f64::from(l.l2);
     let rms = || rms(cx.layers);
@@ -111,7 +137,7 @@ fn judge(cx: &Layers, i: usize, l: &LayerStats, st: &mut LayerState, typical: &m
         .propose(Proposal::Clip { max_norm });
     }
     if floor.enabled {
-        let dead = l.l2 < st.low && l2 < floor.relative * *typical.get_or_insert_with(rms);
+        let dead = l.l2 < low && l2 < floor.relative * *typical.get_or_insert_with(rms);
         st.floor_run = if dead { st.floor_run.saturating_add(1) } else { 0 };
         if st.floor.update(st.floor_run >= floor.patience, step, remind) {
             let typical = *typical.get_or_insert_with(rms);
@@ -180,6 +206,13 @@ fn check_with<const FULL: bool>(state: &mut State, obs: &Obs, rules: &Rules, em:
     if state.layers.len() != layers.len() {
         state.layers.resize(layers.len(), LayerState::default());
     }
+    if state.low.len() != state.layers.len() {
+        // New layers, or a restored state (the early loop below rebuilds
+        // both then): a new layer's `low` starts at 0, and it is not armed.
+        state.low.resize(state.layers.len(), 0.0);
+        state.armed.clear();
+        state.armed.extend(state.layers.iter().map(LayerState::armed));
+    }
     let step = obs.s.step;
     let remind = rules.policy.cooldown_steps;
     let (ceiling, floor, update) = (&rules.norm_ceiling, &rules.norm_floor, &rules.update_ratio);
@@ -192,12 +225,12 @@ fn check_with<const FULL: bool>(state: &mut State, obs: &Obs, rules: &Rules, em:
         // The first records (finite ones) set each layer's early level.
         let mut done = true;
         let cap = floor.layer_min.unwrap_or(f64::INFINITY);
-        for (l, st) in layers.iter().zip(state.layers.iter_mut()) {
+        for ((l, st), low) in layers.iter().zip(state.layers.iter_mut()).zip(state.low.iter_mut()) {
             if st.seen < early_records && l.l2.is_finite() && l.nonfinite == 0 {
                 st.seen += 1;
                 st.early = st.early.max(l.l2);
             }
-            st.low = if st.seen >= early_records {
+            *low = if st.seen >= early_records {
                 (floor.relative * f64::from(st.early)).min(cap) as f32
             } else {
                 f32::NEG_INFINITY
@@ -218,24 +251,32 @@ fn check_with<const FULL: bool>(state: &mut State, obs: &Obs, rules: &Rules, em:
     };
     // A layer is quiet when none of its conditions holds: then the rules
     // below only clear its latches and its floor run, which the loop does
-    // itself; a layer with a condition takes the full path ([`judge`]).
-    // With a patience of 0 the floor condition holds at every record, so no
-    // layer is quiet.
+    // itself, and only when it is armed (a latch active or a run counting:
+    // otherwise there is nothing to clear); a layer with a condition takes
+    // the full path ([`judge`]). With a patience of 0 the floor condition
+    // holds at every record, so no layer is quiet.
     let ceiling_max = layer_max.unwrap_or(f64::INFINITY);
     let quiet_floor = !floor.enabled || floor.patience > 0;
-    let states = &mut state.layers[..layers.len()];
-    for (i, (l, st)) in layers.iter().zip(states.iter_mut()).enumerate() {
+    let n = layers.len();
+    let (states, lows, armed) = (&mut state.layers[..n], &state.low[..n], &mut state.armed[..n]);
+    for (i, ((l, &low), armed)) in layers.iter().zip(lows).zip(armed.iter_mut()).enumerate() {
         if !l.l2.is_finite() || l.nonfinite > 0 {
             continue; // the non-finite rule reports it
         }
         let ratio = if update.enabled { update_ratio(l) } else { None };
         let loud = f64::from(l.l2) > ceiling_max
-            || (floor.enabled && l.l2 < st.low)
+            || (floor.enabled && l.l2 < low)
             || ratio.is_some_and(|r| r > update.max || r < update.min);
         if FULL || loud || !quiet_floor {
-            judge(&cx, i, l, st, &mut typical, em);
+            let st = &mut states[i];
+            judge(&cx, i, l, low, st, &mut typical, em);
+            *armed = st.armed();
             continue;
         }
+        if !*armed {
+            continue;
+        }
+        let st = &mut states[i];
         if layer_max.is_some() {
             st.ceiling.update(false, step, remind);
         }
@@ -247,6 +288,7 @@ fn check_with<const FULL: bool>(state: &mut State, obs: &Obs, rules: &Rules, em:
             st.update_high.update(false, step, remind);
             st.update_low.update(false, step, remind);
         }
+        *armed = st.armed();
     }
 
     let v = &rules.vanishing;
@@ -296,7 +338,8 @@ mod tests {
     ];
 
     /// The quiet path leaves every layer's state and every finding exactly
-    /// as the full path does, whatever the values and the settings.
+    /// as the full path does, whatever the values and the settings, and
+    /// across restores.
     #[test]
     fn the_quiet_path_is_the_full_path() {
         let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
@@ -369,6 +412,15 @@ mod tests {
                         .map(|h| format!("{:?} {:?}", h.finding, h.proposal))
                         .collect::<Vec<_>>()
                 };
+                if step % 97 == 0 {
+                    // A snapshot and a restore of both: what is derived is
+                    // rebuilt (under the rules of the moment).
+                    let restore = |state: &State| -> State {
+                        let bytes = postcard::to_allocvec(state).expect("serializes");
+                        postcard::from_bytes(&bytes).expect("deserializes")
+                    };
+                    (fast, full) = (restore(&fast), restore(&full));
+                }
                 let (a, b) = (run(&mut fast, false), run(&mut full, true));
                 assert_eq!(a, b, "setting {setting}, step {step}");
                 for (rule, n) in ["NormCeiling", "NormFloor", "UpdateRatio", "Vanishing"]
