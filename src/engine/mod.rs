@@ -22,12 +22,11 @@ mod rules;
 pub mod stats;
 mod worker;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::config::{ConfigError, RuleBook, Rules};
 use crate::model::{Advice, Finding, JobId, Severity, Summary};
-use job::{JobState, NotedRollback, job_entry};
+use job::{JobState, Jobs, NotedRollback, job_entry};
 pub use layout::{Layout, Placement, agrees as layout_agrees};
 
 /// Largest accepted rank (exclusive): state is indexed by rank.
@@ -140,7 +139,7 @@ pub struct JobStatus {
 #[derive(Debug)]
 pub struct Engine {
     book: RuleBook,
-    jobs: HashMap<JobId, JobState>,
+    jobs: Jobs,
     next_advice_id: u64,
 }
 
@@ -154,7 +153,7 @@ impl Engine {
     pub fn new(book: RuleBook) -> Self {
         Self {
             book,
-            jobs: HashMap::new(),
+            jobs: Jobs::default(),
             next_advice_id: 0,
         }
     }
