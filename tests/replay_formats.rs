@@ -407,7 +407,8 @@ fn junk_empty_files_and_missing_columns_fail_naming_the_format() {
 
 /// `follow` on a TensorBoard log directory whose event file is written a few
 /// bytes at a time, as a writer's buffered flushes land: every step reaches
-/// the service once, each when the next step's first event is written.
+/// the service once, each when the next step's first event is written, and
+/// the last when the file has gone quiet.
 #[test]
 fn follow_streams_an_event_file_written_in_pieces() {
     let server = common::Server::start();
@@ -429,7 +430,7 @@ fn follow_streams_an_event_file_written_in_pieces() {
         file.write_all(piece).unwrap();
         file.flush().unwrap();
     }
-    // Step 50, the last, waits for a 51st that never comes.
+    // Step 50, the last, is sent once the file is quiet (8 polls).
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let out = Command::new(BIN)
@@ -437,7 +438,7 @@ fn follow_streams_an_event_file_written_in_pieces() {
             .output()
             .unwrap();
         let jobs = String::from_utf8(out.stdout).unwrap();
-        if jobs.contains(r#""job":"tb-live""#) && jobs.contains(r#""last_step":49"#) {
+        if jobs.contains(r#""job":"tb-live""#) && jobs.contains(r#""last_step":50"#) {
             break;
         }
         assert!(
@@ -446,7 +447,7 @@ fn follow_streams_an_event_file_written_in_pieces() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(server.sample("gradguard_summaries_total"), Some(49.0));
+    assert_eq!(server.sample("gradguard_summaries_total"), Some(50.0));
     assert_eq!(
         server.sample("gradguard_summaries_rejected_total{reason=\"undecodable\"}"),
         Some(0.0)

@@ -4,7 +4,9 @@
 //!
 //! Line and record formats are read as a stream: a reader sits on a
 //! [`Tail`], which waits at the end of the file, so each record is handed
-//! over once whole. A Hugging Face `trainer_state.json` is a document
+//! over once whole. A TensorBoard step, spread over several events, is
+//! handed over when the next step begins, or when the file has been quiet
+//! for [`QUIET_POLLS`] polls and the step has every field of the one before. A Hugging Face `trainer_state.json` is a document
 //! rewritten whole at each checkpoint instead: it is read again whenever its
 //! size or time changes, and only steps after those handed over go on (a
 //! half-written document is read again at the next look).
@@ -23,6 +25,10 @@ use tokio::sync::mpsc;
 
 /// Skipped lines of a file printed one by one; later ones are only counted.
 const SKIPS_SHOWN: u64 = 10;
+
+/// Polls after which a quiet TensorBoard file ends its last step, when that
+/// step is whole (2 s at the default poll).
+const QUIET_POLLS: u32 = 8;
 
 /// What the reading thread hands over.
 pub(super) enum Item {
@@ -97,6 +103,13 @@ pub(super) fn run(source: Source, tx: mpsc::Sender<Item>) {
             }
         };
         let path = tail.path().to_owned();
+        // A TensorBoard step is complete when the next one begins, or when
+        // the file has gone quiet with the step whole.
+        let tail = if source.format.or_else(|| Format::by_name(&path)) == Some(Format::Tensorboard) {
+            tail.quiet_after(source.poll * QUIET_POLLS)
+        } else {
+            tail
+        };
         if source.is_document(&path) {
             drop(tail);
             if !documents.follow(&source, &path, &send) {

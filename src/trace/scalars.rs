@@ -64,6 +64,12 @@ impl Gather {
         }
     }
 
+    /// Which of the record's fields (loss, gradient norm, learning rate, loss
+    /// scale) have a value: one bit each.
+    pub fn shape(&self) -> u8 {
+        (1..TIME).filter(|&f| self.get(f).is_some()).fold(0, |m, f| m | 1 << f)
+    }
+
     fn get(&self, field: usize) -> Option<f64> {
         (self.taken[field] != usize::MAX).then_some(self.values[field])
     }

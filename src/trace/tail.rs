@@ -17,6 +17,12 @@
 //!   fails instead (with the message [`STOPPED`]), so that a partial last
 //!   line is never taken for a whole one.
 //!
+//! A reader that gathers a step from several records (TensorBoard) cannot
+//! tell the last step of a quiet log is whole without another step after
+//! it. A tail made [`Tail::quiet_after`] a duration tells it: a read that has
+//! waited that long at the end fails once with [`io::ErrorKind::WouldBlock`]
+//! (message [`QUIET`]); nothing was read, and the next read waits on.
+//!
 //! A file that goes away without a successor is read on: its writer may still
 //! hold it open. Everything is polled (every [`Tail::poll`]), like `tail -F`
 //! without inotify: portable, and a log grows at a few lines a second.
@@ -31,6 +37,10 @@ use std::time::{Duration, SystemTime};
 
 /// The message of the error a [`Tail`] fails with once stopped.
 pub const STOPPED: &str = "stopped";
+
+/// The message of the error a [`Tail::quiet_after`] tail fails with when the
+/// file has been quiet that long.
+pub const QUIET: &str = "quiet";
 
 /// What `follow` follows: one file, or a directory's newest log file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,6 +137,10 @@ pub struct Tail {
     stop: Arc<AtomicBool>,
     /// Why the last read returned end-of-file.
     ended: Option<End>,
+    /// How long a read waits at the end before it fails with [`QUIET`].
+    quiet_after: Option<Duration>,
+    /// Whether this quiet spell was told of already.
+    quiet_told: bool,
 }
 
 /// Why a [`Tail`] reached its end.
@@ -159,6 +173,8 @@ impl Tail {
                             poll,
                             stop,
                             ended: None,
+                            quiet_after: None,
+                            quiet_told: false,
                         }));
                     }
                     // Gone between the look and the open: look again.
@@ -168,6 +184,15 @@ impl Tail {
             }
             std::thread::sleep(poll);
         }
+    }
+
+    /// Makes a read that has waited `quiet` at the end of the file (nothing
+    /// written, not rotated or truncated) fail once with
+    /// [`io::ErrorKind::WouldBlock`] ([`QUIET`]), for each quiet spell; the
+    /// next read waits on.
+    pub fn quiet_after(mut self, quiet: Duration) -> Self {
+        self.quiet_after = Some(quiet);
+        self
     }
 
     /// The file being read.
@@ -209,10 +234,12 @@ impl Read for Tail {
         if self.ended.is_some() || buf.is_empty() {
             return Ok(0);
         }
+        let mut waited = Duration::ZERO;
         loop {
             let n = self.file.read(buf)?;
             if n > 0 {
                 self.pos += n as u64;
+                self.quiet_told = false;
                 return Ok(n);
             }
             if self.stop.load(Ordering::Relaxed) {
@@ -231,7 +258,12 @@ impl Read for Tail {
                 self.ended = Some(end);
                 return Ok(0);
             }
+            if !self.quiet_told && self.quiet_after.is_some_and(|q| waited >= q) {
+                self.quiet_told = true;
+                return Err(io::Error::new(io::ErrorKind::WouldBlock, QUIET));
+            }
             std::thread::sleep(self.poll);
+            waited += self.poll;
         }
     }
 }
@@ -291,6 +323,43 @@ mod tests {
         let (tail, result) = reader.join().unwrap();
         assert_eq!(result.unwrap_err().to_string(), STOPPED);
         assert_eq!(tail.ended(), None);
+    }
+
+    #[test]
+    fn a_quiet_file_is_told_of_once_per_quiet_spell() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.out.tfevents.1");
+        append(&path, "ab");
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut tail = Tail::open(&Target::new(&path), POLL, stop.clone())
+            .unwrap()
+            .unwrap()
+            .quiet_after(POLL * 4);
+        let mut buf = [0u8; 8];
+        assert_eq!(tail.read(&mut buf).unwrap(), 2);
+        let quiet = tail.read(&mut buf).unwrap_err();
+        assert_eq!(
+            (quiet.kind(), quiet.to_string()),
+            (io::ErrorKind::WouldBlock, QUIET.to_owned())
+        );
+        // Told once: the next read waits on, until something is written.
+        let writer = {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(POLL * 10);
+                append(&path, "c");
+            })
+        };
+        assert_eq!(tail.read(&mut buf).unwrap(), 1);
+        writer.join().unwrap();
+        assert_eq!(
+            tail.read(&mut buf).unwrap_err().kind(),
+            io::ErrorKind::WouldBlock,
+            "a new spell"
+        );
+        stop.store(true, Ordering::Relaxed);
+        assert_eq!(tail.read(&mut buf).unwrap_err().to_string(), STOPPED);
+        assert_eq!(tail.position(), 3);
     }
 
     #[test]

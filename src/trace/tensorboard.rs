@@ -26,6 +26,11 @@
 //! tags of no field are ignored and named once per file. Writers put each tag
 //! in its own event, so the scalars of one step are gathered into one record:
 //! a step is complete when an event of another step comes, or the input ends.
+//! A followed file ([`super::tail::Tail::quiet_after`]) also ends a step when
+//! it goes quiet, if the step has every field the step before it had (or is
+//! the first): so the last step of a run is sent without waiting for one
+//! after it, and a step cut by a writer's flush is not. A value of a step
+//! sent that way that comes later is skipped, saying so.
 //! A record's `line` is the 1-based number (in the file) of the step's first
 //! event record, its time that event's `wall_time`. A step none of whose tags
 //! is a field yields nothing.
@@ -205,6 +210,10 @@ pub struct Reader {
     buf: Vec<u8>,
     /// The step being gathered.
     pending: Option<Gather>,
+    /// The fields the last record had ([`Gather::shape`]).
+    last_shape: u8,
+    /// The step sent when the input went quiet, while its events may follow.
+    sent_quiet: Option<u64>,
     /// Each tag's slot, once looked up.
     slots: HashMap<String, Slot>,
     out: VecDeque<Entry>,
@@ -232,6 +241,8 @@ impl Reader {
             records: 0,
             buf: Vec::new(),
             pending: None,
+            last_shape: 0,
+            sent_quiet: None,
             slots: HashMap::new(),
             out: VecDeque::new(),
             done: false,
@@ -244,7 +255,7 @@ impl Reader {
         self.at = at;
         let n = self.records + 1;
         let mut header = [0u8; 12];
-        let got = read_full(self.input.as_mut(), &mut header)?;
+        let got = read_full(self.input.as_mut(), &mut header, true)?;
         if got == 0 {
             return Ok(Framed::End);
         }
@@ -275,7 +286,7 @@ impl Reader {
         }
         let want = len as usize + 4;
         self.buf.resize(want, 0);
-        let got = read_full(self.input.as_mut(), &mut self.buf)?;
+        let got = read_full(self.input.as_mut(), &mut self.buf, false)?;
         if got < want {
             return Ok(Framed::Lost(
                 n,
@@ -314,6 +325,19 @@ impl Reader {
             self.out.push_back(Err(Skipped { line: n, reason }));
             return;
         };
+        if self.sent_quiet == Some(step) {
+            for value in summary.value.iter().filter(|v| scalar(v).is_some()) {
+                if scalars::slot(&value.tag, fields).is_some() {
+                    let reason = format!(
+                        "record {n} at byte {at}: tag {:?} of step {step} came after the step was sent (the file was quiet); value skipped",
+                        value.tag
+                    );
+                    self.out.push_back(Err(Skipped { line: n, reason }));
+                }
+            }
+            return;
+        }
+        self.sent_quiet = None;
         if self.pending.as_ref().is_some_and(|g| g.step != step) {
             self.flush();
         }
@@ -341,8 +365,23 @@ impl Reader {
 
     /// Queues the record of the step being gathered, if it has one.
     fn flush(&mut self) {
-        if let Some(entry) = self.pending.take().and_then(|g| g.finish(&self.job)) {
+        let Some(gather) = self.pending.take() else { return };
+        if let Some(entry) = gather.finish(&self.job) {
+            if entry.is_ok() {
+                self.last_shape = gather.shape();
+            }
             self.out.push_back(entry);
+        }
+    }
+
+    /// The input went quiet: queues the step being gathered if it has every
+    /// field the last record had.
+    fn quiet(&mut self) {
+        let Some(gather) = &self.pending else { return };
+        let shape = gather.shape();
+        if shape != 0 && shape & self.last_shape == self.last_shape {
+            self.sent_quiet = Some(gather.step);
+            self.flush();
         }
     }
 }
@@ -357,6 +396,7 @@ impl Source for Reader {
                 return None;
             }
             match self.read_record() {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.quiet(),
                 Err(e) => {
                     self.done = true;
                     return Some(Err(SourceError::Read(e)));
@@ -381,14 +421,17 @@ impl Source for Reader {
     }
 }
 
-/// Reads until `buf` is full or the input ends; the bytes read.
-fn read_full(input: &mut dyn BufRead, buf: &mut [u8]) -> io::Result<usize> {
+/// Reads until `buf` is full or the input ends; the bytes read. An input
+/// gone quiet ([`io::ErrorKind::WouldBlock`]) is told of when nothing was
+/// read and `at_boundary` (a record's start); otherwise read on.
+fn read_full(input: &mut dyn BufRead, buf: &mut [u8], at_boundary: bool) -> io::Result<usize> {
     let mut got = 0;
     while got < buf.len() {
         match input.read(&mut buf[got..]) {
             Ok(0) => break,
             Ok(k) => got += k,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && (got > 0 || !at_boundary) => {}
             Err(e) => return Err(e),
         }
     }
@@ -696,6 +739,98 @@ mod tests {
             n += 1;
         }
         assert_eq!(n, 4);
+    }
+
+    /// A growing file's reads: pieces of bytes, with quiet spells (a
+    /// [`io::ErrorKind::WouldBlock`] each, as a quiet [`super::super::tail::Tail`]
+    /// gives) between some of them.
+    struct Spells(VecDeque<Option<Vec<u8>>>);
+
+    impl Read for Spells {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            loop {
+                match self.0.front_mut() {
+                    None => return Ok(0),
+                    Some(None) => {
+                        self.0.pop_front();
+                        return Err(io::Error::new(io::ErrorKind::WouldBlock, "quiet"));
+                    }
+                    Some(Some(bytes)) if bytes.is_empty() => {
+                        self.0.pop_front();
+                    }
+                    Some(Some(bytes)) => {
+                        let n = buf.len().min(bytes.len());
+                        buf[..n].copy_from_slice(&bytes[..n]);
+                        bytes.drain(..n);
+                        return Ok(n);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_quiet_input_ends_a_step_that_has_every_field_of_the_last() {
+        let step3 = [
+            event(3, 1.0, vec![simple("train/loss", 9.0)]),
+            event(3, 1.0, vec![simple("train/grad_norm", 7.0)]),
+            event(3, 1.0, vec![simple("lr", 0.5)]),
+        ];
+        let (cut_a, cut_b) = step3[1].split_at(10);
+        let late_at = run(2).len() + step3.iter().map(Vec::len).sum::<usize>();
+        let spells = Spells(VecDeque::from([
+            Some(run(2)),
+            None, // step 2 is whole: sent
+            None, // told twice: nothing more
+            Some(step3[0].clone()),
+            None, // step 3 has its loss only: not sent
+            Some(cut_a.to_vec()),
+            None, // inside a record: read on
+            Some(cut_b.to_vec()),
+            Some(step3[2].clone()),
+            None, // step 3 is whole now: sent
+            Some(event(3, 1.0, vec![simple("train/loss", 1.0), simple("other", 1.0)])),
+            Some(event(4, 2.0, vec![simple("train/loss", 4.0)])),
+        ]));
+        let mut reader = Reader::new(Box::new(io::BufReader::with_capacity(7, spells)), "j");
+        let mut ignored = BTreeSet::new();
+        let mut got = Vec::new();
+        while let Some(e) = reader.next_entry(&FieldMap::default(), &mut ignored) {
+            got.push(match e.expect("no read error") {
+                Ok(r) => {
+                    let s = r.summary;
+                    format!("step {} loss {:?} norm {:?} lr {:?}", s.step, s.loss, s.grad_norm, s.lr)
+                }
+                Err(skip) => skip.reason,
+            });
+        }
+        let late = format!(
+            "record 11 at byte {late_at}: tag \"train/loss\" of step 3 came after the step was sent (the file was quiet); value skipped"
+        );
+        assert_eq!(
+            got,
+            [
+                "step 1 loss Some(3.0) norm Some(0.5) lr Some(0.25)",
+                "step 2 loss Some(4.0) norm Some(0.5) lr Some(0.25)",
+                "step 3 loss Some(9.0) norm Some(7.0) lr Some(0.5)",
+                &late,
+                "step 4 loss Some(4.0) norm None lr None",
+            ]
+        );
+
+        // The first step has no step before it: sent when the input is quiet.
+        let spells = Spells(VecDeque::from([
+            Some(event(0, 1.0, vec![simple("loss", f32::NAN)])),
+            None,
+        ]));
+        let mut reader = Reader::new(Box::new(io::BufReader::new(spells)), "j");
+        let first = reader
+            .next_entry(&FieldMap::default(), &mut ignored)
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert!(first.summary.step == 0 && first.summary.loss.unwrap().is_nan());
+        assert!(reader.next_entry(&FieldMap::default(), &mut ignored).is_none());
     }
 
     #[test]
