@@ -6,7 +6,9 @@
 //! [`Tail`], which waits at the end of the file, so each record is handed
 //! over once whole. A TensorBoard step, spread over several events, is
 //! handed over when the next step begins, or when the file has been quiet
-//! for [`QUIET_POLLS`] polls and the step has every field of the one before. A Hugging Face `trainer_state.json` is a document
+//! for [`QUIET_POLLS`] polls and the step has every field of the one before
+//! (for a file named as an event file is, or given `--format tensorboard`).
+//! A Hugging Face `trainer_state.json` is a document
 //! rewritten whole at each checkpoint instead: it is read again whenever its
 //! size or time changes, and only steps after those handed over go on (a
 //! half-written document is read again at the next look).
